@@ -1,0 +1,255 @@
+//! `LlamaConfig` from a Hugging Face `config.json`, as transformers 4.x and 5.x write it.
+//!
+//! Anything this engine does not implement (another architecture, attention or MLP bias,
+//! a sliding window, an unknown rope type) is rejected with an error naming the field,
+//! never silently computed wrong.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Storage dtype of a checkpoint (`torch_dtype` / `dtype`); checkpoints are saved back in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+}
+
+/// How rotary frequencies are derived from `rope_theta` (transformers' `rope_type`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    Linear { factor: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    pub bos_token_ids: Vec<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub dtype: DType,
+    /// The file as read, written back (with `dtype` updated) when a checkpoint is saved.
+    pub raw: Value,
+}
+
+impl LlamaConfig {
+    /// Reads `<dir>/config.json` (or the file itself when given a file).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let raw: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
+        Self::from_json(raw).map_err(|msg| Error::file(&file, msg))
+    }
+
+    /// Parses a config.json value; the error is a message naming the field.
+    pub fn from_json(raw: Value) -> std::result::Result<Self, String> {
+        let obj = raw.as_object().ok_or("expected a JSON object")?;
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        let uint = |k: &str| -> std::result::Result<usize, String> {
+            let v = get(k).ok_or_else(|| format!("missing field `{k}`"))?;
+            v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| {
+                format!("field `{k}` must be a positive integer, found {v}")
+            })
+        };
+        let boolean = |k: &str, default: bool| -> std::result::Result<bool, String> {
+            match get(k) {
+                None => Ok(default),
+                Some(v) => v.as_bool().ok_or_else(|| format!("field `{k}` must be true or false, found {v}")),
+            }
+        };
+
+        let model_type = get("model_type").and_then(Value::as_str).unwrap_or("llama");
+        if model_type != "llama" {
+            return Err(format!(
+                "model_type `{model_type}` is not supported: sdpo implements the Llama architecture only"
+            ));
+        }
+        if let Some(archs) = get("architectures").and_then(Value::as_array) {
+            if let Some(a) = archs.iter().filter_map(Value::as_str).find(|a| *a != "LlamaForCausalLM") {
+                return Err(format!("architecture `{a}` is not supported: expected LlamaForCausalLM"));
+            }
+        }
+        for flag in ["attention_bias", "mlp_bias"] {
+            if boolean(flag, false)? {
+                return Err(format!("`{flag}: true` is not supported: sdpo's Llama has no bias terms"));
+            }
+        }
+        if let Some(w) = get("sliding_window") {
+            return Err(format!("`sliding_window: {w}` is not supported: sdpo attends over the whole sequence"));
+        }
+        if let Some(act) = get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(format!("`hidden_act: {act}` is not supported: expected silu (SwiGLU)"));
+            }
+        }
+
+        let hidden_size = uint("hidden_size")?;
+        let n_heads = uint("num_attention_heads")?;
+        let n_kv_heads = if get("num_key_value_heads").is_some() { uint("num_key_value_heads")? } else { n_heads };
+        if n_heads % n_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({n_kv_heads})"
+            ));
+        }
+        let head_dim = if get("head_dim").is_some() {
+            uint("head_dim")?
+        } else if hidden_size % n_heads == 0 {
+            hidden_size / n_heads
+        } else {
+            return Err(format!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({n_heads}); set `head_dim`"));
+        };
+        if head_dim % 2 != 0 {
+            return Err(format!("head_dim ({head_dim}) must be even for rotary embeddings"));
+        }
+
+        // transformers 5 moves rope settings into `rope_parameters`; 4.x has `rope_theta`
+        // at the top level and an optional `rope_scaling` object.
+        let rope_params = get("rope_parameters").or_else(|| get("rope_scaling")).filter(|v| v.is_object());
+        let rope_theta = get("rope_theta")
+            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")))
+            .map(|v| v.as_f64().ok_or_else(|| format!("`rope_theta` must be a number, found {v}")))
+            .transpose()?
+            .unwrap_or(10000.0);
+        let rope_scaling = match rope_params {
+            None => RopeScaling::Default,
+            Some(p) => parse_rope(p)?,
+        };
+
+        let rms_norm_eps = match get("rms_norm_eps") {
+            None => 1e-6,
+            Some(v) => v.as_f64().ok_or_else(|| format!("`rms_norm_eps` must be a number, found {v}"))? as f32,
+        };
+        let dtype = match get("torch_dtype").or_else(|| get("dtype")).and_then(Value::as_str) {
+            None | Some("float32") => DType::F32,
+            Some("bfloat16") => DType::BF16,
+            Some("float16") => DType::F16,
+            Some(other) => return Err(format!("dtype `{other}` is not supported: expected float32, bfloat16 or float16")),
+        };
+
+        Ok(LlamaConfig {
+            hidden_size,
+            intermediate_size: uint("intermediate_size")?,
+            n_layers: uint("num_hidden_layers")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size: uint("vocab_size")?,
+            max_position_embeddings: if get("max_position_embeddings").is_some() { uint("max_position_embeddings")? } else { 2048 },
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: boolean("tie_word_embeddings", false)?,
+            bos_token_ids: token_ids(get("bos_token_id"), "bos_token_id")?,
+            eos_token_ids: token_ids(get("eos_token_id"), "eos_token_id")?,
+            dtype,
+            raw,
+        })
+    }
+
+    /// Rotary inverse frequencies, `head_dim / 2` of them, as transformers computes them
+    /// (float32, then rescaled by the rope type).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> =
+            (0..d / 2).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32) as f64).collect();
+        match self.rope_scaling {
+            RopeScaling::Default => base.iter().map(|&f| f as f32).collect(),
+            RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        if medium {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+                        } else {
+                            scaled as f32
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Parameters that go through matrix multiplies (LM head included, tied or not):
+    /// the N of DESIGN.md's 6·N FLOPs per trained token.
+    pub fn matmul_params(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let per_layer = h * self.q_dim() * 2 + h * self.kv_dim() * 2 + 3 * h * i;
+        self.n_layers * per_layer + self.vocab_size * h
+    }
+
+    /// The config.json to write beside saved weights.
+    pub fn to_json(&self, dtype: DType) -> Value {
+        let mut v = self.raw.clone();
+        if let Some(o) = v.as_object_mut() {
+            let key = if o.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+            o.insert(key.into(), Value::from(dtype.hf_name()));
+        }
+        v
+    }
+}
+
+fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |k: &str| -> std::result::Result<f64, String> {
+        p.get(k).and_then(Value::as_f64).ok_or_else(|| format!("rope `{kind}` needs a number `{k}` in rope_scaling / rope_parameters"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(format!("rope type `{other}` is not supported: expected default, linear or llama3")),
+    }
+}
+
+fn token_ids(v: Option<&Value>, field: &str) -> std::result::Result<Vec<u32>, String> {
+    let bad = |v: &Value| format!("`{field}` must be a token id or a list of them, found {v}");
+    match v {
+        None => Ok(Vec::new()),
+        Some(Value::Array(a)) => a.iter().map(|x| x.as_u64().map(|n| n as u32).ok_or_else(|| bad(x))).collect(),
+        Some(x) => x.as_u64().map(|n| vec![n as u32]).ok_or_else(|| bad(x)),
+    }
+}

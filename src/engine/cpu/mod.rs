@@ -1,0 +1,1 @@
+//! The fp32 CPU engine: the reference every CUDA kernel is checked against.

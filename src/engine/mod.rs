@@ -1,0 +1,82 @@
+//! What a trainer needs from a device. Two engines implement it: `cpu` (fp32, the
+//! reference) and `cuda` (bf16 kernels). Gradients accumulate across `train_step` calls
+//! until `optimizer_step`, so a global batch split into micro-batches gives exactly the
+//! update of one large batch: each micro-batch passes `loss_scale = 1 / pairs_in_global_batch`.
+
+pub mod cpu;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::LlamaConfig;
+use crate::data::PairBatch;
+use crate::dpo::{LossConfig, PairLogps};
+use crate::error::Result;
+use crate::weights::LlamaWeights;
+
+/// AdamW with decoupled weight decay and bias correction, as `torch.optim.AdamW`;
+/// gradients are clipped to `max_grad_norm` (global L2 norm) first when it is set.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for AdamWConfig {
+    /// Hugging Face Trainer's defaults.
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+    }
+}
+
+/// AdamW's state: first and second moments and the number of updates taken.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamState {
+    pub m: LlamaWeights,
+    pub v: LlamaWeights,
+    pub step: u64,
+}
+
+pub trait Engine {
+    fn config(&self) -> &LlamaConfig;
+
+    /// A short description of the device, for logs ("cpu (2 threads)", "NVIDIA H200").
+    fn device_name(&self) -> String;
+
+    /// Per-pair completion log-probs, without gradients (reference, eval, partition).
+    fn sequence_logps(&mut self, batch: &PairBatch) -> Result<Vec<PairLogps>>;
+
+    /// Forward and backward on one micro-batch: adds the gradient of
+    /// `loss_scale · Σ_pairs loss(pair)` to the gradient buffers, and returns the
+    /// policy's per-pair log-probs (from which the trainer computes metrics).
+    fn train_step(
+        &mut self,
+        batch: &PairBatch,
+        reference: &[PairLogps],
+        loss: &LossConfig,
+        loss_scale: f64,
+    ) -> Result<Vec<PairLogps>>;
+
+    /// Clips, applies one AdamW update at learning rate `lr`, zeroes the gradients.
+    /// Returns the global gradient norm before clipping.
+    fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> Result<f64>;
+
+    fn zero_grads(&mut self);
+
+    /// The accumulated gradients, fp32, in parameter layout.
+    fn grads(&self) -> Result<LlamaWeights>;
+
+    /// The current weights (fp32 masters).
+    fn weights(&self) -> Result<LlamaWeights>;
+
+    /// Replaces the weights; gradients are zeroed, optimizer state is kept.
+    fn set_weights(&mut self, w: &LlamaWeights) -> Result<()>;
+
+    /// AdamW moments, for checkpoints and resume; `None` before the first update.
+    fn optimizer_state(&self) -> Result<Option<AdamState>>;
+
+    /// Restores (or with `None`, resets) the optimizer state.
+    fn set_optimizer_state(&mut self, state: Option<AdamState>) -> Result<()>;
+}
