@@ -62,8 +62,7 @@ impl LlamaConfig {
     pub fn from_path(path: &Path) -> Result<Self> {
         let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-        let raw: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
+        let raw: Value = serde_json::from_str(&text).map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
         Self::from_json(raw).map_err(|msg| Error::file(&file, msg))
     }
 
@@ -73,9 +72,10 @@ impl LlamaConfig {
         let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
         let uint = |k: &str| -> std::result::Result<usize, String> {
             let v = get(k).ok_or_else(|| format!("missing field `{k}`"))?;
-            v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| {
-                format!("field `{k}` must be a positive integer, found {v}")
-            })
+            v.as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| format!("field `{k}` must be a positive integer, found {v}"))
         };
         let boolean = |k: &str, default: bool| -> std::result::Result<bool, String> {
             match get(k) {
@@ -122,7 +122,9 @@ impl LlamaConfig {
         } else if hidden_size % n_heads == 0 {
             hidden_size / n_heads
         } else {
-            return Err(format!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({n_heads}); set `head_dim`"));
+            return Err(format!(
+                "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({n_heads}); set `head_dim`"
+            ));
         };
         if head_dim % 2 != 0 {
             return Err(format!("head_dim ({head_dim}) must be even for rotary embeddings"));
@@ -149,7 +151,9 @@ impl LlamaConfig {
             None | Some("float32") => DType::F32,
             Some("bfloat16") => DType::BF16,
             Some("float16") => DType::F16,
-            Some(other) => return Err(format!("dtype `{other}` is not supported: expected float32, bfloat16 or float16")),
+            Some(other) => {
+                return Err(format!("dtype `{other}` is not supported: expected float32, bfloat16 or float16"))
+            }
         };
 
         Ok(LlamaConfig {
@@ -160,7 +164,11 @@ impl LlamaConfig {
             n_kv_heads,
             head_dim,
             vocab_size: uint("vocab_size")?,
-            max_position_embeddings: if get("max_position_embeddings").is_some() { uint("max_position_embeddings")? } else { 2048 },
+            max_position_embeddings: if get("max_position_embeddings").is_some() {
+                uint("max_position_embeddings")?
+            } else {
+                2048
+            },
             rms_norm_eps,
             rope_theta,
             rope_scaling,
@@ -181,7 +189,12 @@ impl LlamaConfig {
         match self.rope_scaling {
             RopeScaling::Default => base.iter().map(|&f| f as f32).collect(),
             RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 base.iter()
@@ -230,7 +243,9 @@ impl LlamaConfig {
 fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
     let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |k: &str| -> std::result::Result<f64, String> {
-        p.get(k).and_then(Value::as_f64).ok_or_else(|| format!("rope `{kind}` needs a number `{k}` in rope_scaling / rope_parameters"))
+        p.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope `{kind}` needs a number `{k}` in rope_scaling / rope_parameters"))
     };
     match kind {
         "default" => Ok(RopeScaling::Default),

@@ -64,12 +64,20 @@ pub struct PairLoss {
 
 /// log σ(x) without overflow for large |x|.
 pub fn log_sigmoid(x: f64) -> f64 {
-    if x >= 0.0 { -(-x).exp().ln_1p() } else { x - x.exp().ln_1p() }
+    if x >= 0.0 {
+        -(-x).exp().ln_1p()
+    } else {
+        x - x.exp().ln_1p()
+    }
 }
 
 /// σ(x) without overflow.
 pub fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 { 1.0 / (1.0 + (-x).exp()) } else { x.exp() / (1.0 + x.exp()) }
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        x.exp() / (1.0 + x.exp())
+    }
 }
 
 pub fn pair_loss(policy: &PairLogps, reference: &PairLogps, cfg: &LossConfig) -> PairLoss {
@@ -96,7 +104,11 @@ pub fn pair_loss(policy: &PairLogps, reference: &PairLogps, cfg: &LossConfig) ->
         }
         LossKind::Hinge => {
             let m = 1.0 - beta * h;
-            if m > 0.0 { (m, -beta) } else { (0.0, 0.0) }
+            if m > 0.0 {
+                (m, -beta)
+            } else {
+                (0.0, 0.0)
+            }
         }
         LossKind::Sft => (0.0, 0.0),
     };

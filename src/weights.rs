@@ -111,7 +111,17 @@ impl LlamaWeights {
     pub fn tensors(&self) -> Vec<&Vec<f32>> {
         let mut out = vec![&self.embed];
         for l in &self.layers {
-            out.extend([&l.input_norm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.post_norm, &l.gate_proj, &l.up_proj, &l.down_proj]);
+            out.extend([
+                &l.input_norm,
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.post_norm,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]);
         }
         out.push(&self.norm);
         out.extend(self.lm_head.as_ref());

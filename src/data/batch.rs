@@ -168,10 +168,7 @@ mod tests {
         // the second pair never sees the first
         assert!(!batch.attends(6, 5));
         let rows: Vec<(u32, u32, u8)> = batch.targets.iter().map(|t| (t.row, t.token, t.branch)).collect();
-        assert_eq!(
-            rows,
-            vec![(1, 3, 1), (2, 4, 1), (3, 5, 1), (1, 6, 2), (6, 8, 1), (6, 9, 2), (8, 10, 2)]
-        );
+        assert_eq!(rows, vec![(1, 3, 1), (2, 4, 1), (3, 5, 1), (1, 6, 2), (6, 8, 1), (6, 9, 2), (8, 10, 2)]);
     }
 
     #[test]
