@@ -13,6 +13,25 @@ use crate::dpo::{LossConfig, PairLogps};
 use crate::error::Result;
 use crate::weights::LlamaWeights;
 
+/// Which engine `open` builds. `Auto` takes the CPU engine until the CUDA engine is wired in.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Builds the engine for `device` on `weights` (checked against `cfg`, tensor by tensor).
+pub fn open(device: Device, cfg: LlamaConfig, weights: LlamaWeights) -> Result<Box<dyn Engine>> {
+    match device {
+        Device::Auto | Device::Cpu => Ok(Box::new(cpu::CpuEngine::new(cfg, weights)?)),
+        // The CUDA engine goes here (and `Auto` should try it first, falling back to the CPU).
+        Device::Cuda => Err(crate::error::Error::NoGpu("the CUDA engine is not built yet".into())),
+    }
+}
+
 /// AdamW with decoupled weight decay and bias correction, as `torch.optim.AdamW`;
 /// gradients are clipped to `max_grad_norm` (global L2 norm) first when it is set.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

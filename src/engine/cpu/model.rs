@@ -1,0 +1,498 @@
+//! The Llama model on the CPU in fp32: forward over a `PairBatch` keeping what backward
+//! needs, a hand-written backward, the DPO step, AdamW, and a KV-cache decoder for text
+//! generation. Every op is in `ops.rs`; this file only strings them together.
+//!
+//! Per layer (pre-norm residual blocks, as `LlamaDecoderLayer`):
+//! `xn1 = rmsnorm(x)`, `q,k,v = rope(xn1·Wqᵀ), rope(xn1·Wkᵀ), xn1·Wvᵀ`, `att = attention(q,k,v)`,
+//! `x_mid = x + att·Woᵀ`, `xn2 = rmsnorm(x_mid)`, `act = silu(xn2·Wgᵀ)·(xn2·Wuᵀ)`,
+//! `x_out = x_mid + act·Wdᵀ`. Then `xf = rmsnorm(x_L)` and the log-probs of the target rows.
+//!
+//! Threads: rayon's global pool (`RAYON_NUM_THREADS` sets its size).
+
+use crate::config::LlamaConfig;
+use crate::data::{PairBatch, CHOSEN};
+use crate::dpo::{pair_loss, LossConfig, PairLogps};
+use crate::engine::{AdamState, AdamWConfig, Engine};
+use crate::error::{Error, Result};
+use crate::weights::{LayerWeights, LlamaWeights};
+
+use super::ops::{self, AttnMask, AttnShape, LogpPlan};
+
+// --- engine state
+
+pub struct CpuEngine {
+    cfg: LlamaConfig,
+    w: LlamaWeights,
+    grads: LlamaWeights,
+    opt: Option<AdamState>,
+    inv_freq: Vec<f32>,
+}
+
+/// What one layer's forward keeps for its backward (`n` rows each).
+struct LayerActs {
+    x: Vec<f32>,     // [n, hidden] layer input
+    rstd1: Vec<f32>, // [n]
+    xn1: Vec<f32>,   // [n, hidden]
+    q: Vec<f32>,     // [n, q_dim] after RoPE
+    k: Vec<f32>,     // [n, kv_dim] after RoPE
+    v: Vec<f32>,     // [n, kv_dim]
+    att: Vec<f32>,   // [n, q_dim] attention output, before o_proj
+    lse: Vec<f32>,   // [n, n_heads]
+    x_mid: Vec<f32>, // [n, hidden]
+    rstd2: Vec<f32>, // [n]
+    xn2: Vec<f32>,   // [n, hidden]
+    gate: Vec<f32>,  // [n, intermediate]
+    up: Vec<f32>,    // [n, intermediate]
+    act: Vec<f32>,   // [n, intermediate]
+}
+
+impl LayerActs {
+    fn new(cfg: &LlamaConfig, n: usize) -> Self {
+        let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        LayerActs {
+            x: vec![0.0; n * h],
+            rstd1: vec![0.0; n],
+            xn1: vec![0.0; n * h],
+            q: vec![0.0; n * q],
+            k: vec![0.0; n * kv],
+            v: vec![0.0; n * kv],
+            att: vec![0.0; n * q],
+            lse: vec![0.0; n * cfg.n_heads],
+            x_mid: vec![0.0; n * h],
+            rstd2: vec![0.0; n],
+            xn2: vec![0.0; n * h],
+            gate: vec![0.0; n * i],
+            up: vec![0.0; n * i],
+            act: vec![0.0; n * i],
+        }
+    }
+}
+
+/// A forward pass: per-layer activations (empty without gradients), the final norm's
+/// input and output, and the log-probs of every target.
+struct Forward {
+    layers: Vec<LayerActs>,
+    x_last: Vec<f32>,
+    rstd_f: Vec<f32>,
+    xf: Vec<f32>,
+    plan: LogpPlan,
+    logp: Vec<f32>,
+    lse_head: Vec<f32>,
+}
+
+/// Keys and values of the tokens decoded so far, per layer `[len, kv_dim]`, after RoPE.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub len: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// Checks every tensor's length against `LlamaWeights::specs(cfg)`.
+fn check_shapes(cfg: &LlamaConfig, w: &LlamaWeights, what: &str) -> Result<()> {
+    let specs = LlamaWeights::specs(cfg);
+    if w.layers.len() != cfg.n_layers {
+        return Err(Error::invalid(format!(
+            "{what}: {} layers, but config.json says num_hidden_layers = {}",
+            w.layers.len(),
+            cfg.n_layers
+        )));
+    }
+    if w.lm_head.is_some() == cfg.tie_word_embeddings {
+        return Err(Error::invalid(format!(
+            "{what}: `lm_head.weight` is {} but config.json has tie_word_embeddings = {}",
+            if w.lm_head.is_some() { "present" } else { "missing" },
+            cfg.tie_word_embeddings
+        )));
+    }
+    for (spec, t) in specs.iter().zip(w.tensors()) {
+        if t.len() != spec.numel() {
+            return Err(Error::invalid(format!(
+                "{what}: tensor `{}` has {} values, expected {} (shape {:?} from config.json); \
+                 the weights do not belong to this config",
+                spec.name,
+                t.len(),
+                spec.numel(),
+                spec.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl CpuEngine {
+    pub fn new(cfg: LlamaConfig, weights: LlamaWeights) -> Result<Self> {
+        check_shapes(&cfg, &weights, "CpuEngine::new")?;
+        let grads = LlamaWeights::zeros(&cfg);
+        let inv_freq = cfg.inv_freq();
+        Ok(CpuEngine { cfg, w: weights, grads, opt: None, inv_freq })
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape { n_heads: self.cfg.n_heads, n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim }
+    }
+
+    fn check_batch(&self, batch: &PairBatch) -> Result<()> {
+        if let Some((row, &tok)) = batch.tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {tok} (batch row {row}) is outside the model's vocabulary of {}; \
+                 the tokenizer does not match the model",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    // --- forward
+
+    /// Runs the model over the batch; keeps every layer's activations when `keep`.
+    fn forward(&self, batch: &PairBatch, keep: bool) -> Forward {
+        let cfg = &self.cfg;
+        let (n, h) = (batch.n_tokens(), cfg.hidden_size);
+        let mask = AttnMask::of(batch);
+        let mut layers = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
+        let mut scratch = (!keep).then(|| LayerActs::new(cfg, n));
+        let mut x = vec![0f32; n * h];
+        ops::embedding_forward(&mut x, &batch.tokens, &self.w.embed, h);
+        for lw in &self.w.layers {
+            let mut a = match scratch.take() {
+                Some(a) => a,
+                None => LayerActs::new(cfg, n),
+            };
+            std::mem::swap(&mut a.x, &mut x);
+            self.layer_forward(lw, &mut a, &mut x, &batch.positions, mask);
+            if keep {
+                layers.push(a);
+            } else {
+                scratch = Some(a);
+            }
+        }
+        let mut rstd_f = vec![0f32; n];
+        let mut xf = vec![0f32; n * h];
+        ops::rmsnorm_forward(&mut xf, &mut rstd_f, &x, &self.w.norm, h, cfg.rms_norm_eps);
+        let plan = LogpPlan::new(&batch.targets);
+        let mut logp = vec![0f32; plan.slot.len()];
+        let mut lse_head = vec![0f32; plan.rows.len()];
+        ops::logprobs_forward(&mut logp, &mut lse_head, &xf, self.w.lm_head(), &plan, h, cfg.vocab_size);
+        Forward { layers, x_last: x, rstd_f, xf, plan, logp, lse_head }
+    }
+
+    /// One decoder layer on `a.x`; writes everything `a` keeps and the output to `x_out`.
+    fn layer_forward(&self, lw: &LayerWeights, a: &mut LayerActs, x_out: &mut [f32], pos: &[u32], mask: AttnMask) {
+        let cfg = &self.cfg;
+        let (n, h, i, qd, kvd) = (pos.len(), cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        ops::rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &a.x, &lw.input_norm, h, cfg.rms_norm_eps);
+        ops::linear_forward(&mut a.q, &a.xn1, &lw.q_proj, n, h, qd);
+        ops::linear_forward(&mut a.k, &a.xn1, &lw.k_proj, n, h, kvd);
+        ops::linear_forward(&mut a.v, &a.xn1, &lw.v_proj, n, h, kvd);
+        ops::rope_forward(&mut a.q, pos, &self.inv_freq, cfg.n_heads, cfg.head_dim);
+        ops::rope_forward(&mut a.k, pos, &self.inv_freq, cfg.n_kv_heads, cfg.head_dim);
+        ops::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, mask, self.attn_shape());
+        ops::linear_forward(&mut a.x_mid, &a.att, &lw.o_proj, n, qd, h);
+        add_into(&mut a.x_mid, &a.x);
+        ops::rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &a.x_mid, &lw.post_norm, h, cfg.rms_norm_eps);
+        ops::linear_forward(&mut a.gate, &a.xn2, &lw.gate_proj, n, h, i);
+        ops::linear_forward(&mut a.up, &a.xn2, &lw.up_proj, n, h, i);
+        ops::swiglu_forward(&mut a.act, &a.gate, &a.up);
+        ops::linear_forward(x_out, &a.act, &lw.down_proj, n, i, h);
+        add_into(x_out, &a.x_mid);
+    }
+
+    /// Sums each pair's target log-probs per branch (in f64) and counts its tokens.
+    fn pair_logps(batch: &PairBatch, logp: &[f32]) -> Vec<PairLogps> {
+        let mut out = vec![PairLogps::default(); batch.n_pairs];
+        for (t, &lp) in batch.targets.iter().zip(logp) {
+            let p = &mut out[t.pair as usize];
+            if t.branch == CHOSEN {
+                p.chosen += lp as f64;
+                p.chosen_tokens += 1;
+            } else {
+                p.rejected += lp as f64;
+                p.rejected_tokens += 1;
+            }
+        }
+        out
+    }
+
+    // --- backward
+
+    /// Back-propagates `dlogp` (one value per target) through the model, adding into the
+    /// gradient buffers.
+    fn backward(&mut self, batch: &PairBatch, f: &Forward, dlogp: &[f32]) {
+        let CpuEngine { cfg, w, grads, inv_freq, .. } = self;
+        let (n, h) = (batch.n_tokens(), cfg.hidden_size);
+        let mut dxf = vec![0f32; n * h];
+        let head_grad = match grads.lm_head.as_mut() {
+            Some(g) => g,
+            None => &mut grads.embed, // tied: the LM head is the embedding
+        };
+        ops::logprobs_backward(&mut dxf, head_grad, dlogp, &f.xf, w.lm_head(), &f.lse_head, &f.plan, h, cfg.vocab_size);
+        let mut dx = vec![0f32; n * h];
+        ops::rmsnorm_backward(&mut dx, &mut grads.norm, &dxf, &f.x_last, &w.norm, &f.rstd_f, h);
+        let mut s = BackScratch::new(cfg, n);
+        let mask = AttnMask::of(batch);
+        for l in (0..cfg.n_layers).rev() {
+            layer_backward(
+                cfg,
+                inv_freq,
+                &w.layers[l],
+                &mut grads.layers[l],
+                &f.layers[l],
+                &mut dx,
+                &mut s,
+                batch,
+                mask,
+            );
+        }
+        ops::embedding_backward(&mut grads.embed, &dx, &batch.tokens, h);
+    }
+
+    // --- generation
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { len: 0, k: vec![Vec::new(); self.cfg.n_layers], v: vec![Vec::new(); self.cfg.n_layers] }
+    }
+
+    /// Appends `tokens` to the cache (positions continue from `cache.len`, causal attention
+    /// over everything cached) and returns the logits of the last token, `[vocab]`.
+    /// Panics when `tokens` is empty or holds an id outside the vocabulary.
+    pub fn decode(&self, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+        let cfg = &self.cfg;
+        assert!(!tokens.is_empty(), "decode needs at least one token");
+        assert!(tokens.iter().all(|&t| (t as usize) < cfg.vocab_size), "decode: token id outside the vocabulary");
+        let (n, h, i, qd, kvd) = (tokens.len(), cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let n_k = cache.len + n;
+        let pos: Vec<u32> = (cache.len..n_k).map(|p| p as u32).collect();
+        // one causal group over the cache and the new tokens
+        let (group_start, group, branch) = (vec![0, n_k as u32], vec![0u32; n_k], vec![0u8; n_k]);
+        let mask = AttnMask { group_start: &group_start, group: &group, branch: &branch };
+        let mut a = LayerActs::new(cfg, n);
+        let mut x = vec![0f32; n * h];
+        ops::embedding_forward(&mut x, tokens, &self.w.embed, h);
+        for (l, lw) in self.w.layers.iter().enumerate() {
+            std::mem::swap(&mut a.x, &mut x);
+            ops::rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &a.x, &lw.input_norm, h, cfg.rms_norm_eps);
+            ops::linear_forward(&mut a.q, &a.xn1, &lw.q_proj, n, h, qd);
+            ops::linear_forward(&mut a.k, &a.xn1, &lw.k_proj, n, h, kvd);
+            ops::linear_forward(&mut a.v, &a.xn1, &lw.v_proj, n, h, kvd);
+            ops::rope_forward(&mut a.q, &pos, &self.inv_freq, cfg.n_heads, cfg.head_dim);
+            ops::rope_forward(&mut a.k, &pos, &self.inv_freq, cfg.n_kv_heads, cfg.head_dim);
+            cache.k[l].extend_from_slice(&a.k);
+            cache.v[l].extend_from_slice(&a.v);
+            ops::attention_forward(&mut a.att, &mut a.lse, &a.q, &cache.k[l], &cache.v[l], mask, self.attn_shape());
+            ops::linear_forward(&mut a.x_mid, &a.att, &lw.o_proj, n, qd, h);
+            add_into(&mut a.x_mid, &a.x);
+            ops::rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &a.x_mid, &lw.post_norm, h, cfg.rms_norm_eps);
+            ops::linear_forward(&mut a.gate, &a.xn2, &lw.gate_proj, n, h, i);
+            ops::linear_forward(&mut a.up, &a.xn2, &lw.up_proj, n, h, i);
+            ops::swiglu_forward(&mut a.act, &a.gate, &a.up);
+            ops::linear_forward(&mut x, &a.act, &lw.down_proj, n, i, h);
+            add_into(&mut x, &a.x_mid);
+        }
+        cache.len = n_k;
+        let last = &x[(n - 1) * h..];
+        let (mut xf, mut rstd) = (vec![0f32; h], vec![0f32; 1]);
+        ops::rmsnorm_forward(&mut xf, &mut rstd, last, &self.w.norm, h, cfg.rms_norm_eps);
+        let mut logits = vec![0f32; cfg.vocab_size];
+        ops::linear_forward(&mut logits, &xf, self.w.lm_head(), 1, h, cfg.vocab_size);
+        logits
+    }
+}
+
+/// `dst += src`
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// Gradient buffers for one layer's backward, reused across layers.
+struct BackScratch {
+    tmp: Vec<f32>,   // [n, hidden]
+    dxn: Vec<f32>,   // [n, hidden]
+    dact: Vec<f32>,  // [n, intermediate]
+    dgate: Vec<f32>, // [n, intermediate]
+    dup: Vec<f32>,   // [n, intermediate]
+    datt: Vec<f32>,  // [n, q_dim]
+    dq: Vec<f32>,    // [n, q_dim]
+    dk: Vec<f32>,    // [n, kv_dim]
+    dv: Vec<f32>,    // [n, kv_dim]
+}
+
+impl BackScratch {
+    fn new(cfg: &LlamaConfig, n: usize) -> Self {
+        let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        BackScratch {
+            tmp: vec![0.0; n * h],
+            dxn: vec![0.0; n * h],
+            dact: vec![0.0; n * i],
+            dgate: vec![0.0; n * i],
+            dup: vec![0.0; n * i],
+            datt: vec![0.0; n * q],
+            dq: vec![0.0; n * q],
+            dk: vec![0.0; n * kv],
+            dv: vec![0.0; n * kv],
+        }
+    }
+}
+
+/// One layer's backward: `dx` comes in as the gradient of the layer's output and leaves
+/// as the gradient of its input; parameter gradients are added into `g`.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    cfg: &LlamaConfig,
+    inv_freq: &[f32],
+    lw: &LayerWeights,
+    g: &mut LayerWeights,
+    a: &LayerActs,
+    dx: &mut [f32],
+    s: &mut BackScratch,
+    batch: &PairBatch,
+    mask: AttnMask,
+) {
+    let (n, h, i, qd, kvd) = (batch.n_tokens(), cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+    let pos = &batch.positions;
+    // MLP: x_out = x_mid + down(silu(gate(xn2)) · up(xn2))
+    ops::linear_backward(&mut s.dact, &mut g.down_proj, dx, &a.act, &lw.down_proj, n, i, h, false);
+    ops::swiglu_backward(&mut s.dgate, &mut s.dup, &s.dact, &a.gate, &a.up);
+    ops::linear_backward(&mut s.dxn, &mut g.gate_proj, &s.dgate, &a.xn2, &lw.gate_proj, n, h, i, false);
+    ops::linear_backward(&mut s.dxn, &mut g.up_proj, &s.dup, &a.xn2, &lw.up_proj, n, h, i, true);
+    ops::rmsnorm_backward(&mut s.tmp, &mut g.post_norm, &s.dxn, &a.x_mid, &lw.post_norm, &a.rstd2, h);
+    add_into(dx, &s.tmp); // dx is now d x_mid
+                          // attention: x_mid = x + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+    ops::linear_backward(&mut s.datt, &mut g.o_proj, dx, &a.att, &lw.o_proj, n, qd, h, false);
+    let shape = AttnShape { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim };
+    ops::attention_backward(&mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &a.q, &a.k, &a.v, &a.att, &a.lse, mask, shape);
+    ops::rope_backward(&mut s.dq, pos, inv_freq, cfg.n_heads, cfg.head_dim);
+    ops::rope_backward(&mut s.dk, pos, inv_freq, cfg.n_kv_heads, cfg.head_dim);
+    ops::linear_backward(&mut s.dxn, &mut g.q_proj, &s.dq, &a.xn1, &lw.q_proj, n, h, qd, false);
+    ops::linear_backward(&mut s.dxn, &mut g.k_proj, &s.dk, &a.xn1, &lw.k_proj, n, h, kvd, true);
+    ops::linear_backward(&mut s.dxn, &mut g.v_proj, &s.dv, &a.xn1, &lw.v_proj, n, h, kvd, true);
+    ops::rmsnorm_backward(&mut s.tmp, &mut g.input_norm, &s.dxn, &a.x, &lw.input_norm, &a.rstd1, h);
+    add_into(dx, &s.tmp);
+}
+
+// --- the Engine trait
+
+impl Engine for CpuEngine {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn sequence_logps(&mut self, batch: &PairBatch) -> Result<Vec<PairLogps>> {
+        self.check_batch(batch)?;
+        let f = self.forward(batch, false);
+        Ok(Self::pair_logps(batch, &f.logp))
+    }
+
+    fn train_step(
+        &mut self,
+        batch: &PairBatch,
+        reference: &[PairLogps],
+        loss: &LossConfig,
+        loss_scale: f64,
+    ) -> Result<Vec<PairLogps>> {
+        self.check_batch(batch)?;
+        if reference.len() != batch.n_pairs {
+            return Err(Error::invalid(format!(
+                "train_step: {} reference log-prob pairs for a batch of {} pairs",
+                reference.len(),
+                batch.n_pairs
+            )));
+        }
+        let f = self.forward(batch, true);
+        let policy = Self::pair_logps(batch, &f.logp);
+        let d: Vec<(f64, f64)> = policy
+            .iter()
+            .zip(reference)
+            .map(|(p, r)| {
+                let l = pair_loss(p, r, loss);
+                (loss_scale * l.d_chosen, loss_scale * l.d_rejected)
+            })
+            .collect();
+        let dlogp: Vec<f32> = batch
+            .targets
+            .iter()
+            .map(|t| {
+                let (dc, dr) = d[t.pair as usize];
+                (if t.branch == CHOSEN { dc } else { dr }) as f32
+            })
+            .collect();
+        self.backward(batch, &f, &dlogp);
+        Ok(policy)
+    }
+
+    /// Clips (torch's `clip_grad_norm_`), then AdamW as HF Trainer sets it up: no weight
+    /// decay on the RMSNorm weights (Trainer's `get_decay_parameter_names` excludes every
+    /// `*norm*` parameter). A non-finite gradient norm is an error: the weights are left
+    /// untouched and the gradients zeroed.
+    fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> Result<f64> {
+        let norm = match opt.max_grad_norm {
+            Some(max) => ops::clip_grad_norm(
+                &mut self.grads.tensors_mut().into_iter().map(|g| &mut g[..]).collect::<Vec<_>>(),
+                max,
+            ),
+            None => ops::grad_norm(&self.grads.tensors().into_iter().map(|g| &g[..]).collect::<Vec<_>>()),
+        };
+        if !norm.is_finite() {
+            self.zero_grads();
+            return Err(Error::invalid(format!(
+                "gradient norm is {norm}: the update was skipped; lower the learning rate or check the data"
+            )));
+        }
+        let cfg = &self.cfg;
+        let state = self.opt.get_or_insert_with(|| AdamState {
+            m: LlamaWeights::zeros(cfg),
+            v: LlamaWeights::zeros(cfg),
+            step: 0,
+        });
+        state.step += 1;
+        let specs = LlamaWeights::specs(cfg);
+        let params = self.w.tensors_mut().into_iter().zip(self.grads.tensors());
+        let moments = state.m.tensors_mut().into_iter().zip(state.v.tensors_mut());
+        for ((spec, (p, g)), (m, v)) in specs.iter().zip(params).zip(moments) {
+            let wd = if spec.name.contains("norm") { 0.0 } else { opt.weight_decay };
+            ops::adamw_update(p, m, v, g, lr, opt.beta1, opt.beta2, opt.eps, wd, state.step);
+        }
+        self.zero_grads();
+        Ok(norm)
+    }
+
+    fn zero_grads(&mut self) {
+        for g in self.grads.tensors_mut() {
+            g.fill(0.0);
+        }
+    }
+
+    fn grads(&self) -> Result<LlamaWeights> {
+        Ok(self.grads.clone())
+    }
+
+    fn weights(&self) -> Result<LlamaWeights> {
+        Ok(self.w.clone())
+    }
+
+    fn set_weights(&mut self, w: &LlamaWeights) -> Result<()> {
+        check_shapes(&self.cfg, w, "set_weights")?;
+        self.w = w.clone();
+        self.zero_grads();
+        Ok(())
+    }
+
+    fn optimizer_state(&self) -> Result<Option<AdamState>> {
+        Ok(self.opt.clone())
+    }
+
+    fn set_optimizer_state(&mut self, state: Option<AdamState>) -> Result<()> {
+        if let Some(s) = &state {
+            check_shapes(&self.cfg, &s.m, "optimizer state (first moments)")?;
+            check_shapes(&self.cfg, &s.v, "optimizer state (second moments)")?;
+        }
+        self.opt = state;
+        Ok(())
+    }
+}

@@ -1,0 +1,663 @@
+//! The Llama ops in plain fp32 Rust, one pub function per op, forward and backward side
+//! by side, named like the CUDA kernels they are the reference for
+//! (`<op>_forward`, `<op>_backward`). Outputs come first, then inputs, then sizes.
+//!
+//! Layouts (all row-major, one row per token of the batch, `n` rows):
+//! - activations `[n, hidden]`; q `[n, n_heads, head_dim]`; k, v `[n, n_kv_heads, head_dim]`;
+//! - linear weights `[out, in]` as `nn.Linear` stores them: `y = x·Wᵀ`, `dX = dY·W`, `dW += dYᵀ·X`;
+//! - attention's logsumexp `[n, n_heads]`, kept by forward for backward.
+//!
+//! Gradient rule (as in llm.c): **parameter gradients use `+=`** (they accumulate over
+//! micro-batches until the optimizer step), **activation gradients use `=`** (each backward
+//! overwrites its output). The one exception is `linear_backward`'s `dx_add` flag, for an
+//! input that fans out into several linears (q/k/v, gate/up), whose gradients are summed.
+//!
+//! Math, matching transformers' fp32 numerics:
+//! - RMSNorm: `y = (x · rsqrt(mean(x²) + eps)) · w`
+//! - RoPE (half split, `rotate_half`): with `θ_i = pos · inv_freq[i]` (f32) and `d2 = head_dim/2`,
+//!   `y_i = x_i cos θ_i − x_{i+d2} sin θ_i`, `y_{i+d2} = x_{i+d2} cos θ_i + x_i sin θ_i`
+//! - attention: `softmax(q·kᵀ / sqrt(head_dim))·v` under the pair mask (`PairBatch::attends`);
+//!   query head h reads kv head `h / (n_heads / n_kv_heads)` (GQA without copying K/V)
+//! - SwiGLU: `silu(gate) · up`, `silu(g) = g / (1 + e^{−g})`
+//! - log-probs: `log_softmax(x·W_headᵀ)[token]`, only on the rows that predict a target,
+//!   in chunks of rows so full-vocabulary logits never exist for the whole batch
+//! - AdamW: exactly `torch.optim.AdamW` (single-tensor path); clipping as `clip_grad_norm_`.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::data::LogpTarget;
+
+// --- helpers
+
+/// Sum of `a[i]·b[i]`; eight independent accumulators so the compiler vectorises it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a·x`
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method (not `.0`) so closures capture the whole `SendPtr`, which is `Sync`.
+    #[inline]
+    fn at(self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `dst[m, n] (+)= a[m, k] · b[k, n]`, `dst` row-major and contiguous, `a` and `b` given
+/// by their row and column strides (so transposes cost nothing).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(dst.len() >= m * n, "matmul: dst too small");
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "matmul: lhs too small");
+    assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "matmul: rhs too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    // Below ~32³ multiply-adds the thread hand-off costs more than it saves.
+    let par = if threads > 1 && m * n * k >= 1 << 15 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    // SAFETY: the asserts above keep every index gemm touches inside the three slices;
+    // dst does not alias a or b (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+// --- linear (no bias): y = x·Wᵀ
+
+/// `y[n, out] = x[n, in] · W[out, in]ᵀ`
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], n: usize, in_dim: usize, out_dim: usize) {
+    assert_eq!(w.len(), out_dim * in_dim, "linear_forward: weight shape");
+    matmul(y, false, x, in_dim, 1, w, 1, in_dim, n, out_dim, in_dim);
+}
+
+/// `dX (=|+=) dY · W` (`+=` when `dx_add`), and `dW += dYᵀ · X`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+    dx_add: bool,
+) {
+    assert_eq!(dw.len(), out_dim * in_dim, "linear_backward: weight gradient shape");
+    matmul(dx, dx_add, dy, out_dim, 1, w, in_dim, 1, n, in_dim, out_dim);
+    matmul(dw, true, dy, 1, out_dim, x, in_dim, 1, out_dim, in_dim, n);
+}
+
+// --- embedding
+
+/// `out[t] = embed[tokens[t]]`
+pub fn embedding_forward(out: &mut [f32], tokens: &[u32], embed: &[f32], hidden: usize) {
+    out.par_chunks_mut(hidden).zip(tokens.par_iter()).for_each(|(row, &tok)| {
+        let t = tok as usize * hidden;
+        row.copy_from_slice(&embed[t..t + hidden]);
+    });
+}
+
+/// `dembed[tokens[t]] += dout[t]` (a scatter-add: a token may repeat).
+pub fn embedding_backward(dembed: &mut [f32], dout: &[f32], tokens: &[u32], hidden: usize) {
+    for (row, &tok) in dout.chunks_exact(hidden).zip(tokens) {
+        let t = tok as usize * hidden;
+        for (d, g) in dembed[t..t + hidden].iter_mut().zip(row) {
+            *d += g;
+        }
+    }
+}
+
+// --- RMSNorm
+
+/// `out = (x · rstd) · w` per row with `rstd = rsqrt(mean(x²) + eps)`, kept in `rstd[n]`.
+pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], hidden: usize, eps: f32) {
+    out.par_chunks_mut(hidden).zip(rstd.par_iter_mut()).zip(x.par_chunks(hidden)).for_each(|((o, r), xr)| {
+        let ms = (xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / hidden as f64) as f32;
+        let rs = 1.0 / (ms + eps).sqrt();
+        *r = rs;
+        for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
+            *oi = (xi * rs) * wi;
+        }
+    });
+}
+
+/// With `x̂ = x·rstd`: `dx = rstd · (w∘dy − x̂ · mean(w∘dy∘x̂))` (=), `dw += Σ_rows dy∘x̂`.
+pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize) {
+    dx.par_chunks_mut(hidden).zip(dy.par_chunks(hidden)).zip(x.par_chunks(hidden)).zip(rstd.par_iter()).for_each(
+        |(((dxr, dyr), xr), &rs)| {
+            let mut s = 0f64;
+            for ((&g, &xi), &wi) in dyr.iter().zip(xr).zip(w) {
+                s += (g * wi) as f64 * (xi * rs) as f64;
+            }
+            let c = (s / hidden as f64) as f32;
+            for (((d, &g), &xi), &wi) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
+                *d = rs * (g * wi - xi * rs * c);
+            }
+        },
+    );
+    // dw: columns are independent, rows are summed; split the columns across threads.
+    let n = rstd.len();
+    let cols = hidden.div_ceil(rayon::current_num_threads().max(1)).max(64);
+    dw.par_chunks_mut(cols).enumerate().for_each(|(ci, dwc)| {
+        let c0 = ci * cols;
+        for t in 0..n {
+            let (dyr, xr, rs) = (&dy[t * hidden + c0..], &x[t * hidden + c0..], rstd[t]);
+            for (j, d) in dwc.iter_mut().enumerate() {
+                *d += dyr[j] * (xr[j] * rs);
+            }
+        }
+    });
+}
+
+// --- RoPE
+
+/// cos and sin of `positions[t] · inv_freq[i]`, `[n, head_dim/2]` each, in f32 as transformers does.
+pub fn rope_table(positions: &[u32], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let mut cos = vec![0f32; positions.len() * half];
+    let mut sin = vec![0f32; positions.len() * half];
+    cos.par_chunks_mut(half.max(1)).zip(sin.par_chunks_mut(half.max(1))).zip(positions.par_iter()).for_each(
+        |((c, s), &p)| {
+            for i in 0..half {
+                let theta = p as f32 * inv_freq[i];
+                c[i] = theta.cos();
+                s[i] = theta.sin();
+            }
+        },
+    );
+    (cos, sin)
+}
+
+/// Rotates every head of `x [n, n_heads, head_dim]` in place by its row's position.
+pub fn rope_forward(x: &mut [f32], positions: &[u32], inv_freq: &[f32], n_heads: usize, head_dim: usize) {
+    rope_apply(x, positions, inv_freq, n_heads, head_dim, 1.0);
+}
+
+/// The transpose of the rotation (rotation by −θ), in place on the gradient.
+pub fn rope_backward(dx: &mut [f32], positions: &[u32], inv_freq: &[f32], n_heads: usize, head_dim: usize) {
+    rope_apply(dx, positions, inv_freq, n_heads, head_dim, -1.0);
+}
+
+fn rope_apply(x: &mut [f32], positions: &[u32], inv_freq: &[f32], n_heads: usize, head_dim: usize, sign: f32) {
+    let half = head_dim / 2;
+    assert_eq!(inv_freq.len(), half, "rope: inv_freq must have head_dim/2 entries");
+    assert_eq!(x.len(), positions.len() * n_heads * head_dim, "rope: x shape");
+    let (cos, sin) = rope_table(positions, inv_freq);
+    x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(t, row)| {
+        let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        for head in row.chunks_exact_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b, si) = (lo[i], hi[i], sign * s[i]);
+                lo[i] = a * c[i] - b * si;
+                hi[i] = b * c[i] + a * si;
+            }
+        }
+    });
+}
+
+// --- attention
+
+/// Which keys a query sees: the pair mask of `PairBatch` (see `PairBatch::attends`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnMask<'a> {
+    /// `group_start[g]..group_start[g+1]` are the rows of group g.
+    pub group_start: &'a [u32],
+    /// Per key row.
+    pub group: &'a [u32],
+    pub branch: &'a [u8],
+}
+
+impl<'a> AttnMask<'a> {
+    pub fn of(batch: &'a crate::data::PairBatch) -> Self {
+        AttnMask { group_start: &batch.group_start, group: &batch.group, branch: &batch.branch }
+    }
+
+    /// Keys of query row `q`: `start..=q` filtered by `visible`.
+    #[inline]
+    fn start(&self, q: usize) -> usize {
+        self.group_start[self.group[q] as usize] as usize
+    }
+
+    #[inline]
+    fn visible(&self, q: usize, k: usize) -> bool {
+        let b = self.branch[k];
+        b == 0 || b == self.branch[q]
+    }
+
+    fn max_group_len(&self) -> usize {
+        self.group_start.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+}
+
+/// `out[q, h] = Σ_k softmax_k(q_h·k_g / sqrt(d)) v_g` over the keys the mask allows,
+/// `g = h / (n_heads / n_kv_heads)`; `lse[q, h]` keeps the log-sum-exp of the scaled scores.
+///
+/// `q` holds the last `n_q` rows of the `n_k` key rows (`n_q = n_k` in training; fewer
+/// when decoding against a cache). The mask is indexed by key row.
+pub fn attention_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: AttnMask,
+    shape: AttnShape,
+) {
+    let (qd, kvd, hd, nh) = (shape.q_dim(), shape.kv_dim(), shape.head_dim, shape.n_heads);
+    let n_k = k.len() / kvd;
+    let n_q = q.len() / qd;
+    assert!(shape.n_heads % shape.n_kv_heads == 0 && n_q <= n_k && v.len() == k.len(), "attention: shapes");
+    assert!(out.len() == q.len() && lse.len() == n_q * nh && mask.group.len() == n_k, "attention: shapes");
+    let scale = 1.0 / (hd as f32).sqrt();
+    let offset = n_k - n_q;
+    let scratch = mask.max_group_len();
+    out.par_chunks_mut(qd).zip(lse.par_chunks_mut(nh)).enumerate().for_each_init(
+        || vec![0f32; scratch],
+        |s, (i, (o, l))| {
+            let t = i + offset;
+            let start = mask.start(t);
+            for h in 0..nh {
+                let g = h / shape.group_size();
+                let qv = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+                let mut mx = f32::NEG_INFINITY;
+                for key in start..=t {
+                    let sc = if mask.visible(t, key) {
+                        dot(qv, &k[key * kvd + g * hd..key * kvd + (g + 1) * hd]) * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    s[key - start] = sc;
+                    mx = mx.max(sc);
+                }
+                let mut sum = 0f32;
+                for sc in &mut s[..=t - start] {
+                    *sc = (*sc - mx).exp();
+                    sum += *sc;
+                }
+                let inv = 1.0 / sum;
+                let oh = &mut o[h * hd..(h + 1) * hd];
+                oh.fill(0.0);
+                for key in start..=t {
+                    let p = s[key - start];
+                    if p != 0.0 {
+                        axpy(oh, p * inv, &v[key * kvd + g * hd..key * kvd + (g + 1) * hd]);
+                    }
+                }
+                l[h] = mx + sum.ln();
+            }
+        },
+    );
+}
+
+/// Gradients of `attention_forward` (n_q = n_k): with `P = exp(s − lse)`, `dP = dout·v`,
+/// `D = dout·out`, `dS = P∘(dP − D)`: `dq = scale·Σ dS k`, `dk = scale·Σ dS q`, `dv = Σ P dout`.
+/// All three are overwritten (=). Work splits over (group, kv head): those write
+/// disjoint rows/columns of dq, dk, dv.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    mask: AttnMask,
+    shape: AttnShape,
+) {
+    let (qd, kvd, hd, nh, nkv) = (shape.q_dim(), shape.kv_dim(), shape.head_dim, shape.n_heads, shape.n_kv_heads);
+    let n = q.len() / qd;
+    assert!(k.len() == n * kvd && v.len() == k.len() && dk.len() == k.len() && dv.len() == v.len(), "attention");
+    assert!(dq.len() == q.len() && dout.len() == q.len() && out.len() == q.len() && lse.len() == n * nh);
+    let scale = 1.0 / (hd as f32).sqrt();
+    dk.fill(0.0);
+    dv.fill(0.0);
+    let (pdq, pdk, pdv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    let n_groups = mask.group_start.len() - 1;
+    let scratch = mask.max_group_len();
+    (0..n_groups * nkv).into_par_iter().for_each_init(
+        || (vec![0f32; scratch], vec![0f32; scratch]),
+        |(p, dp), task| {
+            let (grp, g) = (task / nkv, task % nkv);
+            let (r0, r1) = (mask.group_start[grp] as usize, mask.group_start[grp + 1] as usize);
+            for t in r0..r1 {
+                for h in g * shape.group_size()..(g + 1) * shape.group_size() {
+                    let qo = t * qd + h * hd;
+                    let (qv, dov, ov) = (&q[qo..qo + hd], &dout[qo..qo + hd], &out[qo..qo + hd]);
+                    let l = lse[t * nh + h];
+                    let dd = dot(dov, ov);
+                    // SAFETY: this task alone writes dq's (row t, head h) and dk/dv's
+                    // (rows of group grp, kv head g); the buffers outlive the loop.
+                    let dqv = unsafe { std::slice::from_raw_parts_mut(pdq.at(qo), hd) };
+                    dqv.fill(0.0);
+                    for key in r0..=t {
+                        let j = key - r0;
+                        if !mask.visible(t, key) {
+                            p[j] = 0.0;
+                            continue;
+                        }
+                        let ko = key * kvd + g * hd;
+                        p[j] = (dot(qv, &k[ko..ko + hd]) * scale - l).exp();
+                        dp[j] = dot(dov, &v[ko..ko + hd]);
+                    }
+                    for key in r0..=t {
+                        let j = key - r0;
+                        if p[j] == 0.0 {
+                            continue;
+                        }
+                        let ko = key * kvd + g * hd;
+                        let ds = p[j] * (dp[j] - dd) * scale;
+                        axpy(dqv, ds, &k[ko..ko + hd]);
+                        let (dkv, dvv) = unsafe {
+                            (
+                                std::slice::from_raw_parts_mut(pdk.at(ko), hd),
+                                std::slice::from_raw_parts_mut(pdv.at(ko), hd),
+                            )
+                        };
+                        axpy(dkv, ds, qv);
+                        axpy(dvv, p[j], dov);
+                    }
+                }
+            }
+        },
+    );
+}
+
+// --- SwiGLU
+
+/// `out = silu(gate) · up`
+pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    out.par_chunks_mut(4096).zip(gate.par_chunks(4096)).zip(up.par_chunks(4096)).for_each(|((o, g), u)| {
+        for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
+            *oi = gi / (1.0 + (-gi).exp()) * ui;
+        }
+    });
+}
+
+/// `dgate = dout·up·σ(g)(1 + g(1 − σ(g)))`, `dup = dout·silu(g)` (both =).
+pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+    dgate.par_chunks_mut(4096).zip(dup.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
+        let o = c * 4096;
+        for i in 0..dg.len() {
+            let (g, u, d) = (gate[o + i], up[o + i], dout[o + i]);
+            let sg = 1.0 / (1.0 + (-g).exp());
+            dg[i] = d * u * sg * (1.0 + g * (1.0 - sg));
+            du[i] = d * g * sg;
+        }
+    });
+}
+
+// --- log-probs (LM head + log-softmax + gather)
+
+/// The rows that go through the LM head: each distinct target row once (ascending), and
+/// for each target, the slot of its row. A row carries one or two targets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogpPlan {
+    pub rows: Vec<u32>,
+    /// Per target: index into `rows`.
+    pub slot: Vec<u32>,
+    /// Per target: the token it predicts.
+    pub tokens: Vec<u32>,
+    /// Per row: its targets (`u32::MAX` where a row has only one).
+    pub row_targets: Vec<[u32; 2]>,
+}
+
+impl LogpPlan {
+    pub fn new(targets: &[LogpTarget]) -> Self {
+        let mut rows: Vec<u32> = targets.iter().map(|t| t.row).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let slot: Vec<u32> = targets.iter().map(|t| rows.binary_search(&t.row).unwrap() as u32).collect();
+        let mut row_targets = vec![[u32::MAX; 2]; rows.len()];
+        for (i, &s) in slot.iter().enumerate() {
+            let rt = &mut row_targets[s as usize];
+            let free = rt.iter_mut().find(|x| **x == u32::MAX).expect("a row predicts at most two targets");
+            *free = i as u32;
+        }
+        LogpPlan { rows, slot, tokens: targets.iter().map(|t| t.token).collect(), row_targets }
+    }
+
+    /// Rows per LM-head chunk: about 4M logits (16 MB) at a time.
+    pub fn chunk_rows(vocab: usize) -> usize {
+        ((1 << 22) / vocab.max(1)).clamp(1, 256)
+    }
+}
+
+/// Copies the chunk's rows of `x` into `xc` (contiguous) and computes `logits = xc·Wᵀ`.
+fn head_chunk(xc: &mut [f32], logits: &mut [f32], x: &[f32], w: &[f32], rows: &[u32], hidden: usize, vocab: usize) {
+    for (dst, &r) in xc.chunks_exact_mut(hidden).zip(rows) {
+        dst.copy_from_slice(&x[r as usize * hidden..(r as usize + 1) * hidden]);
+    }
+    linear_forward(logits, xc, w, rows.len(), hidden, vocab);
+}
+
+/// `logp[t] = logits[row(t), token(t)] − lse[row(t)]` with `logits = x·W_headᵀ`;
+/// `lse[slot]` is kept for backward.
+pub fn logprobs_forward(
+    logp: &mut [f32],
+    lse: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    plan: &LogpPlan,
+    hidden: usize,
+    vocab: usize,
+) {
+    assert!(logp.len() == plan.slot.len() && lse.len() == plan.rows.len() && w.len() == vocab * hidden);
+    let chunk = LogpPlan::chunk_rows(vocab);
+    let mut xc = vec![0f32; chunk * hidden];
+    let mut logits = vec![0f32; chunk * vocab];
+    for (c, rows) in plan.rows.chunks(chunk).enumerate() {
+        let r0 = c * chunk;
+        head_chunk(&mut xc, &mut logits, x, w, rows, hidden, vocab);
+        lse[r0..r0 + rows.len()].par_iter_mut().zip(logits.par_chunks(vocab)).for_each(|(l, lg)| {
+            let mx = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let sum: f64 = lg.iter().map(|&z| ((z - mx) as f64).exp()).sum();
+            *l = mx + sum.ln() as f32;
+        });
+        for (j, rt) in plan.row_targets[r0..r0 + rows.len()].iter().enumerate() {
+            for &ti in rt.iter().filter(|&&ti| ti != u32::MAX) {
+                let ti = ti as usize;
+                logp[ti] = logits[j * vocab + plan.tokens[ti] as usize] - lse[r0 + j];
+            }
+        }
+    }
+}
+
+/// With `G_r = Σ dlogp` over row r's targets: `dlogits[r, v] = 1[v = token]·dlogp − G_r·softmax_v`,
+/// recomputed chunk by chunk; `dx` rows that predict a target are overwritten with
+/// `dlogits·W`, every other row is set to 0 (=); `dw += dlogitsᵀ·x`.
+#[allow(clippy::too_many_arguments)]
+pub fn logprobs_backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dlogp: &[f32],
+    x: &[f32],
+    w: &[f32],
+    lse: &[f32],
+    plan: &LogpPlan,
+    hidden: usize,
+    vocab: usize,
+) {
+    assert!(dlogp.len() == plan.slot.len() && lse.len() == plan.rows.len() && dw.len() == vocab * hidden);
+    dx.fill(0.0);
+    let chunk = LogpPlan::chunk_rows(vocab);
+    let mut xc = vec![0f32; chunk * hidden];
+    let mut logits = vec![0f32; chunk * vocab];
+    let mut dxc = vec![0f32; chunk * hidden];
+    for (c, rows) in plan.rows.chunks(chunk).enumerate() {
+        let r0 = c * chunk;
+        let m = rows.len();
+        head_chunk(&mut xc, &mut logits, x, w, rows, hidden, vocab);
+        logits[..m * vocab].par_chunks_mut(vocab).enumerate().for_each(|(j, lg)| {
+            let rt = plan.row_targets[r0 + j];
+            let gsum: f32 = rt.iter().filter(|&&t| t != u32::MAX).map(|&t| dlogp[t as usize]).sum();
+            let l = lse[r0 + j];
+            for z in lg.iter_mut() {
+                *z = -gsum * (*z - l).exp();
+            }
+            for &t in rt.iter().filter(|&&t| t != u32::MAX) {
+                lg[plan.tokens[t as usize] as usize] += dlogp[t as usize];
+            }
+        });
+        linear_backward(&mut dxc, dw, &logits[..m * vocab], &xc[..m * hidden], w, m, hidden, vocab, false);
+        for (src, &r) in dxc.chunks_exact(hidden).zip(rows) {
+            dx[r as usize * hidden..(r as usize + 1) * hidden].copy_from_slice(src);
+        }
+    }
+}
+
+// --- optimizer
+
+/// One `torch.optim.AdamW` step (single-tensor path) on one tensor, `step` counting from 1:
+/// `p ← p·(1 − lr·wd)`; `m ← m + (1−β1)(g − m)`; `v ← β2·v + (1−β2)g²`;
+/// `p ← p − (lr/bc1)·m / (sqrt(v)/sqrt(bc2) + eps)` with `bc_i = 1 − β_i^step`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_update(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    step: u64,
+) {
+    assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len(), "adamw: lengths differ");
+    // torch turns the Python-float scalars into f32 where they meet f32 tensors.
+    let decay = (1.0 - lr * weight_decay) as f32;
+    let (w1, b2, w2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+    let bc1 = 1.0 - beta1.powi(step as i32);
+    let bc2_sqrt = ((1.0 - beta2.powi(step as i32)) as f64).sqrt() as f32;
+    let step_size = (lr / bc1) as f32;
+    let eps = eps as f32;
+    const CH: usize = 1 << 14;
+    p.par_chunks_mut(CH).zip(m.par_chunks_mut(CH)).zip(v.par_chunks_mut(CH)).zip(g.par_chunks(CH)).for_each(
+        |(((p, m), v), g)| {
+            for i in 0..p.len() {
+                if weight_decay != 0.0 {
+                    p[i] *= decay;
+                }
+                m[i] += w1 * (g[i] - m[i]);
+                v[i] = v[i] * b2 + w2 * g[i] * g[i];
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] -= step_size * (m[i] / denom);
+            }
+        },
+    );
+}
+
+/// The global L2 norm of all gradients (accumulated in f64).
+pub fn grad_norm(grads: &[&[f32]]) -> f64 {
+    grads
+        .iter()
+        .map(|g| g.par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)`
+/// when that is below 1. Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
+    let norm = grad_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>());
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        let c = coef as f32;
+        for g in grads.iter_mut() {
+            g.par_chunks_mut(1 << 14).for_each(|ch| ch.iter_mut().for_each(|x| *x *= c));
+        }
+    }
+    norm
+}
