@@ -10,6 +10,8 @@ pub mod data;
 pub mod dpo;
 pub mod engine;
 pub mod error;
+pub mod sdpo;
+pub mod train;
 pub mod weights;
 
 pub use config::LlamaConfig;
