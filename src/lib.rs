@@ -5,6 +5,7 @@
 //! Two engines compute the same thing: `engine::cpu` (plain fp32, the reference) and
 //! `engine::cuda` (hand-written bf16 kernels). See DESIGN.md for the whole picture.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod dpo;

@@ -1,0 +1,295 @@
+//! Crash-safe training state, for `--resume`.
+//!
+//! A state is a folder `<out>/state-<seq>/` holding everything needed to continue a run
+//! bit for bit: `state.json` (counters and position), `weights.safetensors` (the policy,
+//! fp32), `adam.safetensors` (AdamW moments, when there are any), `ref_logps.bin` (the
+//! reference log-probs of the current chunk), `eval_init.bin` / `eval_prev.bin` (the eval
+//! set's log-probs under M_0 and M_{t−1}) and, with an inline reference,
+//! `reference.safetensors` (M_{t−1}, fp32).
+//!
+//! Writing: everything goes to a hidden temporary folder, each file is fsynced, the folder
+//! is fsynced and renamed to `state-<seq>`, the parent is fsynced, and only then are older
+//! states removed. A crash at any instant leaves at least one complete `state-*` folder;
+//! `latest` picks the one with the highest sequence number. Temporary folders left by a
+//! crash are removed on the next save.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::LlamaConfig;
+use crate::dpo::PairLogps;
+use crate::engine::AdamState;
+use crate::error::{Error, Result};
+use crate::train::ChunkPosition;
+use crate::weights::{load_tensors_f32, save_tensors_f32, LlamaWeights};
+
+/// Counters and position of a run; `state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    pub format: u32,
+    /// Sequence number of this state (the folder's name).
+    pub seq: u64,
+    /// The sDPO step (1-based) this state belongs to.
+    pub sdpo_step: usize,
+    /// True when step `sdpo_step` finished (M_t saved and evaluated); the next one starts fresh.
+    pub step_done: bool,
+    /// Where step `sdpo_step`'s run stands (meaningless when `step_done`).
+    pub position: ChunkPosition,
+    /// Updates over the whole run, all steps.
+    pub total_updates: u64,
+    /// Length of metrics.jsonl when the state was written; resume truncates to it.
+    pub metrics_bytes: u64,
+}
+
+pub const FORMAT: u32 = 1;
+
+/// Everything a state holds besides `RunState`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateData {
+    pub weights: LlamaWeights,
+    pub adam: Option<AdamState>,
+    pub ref_logps: Vec<PairLogps>,
+    pub eval_init: Vec<PairLogps>,
+    pub eval_prev: Vec<PairLogps>,
+    pub reference: Option<LlamaWeights>,
+}
+
+/// Writes state `st` under `out` atomically, then removes older states.
+pub fn save(out: &Path, cfg: &LlamaConfig, st: &RunState, data: &StateData) -> Result<PathBuf> {
+    remove_stale_temps(out);
+    let dir = out.join(format!("state-{:08}", st.seq));
+    let tmp = out.join(format!(".tmp-state-{:08}-{}", st.seq, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let json = serde_json::to_string_pretty(st).expect("state serialises") + "\n";
+    write_synced(&tmp.join("state.json"), json.as_bytes())?;
+    save_weights(&tmp.join("weights.safetensors"), cfg, &data.weights, "")?;
+    if let Some(adam) = &data.adam {
+        let specs = LlamaWeights::specs(cfg);
+        let mut tensors = Vec::new();
+        for (prefix, w) in [("m.", &adam.m), ("v.", &adam.v)] {
+            for (s, t) in specs.iter().zip(w.tensors()) {
+                tensors.push((format!("{prefix}{}", s.name), s.shape.clone(), t.as_slice()));
+            }
+        }
+        save_tensors_f32(&tmp.join("adam.safetensors"), &tensors)?;
+        write_synced(&tmp.join("adam_step.txt"), format!("{}\n", adam.step).as_bytes())?;
+    }
+    if let Some(r) = &data.reference {
+        save_weights(&tmp.join("reference.safetensors"), cfg, r, "")?;
+    }
+    write_synced(&tmp.join("ref_logps.bin"), &logps_bytes(&data.ref_logps))?;
+    write_synced(&tmp.join("eval_init.bin"), &logps_bytes(&data.eval_init))?;
+    write_synced(&tmp.join("eval_prev.bin"), &logps_bytes(&data.eval_prev))?;
+    fsync_dir(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    fsync_dir(out)?;
+    for (seq, old) in list(out)? {
+        if seq < st.seq {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// The newest complete state folder under `out`, if any.
+pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(out)?.into_iter().max_by_key(|(seq, _)| *seq).map(|(_, p)| p))
+}
+
+/// Loads a state folder written by `save`.
+pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let st: RunState = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not a run state: {e}")))?;
+    if st.format != FORMAT {
+        return Err(Error::file(&path, format!("state format {} is not {FORMAT}: written by another version", st.format)));
+    }
+    let weights = load_weights(&dir.join("weights.safetensors"), cfg, "")?;
+    let adam_path = dir.join("adam.safetensors");
+    let adam = if adam_path.exists() {
+        let step_path = dir.join("adam_step.txt");
+        let step_text = std::fs::read_to_string(&step_path).map_err(|e| Error::io(&step_path, e))?;
+        let step = step_text.trim().parse().map_err(|_| Error::file(&step_path, "expected an integer"))?;
+        Some(AdamState {
+            m: load_weights(&adam_path, cfg, "m.")?,
+            v: load_weights(&adam_path, cfg, "v.")?,
+            step,
+        })
+    } else {
+        None
+    };
+    let ref_path = dir.join("reference.safetensors");
+    let reference = if ref_path.exists() { Some(load_weights(&ref_path, cfg, "")?) } else { None };
+    Ok((
+        st,
+        StateData {
+            weights,
+            adam,
+            reference,
+            ref_logps: read_logps(&dir.join("ref_logps.bin"))?,
+            eval_init: read_logps(&dir.join("eval_init.bin"))?,
+            eval_prev: read_logps(&dir.join("eval_prev.bin"))?,
+        },
+    ))
+}
+
+fn list(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(Error::io(out, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(seq) = name.strip_prefix("state-").and_then(|s| s.parse::<u64>().ok()) {
+            if entry.path().join("state.json").is_file() {
+                found.push((seq, entry.path()));
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn remove_stale_temps(out: &Path) {
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-state-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn save_weights(path: &Path, cfg: &LlamaConfig, w: &LlamaWeights, prefix: &str) -> Result<()> {
+    let specs = LlamaWeights::specs(cfg);
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = specs
+        .iter()
+        .zip(w.tensors())
+        .map(|(s, t)| (format!("{prefix}{}", s.name), s.shape.clone(), t.as_slice()))
+        .collect();
+    save_tensors_f32(path, &tensors)
+}
+
+fn load_weights(path: &Path, cfg: &LlamaConfig, prefix: &str) -> Result<LlamaWeights> {
+    let mut all = load_tensors_f32(path)?;
+    let mut w = LlamaWeights::zeros(cfg);
+    for (s, t) in LlamaWeights::specs(cfg).iter().zip(w.tensors_mut()) {
+        let name = format!("{prefix}{}", s.name);
+        let (shape, data) = all
+            .remove(&name)
+            .ok_or_else(|| Error::file(path, format!("tensor `{name}` is missing: the state is incomplete")))?;
+        if shape != s.shape {
+            return Err(Error::file(path, format!("tensor `{name}` has shape {shape:?}, expected {:?}", s.shape)));
+        }
+        *t = data;
+    }
+    Ok(w)
+}
+
+/// Log-probs as little-endian records of 32 bytes: chosen and rejected as f64 bit
+/// patterns (exact), then the two token counts as u64.
+fn logps_bytes(v: &[PairLogps]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 32);
+    for lp in v {
+        out.extend(lp.chosen.to_bits().to_le_bytes());
+        out.extend(lp.rejected.to_bits().to_le_bytes());
+        out.extend((lp.chosen_tokens as u64).to_le_bytes());
+        out.extend((lp.rejected_tokens as u64).to_le_bytes());
+    }
+    out
+}
+
+fn read_logps(path: &Path) -> Result<Vec<PairLogps>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.len() % 32 != 0 {
+        return Err(Error::file(path, format!("{} bytes is not a whole number of 32-byte records", bytes.len())));
+    }
+    let word = |c: &[u8], k: usize| u64::from_le_bytes(c[8 * k..8 * k + 8].try_into().unwrap());
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| PairLogps {
+            chosen: f64::from_bits(word(c, 0)),
+            rejected: f64::from_bits(word(c, 1)),
+            chosen_tokens: word(c, 2) as usize,
+            rejected_tokens: word(c, 3) as usize,
+        })
+        .collect())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_cfg() -> LlamaConfig {
+        LlamaConfig::from_json(serde_json::json!({
+            "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 11
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn save_load_roundtrip_is_exact_and_keeps_one_state() {
+        let cfg = tiny_cfg();
+        let out = std::env::temp_dir().join(format!("sdpo-ckpt-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        let lp = |c: f64| PairLogps { chosen: c, rejected: -1.0 / 3.0, chosen_tokens: 3, rejected_tokens: 7 };
+        let data = StateData {
+            weights: LlamaWeights::random(&cfg, 1),
+            adam: Some(AdamState { m: LlamaWeights::random(&cfg, 2), v: LlamaWeights::random(&cfg, 3), step: 17 }),
+            ref_logps: vec![lp(0.1), lp(-2.0 / 7.0)],
+            eval_init: vec![lp(f64::MIN_POSITIVE)],
+            eval_prev: vec![],
+            reference: None,
+        };
+        let mut st = RunState {
+            format: FORMAT,
+            seq: 1,
+            sdpo_step: 2,
+            step_done: false,
+            position: ChunkPosition { epoch: 1, batch: 3, updates: 9 },
+            total_updates: 20,
+            metrics_bytes: 1234,
+        };
+        save(&out, &cfg, &st, &data).unwrap();
+        st.seq = 2;
+        let dir = save(&out, &cfg, &st, &data).unwrap();
+        assert_eq!(latest(&out).unwrap(), Some(dir.clone()));
+        assert_eq!(list(&out).unwrap().len(), 1, "older states are removed");
+        let (st2, data2) = load(&dir, &cfg).unwrap();
+        assert_eq!(st2, st);
+        assert_eq!(data2, data);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn an_unrenamed_temp_folder_is_not_a_state() {
+        let out = std::env::temp_dir().join(format!("sdpo-ckpt-tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(out.join(".tmp-state-00000005-1")).unwrap();
+        std::fs::write(out.join(".tmp-state-00000005-1/state.json"), "{}").unwrap();
+        assert_eq!(latest(&out).unwrap(), None);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
