@@ -4,6 +4,8 @@
 //! update of one large batch: each micro-batch passes `loss_scale = 1 / pairs_in_global_batch`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,120 @@
+// Shared helpers for every kernel file: bf16 <-> f32 in 16-byte vectors, warp and block
+// reductions, and the tensor-core mma wrapper used by attention.
+//
+// Conventions (all kernels):
+// - activations are row-major, one row per token; `*_stride` arguments count elements;
+// - bf16 storage, fp32 arithmetic and accumulation everywhere;
+// - vector paths move 16 bytes per thread (8 bf16 or 4 f32) and need 16-byte aligned rows,
+//   which the launchers in src/engine/cuda/kernels.rs check before launching.
+#pragma once
+
+#include <cuda_bf16.h>
+
+// NVRTC has no <stdint.h>.
+typedef unsigned int u32;
+
+#define SDPO_DEVICE static __device__ __forceinline__
+
+// NVRTC has no <math.h> macros; nvcc may define them already.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// --- bf16 vectors
+
+// Eight bf16 values in one 16-byte load, widened to f32.
+SDPO_DEVICE void load8(const __nv_bfloat16* p, float (&f)[8]) {
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 v = __bfloat1622float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+// Eight f32 values rounded to bf16 (round to nearest even) in one 16-byte store.
+SDPO_DEVICE void store8(__nv_bfloat16* p, const float (&f)[8]) {
+    uint4 raw;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Eight f32 values as two 16-byte loads.
+SDPO_DEVICE void load8(const float* p, float (&f)[8]) {
+    float4 a = reinterpret_cast<const float4*>(p)[0];
+    float4 b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+SDPO_DEVICE void store8(float* p, const float (&f)[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+
+// Two f32 packed into one 32-bit register of two bf16 (low half = a), the operand format
+// of mma.sync.
+SDPO_DEVICE u32 pack_bf16(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<u32*>(&h);
+}
+
+// Two separate bf16 (low half = lo) packed into one register.
+SDPO_DEVICE u32 pack_raw(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return (u32)__bfloat16_as_ushort(lo) | ((u32)__bfloat16_as_ushort(hi) << 16);
+}
+
+// --- reductions
+
+SDPO_DEVICE float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+SDPO_DEVICE float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets
+// the result. `scratch` holds 32 floats of shared memory and may be reused after return.
+SDPO_DEVICE float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : 0.f;
+    return warp_sum(v);
+}
+
+SDPO_DEVICE float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// --- tensor cores
+
+// D = A·B + D for one m16n8k16 tile, bf16 inputs, f32 accumulators (sm_80+). Fragment
+// layouts (PTX ISA, "mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
+//   a[0]: A[g][2t..2t+1]   a[1]: A[g+8][2t..2t+1]   a[2]: A[g][2t+8..]   a[3]: A[g+8][2t+8..]
+//   b[0]: B[2t..2t+1][g]   b[1]: B[2t+8..2t+9][g]
+//   d[0..1]: D[g][2t..2t+1]                          d[2..3]: D[g+8][2t..2t+1]
+SDPO_DEVICE void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}

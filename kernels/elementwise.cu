@@ -1,0 +1,131 @@
+// Element-wise kernels: SwiGLU, embedding gather / scatter-add, residual add, casts.
+//
+// Math:
+//   swiglu:    out = silu(g)·u = g·σ(g)·u
+//              dg = dout·u·σ(g)·(1 + g·(1 − σ(g)))      du = dout·silu(g)      (both =)
+//   embedding: out[t] = table[token[t]]                 dtable[token[t]] += dout[t]
+//   residual:  x += y                                   casts: f32 <-> bf16 (round to nearest even)
+// Layouts: flat arrays of `count` elements (swiglu, residual, casts); embedding table
+// [vocab, H] bf16, its gradient [vocab, H] f32, rows [n, H] f32 (the residual stream).
+// Work split: one thread per 8 consecutive elements (16-byte accesses); a tail shorter
+// than 8 goes element by element. Embedding: one thread per (token, 8 columns).
+// Bytes per call (count c): swiglu fwd 6c, bwd 10c; residual 8c+... ; casts 6c;
+// embedding fwd 6nH (+4n), bwd 8nH read-modify-write through L2 atomics.
+#include "common.cuh"
+
+SDPO_DEVICE float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
+
+extern "C" __global__ void __launch_bounds__(256) swiglu_forward(
+    __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up,
+    long long count) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= count) {
+        float g[8], u[8];
+        load8(gate + i, g);
+        load8(up + i, u);
+#pragma unroll
+        for (int k = 0; k < 8; k++) g[k] = g[k] * sigmoidf_(g[k]) * u[k];
+        store8(out + i, g);
+    } else {
+        for (long long k = i; k < count; k++) {
+            const float g = __bfloat162float(gate[k]);
+            out[k] = __float2bfloat16(g * sigmoidf_(g) * __bfloat162float(up[k]));
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward(
+    __nv_bfloat16* __restrict__ dgate, __nv_bfloat16* __restrict__ dup, const __nv_bfloat16* __restrict__ dout,
+    const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, long long count) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= count) {
+        float g[8], u[8], d[8];
+        load8(gate + i, g);
+        load8(up + i, u);
+        load8(dout + i, d);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const float s = sigmoidf_(g[k]);
+            const float dg = d[k] * u[k] * s * (1.f + g[k] * (1.f - s));
+            u[k] = d[k] * g[k] * s;
+            g[k] = dg;
+        }
+        store8(dgate + i, g);
+        store8(dup + i, u);
+    } else {
+        for (long long k = i; k < count; k++) {
+            const float g = __bfloat162float(gate[k]), u = __bfloat162float(up[k]), d = __bfloat162float(dout[k]);
+            const float s = sigmoidf_(g);
+            dgate[k] = __float2bfloat16(d * u * s * (1.f + g * (1.f - s)));
+            dup[k] = __float2bfloat16(d * g * s);
+        }
+    }
+}
+
+// hidden % 8 == 0.
+extern "C" __global__ void __launch_bounds__(256) embedding_forward(
+    float* __restrict__ out, const __nv_bfloat16* __restrict__ table, const unsigned int* __restrict__ tokens, int n,
+    int hidden) {
+    const int per_row = hidden / 8;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * per_row) return;
+    const int t = (int)(idx / per_row), c = (int)(idx % per_row) * 8;
+    float v[8];
+    load8(table + (size_t)tokens[t] * hidden + c, v);
+    store8(out + (size_t)t * hidden + c, v);
+}
+
+// dtable += scatter(dout); a token may repeat, hence atomics. hidden % 8 == 0.
+extern "C" __global__ void __launch_bounds__(256) embedding_backward(
+    float* __restrict__ dtable, const float* __restrict__ dout, const unsigned int* __restrict__ tokens, int n,
+    int hidden) {
+    const int per_row = hidden / 8;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * per_row) return;
+    const int t = (int)(idx / per_row), c = (int)(idx % per_row) * 8;
+    float v[8];
+    load8(dout + (size_t)t * hidden + c, v);
+    float* dst = dtable + (size_t)tokens[t] * hidden + c;
+#pragma unroll
+    for (int k = 0; k < 8; k++) atomicAdd(dst + k, v[k]);
+}
+
+// x += y (the residual stream, f32, plus a bf16 branch output).
+extern "C" __global__ void __launch_bounds__(256) residual_forward(
+    float* __restrict__ x, const __nv_bfloat16* __restrict__ y, long long count) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= count) {
+        float a[8], b[8];
+        load8(x + i, a);
+        load8(y + i, b);
+#pragma unroll
+        for (int k = 0; k < 8; k++) a[k] += b[k];
+        store8(x + i, a);
+    } else {
+        for (long long k = i; k < count; k++) x[k] += __bfloat162float(y[k]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) cast_forward_f32_bf16(
+    __nv_bfloat16* __restrict__ out, const float* __restrict__ in, long long count) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= count) {
+        float a[8];
+        load8(in + i, a);
+        store8(out + i, a);
+    } else {
+        for (long long k = i; k < count; k++) out[k] = __float2bfloat16(in[k]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) cast_forward_bf16_f32(
+    float* __restrict__ out, const __nv_bfloat16* __restrict__ in, long long count) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= count) {
+        float a[8];
+        load8(in + i, a);
+        store8(out + i, a);
+    } else {
+        for (long long k = i; k < count; k++) out[k] = __bfloat162float(in[k]);
+    }
+}
