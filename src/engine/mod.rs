@@ -4,6 +4,7 @@
 //! update of one large batch: each micro-batch passes `loss_scale = 1 / pairs_in_global_batch`.
 
 pub mod cpu;
+pub mod profile;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
@@ -100,4 +101,17 @@ pub trait Engine {
 
     /// Restores (or with `None`, resets) the optimizer state.
     fn set_optimizer_state(&mut self, state: Option<AdamState>) -> Result<()>;
+
+    /// Starts (`true`) or stops timing ops by category (`profile.rs`), from zero;
+    /// returns whether this engine can. Profiling may slow the engine down a little.
+    fn set_profiling(&mut self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
+
+    /// The time per category since profiling started or was last taken (then restarts
+    /// from zero); `None` where the engine does not profile or profiling is off.
+    fn take_profile(&mut self) -> Option<profile::Profile> {
+        None
+    }
 }
