@@ -495,4 +495,16 @@ impl Engine for CpuEngine {
         self.opt = state;
         Ok(())
     }
+
+    /// The ops time themselves (`engine::profile`, process-wide counters).
+    fn set_profiling(&mut self, on: bool) -> bool {
+        crate::engine::profile::enable(on);
+        true
+    }
+
+    fn take_profile(&mut self) -> Option<crate::engine::profile::Profile> {
+        let p = crate::engine::profile::enabled().then(crate::engine::profile::collected);
+        crate::engine::profile::reset();
+        p
+    }
 }

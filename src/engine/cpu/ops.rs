@@ -27,6 +27,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::data::LogpTarget;
+use crate::engine::profile::{self, Category};
 
 // --- helpers
 
@@ -133,6 +134,7 @@ fn matmul(
 
 /// `y[n, out] = x[n, in] · W[out, in]ᵀ`
 pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], n: usize, in_dim: usize, out_dim: usize) {
+    let _p = profile::scope(Category::Gemm);
     assert_eq!(w.len(), out_dim * in_dim, "linear_forward: weight shape");
     matmul(y, false, x, in_dim, 1, w, 1, in_dim, n, out_dim, in_dim);
 }
@@ -150,6 +152,7 @@ pub fn linear_backward(
     out_dim: usize,
     dx_add: bool,
 ) {
+    let _p = profile::scope(Category::Gemm);
     assert_eq!(dw.len(), out_dim * in_dim, "linear_backward: weight gradient shape");
     matmul(dx, dx_add, dy, out_dim, 1, w, in_dim, 1, n, in_dim, out_dim);
     matmul(dw, true, dy, 1, out_dim, x, in_dim, 1, out_dim, in_dim, n);
@@ -159,6 +162,7 @@ pub fn linear_backward(
 
 /// `out[t] = embed[tokens[t]]`
 pub fn embedding_forward(out: &mut [f32], tokens: &[u32], embed: &[f32], hidden: usize) {
+    let _p = profile::scope(Category::NormElementwise);
     out.par_chunks_mut(hidden).zip(tokens.par_iter()).for_each(|(row, &tok)| {
         let t = tok as usize * hidden;
         row.copy_from_slice(&embed[t..t + hidden]);
@@ -167,6 +171,7 @@ pub fn embedding_forward(out: &mut [f32], tokens: &[u32], embed: &[f32], hidden:
 
 /// `dembed[tokens[t]] += dout[t]` (a scatter-add: a token may repeat).
 pub fn embedding_backward(dembed: &mut [f32], dout: &[f32], tokens: &[u32], hidden: usize) {
+    let _p = profile::scope(Category::NormElementwise);
     for (row, &tok) in dout.chunks_exact(hidden).zip(tokens) {
         let t = tok as usize * hidden;
         for (d, g) in dembed[t..t + hidden].iter_mut().zip(row) {
@@ -179,6 +184,7 @@ pub fn embedding_backward(dembed: &mut [f32], dout: &[f32], tokens: &[u32], hidd
 
 /// `out = (x · rstd) · w` per row with `rstd = rsqrt(mean(x²) + eps)`, kept in `rstd[n]`.
 pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], hidden: usize, eps: f32) {
+    let _p = profile::scope(Category::NormElementwise);
     out.par_chunks_mut(hidden).zip(rstd.par_iter_mut()).zip(x.par_chunks(hidden)).for_each(|((o, r), xr)| {
         let ms = (xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / hidden as f64) as f32;
         let rs = 1.0 / (ms + eps).sqrt();
@@ -191,6 +197,7 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], 
 
 /// With `x̂ = x·rstd`: `dx = rstd · (w∘dy − x̂ · mean(w∘dy∘x̂))` (=), `dw += Σ_rows dy∘x̂`.
 pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize) {
+    let _p = profile::scope(Category::NormElementwise);
     dx.par_chunks_mut(hidden).zip(dy.par_chunks(hidden)).zip(x.par_chunks(hidden)).zip(rstd.par_iter()).for_each(
         |(((dxr, dyr), xr), &rs)| {
             let mut s = 0f64;
@@ -238,11 +245,13 @@ pub fn rope_table(positions: &[u32], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
 
 /// Rotates every head of `x [n, n_heads, head_dim]` in place by its row's position.
 pub fn rope_forward(x: &mut [f32], positions: &[u32], inv_freq: &[f32], n_heads: usize, head_dim: usize) {
+    let _p = profile::scope(Category::NormElementwise);
     rope_apply(x, positions, inv_freq, n_heads, head_dim, 1.0);
 }
 
 /// The transpose of the rotation (rotation by −θ), in place on the gradient.
 pub fn rope_backward(dx: &mut [f32], positions: &[u32], inv_freq: &[f32], n_heads: usize, head_dim: usize) {
+    let _p = profile::scope(Category::NormElementwise);
     rope_apply(dx, positions, inv_freq, n_heads, head_dim, -1.0);
 }
 
@@ -332,6 +341,7 @@ pub fn attention_forward(
     mask: AttnMask,
     shape: AttnShape,
 ) {
+    let _p = profile::scope(Category::Attention);
     let (qd, kvd, hd, nh) = (shape.q_dim(), shape.kv_dim(), shape.head_dim, shape.n_heads);
     let n_k = k.len() / kvd;
     let n_q = q.len() / qd;
@@ -396,6 +406,7 @@ pub fn attention_backward(
     mask: AttnMask,
     shape: AttnShape,
 ) {
+    let _p = profile::scope(Category::Attention);
     let (qd, kvd, hd, nh, nkv) = (shape.q_dim(), shape.kv_dim(), shape.head_dim, shape.n_heads, shape.n_kv_heads);
     let n = q.len() / qd;
     assert!(k.len() == n * kvd && v.len() == k.len() && dk.len() == k.len() && dv.len() == v.len(), "attention");
@@ -458,6 +469,7 @@ pub fn attention_backward(
 
 /// `out = silu(gate) · up`
 pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    let _p = profile::scope(Category::NormElementwise);
     out.par_chunks_mut(4096).zip(gate.par_chunks(4096)).zip(up.par_chunks(4096)).for_each(|((o, g), u)| {
         for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
             *oi = gi / (1.0 + (-gi).exp()) * ui;
@@ -467,6 +479,7 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
 
 /// `dgate = dout·up·σ(g)(1 + g(1 − σ(g)))`, `dup = dout·silu(g)` (both =).
 pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+    let _p = profile::scope(Category::NormElementwise);
     dgate.par_chunks_mut(4096).zip(dup.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
         let o = c * 4096;
         for i in 0..dg.len() {
@@ -533,6 +546,7 @@ pub fn logprobs_forward(
     hidden: usize,
     vocab: usize,
 ) {
+    let _p = profile::scope(Category::LmHead);
     assert!(logp.len() == plan.slot.len() && lse.len() == plan.rows.len() && w.len() == vocab * hidden);
     let chunk = LogpPlan::chunk_rows(vocab);
     let mut xc = vec![0f32; chunk * hidden];
@@ -569,6 +583,7 @@ pub fn logprobs_backward(
     hidden: usize,
     vocab: usize,
 ) {
+    let _p = profile::scope(Category::LmHead);
     assert!(dlogp.len() == plan.slot.len() && lse.len() == plan.rows.len() && dw.len() == vocab * hidden);
     dx.fill(0.0);
     let chunk = LogpPlan::chunk_rows(vocab);
@@ -615,6 +630,7 @@ pub fn adamw_update(
     weight_decay: f64,
     step: u64,
 ) {
+    let _p = profile::scope(Category::Optimizer);
     assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len(), "adamw: lengths differ");
     // torch turns the Python-float scalars into f32 where they meet f32 tensors.
     let decay = (1.0 - lr * weight_decay) as f32;
@@ -641,6 +657,7 @@ pub fn adamw_update(
 
 /// The global L2 norm of all gradients (accumulated in f64).
 pub fn grad_norm(grads: &[&[f32]]) -> f64 {
+    let _p = profile::scope(Category::Optimizer);
     grads
         .iter()
         .map(|g| g.par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>())
@@ -651,6 +668,7 @@ pub fn grad_norm(grads: &[&[f32]]) -> f64 {
 /// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)`
 /// when that is below 1. Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
+    let _p = profile::scope(Category::Optimizer);
     let norm = grad_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>());
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
