@@ -1,4 +1,24 @@
-//! One launcher per kernel, in the order of the kernels/*.cu files.
+//! One launcher per kernel, in the order of the kernels/*.cu files (attention, rmsnorm,
+//! rope, logprobs, adamw, elementwise). Each checks the shapes, lengths and alignment its
+//! kernel assumes and returns `Error::Invalid` naming the argument instead of launching.
+//!
+//! Buffers are passed as `DPtr<T>`: a raw device address and a length in elements, so a
+//! launcher can take a view into a larger allocation (a layer's slice of the fused weight
+//! buffer, one chunk of the logits) without borrowing fights. The engine owns the memory
+//! (`CudaSlice`) and runs everything on one stream with cudarc's event tracking off.
+//! Argument order follows the kernels: outputs, inputs, sizes.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+
+use super::{arch_for, kernel_image, KERNEL_SOURCES};
+use crate::error::{Error, Result};
 
 /// Every kernel a launcher uses: (file, `extern "C"` name). The `cuda_compile` test
 /// checks that each one exists in the compiled file.
@@ -27,3 +47,663 @@ pub const KERNEL_NAMES: &[(&str, &str)] = &[
     ("elementwise.cu", "cast_forward_f32_bf16"),
     ("elementwise.cu", "cast_forward_bf16_f32"),
 ];
+
+/// Head dims the attention kernels are instantiated for.
+pub const ATTENTION_HEAD_DIMS: &[usize] = &[32, 64, 128];
+
+/// bf16 values live on the device as their 16 raw bits.
+pub type Bf16 = u16;
+
+/// A device address and a length in elements of `T`.
+#[derive(Debug)]
+pub struct DPtr<T> {
+    pub ptr: u64,
+    pub len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> Clone for DPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DPtr<T> {}
+
+impl<T> DPtr<T> {
+    /// # Safety
+    /// `ptr` must address `len` valid elements of `T` on the engine's device for as long
+    /// as the `DPtr` is used.
+    pub unsafe fn from_raw(ptr: u64, len: usize) -> Self {
+        DPtr { ptr, len, _t: PhantomData }
+    }
+
+    /// A view of a whole allocation.
+    pub fn of(s: &CudaSlice<T>, stream: &CudaStream) -> Self {
+        let (ptr, _sync) = s.device_ptr(stream);
+        DPtr { ptr, len: s.len(), _t: PhantomData }
+    }
+
+    /// Elements `start..start + len`.
+    pub fn slice(self, start: usize, len: usize) -> Result<Self> {
+        if start + len > self.len {
+            return Err(Error::invalid(format!(
+                "device view {start}..{} is outside a buffer of {} elements",
+                start + len,
+                self.len
+            )));
+        }
+        Ok(DPtr { ptr: self.ptr + (start * std::mem::size_of::<T>()) as u64, len, _t: PhantomData })
+    }
+
+    fn aligned16(&self) -> bool {
+        self.ptr % 16 == 0
+    }
+}
+
+/// The null pointer (an optional output the kernel skips).
+pub fn null<T>() -> DPtr<T> {
+    DPtr { ptr: 0, len: 0, _t: PhantomData }
+}
+
+fn need(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(what()))
+    }
+}
+
+fn need_len<T>(name: &str, p: &DPtr<T>, at_least: usize) -> Result<()> {
+    need(p.len >= at_least, || format!("{name}: {} elements, the kernel needs at least {at_least}", p.len))
+}
+
+fn need_vec<T>(name: &str, p: &DPtr<T>) -> Result<()> {
+    need(p.aligned16(), || format!("{name}: device address {:#x} is not 16-byte aligned", p.ptr))
+}
+
+fn to_i32(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{name} = {v} does not fit the kernel's 32-bit index")))
+}
+
+fn blocks(work: usize, per_block: usize) -> u32 {
+    work.div_ceil(per_block).max(1) as u32
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub n_tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Row strides (elements) of q, k/v (one stride for both), o / dO.
+    pub q_stride: usize,
+    pub kv_stride: usize,
+    pub o_stride: usize,
+}
+
+/// The pair mask on the device: per token group and branch, and the group starts.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnMaskDev {
+    pub group: DPtr<u32>,
+    pub branch: DPtr<u8>,
+    pub group_start: DPtr<u32>,
+}
+
+/// Dynamic shared memory of `attention_backward_hd{D}` (kernels/attention.cu).
+pub fn attention_backward_smem(head_dim: usize) -> u32 {
+    let (bn, bm, pad) = (64, 32, 8);
+    ((2 * bn * (head_dim + pad) + 2 * bm * (head_dim + pad) + bm * (bn + pad)) * 2 + (3 * bm + bn) * 4) as u32
+}
+
+/// The loaded kernels of one device.
+pub struct Kernels {
+    pub stream: Arc<CudaStream>,
+    pub arch: String,
+    pub sm_count: u32,
+    funcs: HashMap<&'static str, CudaFunction>,
+    _modules: Vec<Arc<CudaModule>>,
+}
+
+impl Kernels {
+    /// Loads (compiling with NVRTC if needed) every kernel file for the context's device.
+    pub fn load(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        let cuda = |e: cudarc::driver::DriverError| Error::Cuda(e.to_string());
+        let (major, minor) = ctx.compute_capability().map_err(cuda)?;
+        if major < 8 {
+            return Err(Error::NoGpu(format!(
+                "compute capability {major}.{minor}: the bf16 tensor-core kernels need 8.0 (Ampere) or newer"
+            )));
+        }
+        let arch = arch_for(major, minor);
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda)? as u32;
+        let mut funcs = HashMap::new();
+        let mut modules = Vec::new();
+        for (file, _) in KERNEL_SOURCES {
+            let image = kernel_image(file, &arch)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+                .map_err(|e| Error::Cuda(format!("loading kernels/{file} for {arch}: {e}")))?;
+            for (_, name) in KERNEL_NAMES.iter().filter(|(f, _)| f == file) {
+                let f = module.load_function(name).map_err(|e| Error::Cuda(format!("kernel {name}: {e}")))?;
+                funcs.insert(*name, f);
+            }
+            modules.push(module);
+        }
+        for &d in ATTENTION_HEAD_DIMS {
+            let f = &funcs[format!("attention_backward_hd{d}").as_str()];
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                attention_backward_smem(d) as i32,
+            )
+            .map_err(|e| Error::Cuda(format!("attention_backward_hd{d}: shared memory limit: {e}")))?;
+        }
+        Ok(Kernels { stream, arch, sm_count, funcs, _modules: modules })
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not loaded")))
+    }
+
+    fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem }
+    }
+
+    /// Zeroes `p` on the stream.
+    pub fn zero<T>(&self, p: DPtr<T>) -> Result<()> {
+        // SAFETY: `p` addresses `len` elements on this device (DPtr's contract).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(p.ptr, 0, p.len * std::mem::size_of::<T>(), self.stream.cu_stream())
+        }
+        .map_err(|e| Error::Cuda(format!("memset: {e}")))
+    }
+}
+
+/// Launches `$name` with the given config; each argument is bound to a local that lives
+/// until the launch is queued (the builder keeps references).
+macro_rules! launch {
+    ($k:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let f = $k.func($name)?;
+        let mut b = $k.stream.launch_builder(f);
+        $( let a = $arg; b.arg(&a); )*
+        // SAFETY: the launcher checked every length and alignment the kernel relies on,
+        // and the argument list matches the kernel's signature in kernels/*.cu.
+        unsafe { b.launch($cfg) }.map_err(|e| Error::Cuda(format!("{}: {e}", $name)))?;
+    }};
+}
+
+impl Kernels {
+    // --- attention.cu
+
+    fn check_attn(&self, d: &AttnDims, mask: &AttnMaskDev) -> Result<()> {
+        need(ATTENTION_HEAD_DIMS.contains(&d.head_dim), || {
+            format!("attention: head_dim {} is not one of the compiled {:?}", d.head_dim, ATTENTION_HEAD_DIMS)
+        })?;
+        need(d.n_kv_heads > 0 && d.n_heads % d.n_kv_heads == 0, || {
+            format!("attention: n_heads {} is not a multiple of n_kv_heads {}", d.n_heads, d.n_kv_heads)
+        })?;
+        need(d.n_tokens > 0, || "attention: no tokens".into())?;
+        for (name, s, min) in [
+            ("q_stride", d.q_stride, d.n_heads * d.head_dim),
+            ("kv_stride", d.kv_stride, d.n_kv_heads * d.head_dim),
+            ("o_stride", d.o_stride, d.n_heads * d.head_dim),
+        ] {
+            need(s >= min && s % 8 == 0, || format!("attention: {name} {s} must be ≥ {min} and a multiple of 8"))?;
+        }
+        need_len("attention: group", &mask.group, d.n_tokens)?;
+        need_len("attention: branch", &mask.branch, d.n_tokens)?;
+        need_len("attention: group_start", &mask.group_start, 2)
+    }
+
+    /// `o`, `lse [n, n_heads]` from q, k, v under the pair mask.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward(
+        &self,
+        o: DPtr<Bf16>,
+        lse: DPtr<f32>,
+        q: DPtr<Bf16>,
+        k: DPtr<Bf16>,
+        v: DPtr<Bf16>,
+        mask: &AttnMaskDev,
+        d: &AttnDims,
+    ) -> Result<()> {
+        self.check_attn(d, mask)?;
+        let n = d.n_tokens;
+        need_len("attention: q", &q, (n - 1) * d.q_stride + d.n_heads * d.head_dim)?;
+        need_len("attention: k", &k, (n - 1) * d.kv_stride + d.n_kv_heads * d.head_dim)?;
+        need_len("attention: v", &v, (n - 1) * d.kv_stride + d.n_kv_heads * d.head_dim)?;
+        need_len("attention: o", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
+        need_len("attention: lse", &lse, n * d.n_heads)?;
+        for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("o", &o)] {
+            need_vec(&format!("attention: {name}"), p)?;
+        }
+        let name = format!("attention_forward_hd{}", d.head_dim);
+        let cfg = Self::cfg((blocks(n, 64), d.n_heads as u32), 128, 0);
+        let scale = 1.0f32 / (d.head_dim as f32).sqrt();
+        launch!(self, &name, cfg; o.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, mask.group.ptr, mask.branch.ptr,
+            mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32, d.n_kv_heads as i32,
+            d.q_stride as i32, d.kv_stride as i32, d.o_stride as i32, scale);
+        Ok(())
+    }
+
+    /// `delta [n, n_heads] = Σ_d dO·O` (the backward pass's row term).
+    pub fn attention_backward_delta(
+        &self,
+        delta: DPtr<f32>,
+        dout: DPtr<Bf16>,
+        o: DPtr<Bf16>,
+        d: &AttnDims,
+    ) -> Result<()> {
+        let n = d.n_tokens;
+        need(d.head_dim % 8 == 0 && d.o_stride % 8 == 0, || {
+            "attention_backward_delta: head_dim and o_stride must be multiples of 8".into()
+        })?;
+        need_len("attention_backward_delta: delta", &delta, n * d.n_heads)?;
+        need_len("attention_backward_delta: dO", &dout, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
+        need_len("attention_backward_delta: O", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
+        need_vec("attention_backward_delta: dO", &dout)?;
+        need_vec("attention_backward_delta: O", &o)?;
+        let cfg = Self::cfg((blocks(n * d.n_heads, 256), 1), 256, 0);
+        launch!(self, "attention_backward_delta", cfg; delta.ptr, dout.ptr, o.ptr, to_i32("n_tokens", n)?,
+            d.n_heads as i32, d.head_dim as i32, d.o_stride as i32, d.o_stride as i32);
+        Ok(())
+    }
+
+    /// dq (zeroed here, then accumulated), dk, dv (=) in f32 with row strides
+    /// `dq_stride` and `dkv_stride`; `delta` from `attention_backward_delta`. dO uses
+    /// `o_stride`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        dq: DPtr<f32>,
+        dk: DPtr<f32>,
+        dv: DPtr<f32>,
+        dq_stride: usize,
+        dkv_stride: usize,
+        dout: DPtr<Bf16>,
+        q: DPtr<Bf16>,
+        k: DPtr<Bf16>,
+        v: DPtr<Bf16>,
+        lse: DPtr<f32>,
+        delta: DPtr<f32>,
+        mask: &AttnMaskDev,
+        d: &AttnDims,
+    ) -> Result<()> {
+        self.check_attn(d, mask)?;
+        let n = d.n_tokens;
+        let (qd, kvd) = (d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim);
+        need(dq_stride >= qd && dkv_stride >= kvd && dq_stride % 2 == 0 && dkv_stride % 2 == 0, || {
+            format!("attention_backward: dq_stride {dq_stride} / dkv_stride {dkv_stride} too small or odd")
+        })?;
+        need_len("attention_backward: q", &q, (n - 1) * d.q_stride + qd)?;
+        need_len("attention_backward: k", &k, (n - 1) * d.kv_stride + kvd)?;
+        need_len("attention_backward: v", &v, (n - 1) * d.kv_stride + kvd)?;
+        need_len("attention_backward: dO", &dout, (n - 1) * d.o_stride + qd)?;
+        need_len("attention_backward: dq", &dq, n * dq_stride)?;
+        need_len("attention_backward: dk", &dk, (n - 1) * dkv_stride + kvd)?;
+        need_len("attention_backward: dv", &dv, (n - 1) * dkv_stride + kvd)?;
+        need_len("attention_backward: lse", &lse, n * d.n_heads)?;
+        need_len("attention_backward: delta", &delta, n * d.n_heads)?;
+        for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("dO", &dout)] {
+            need_vec(&format!("attention_backward: {name}"), p)?;
+        }
+        need(dk.ptr % 8 == 0 && dv.ptr % 8 == 0, || "attention_backward: dk/dv must be 8-byte aligned".into())?;
+        self.zero(dq.slice(0, n * dq_stride)?)?;
+        let name = format!("attention_backward_hd{}", d.head_dim);
+        let cfg = Self::cfg((blocks(n, 64), d.n_kv_heads as u32), 128, attention_backward_smem(d.head_dim));
+        let scale = 1.0f32 / (d.head_dim as f32).sqrt();
+        launch!(self, &name, cfg; dq.ptr, dk.ptr, dv.ptr, dout.ptr, q.ptr, k.ptr, v.ptr, lse.ptr, delta.ptr,
+            mask.group.ptr, mask.branch.ptr, mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32,
+            d.n_kv_heads as i32, d.q_stride as i32, d.kv_stride as i32, d.o_stride as i32, dq_stride as i32,
+            dkv_stride as i32, scale);
+        Ok(())
+    }
+
+    // --- rmsnorm.cu
+
+    /// `y = x·rstd·w` (bf16), `rstd` kept; x f32 `[n, hidden]`.
+    pub fn rmsnorm_forward(
+        &self,
+        y: DPtr<Bf16>,
+        rstd: DPtr<f32>,
+        x: DPtr<f32>,
+        w: DPtr<Bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        need(hidden % 8 == 0, || format!("rmsnorm: hidden {hidden} must be a multiple of 8"))?;
+        need_len("rmsnorm: y", &y, n * hidden)?;
+        need_len("rmsnorm: x", &x, n * hidden)?;
+        need_len("rmsnorm: w", &w, hidden)?;
+        need_len("rmsnorm: rstd", &rstd, n)?;
+        for (name, ok) in [("y", y.aligned16()), ("x", x.aligned16()), ("w", w.aligned16())] {
+            need(ok, || format!("rmsnorm: {name} is not 16-byte aligned"))?;
+        }
+        let cfg = Self::cfg((blocks(n, 8), 1), 256, 0);
+        launch!(self, "rmsnorm_forward", cfg; y.ptr, rstd.ptr, x.ptr, w.ptr, to_i32("n", n)?, hidden as i32, eps);
+        Ok(())
+    }
+
+    /// `dx (=|+=) rstd·(w∘dy − x̂·mean(w∘dy∘x̂))`, `dw += Σ dy∘x̂`; dy f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_backward(
+        &self,
+        dx: DPtr<f32>,
+        dw: DPtr<f32>,
+        dy: DPtr<f32>,
+        x: DPtr<f32>,
+        w: DPtr<Bf16>,
+        rstd: DPtr<f32>,
+        n: usize,
+        hidden: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        need(hidden % 8 == 0 && hidden <= 12288, || {
+            format!("rmsnorm_backward: hidden {hidden} must be a multiple of 8 and ≤ 12288 (48 KB of shared memory)")
+        })?;
+        for (name, p) in [("dx", &dx), ("dy", &dy), ("x", &x)] {
+            need_len(&format!("rmsnorm_backward: {name}"), p, n * hidden)?;
+            need_vec(&format!("rmsnorm_backward: {name}"), p)?;
+        }
+        need_len("rmsnorm_backward: dw", &dw, hidden)?;
+        need_len("rmsnorm_backward: w", &w, hidden)?;
+        need_vec("rmsnorm_backward: w", &w)?;
+        need_len("rmsnorm_backward: rstd", &rstd, n)?;
+        // A few blocks per SM: each adds its partial dw once.
+        let grid = blocks(n, 8).min(self.sm_count * 2);
+        let cfg = Self::cfg((grid, 1), 256, (hidden * 4) as u32);
+        launch!(self, "rmsnorm_backward", cfg; dx.ptr, dw.ptr, dy.ptr, x.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
+            hidden as i32, accumulate as i32);
+        Ok(())
+    }
+
+    // --- rope.cu
+
+    fn check_rope(
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        stride: usize,
+        positions: &DPtr<u32>,
+        inv_freq: &DPtr<f32>,
+    ) -> Result<()> {
+        need(head_dim % 2 == 0 && stride >= n_heads * head_dim, || {
+            format!("rope: head_dim {head_dim} must be even and stride {stride} ≥ n_heads·head_dim")
+        })?;
+        need_len("rope: positions", positions, n)?;
+        need_len("rope: inv_freq", inv_freq, head_dim / 2)
+    }
+
+    fn rope_threads(n: usize, n_heads: usize, head_dim: usize) -> usize {
+        let half = head_dim / 2;
+        n * n_heads * if half % 8 == 0 { half / 8 } else { half }
+    }
+
+    /// Rotates heads `0..n_heads` of every row of x (bf16, row stride `stride`) in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_forward(
+        &self,
+        x: DPtr<Bf16>,
+        positions: DPtr<u32>,
+        inv_freq: DPtr<f32>,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        stride: usize,
+    ) -> Result<()> {
+        Self::check_rope(n, n_heads, head_dim, stride, &positions, &inv_freq)?;
+        need_len("rope: x", &x, (n - 1) * stride + n_heads * head_dim)?;
+        if (head_dim / 2) % 8 == 0 {
+            need(x.aligned16() && stride % 8 == 0, || "rope: x must be 16-byte aligned with stride % 8 == 0".into())?;
+        }
+        let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
+        launch!(self, "rope_forward", cfg; x.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?, n_heads as i32,
+            head_dim as i32, stride as i32);
+        Ok(())
+    }
+
+    /// dx (bf16, stride `out_stride`) = rotation by −θ of dy (f32, stride `in_stride`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_backward(
+        &self,
+        dx: DPtr<Bf16>,
+        dy: DPtr<f32>,
+        positions: DPtr<u32>,
+        inv_freq: DPtr<f32>,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        out_stride: usize,
+        in_stride: usize,
+    ) -> Result<()> {
+        Self::check_rope(n, n_heads, head_dim, out_stride.min(in_stride), &positions, &inv_freq)?;
+        need_len("rope_backward: dx", &dx, (n - 1) * out_stride + n_heads * head_dim)?;
+        need_len("rope_backward: dy", &dy, (n - 1) * in_stride + n_heads * head_dim)?;
+        if (head_dim / 2) % 8 == 0 {
+            need(dx.aligned16() && dy.aligned16() && out_stride % 8 == 0 && in_stride % 4 == 0, || {
+                "rope_backward: dx/dy must be 16-byte aligned with strides % 8 / % 4 == 0".into()
+            })?;
+        }
+        let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
+        launch!(self, "rope_backward", cfg; dx.ptr, dy.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?,
+            n_heads as i32, head_dim as i32, out_stride as i32, in_stride as i32);
+        Ok(())
+    }
+
+    // --- logprobs.cu
+
+    /// Per row: `lse`, and `logp[2r + j] = logits[r, t_j] − lse` for targets `[rows, 2]`
+    /// (−1 = none); logits f32 `[rows, ld]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logprobs_forward(
+        &self,
+        logp: DPtr<f32>,
+        lse: DPtr<f32>,
+        logits: DPtr<f32>,
+        targets: DPtr<i32>,
+        rows: usize,
+        vocab: usize,
+        ld: usize,
+    ) -> Result<()> {
+        need(ld >= vocab && rows > 0, || format!("logprobs: ld {ld} < vocab {vocab}, or no rows"))?;
+        need_len("logprobs: logits", &logits, (rows - 1) * ld + vocab)?;
+        need_len("logprobs: targets", &targets, 2 * rows)?;
+        need_len("logprobs: logp", &logp, 2 * rows)?;
+        need_len("logprobs: lse", &lse, rows)?;
+        if ld % 4 == 0 {
+            need_vec("logprobs: logits", &logits)?;
+        }
+        let cfg = Self::cfg((rows as u32, 1), 512, 0);
+        launch!(self, "logprobs_forward", cfg; logp.ptr, lse.ptr, logits.ptr, targets.ptr, to_i32("rows", rows)?,
+            to_i32("vocab", vocab)?, to_i32("ld", ld)?);
+        Ok(())
+    }
+
+    /// `dlogits [rows, ld_out]` (bf16) from the saved `lse` and `dlogp [rows, 2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logprobs_backward(
+        &self,
+        dlogits: DPtr<Bf16>,
+        logits: DPtr<f32>,
+        lse: DPtr<f32>,
+        targets: DPtr<i32>,
+        dlogp: DPtr<f32>,
+        rows: usize,
+        vocab: usize,
+        ld: usize,
+        ld_out: usize,
+    ) -> Result<()> {
+        need(ld >= vocab && ld_out >= vocab && rows > 0, || {
+            format!("logprobs_backward: ld {ld} / ld_out {ld_out} < vocab {vocab}")
+        })?;
+        need_len("logprobs_backward: logits", &logits, (rows - 1) * ld + vocab)?;
+        need_len("logprobs_backward: dlogits", &dlogits, (rows - 1) * ld_out + vocab)?;
+        need_len("logprobs_backward: targets", &targets, 2 * rows)?;
+        need_len("logprobs_backward: dlogp", &dlogp, 2 * rows)?;
+        need_len("logprobs_backward: lse", &lse, rows)?;
+        if ld % 4 == 0 && ld_out % 4 == 0 {
+            need_vec("logprobs_backward: logits", &logits)?;
+            need(dlogits.ptr % 8 == 0, || "logprobs_backward: dlogits must be 8-byte aligned".into())?;
+        }
+        let cfg = Self::cfg((rows as u32, 1), 512, 0);
+        launch!(self, "logprobs_backward", cfg; dlogits.ptr, logits.ptr, lse.ptr, targets.ptr, dlogp.ptr,
+            to_i32("rows", rows)?, to_i32("vocab", vocab)?, to_i32("ld", ld)?, to_i32("ld_out", ld_out)?);
+        Ok(())
+    }
+
+    // --- adamw.cu
+
+    /// One AdamW step over `p`, `m`, `v`, `g` (f32, same length); writes the bf16 copy
+    /// when `p_bf16` is not null and zeroes `g` when `zero_grad`. `step` counts from 1;
+    /// the scalars are folded to f32 as torch does (see the CPU `adamw_update`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_update(
+        &self,
+        p: DPtr<f32>,
+        m: DPtr<f32>,
+        v: DPtr<f32>,
+        p_bf16: DPtr<Bf16>,
+        g: DPtr<f32>,
+        grad_scale: f32,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        step: u64,
+        zero_grad: bool,
+    ) -> Result<()> {
+        let n = p.len;
+        need(m.len == n && v.len == n && g.len == n && (p_bf16.ptr == 0 || p_bf16.len == n), || {
+            format!("adamw: lengths differ (p {n}, m {}, v {}, g {}, bf16 {})", m.len, v.len, g.len, p_bf16.len)
+        })?;
+        need(step >= 1, || "adamw: step counts from 1".into())?;
+        for (name, ok) in [("p", p.aligned16()), ("m", m.aligned16()), ("v", v.aligned16()), ("g", g.aligned16())] {
+            need(ok, || format!("adamw: {name} is not 16-byte aligned"))?;
+        }
+        need(p_bf16.ptr % 8 == 0, || "adamw: the bf16 copy must be 8-byte aligned".into())?;
+        let decay = (1.0 - lr * weight_decay) as f32;
+        let (w1, b2, w2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+        let bc1 = 1.0 - beta1.powi(step as i32);
+        let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt() as f32;
+        let step_size = (lr / bc1) as f32;
+        let grid = blocks(n.div_ceil(4), 256).min(self.sm_count * 8);
+        let cfg = Self::cfg((grid, 1), 256, 0);
+        launch!(self, "adamw_update", cfg; p.ptr, m.ptr, v.ptr, p_bf16.ptr, g.ptr, n as i64, grad_scale, decay, w1,
+            b2, w2, step_size, bc2_sqrt, eps as f32, zero_grad as i32);
+        Ok(())
+    }
+
+    /// `out[0] (+)= Σ g²` in f64; `partial` needs `grad_norm_blocks()` elements.
+    pub fn grad_norm(&self, out: DPtr<f64>, partial: DPtr<f64>, g: DPtr<f32>, accumulate: bool) -> Result<()> {
+        let grid = self.grad_norm_blocks();
+        need_len("grad_norm: partial", &partial, grid)?;
+        need_len("grad_norm: out", &out, 1)?;
+        need_vec("grad_norm: g", &g)?;
+        launch!(self, "grad_norm_forward", Self::cfg((grid as u32, 1), 256, 0); partial.ptr, g.ptr, g.len as i64);
+        launch!(self, "grad_norm_forward_reduce", Self::cfg((1, 1), 256, 0); out.ptr, partial.ptr, grid as i32,
+            accumulate as i32);
+        Ok(())
+    }
+
+    pub fn grad_norm_blocks(&self) -> usize {
+        (self.sm_count * 4) as usize
+    }
+
+    // --- elementwise.cu
+
+    fn flat_cfg(count: usize) -> LaunchConfig {
+        Self::cfg((blocks(count.div_ceil(8), 256), 1), 256, 0)
+    }
+
+    /// `out = silu(gate)·up`, all bf16 of `count` elements.
+    pub fn swiglu_forward(&self, out: DPtr<Bf16>, gate: DPtr<Bf16>, up: DPtr<Bf16>, count: usize) -> Result<()> {
+        for (name, p) in [("out", &out), ("gate", &gate), ("up", &up)] {
+            need_len(&format!("swiglu: {name}"), p, count)?;
+            need_vec(&format!("swiglu: {name}"), p)?;
+        }
+        launch!(self, "swiglu_forward", Self::flat_cfg(count); out.ptr, gate.ptr, up.ptr, count as i64);
+        Ok(())
+    }
+
+    pub fn swiglu_backward(
+        &self,
+        dgate: DPtr<Bf16>,
+        dup: DPtr<Bf16>,
+        dout: DPtr<Bf16>,
+        gate: DPtr<Bf16>,
+        up: DPtr<Bf16>,
+        count: usize,
+    ) -> Result<()> {
+        for (name, p) in [("dgate", &dgate), ("dup", &dup), ("dout", &dout), ("gate", &gate), ("up", &up)] {
+            need_len(&format!("swiglu_backward: {name}"), p, count)?;
+            need_vec(&format!("swiglu_backward: {name}"), p)?;
+        }
+        launch!(self, "swiglu_backward", Self::flat_cfg(count); dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr,
+            count as i64);
+        Ok(())
+    }
+
+    /// `out[t] = table[tokens[t]]` (f32 rows from the bf16 table). Token ids are not
+    /// checked on the device: the caller checks them against the vocabulary.
+    pub fn embedding_forward(&self, out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, hidden: usize) -> Result<()> {
+        let n = tokens.len;
+        need(hidden % 8 == 0, || format!("embedding: hidden {hidden} must be a multiple of 8"))?;
+        need_len("embedding: out", &out, n * hidden)?;
+        need(table.len % hidden == 0, || "embedding: table length is not a multiple of hidden".into())?;
+        need_vec("embedding: out", &out)?;
+        need_vec("embedding: table", &table)?;
+        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
+        launch!(self, "embedding_forward", cfg; out.ptr, table.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
+        Ok(())
+    }
+
+    /// `dtable[tokens[t]] += dout[t]`.
+    pub fn embedding_backward(
+        &self,
+        dtable: DPtr<f32>,
+        dout: DPtr<f32>,
+        tokens: DPtr<u32>,
+        hidden: usize,
+    ) -> Result<()> {
+        let n = tokens.len;
+        need(hidden % 8 == 0, || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
+        need_len("embedding_backward: dout", &dout, n * hidden)?;
+        need(dtable.len % hidden == 0, || "embedding_backward: table length is not a multiple of hidden".into())?;
+        need_vec("embedding_backward: dout", &dout)?;
+        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
+        launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
+        Ok(())
+    }
+
+    /// `x += y` (f32 += bf16).
+    pub fn residual_forward(&self, x: DPtr<f32>, y: DPtr<Bf16>, count: usize) -> Result<()> {
+        need_len("residual: x", &x, count)?;
+        need_len("residual: y", &y, count)?;
+        need_vec("residual: x", &x)?;
+        need_vec("residual: y", &y)?;
+        launch!(self, "residual_forward", Self::flat_cfg(count); x.ptr, y.ptr, count as i64);
+        Ok(())
+    }
+
+    pub fn cast_f32_bf16(&self, out: DPtr<Bf16>, input: DPtr<f32>, count: usize) -> Result<()> {
+        need_len("cast: out", &out, count)?;
+        need_len("cast: in", &input, count)?;
+        need_vec("cast: out", &out)?;
+        need_vec("cast: in", &input)?;
+        launch!(self, "cast_forward_f32_bf16", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
+        Ok(())
+    }
+
+    pub fn cast_bf16_f32(&self, out: DPtr<f32>, input: DPtr<Bf16>, count: usize) -> Result<()> {
+        need_len("cast: out", &out, count)?;
+        need_len("cast: in", &input, count)?;
+        need_vec("cast: out", &out)?;
+        need_vec("cast: in", &input)?;
+        launch!(self, "cast_forward_bf16_f32", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
+        Ok(())
+    }
+}
