@@ -111,7 +111,10 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let st: RunState = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not a run state: {e}")))?;
     if st.format != FORMAT {
-        return Err(Error::file(&path, format!("state format {} is not {FORMAT}: written by another version", st.format)));
+        return Err(Error::file(
+            &path,
+            format!("state format {} is not {FORMAT}: written by another version", st.format),
+        ));
     }
     let weights = load_weights(&dir.join("weights.safetensors"), cfg, "")?;
     let adam_path = dir.join("adam.safetensors");
@@ -119,11 +122,7 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
         let step_path = dir.join("adam_step.txt");
         let step_text = std::fs::read_to_string(&step_path).map_err(|e| Error::io(&step_path, e))?;
         let step = step_text.trim().parse().map_err(|_| Error::file(&step_path, "expected an integer"))?;
-        Some(AdamState {
-            m: load_weights(&adam_path, cfg, "m.")?,
-            v: load_weights(&adam_path, cfg, "v.")?,
-            step,
-        })
+        Some(AdamState { m: load_weights(&adam_path, cfg, "m.")?, v: load_weights(&adam_path, cfg, "v.")?, step })
     } else {
         None
     };

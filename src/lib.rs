@@ -5,12 +5,15 @@
 //! Two engines compute the same thing: `engine::cpu` (plain fp32, the reference) and
 //! `engine::cuda` (hand-written bf16 kernels). See DESIGN.md for the whole picture.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod dpo;
 pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod sdpo;
 pub mod train;
 pub mod weights;

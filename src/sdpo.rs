@@ -14,12 +14,21 @@
 //! - `random`: a seeded shuffle, cut into T chunks.
 //! - `in-order`: the pairs as given, cut into T chunks.
 
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, RunState, StateData};
+use crate::config::LlamaConfig;
 use crate::data::batcher::{rng_for, shuffle};
 use crate::data::PairExample;
-use crate::dpo::PairLogps;
+use crate::dpo::{LossConfig, Metrics, PairLogps};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::train::{
+    sequence_logps_all, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan, TrainOptions, Where,
+};
+use crate::weights::{save_model, LlamaWeights};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -185,6 +194,487 @@ fn cut(order: &[usize], t: usize) -> Vec<Vec<usize>> {
         start += len;
     }
     out
+}
+
+// --- the stepwise driver
+
+/// Where the reference log-probs of a step come from (`--reference`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceMode {
+    /// One forward pass over the chunk with M_{t−1} before training; one model in memory.
+    #[default]
+    Precomputed,
+    /// A second engine holds M_{t−1} and scores every micro-batch beside the policy.
+    Inline,
+}
+
+/// Everything the driver needs besides the data and the model.
+#[derive(Clone, Debug)]
+pub struct SdpoOptions {
+    pub train: TrainOptions,
+    pub partition: PartitionKind,
+    pub steps: Option<usize>,
+    pub length_normalize: bool,
+    pub reference: ReferenceMode,
+    pub carry_optimizer: bool,
+    pub carry_schedule: bool,
+    /// Save a resumable state every this many updates (0: only at the end of each step).
+    pub save_every: u64,
+    /// The output folder: step-t/, metrics.jsonl, partition.json, state-*/.
+    pub out: PathBuf,
+    /// Continue from the newest state in `out`.
+    pub resume: bool,
+    /// Copy tokenizer files from here into each step-t/ folder.
+    pub tokenizer_from: Option<PathBuf>,
+    /// No progress bar and no per-step lines (the demo prints its own).
+    pub quiet: bool,
+    /// Testing aid: put a NaN into the policy's weights before this global update (1-based).
+    pub inject_nan_at: Option<u64>,
+}
+
+/// Reward accuracy and margin of a model against a reference on the eval set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Versus {
+    pub accuracy: f64,
+    pub margin: f64,
+}
+
+/// Evaluation of M_t on the eval set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: usize,
+    pub n_pairs: usize,
+    /// Against M_0 (the SFT model).
+    pub vs_init: Versus,
+    /// Against M_{t−1} (this step's reference).
+    pub vs_prev: Versus,
+    /// Mean γ_Mt = log π(chosen) − log π(rejected): the paper's Figure 2 quantity.
+    pub mean_gamma: f64,
+    /// Share of pairs with γ_Mt > 0.
+    pub gamma_accuracy: f64,
+}
+
+/// Compares per-pair log-probs of a model against a reference.
+pub fn versus(model: &[PairLogps], reference: &[PairLogps], beta: f64) -> Versus {
+    let m = Metrics::from_pairs(model, reference, &LossConfig { beta, ..LossConfig::default() });
+    Versus { accuracy: m.rewards_accuracies, margin: m.rewards_margins }
+}
+
+pub fn eval_record(step: usize, model: &[PairLogps], init: &[PairLogps], prev: &[PairLogps], beta: f64) -> EvalRecord {
+    let n = model.len().max(1) as f64;
+    EvalRecord {
+        step,
+        n_pairs: model.len(),
+        vs_init: versus(model, init, beta),
+        vs_prev: versus(model, prev, beta),
+        mean_gamma: model.iter().map(PairLogps::gamma).sum::<f64>() / n,
+        gamma_accuracy: model.iter().filter(|l| l.gamma() > 0.0).count() as f64 / n,
+    }
+}
+
+/// One sDPO step's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepSummary {
+    pub step: usize,
+    pub chunk: String,
+    pub n_pairs: usize,
+    pub updates: u64,
+    /// Mean training loss and reward accuracy over the step's updates (this process's).
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub eval: Option<EvalRecord>,
+    pub seconds: f64,
+}
+
+pub struct RunSummary {
+    pub partition: Partition,
+    pub eval_init: Option<EvalRecord>,
+    pub steps: Vec<StepSummary>,
+    pub final_weights: LlamaWeights,
+}
+
+/// Builds an engine on given weights (the CLI passes `engine::open` with its `--device`).
+pub type EngineFactory<'a> = &'a dyn Fn(&LlamaConfig, LlamaWeights) -> Result<Box<dyn Engine>>;
+
+/// Splits off a held-out eval set: a seeded `fraction` of the pairs (at least one when
+/// fraction > 0). Returns (train, eval).
+pub fn split_eval(pairs: Vec<PairExample>, fraction: f64, seed: u64) -> (Vec<PairExample>, Vec<PairExample>) {
+    if fraction <= 0.0 || pairs.len() < 2 {
+        return (pairs, Vec::new());
+    }
+    let n_eval = ((pairs.len() as f64 * fraction).round() as usize).clamp(1, pairs.len() - 1);
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    shuffle(&mut order, &mut rng_for(seed, 0xE7A1));
+    let mut is_eval = vec![false; pairs.len()];
+    order[..n_eval].iter().for_each(|&i| is_eval[i] = true);
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, p) in pairs.into_iter().enumerate() {
+        if is_eval[i] {
+            eval.push(p)
+        } else {
+            train.push(p)
+        }
+    }
+    (train, eval)
+}
+
+/// Appends JSON lines to metrics.jsonl, tracking its length for resume.
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+    bytes: u64,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, truncate_to: Option<u64>) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let bytes = match truncate_to {
+            Some(n) => {
+                file.set_len(n).map_err(|e| Error::io(path, e))?;
+                n
+            }
+            None => {
+                file.set_len(0).map_err(|e| Error::io(path, e))?;
+                0
+            }
+        };
+        let mut log = MetricsLog { file, path: path.to_path_buf(), bytes };
+        use std::io::Seek;
+        log.file.seek(std::io::SeekFrom::Start(bytes)).map_err(|e| Error::io(&log.path, e))?;
+        Ok(log)
+    }
+
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        let line = serde_json::to_string(v).expect("JSON value serialises") + "\n";
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.bytes += line.len() as u64;
+        Ok(())
+    }
+}
+
+fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    if let (Some(a), serde_json::Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// Runs sDPO: partitions `train`, then for t = 1..T trains M_t from M_{t−1} on chunk t
+/// with M_{t−1} as the frozen reference, saves `out/step-t/`, and evaluates on `eval`.
+pub fn run(
+    opts: &SdpoOptions,
+    cfg: &LlamaConfig,
+    m0: LlamaWeights,
+    train: &[PairExample],
+    eval: &[PairExample],
+    factory: EngineFactory<'_>,
+) -> Result<RunSummary> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let beta = opts.train.loss.beta;
+    let (budget, layout) = (opts.train.micro_batch_tokens, opts.train.layout);
+    let eval_refs: Vec<&PairExample> = eval.iter().collect();
+    let train_refs: Vec<&PairExample> = train.iter().collect();
+
+    // Where to start: the newest complete state, or the beginning.
+    let resumed = if opts.resume { checkpoint::latest(out)? } else { None };
+    let resumed = match resumed {
+        Some(dir) => Some(checkpoint::load(&dir, cfg)?),
+        None => None,
+    };
+
+    let mut engine = factory(cfg, m0)?;
+
+    // Eval log-probs of M_0 (saved in every state, so a resume does not need M_0 again).
+    let eval_init: Vec<PairLogps> = match &resumed {
+        Some((_, d)) => d.eval_init.clone(),
+        None => sequence_logps_all(engine.as_mut(), &eval_refs, budget, layout)?,
+    };
+
+    // The partition, written once; a resume reads it back so the chunks cannot change.
+    let part_path = out.join("partition.json");
+    let partition: Partition = if resumed.is_some() && part_path.exists() {
+        let text = std::fs::read_to_string(&part_path).map_err(|e| Error::io(&part_path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::file(&part_path, format!("not a partition: {e}")))?
+    } else {
+        let scores = if opts.partition.needs_scores() {
+            Some(sequence_logps_all(engine.as_mut(), &train_refs, budget, layout)?)
+        } else {
+            None
+        };
+        let p =
+            partition(train, opts.partition, opts.steps, opts.train.seed, scores.as_deref(), opts.length_normalize)?;
+        write_json(&part_path, &partition_report(&p, train))?;
+        p
+    };
+    if partition.chunks.iter().flat_map(|c| &c.pairs).any(|&i| i >= train.len()) {
+        return Err(Error::file(&part_path, "refers to pairs beyond the data: resume with the same data"));
+    }
+    let steps = partition.chunks.len();
+    if !opts.quiet {
+        eprintln!(
+            "sdpo: {} training pairs in {steps} chunk(s) ({:?}); eval on {} pairs",
+            train.len(),
+            opts.partition,
+            eval.len()
+        );
+        for (t, c) in partition.chunks.iter().enumerate() {
+            let acc = c.accuracy.map(|a| format!(", M_0 accuracy (γ > 0) {:.3}", a)).unwrap_or_default();
+            eprintln!("  step {}: {} ({} pairs{acc})", t + 1, c.name, c.pairs.len());
+        }
+    }
+
+    let updates: Vec<u64> = partition.chunks.iter().map(|c| updates_per_chunk(c.pairs.len(), &opts.train)).collect();
+    let all_updates: u64 = updates.iter().sum();
+
+    let (mut st, mut data, mut first_step) = match resumed {
+        Some((st, data)) => {
+            engine.set_weights(&data.weights)?;
+            engine.set_optimizer_state(data.adam.clone())?;
+            let first = if st.step_done { st.sdpo_step + 1 } else { st.sdpo_step };
+            (st, data, first)
+        }
+        None => {
+            let st = RunState {
+                format: checkpoint::FORMAT,
+                seq: 0,
+                sdpo_step: 0,
+                step_done: true,
+                position: ChunkPosition::default(),
+                total_updates: 0,
+                metrics_bytes: 0,
+            };
+            let data = StateData {
+                weights: LlamaWeights::zeros(cfg),
+                adam: None,
+                ref_logps: Vec::new(),
+                eval_prev: eval_init.clone(),
+                eval_init: eval_init.clone(),
+                reference: None,
+            };
+            (st, data, 1)
+        }
+    };
+    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), opts.resume.then_some(st.metrics_bytes))?;
+    let eval_init_rec = (!eval.is_empty()).then(|| eval_record(0, &eval_init, &eval_init, &eval_init, beta));
+    if first_step == 1 && st.total_updates == 0 {
+        if let Some(r) = &eval_init_rec {
+            log.write(&serde_json::json!({"sdpo/step": 0, "eval/mean_gamma": r.mean_gamma,
+                "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs}))?;
+        }
+    }
+    if first_step > steps {
+        first_step = steps + 1;
+    }
+
+    let mut summaries = Vec::new();
+    for t in first_step..=steps {
+        let chunk_info = &partition.chunks[t - 1];
+        let chunk: Vec<&PairExample> = chunk_info.pairs.iter().map(|&i| &train[i]).collect();
+        let t0 = std::time::Instant::now();
+        let fresh = !(st.sdpo_step == t && !st.step_done);
+        let start = if fresh {
+            if !opts.carry_optimizer {
+                engine.set_optimizer_state(None)?;
+            }
+            // M_{t−1} is the policy's current weights: score the chunk with it (or keep a copy).
+            match opts.reference {
+                ReferenceMode::Precomputed => {
+                    data.ref_logps = sequence_logps_all(engine.as_mut(), &chunk, budget, layout)?;
+                    data.reference = None;
+                }
+                ReferenceMode::Inline => {
+                    data.ref_logps = Vec::new();
+                    data.reference = Some(engine.weights()?);
+                }
+            }
+            ChunkPosition::default()
+        } else {
+            st.position
+        };
+        let mut ref_engine = match (&opts.reference, &data.reference) {
+            (ReferenceMode::Inline, Some(w)) => Some(factory(cfg, w.clone())?),
+            (ReferenceMode::Inline, None) => {
+                return Err(Error::invalid("inline reference: the state has no reference weights"))
+            }
+            _ => None,
+        };
+        let span = if opts.carry_schedule {
+            ScheduleSpan { offset: updates[..t - 1].iter().sum(), total: all_updates }
+        } else {
+            ScheduleSpan { offset: 0, total: updates[t - 1] }
+        };
+
+        let bar = if opts.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(updates[t - 1]);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} updates {msg} eta {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(format!("step {t}/{steps} ({})", chunk_info.name));
+            b.set_position(start.updates);
+            b
+        };
+        let (mut loss_sum, mut acc_sum, mut n_upd, mut pairs_done) = (0.0, 0.0, 0u64, 0usize);
+        let ref_logps = std::mem::take(&mut data.ref_logps);
+        let reference = match ref_engine.as_mut() {
+            Some(e) => Reference::Inline(e.as_mut()),
+            None => Reference::Precomputed(&ref_logps),
+        };
+        let n_epochs = opts.train.epochs;
+        let result = train_chunk(
+            engine.as_mut(),
+            reference,
+            &chunk,
+            &opts.train,
+            span,
+            start,
+            Where { sdpo_step: t },
+            &mut |eng, pos, rec| {
+                st.total_updates += 1;
+                loss_sum += rec.metrics.loss;
+                acc_sum += rec.metrics.rewards_accuracies;
+                n_upd += 1;
+                pairs_done += rec.metrics.n_pairs;
+                let line = merge(
+                    serde_json::to_value(rec).expect("record serialises"),
+                    serde_json::json!({"sdpo/step": t, "sdpo/chunk": chunk_info.name,
+                        "train/global_step": st.total_updates, "sdpo/update": pos.updates}),
+                );
+                log.write(&line)?;
+                bar.set_position(pos.updates);
+                bar.set_message(format!(
+                    "{pairs_done} pairs, loss {:.4}, acc {:.2}, {:.0} tok/s",
+                    rec.metrics.loss, rec.metrics.rewards_accuracies, rec.tokens_per_second
+                ));
+                if let Some(k) = opts.inject_nan_at {
+                    if st.total_updates + 1 == k {
+                        let mut w = eng.weights()?;
+                        w.embed[0] = f32::NAN;
+                        w.norm.iter_mut().for_each(|x| *x = f32::NAN);
+                        eng.set_weights(&w)?;
+                    }
+                }
+                let unfinished = pos.epoch < n_epochs;
+                if opts.save_every > 0 && st.total_updates % opts.save_every == 0 && unfinished {
+                    st.seq += 1;
+                    st.sdpo_step = t;
+                    st.step_done = false;
+                    st.position = *pos;
+                    st.metrics_bytes = log.bytes;
+                    let snapshot = StateData {
+                        weights: eng.weights()?,
+                        adam: eng.optimizer_state()?,
+                        ref_logps: ref_logps.clone(),
+                        eval_init: data.eval_init.clone(),
+                        eval_prev: data.eval_prev.clone(),
+                        reference: data.reference.clone(),
+                    };
+                    checkpoint::save(out, cfg, &st, &snapshot)?;
+                }
+                Ok(())
+            },
+        );
+        bar.finish_and_clear();
+        result?;
+        drop(ref_engine);
+
+        // M_t: save it as a Hugging Face folder, evaluate it, then record the step as done.
+        let mt = engine.weights()?;
+        let step_dir = out.join(format!("step-{t}"));
+        save_model(&step_dir, cfg, &mt, cfg.dtype, opts.tokenizer_from.as_deref())?;
+        let eval_rec = if eval.is_empty() {
+            None
+        } else {
+            let pol = sequence_logps_all(engine.as_mut(), &eval_refs, budget, layout)?;
+            let r = eval_record(t, &pol, &data.eval_init, &data.eval_prev, beta);
+            log.write(&serde_json::json!({"sdpo/step": t, "sdpo/chunk": chunk_info.name,
+                "eval/rewards/accuracies": r.vs_init.accuracy, "eval/rewards/margins": r.vs_init.margin,
+                "eval/rewards/accuracies_vs_prev": r.vs_prev.accuracy, "eval/rewards/margins_vs_prev": r.vs_prev.margin,
+                "eval/mean_gamma": r.mean_gamma, "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs}))?;
+            data.eval_prev = pol;
+            Some(r)
+        };
+        st.seq += 1;
+        st.sdpo_step = t;
+        st.step_done = true;
+        st.position = ChunkPosition::default();
+        st.metrics_bytes = log.bytes;
+        data.weights = mt;
+        data.adam = if opts.carry_optimizer { engine.optimizer_state()? } else { None };
+        data.ref_logps = Vec::new();
+        data.reference = None;
+        checkpoint::save(out, cfg, &st, &data)?;
+
+        let s = StepSummary {
+            step: t,
+            chunk: chunk_info.name.clone(),
+            n_pairs: chunk.len(),
+            updates: updates[t - 1],
+            train_loss: loss_sum / n_upd.max(1) as f64,
+            train_accuracy: acc_sum / n_upd.max(1) as f64,
+            eval: eval_rec,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        if !opts.quiet {
+            eprintln!("{}", step_line(&s));
+        }
+        summaries.push(s);
+    }
+    let final_weights = if first_step > steps { data.weights } else { engine.weights()? };
+    Ok(RunSummary { partition, eval_init: eval_init_rec, steps: summaries, final_weights })
+}
+
+/// One line per finished step, for logs.
+pub fn step_line(s: &StepSummary) -> String {
+    let mut line = format!(
+        "step {} ({}, {} pairs, {} updates, {:.1}s): train loss {:.4}, train reward acc {:.3}",
+        s.step, s.chunk, s.n_pairs, s.updates, s.seconds, s.train_loss, s.train_accuracy
+    );
+    if let Some(e) = &s.eval {
+        line += &format!(
+            "; eval acc vs M_0 {:.3} (margin {:.3}), vs M_{} {:.3}, mean γ {:.3}",
+            e.vs_init.accuracy,
+            e.vs_init.margin,
+            s.step - 1,
+            e.vs_prev.accuracy,
+            e.mean_gamma
+        );
+    }
+    line
+}
+
+/// The partition as written to partition.json: chunks, and per pair its chunk and score.
+pub fn partition_report(p: &Partition, pairs: &[PairExample]) -> serde_json::Value {
+    let assignment = p.assignment(pairs.len());
+    let per_pair: Vec<serde_json::Value> = (0..pairs.len())
+        .map(|i| {
+            serde_json::json!({"pair": i, "chunk": assignment[i] + 1, "source": pairs[i].source,
+                "score": p.scores.as_ref().map(|s| s[i])})
+        })
+        .collect();
+    let mut v = serde_json::to_value(p).expect("partition serialises");
+    v["assignment"] = serde_json::Value::Array(per_pair);
+    v
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON serialises") + "\n";
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

@@ -1,5 +1,12 @@
 //! `sdpo-run`: the command line. Each subcommand lives in its own module beside this file.
 
+mod debug_step;
+mod demo;
+mod eval;
+mod generate;
+mod partition;
+mod train;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -11,14 +18,30 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// The built-in demo (what `sdpo-run` alone runs): DPO vs sDPO on an addition task.
+    Demo(demo::DemoArgs),
+    /// sDPO training: partition the data, then DPO step by step (T = 1 is plain DPO).
+    Train(train::TrainArgs),
+    /// Write the chunk assignment sDPO would use, without training.
+    Partition(partition::PartitionArgs),
+    /// A model against a reference on preference pairs: reward accuracy, margins, mean γ.
+    Eval(eval::EvalArgs),
+    /// Complete a prompt with a model (greedy or sampled).
+    Generate(generate::GenerateArgs),
+    /// One step's numbers (loss, metrics, per-pair log-probs, gradients) for inspection.
+    DebugStep(debug_step::DebugStepArgs),
+}
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        None => {
-            println!("sdpo-run: no command yet");
-            Ok(())
-        }
+        None => demo::run(demo::DemoArgs::default()),
+        Some(Command::Demo(args)) => demo::run(args),
+        Some(Command::Train(args)) => train::run(args),
+        Some(Command::Partition(args)) => partition::run(args),
+        Some(Command::Eval(args)) => eval::run(args),
+        Some(Command::Generate(args)) => generate::run(args),
+        Some(Command::DebugStep(args)) => debug_step::run(args),
     }
 }

@@ -1,0 +1,68 @@
+//! `sdpo-run partition`: the chunks sDPO would train on, without training. Writes JSON:
+//! each chunk (name, pairs, M_0's accuracy γ > 0 and mean γ on it) and each pair's chunk
+//! and score.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use sdpo::engine::{self, Device};
+use sdpo::sdpo::{partition, partition_report, PartitionKind};
+use sdpo::train::sequence_logps_all;
+use sdpo::PairExample;
+
+use crate::train::{load_data, load_model, LayoutName};
+
+#[derive(Args, Debug)]
+pub struct PartitionArgs {
+    /// The initial model M_0 (scores pairs for `sources` and `difficulty`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Pre-tokenized JSONL files; each file is a source unless records name theirs.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value_t = PartitionKind::Sources)]
+    pub partition: PartitionKind,
+    /// T (for `sources`: leave unset, one chunk per source).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub length_normalize: bool,
+    #[arg(long, default_value_t = 4096)]
+    pub micro_batch_tokens: usize,
+    #[arg(long, value_enum, default_value_t = LayoutName::Shared)]
+    pub layout: LayoutName,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Write the JSON here (default: standard output).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: PartitionArgs) -> Result<()> {
+    let (cfg, w) = load_model(&args.model, None)?;
+    let pairs = load_data(&args.data, &cfg)?;
+    let scores = if args.partition.needs_scores() {
+        let mut e = engine::open(args.device, cfg.clone(), w)?;
+        let refs: Vec<&PairExample> = pairs.iter().collect();
+        Some(sequence_logps_all(e.as_mut(), &refs, args.micro_batch_tokens, args.layout.into())?)
+    } else {
+        None
+    };
+    let p = partition(&pairs, args.partition, args.steps, args.seed, scores.as_deref(), args.length_normalize)?;
+    for (t, c) in p.chunks.iter().enumerate() {
+        let acc = c
+            .accuracy
+            .map(|a| format!(", M_0 accuracy (γ > 0) {a:.3}, mean γ {:.3}", c.mean_gamma.unwrap_or(f64::NAN)));
+        eprintln!("chunk {}: {} ({} pairs{})", t + 1, c.name, c.pairs.len(), acc.unwrap_or_default());
+    }
+    let text = serde_json::to_string_pretty(&partition_report(&p, &pairs))? + "\n";
+    match &args.out {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(())
+}

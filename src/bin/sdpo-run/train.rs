@@ -1,0 +1,446 @@
+//! `sdpo-run train`: sDPO (or plain DPO with `--steps 1`, or SFT with `--loss sft`) from
+//! flags or a `--config run.toml` (flags override the file). The resolved configuration is
+//! written to `<out>/run.toml`; a run is resumed with `--resume` and the same settings.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use sdpo::config::LlamaConfig;
+use sdpo::data::pretokenized::read_pairs;
+use sdpo::dpo::{LossConfig, LossKind};
+use sdpo::engine::{self, AdamWConfig, Device, Engine};
+use sdpo::sdpo::{split_eval, PartitionKind, ReferenceMode, RunSummary, SdpoOptions};
+use sdpo::train::{Schedule, TrainOptions};
+use sdpo::{Layout, LlamaWeights, PairExample};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayoutName {
+    /// `[prompt | chosen | rejected]` per pair, the prompt computed once.
+    #[default]
+    Shared,
+    /// `[prompt | chosen]` and `[prompt | rejected]` as two sequences.
+    Concatenated,
+}
+
+impl From<LayoutName> for Layout {
+    fn from(l: LayoutName) -> Layout {
+        match l {
+            LayoutName::Shared => Layout::Shared,
+            LayoutName::Concatenated => Layout::Concatenated,
+        }
+    }
+}
+
+/// The resolved run configuration, as run.toml holds it. Defaults follow Zephyr / TRL.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    pub data: Vec<PathBuf>,
+    pub eval_data: Vec<PathBuf>,
+    pub eval_fraction: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    pub partition: PartitionKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    pub length_normalize: bool,
+    pub loss: LossKind,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    pub sft_weight: f64,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub schedule: Schedule,
+    pub epochs: usize,
+    pub batch_pairs: usize,
+    pub micro_batch_tokens: usize,
+    pub layout: LayoutName,
+    pub weight_decay: f64,
+    /// 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub seed: u64,
+    pub save_every: u64,
+    pub reference: ReferenceMode,
+    pub carry_optimizer: bool,
+    pub carry_schedule: bool,
+    pub device: Device,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_init: Option<u64>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        let t = TrainOptions::default();
+        let a = AdamWConfig::default();
+        RunConfig {
+            model: None,
+            data: Vec::new(),
+            eval_data: Vec::new(),
+            eval_fraction: 0.0,
+            out: None,
+            partition: PartitionKind::Sources,
+            steps: None,
+            length_normalize: false,
+            loss: LossKind::Sigmoid,
+            beta: t.loss.beta,
+            label_smoothing: 0.0,
+            sft_weight: 0.0,
+            lr: t.lr,
+            warmup_ratio: t.warmup_ratio,
+            schedule: t.schedule,
+            epochs: t.epochs,
+            batch_pairs: t.batch_pairs,
+            micro_batch_tokens: t.micro_batch_tokens,
+            layout: LayoutName::Shared,
+            weight_decay: a.weight_decay,
+            max_grad_norm: a.max_grad_norm.unwrap_or(0.0),
+            adam_beta1: a.beta1,
+            adam_beta2: a.beta2,
+            adam_eps: a.eps,
+            seed: t.seed,
+            save_every: 0,
+            reference: ReferenceMode::Precomputed,
+            carry_optimizer: false,
+            carry_schedule: false,
+            device: Device::Auto,
+            random_init: None,
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn train_options(&self) -> TrainOptions {
+        TrainOptions {
+            loss: LossConfig {
+                kind: self.loss,
+                beta: self.beta,
+                label_smoothing: self.label_smoothing,
+                sft_weight: self.sft_weight,
+            },
+            adamw: AdamWConfig {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_eps,
+                weight_decay: self.weight_decay,
+                max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            },
+            lr: self.lr,
+            warmup_ratio: self.warmup_ratio,
+            schedule: self.schedule,
+            epochs: self.epochs,
+            batch_pairs: self.batch_pairs,
+            micro_batch_tokens: self.micro_batch_tokens,
+            layout: self.layout.into(),
+            seed: self.seed,
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the run configuration serialises to TOML")
+    }
+}
+
+/// Flags; each one given overrides the config file (and the file overrides the defaults).
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// A run.toml with any of the settings below (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The starting model M_0: a Hugging Face folder (config.json + safetensors).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data: pre-tokenized JSONL (prompt_ids / chosen_ids / rejected_ids /
+    /// source). Each file is a source unless records name theirs.
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Held-out evaluation data (same formats); evaluated after every sDPO step.
+    #[arg(long, num_args = 1..)]
+    pub eval_data: Vec<PathBuf>,
+    /// Hold out this share of --data for evaluation instead (seeded).
+    #[arg(long)]
+    pub eval_fraction: Option<f64>,
+    /// Output folder: step-1 … step-T, metrics.jsonl, partition.json, run.toml.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// How the data is split into chunks D_1 … D_T [default: sources].
+    #[arg(long, value_enum)]
+    pub partition: Option<PartitionKind>,
+    /// T, the number of sDPO steps (for `sources`: the number of sources).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Rank pairs by per-token mean log-probs (difficulty partition).
+    #[arg(long)]
+    pub length_normalize: bool,
+    /// Loss [default: sigmoid]; `sft` trains on the chosen answers only.
+    #[arg(long, value_enum)]
+    pub loss: Option<LossKind>,
+    /// β [default: 0.1].
+    #[arg(long)]
+    pub beta: Option<f64>,
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Adds this weight times the chosen answers' NLL (TRL's rpo_alpha).
+    #[arg(long)]
+    pub sft_weight: Option<f64>,
+    /// Peak learning rate [default: 5e-7].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Warmup share of each step's updates [default: 0.1].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Decay after warmup [default: linear].
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
+    /// Epochs over each chunk [default: 1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Pairs per optimiser update (global batch) [default: 32].
+    #[arg(long)]
+    pub batch_pairs: Option<usize>,
+    /// Token budget of one micro-batch [default: 4096].
+    #[arg(long)]
+    pub micro_batch_tokens: Option<usize>,
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutName>,
+    /// AdamW weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Gradient clipping (global L2 norm; 0 = off) [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Seed for shuffling, random partitions and eval splits [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Save a resumable state every N updates (0 = only at the end of each step).
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// precomputed: score each chunk with M_{t−1} first, then hold one model; inline: a
+    /// second engine holds M_{t−1}.
+    #[arg(long, value_enum)]
+    pub reference: Option<ReferenceMode>,
+    /// Keep AdamW's moments from one sDPO step to the next (default: fresh per step).
+    #[arg(long)]
+    pub carry_optimizer: bool,
+    /// One learning-rate schedule over all steps (default: a fresh one per step).
+    #[arg(long)]
+    pub carry_schedule: bool,
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    /// Start from random weights (this seed) with --model's config.json (for SFT from scratch).
+    #[arg(long)]
+    pub random_init: Option<u64>,
+    /// Continue the run in --out from its last complete state.
+    #[arg(long)]
+    pub resume: bool,
+    /// Replace an existing run in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Testing aid: corrupt the policy with NaN before this global update.
+    #[arg(long, hide = true)]
+    pub debug_nan_at: Option<u64>,
+}
+
+/// Defaults, then the config file, then the flags.
+pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
+    let mut c = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<RunConfig>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+                .context("the config file's keys are the flags' long names with `_` for `-`")?
+        }
+        None => RunConfig::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = args.$f.clone() { c.$f = v; } )* };
+    }
+    set!(
+        eval_fraction,
+        partition,
+        loss,
+        beta,
+        label_smoothing,
+        sft_weight,
+        lr,
+        warmup_ratio,
+        schedule,
+        epochs,
+        batch_pairs,
+        micro_batch_tokens,
+        layout,
+        weight_decay,
+        max_grad_norm,
+        seed,
+        save_every,
+        reference,
+        device
+    );
+    if args.model.is_some() {
+        c.model = args.model.clone();
+    }
+    if args.out.is_some() {
+        c.out = args.out.clone();
+    }
+    if args.steps.is_some() {
+        c.steps = args.steps;
+    }
+    if args.random_init.is_some() {
+        c.random_init = args.random_init;
+    }
+    if !args.data.is_empty() {
+        c.data = args.data.clone();
+    }
+    if !args.eval_data.is_empty() {
+        c.eval_data = args.eval_data.clone();
+    }
+    c.length_normalize |= args.length_normalize;
+    c.carry_optimizer |= args.carry_optimizer;
+    c.carry_schedule |= args.carry_schedule;
+    ensure!(c.beta > 0.0, "--beta must be positive, got {}", c.beta);
+    ensure!(c.lr >= 0.0 && c.lr.is_finite(), "--lr must be a finite non-negative number, got {}", c.lr);
+    ensure!((0.0..1.0).contains(&c.warmup_ratio), "--warmup-ratio must be in [0, 1), got {}", c.warmup_ratio);
+    ensure!((0.0..1.0).contains(&c.eval_fraction), "--eval-fraction must be in [0, 1), got {}", c.eval_fraction);
+    ensure!(c.epochs >= 1 && c.batch_pairs >= 1, "--epochs and --batch-pairs must be at least 1");
+    Ok(c)
+}
+
+/// Loads pairs from files: pre-tokenized JSONL.
+pub fn load_data(files: &[PathBuf], cfg: &LlamaConfig) -> Result<Vec<PairExample>> {
+    let mut all = Vec::new();
+    for f in files {
+        all.extend(read_pairs(f, cfg.vocab_size).with_context(|| format!("loading {}", f.display()))?);
+    }
+    Ok(all)
+}
+
+/// The model folder's config and weights (or random weights with `random_init`).
+pub fn load_model(dir: &Path, random_init: Option<u64>) -> Result<(LlamaConfig, LlamaWeights)> {
+    let cfg = LlamaConfig::from_path(dir)?;
+    let w = match random_init {
+        Some(seed) => LlamaWeights::random(&cfg, seed),
+        None => LlamaWeights::load(dir, &cfg)?,
+    };
+    Ok((cfg, w))
+}
+
+/// Checks --out against --resume / --overwrite and writes run.toml.
+fn prepare_out(out: &Path, c: &RunConfig, resume: bool, overwrite: bool) -> Result<()> {
+    let run_toml = out.join("run.toml");
+    let non_empty = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if resume {
+        ensure!(run_toml.is_file(), "--resume: {} has no run.toml: nothing to resume", out.display());
+        let text = std::fs::read_to_string(&run_toml)?;
+        let saved: RunConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", run_toml.display()))?;
+        if saved != *c {
+            bail!(
+                "--resume: the settings differ from {} (the run being resumed). Resume with the same \
+                 flags, or with `--config {} --resume`.\nsaved:\n{}\nnow:\n{}",
+                run_toml.display(),
+                run_toml.display(),
+                saved.to_toml(),
+                c.to_toml()
+            );
+        }
+        return Ok(());
+    }
+    if non_empty {
+        if !overwrite {
+            bail!(
+                "{} exists and is not empty: pass --resume to continue that run, --overwrite to replace it, \
+                 or choose another --out",
+                out.display()
+            );
+        }
+        ensure!(
+            run_toml.is_file(),
+            "--overwrite: {} has no run.toml, so it is not an sdpo run folder; refusing to delete it",
+            out.display()
+        );
+        std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tmp = out.join("run.toml.tmp");
+    std::fs::write(&tmp, c.to_toml())?;
+    std::fs::rename(&tmp, &run_toml)?;
+    Ok(())
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let c = resolve(&args)?;
+    let model = c.model.clone().context("--model is required (a Hugging Face model folder)")?;
+    let out = c.out.clone().context("--out is required (the run's output folder)")?;
+    ensure!(!c.data.is_empty(), "--data is required (pre-tokenized JSONL files)");
+    let (cfg, m0) = load_model(&model, c.random_init)?;
+    let data = load_data(&c.data, &cfg)?;
+    let (train, eval) = if c.eval_data.is_empty() {
+        split_eval(data, c.eval_fraction, c.seed)
+    } else {
+        (data, load_data(&c.eval_data, &cfg)?)
+    };
+    prepare_out(&out, &c, args.resume, args.overwrite)?;
+    let opts = SdpoOptions {
+        train: c.train_options(),
+        partition: c.partition,
+        steps: c.steps,
+        length_normalize: c.length_normalize,
+        reference: c.reference,
+        carry_optimizer: c.carry_optimizer,
+        carry_schedule: c.carry_schedule,
+        save_every: c.save_every,
+        out: out.clone(),
+        resume: args.resume,
+        tokenizer_from: Some(model.clone()),
+        quiet: args.quiet,
+        inject_nan_at: args.debug_nan_at,
+    };
+    let device = c.device;
+    let factory = move |cfg: &LlamaConfig, w: LlamaWeights| -> sdpo::Result<Box<dyn Engine>> {
+        engine::open(device, cfg.clone(), w)
+    };
+    let t0 = std::time::Instant::now();
+    let summary = sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory)?;
+    print_summary(&summary, &out, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn print_summary(s: &RunSummary, out: &Path, seconds: f64) {
+    println!("step  chunk                 pairs  updates  train loss  train acc  eval acc vs M_0  vs M_t-1  mean γ");
+    if let Some(e) = &s.eval_init {
+        println!(
+            "{:<4}  {:<20}  {:>5}  {:>7}  {:>10}  {:>9}  {:>15}  {:>8}  {:>7.3}",
+            0, "M_0", "", "", "", "", "", "", e.mean_gamma
+        );
+    }
+    for st in &s.steps {
+        let (a0, ap, g) = match &st.eval {
+            Some(e) => (
+                format!("{:.3}", e.vs_init.accuracy),
+                format!("{:.3}", e.vs_prev.accuracy),
+                format!("{:.3}", e.mean_gamma),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<4}  {:<20}  {:>5}  {:>7}  {:>10.4}  {:>9.3}  {:>15}  {:>8}  {:>7}",
+            st.step, st.chunk, st.n_pairs, st.updates, st.train_loss, st.train_accuracy, a0, ap, g
+        );
+    }
+    println!(
+        "models in {}/step-1 … step-{}; metrics in {}/metrics.jsonl ({seconds:.1}s)",
+        out.display(),
+        s.partition.chunks.len(),
+        out.display()
+    );
+}
