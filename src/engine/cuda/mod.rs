@@ -11,6 +11,7 @@
 //! `$SDPO_CACHE` or `~/.cache/sdpo/kernels`, keyed by a hash of source, headers, options,
 //! NVRTC version and arch.
 
+pub mod gemm;
 pub mod kernels;
 pub mod nvrtc;
 

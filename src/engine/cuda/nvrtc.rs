@@ -22,6 +22,9 @@ and set SDPO_NVRTC_LIB=$PWD/.nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 and \
 SDPO_CUDA_INCLUDE=$PWD/.nvrtc/nvidia/cuda_runtime/include:$PWD/.nvrtc/nvidia/cuda_nvcc/include \
 (as .ci/run does), or install a CUDA toolkit";
 
+/// Where INSTALL_HINT's pip command puts the wheels.
+const LOCAL_NVRTC: &str = ".nvrtc/nvidia";
+
 /// What NVRTC should hand back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
@@ -60,8 +63,9 @@ pub struct Nvrtc {
 }
 
 impl Nvrtc {
-    /// Loads `SDPO_NVRTC_LIB` when set, else the first of the usual names (CUDA 13, then
-    /// 12) found on the loader path or under `$CUDA_HOME/lib64` and `/usr/local/cuda/lib64`.
+    /// Loads `SDPO_NVRTC_LIB` when set, else `.nvrtc/` (INSTALL_HINT's wheels) or the first
+    /// of the usual names (CUDA 13, then 12) found on the loader path or under
+    /// `$CUDA_HOME/lib64` and `/usr/local/cuda/lib64`.
     pub fn load() -> Result<Self> {
         let mut tried = Vec::new();
         let candidates: Vec<String> = match std::env::var("SDPO_NVRTC_LIB") {
@@ -69,6 +73,12 @@ impl Nvrtc {
             _ => {
                 let names = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
                 let mut c: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+                // The pip wheels installed as INSTALL_HINT says, relative to the working
+                // directory (the crate root under `cargo test`).
+                let local = Path::new(LOCAL_NVRTC).join("cuda_nvrtc/lib/libnvrtc.so.12");
+                if local.is_file() {
+                    c.insert(0, local.display().to_string());
+                }
                 for dir in cuda_roots() {
                     c.extend(names.iter().map(|n| dir.join("lib64").join(n).display().to_string()));
                 }
@@ -82,7 +92,7 @@ impl Nvrtc {
                 Err(e) => tried.push(format!("{path} ({e})")),
             }
         }
-        Err(Error::NoGpu(format!("the NVRTC library was not found (tried {}); {INSTALL_HINT}", tried.join(", "))))
+        Err(Error::Cuda(format!("the NVRTC library was not found (tried {}); {INSTALL_HINT}", tried.join(", "))))
     }
 
     fn from_lib(lib: libloading::Library, path: String) -> Result<Self> {
@@ -211,11 +221,17 @@ pub fn cuda_roots() -> Vec<PathBuf> {
 }
 
 /// Directories holding `cuda_bf16.h` and `mma.h`: `SDPO_CUDA_INCLUDE` (colon-separated)
-/// when set, else `<root>/include` of every CUDA root that exists.
+/// when set, else the local pip wheels' include folders and `<root>/include` of every
+/// CUDA root, those that exist.
 pub fn include_dirs() -> Vec<PathBuf> {
     match std::env::var("SDPO_CUDA_INCLUDE") {
         Ok(v) if !v.is_empty() => v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect(),
-        _ => cuda_roots().into_iter().map(|r| r.join("include")).filter(|p| p.is_dir()).collect(),
+        _ => {
+            let local = Path::new(LOCAL_NVRTC);
+            let mut dirs: Vec<PathBuf> = vec![local.join("cuda_runtime/include"), local.join("cuda_nvcc/include")];
+            dirs.extend(cuda_roots().into_iter().map(|r| r.join("include")));
+            dirs.into_iter().filter(|p| p.is_dir()).collect()
+        }
     }
 }
 
