@@ -114,4 +114,16 @@ pub trait Engine {
     fn take_profile(&mut self) -> Option<profile::Profile> {
         None
     }
+
+    /// Peak device memory allocated so far, in bytes, where the engine tracks it
+    /// (`sdpo-run bench` reads the process's peak RSS for the CPU engine instead).
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// FLOP/s of a large GEMM in the engine's compute dtype on its device, measured now:
+    /// the ceiling of `sdpo-run bench`'s MFU (`None`: not measured by this engine).
+    fn gemm_peak_flops(&mut self) -> Option<f64> {
+        None
+    }
 }
