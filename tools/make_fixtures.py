@@ -10,7 +10,8 @@ For each tiny LlamaForCausalLM below (fixed seeds, 2 layers, vocab <= 256):
   <name>/expected.json     per-pair log-probs, the sigmoid/ipo/hinge losses and rewards,
                            TRL's metrics, the AdamW settings and the gradient norm
   <name>/grads.safetensors the gradient of the mean sigmoid loss, every parameter, HF names
-  <name>/adamw.safetensors the policy after one torch.optim.AdamW step on those gradients
+  <name>/adamw.safetensors the policy after one torch.optim.AdamW step on those gradients,
+                           parameter groups as HF Trainer makes them (no decay on norms)
 Some models are also saved sharded or in bfloat16, to test the loader.
 
 Everything is computed the way TRL's DPOTrainer does: chosen and rejected are separate
@@ -164,7 +165,14 @@ def build(name, over, seed, clip, extras):
     grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
-    opt = torch.optim.AdamW(policy.parameters(), **ADAMW)
+    # Parameter groups as HF Trainer.create_optimizer makes them: no weight decay on the
+    # norm weights (Trainer.get_decay_parameter_names; its `self` is unused).
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, policy))
+    groups = [
+        {"params": [p for n, p in policy.named_parameters() if n in decay], "weight_decay": ADAMW["weight_decay"]},
+        {"params": [p for n, p in policy.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, **ADAMW)
     opt.step()
     after = {n: p.detach().clone().contiguous() for n, p in param_dict(policy).items()}
     safetensors.torch.save_file(after, os.path.join(d, "adamw.safetensors"), metadata={"format": "pt"})
@@ -193,7 +201,8 @@ def build(name, over, seed, clip, extras):
             "logps/rejected": mean(pr.detach()),
         },
         "adamw": dict(lr=ADAMW["lr"], beta1=ADAMW["betas"][0], beta2=ADAMW["betas"][1], eps=ADAMW["eps"],
-                      weight_decay=ADAMW["weight_decay"], max_grad_norm=clip, grad_norm=grad_norm),
+                      weight_decay=ADAMW["weight_decay"], max_grad_norm=clip, grad_norm=grad_norm,
+                      no_decay=sorted(n for n in params if n not in decay)),
     }
     with open(os.path.join(d, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)

@@ -1,0 +1,173 @@
+//! `sdpo-run debug-step`: one training step's numbers, for inspection and for comparing an
+//! engine with another implementation. Runs the reference forward and the policy's forward
+//! and backward on every pair of a pre-tokenized file as one batch, and writes
+//! `DIR/metrics.json` (the loss, TRL's metrics, per-pair log-probs and rewards) and
+//! `DIR/grads.safetensors` (the fp32 gradient of the mean loss for every parameter, under its
+//! Hugging Face name). No optimizer step is taken and no weights are written.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use sdpo::config::{DType, LlamaConfig};
+use sdpo::data::pretokenized::read_pairs;
+use sdpo::dpo::{pair_loss, LossConfig, LossKind, Metrics};
+use sdpo::engine::{self, Device};
+use sdpo::weights::{save_model, save_tensors_f32};
+use sdpo::{Layout, LlamaWeights, PairBatch, PairExample};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LayoutArg {
+    /// `[prompt | chosen | rejected]` per pair, the prompt computed once.
+    Shared,
+    /// `[prompt | chosen]` and `[prompt | rejected]` as two sequences, as TRL does.
+    Concatenated,
+}
+
+#[derive(Args, Debug)]
+pub struct DebugStepArgs {
+    /// The policy: a Hugging Face model folder (config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The frozen reference model folder; defaults to the model itself.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Pre-tokenized pairs, JSONL with prompt_ids / chosen_ids / rejected_ids.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[arg(long, value_enum, default_value_t = LossKind::Sigmoid)]
+    pub loss: LossKind,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
+    pub layout: LayoutArg,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Output folder (created): metrics.json and grads.safetensors.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the model as loaded back out with `save_model` (a Hugging Face folder),
+    /// for tools/check_checkpoint.py to load in transformers.
+    #[arg(long)]
+    pub save_model: Option<PathBuf>,
+    /// Storage dtype of `--save-model`.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub save_dtype: DTypeArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+fn load(dir: &std::path::Path, what: &str) -> Result<(LlamaConfig, LlamaWeights)> {
+    let cfg = LlamaConfig::from_path(dir).with_context(|| format!("reading the {what}'s config"))?;
+    let w = LlamaWeights::load(dir, &cfg).with_context(|| format!("loading the {what}'s weights"))?;
+    Ok((cfg, w))
+}
+
+pub fn run(args: DebugStepArgs) -> Result<()> {
+    ensure!(args.beta > 0.0, "--beta must be positive, got {}", args.beta);
+    ensure!(
+        (0.0..0.5).contains(&args.label_smoothing),
+        "--label-smoothing must be in [0, 0.5), got {}",
+        args.label_smoothing
+    );
+    let (cfg, weights) = load(&args.model, "model")?;
+    let reference_dir = args.reference.clone().unwrap_or_else(|| args.model.clone());
+    let (ref_cfg, ref_weights) = load(&reference_dir, "reference")?;
+    ensure!(
+        ref_cfg.vocab_size == cfg.vocab_size,
+        "the reference {} has vocab_size {}, the model {} has {}: they must share a tokenizer",
+        reference_dir.display(),
+        ref_cfg.vocab_size,
+        args.model.display(),
+        cfg.vocab_size
+    );
+    let pairs = read_pairs(&args.data, cfg.vocab_size).context("reading the pairs")?;
+    let layout = match args.layout {
+        LayoutArg::Shared => Layout::Shared,
+        LayoutArg::Concatenated => Layout::Concatenated,
+    };
+    let refs: Vec<&PairExample> = pairs.iter().collect();
+    let batch = PairBatch::new(&refs, layout).context("packing the pairs into a batch")?;
+    let loss_cfg =
+        LossConfig { kind: args.loss, beta: args.beta, label_smoothing: args.label_smoothing, sft_weight: 0.0 };
+
+    let reference = {
+        let mut e = engine::open(args.device, ref_cfg, ref_weights).context("starting the reference engine")?;
+        e.sequence_logps(&batch).context("reference forward pass")?
+    };
+    if let Some(dir) = &args.save_model {
+        let dtype = match args.save_dtype {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        };
+        save_model(dir, &cfg, &weights, dtype, Some(&args.model))
+            .with_context(|| format!("saving the model to {}", dir.display()))?;
+    }
+    let mut e = engine::open(args.device, cfg.clone(), weights).context("starting the engine")?;
+    let policy =
+        e.train_step(&batch, &reference, &loss_cfg, 1.0 / pairs.len() as f64).context("forward and backward")?;
+    let grads = e.grads().context("reading the gradients")?;
+
+    let metrics = Metrics::from_pairs(&policy, &reference, &loss_cfg);
+    let per_pair: Vec<Value> = policy
+        .iter()
+        .zip(&reference)
+        .zip(&pairs)
+        .map(|((p, r), ex)| {
+            let l = pair_loss(p, r, &loss_cfg);
+            json!({
+                "policy_chosen_logp": p.chosen, "policy_rejected_logp": p.rejected,
+                "reference_chosen_logp": r.chosen, "reference_rejected_logp": r.rejected,
+                "reward_chosen": l.reward_chosen, "reward_rejected": l.reward_rejected,
+                "loss": l.loss, "chosen_tokens": p.chosen_tokens, "rejected_tokens": p.rejected_tokens,
+                "source": ex.source,
+            })
+        })
+        .collect();
+    let grad_norm = grads.tensors().iter().flat_map(|t| t.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+
+    let mut out = serde_json::to_value(&metrics)?;
+    let o = out.as_object_mut().expect("Metrics serialises to an object");
+    o.insert("loss_type".into(), serde_json::to_value(args.loss)?);
+    o.insert("beta".into(), json!(args.beta));
+    o.insert("label_smoothing".into(), json!(args.label_smoothing));
+    o.insert("layout".into(), json!(format!("{:?}", args.layout).to_lowercase()));
+    o.insert("device".into(), json!(e.device_name()));
+    o.insert("grad_norm".into(), json!(grad_norm));
+    o.insert("n_tokens".into(), json!(batch.n_tokens()));
+    o.insert("pairs".into(), Value::Array(per_pair));
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let metrics_path = args.out.join("metrics.json");
+    let text = serde_json::to_string_pretty(&out)? + "\n";
+    std::fs::write(&metrics_path, text).with_context(|| format!("writing {}", metrics_path.display()))?;
+
+    let specs = LlamaWeights::specs(&cfg);
+    let tensors: Vec<(String, Vec<usize>, &[f32])> =
+        specs.into_iter().zip(grads.tensors()).map(|(s, t)| (s.name, s.shape, t.as_slice())).collect();
+    let grads_path = args.out.join("grads.safetensors");
+    save_tensors_f32(&grads_path, &tensors).with_context(|| format!("writing {}", grads_path.display()))?;
+
+    println!(
+        "{} pairs, {} tokens on {}: loss {:.6} (rewards/margins {:.6}, accuracy {:.3}), grad norm {:.6}",
+        pairs.len(),
+        batch.n_tokens(),
+        e.device_name(),
+        metrics.loss,
+        metrics.rewards_margins,
+        metrics.rewards_accuracies,
+        grad_norm
+    );
+    println!("wrote {} and {}", metrics_path.display(), grads_path.display());
+    Ok(())
+}
