@@ -252,7 +252,7 @@ pub fn demo_train_options(seed: u64) -> TrainOptions {
     TrainOptions {
         loss: LossConfig { beta: 0.1, ..LossConfig::default() },
         adamw: AdamWConfig::default(),
-        lr: 2e-3,
+        lr: 1e-4,
         warmup_ratio: 0.1,
         schedule: Schedule::Linear,
         epochs: 1,
@@ -345,6 +345,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
             tokenizer_from: Some(base.clone()),
             quiet: opts.quiet_runs,
             inject_nan_at: None,
+            debug_sleep_ms: 0,
         };
         let summary = sdpo::run(&sopts, &cfg, m0.clone(), &data.train, &data.eval, &factory)?;
         let exact_after = exact_match(&cfg, &summary.final_weights, &data.eval_problems)?;

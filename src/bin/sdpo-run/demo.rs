@@ -10,7 +10,7 @@ use sdpo::data::pretokenized::write_pairs;
 use sdpo::demo::{demo_data, exact_match, run_demo, DemoOptions};
 
 /// Sizes of the demo's data (per source: 1-, 2- and 3-digit sums).
-const TRAIN_PER_SOURCE: usize = 512;
+const TRAIN_PER_SOURCE: usize = 1024;
 const EVAL_PER_SOURCE: usize = 100;
 const SFT_PER_SOURCE: usize = 4000;
 
