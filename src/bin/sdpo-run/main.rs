@@ -1,5 +1,6 @@
 //! `sdpo-run`: the command line. Each subcommand lives in its own module beside this file.
 
+mod bench;
 mod debug_step;
 mod demo;
 mod eval;
@@ -31,6 +32,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// One step's numbers (loss, metrics, per-pair log-probs, gradients) for inspection.
     DebugStep(debug_step::DebugStepArgs),
+    /// Training speed on a model of a published shape: tokens/s, MFU, peak memory, time split.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -43,5 +46,6 @@ fn main() -> Result<()> {
         Some(Command::Eval(args)) => eval::run(args),
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::DebugStep(args)) => debug_step::run(args),
+        Some(Command::Bench(args)) => bench::run(args),
     }
 }
