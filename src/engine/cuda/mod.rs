@@ -102,3 +102,107 @@ pub fn kernel_image(file: &str, arch: &str) -> Result<Vec<u8>> {
     }
     Ok(out.image)
 }
+
+// --- the device
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+use kernels::{Bf16, DPtr, Kernels};
+
+/// Why there is no usable GPU here, or `None` when libcuda loads and sees a device.
+pub fn gpu_unavailable() -> Option<String> {
+    // SAFETY: only probes whether the library loads.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("libcuda was not found (no NVIDIA driver on this machine)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the NVIDIA driver reports no devices".into()),
+        Err(e) => Some(format!("the NVIDIA driver did not initialise: {e}")),
+    }
+}
+
+/// One GPU: context, the stream everything runs on, the loaded kernels and cuBLASLt.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub k: Kernels,
+    pub gemm: gemm::Gemm,
+    pub name: String,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`; `Error::NoGpu` (with the reason) when there is none.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if let Some(why) = gpu_unavailable() {
+            return Err(Error::NoGpu(why));
+        }
+        let cuda = |e: cudarc::driver::DriverError| Error::Cuda(e.to_string());
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoGpu(format!("device {ordinal}: {e}")))?;
+        // One stream: cudarc's per-buffer events would only add work.
+        // SAFETY: no other stream uses the buffers of this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (major, _) = ctx.compute_capability().map_err(cuda)?;
+        let k = Kernels::load(&ctx, stream.clone())?;
+        let gemm = gemm::Gemm::new(stream.clone(), major)?;
+        let name = ctx.name().map_err(cuda)?;
+        Ok(Gpu { ctx, stream, k, gemm, name })
+    }
+
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| Error::Cuda(format!("allocating {len} × {} bytes: {e}", std::mem::size_of::<T>())))
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(|e| Error::Cuda(format!("upload: {e}")))
+    }
+
+    /// Copies `p` to the host (synchronises the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, p: DPtr<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); p.len];
+        if p.len > 0 {
+            // SAFETY: `p` addresses `len` elements (DPtr's contract); `out` holds as many.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut out[..], p.ptr, self.stream.cu_stream())
+                    .map_err(|e| Error::Cuda(format!("download: {e}")))?;
+            }
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    /// Copies `host` into the device memory at `p` (same length).
+    pub fn write<T: DeviceRepr>(&self, p: DPtr<T>, host: &[T]) -> Result<()> {
+        if host.len() != p.len {
+            return Err(Error::invalid(format!("write: {} host values into {} device elements", host.len(), p.len)));
+        }
+        // SAFETY: as in `download`; the copy completes before `sync` returns.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(p.ptr, host, self.stream.cu_stream())
+                .map_err(|e| Error::Cuda(format!("write: {e}")))?;
+        }
+        self.sync()
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| Error::Cuda(format!("synchronize: {e}")))
+    }
+
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> DPtr<T> {
+        DPtr::of(s, &self.stream)
+    }
+}
+
+/// f32 → bf16 bits (round to nearest even), as the device stores them.
+pub fn to_bf16(x: &[f32]) -> Vec<Bf16> {
+    x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+}
+
+pub fn from_bf16(x: &[Bf16]) -> Vec<f32> {
+    x.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect()
+}
