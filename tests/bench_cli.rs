@@ -1,0 +1,114 @@
+//! `sdpo-run bench` end to end on the CPU: one JSON line with the documented keys and sane
+//! values. No timing is asserted (the machine is shared); only signs, ranges and the
+//! relations between the numbers that hold whatever the speed.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sdpo-run")).arg("bench").args(args).output().expect("runs sdpo-run")
+}
+
+/// The keys tools/compare_torch.py prints too (its header documents them).
+const COMMON_KEYS: &[&str] = &[
+    "tool",
+    "shape",
+    "device",
+    "dtype",
+    "micro_batch_tokens",
+    "prompt_len",
+    "answer_len",
+    "pairs_per_step",
+    "tokens_per_step",
+    "steps",
+    "warmup",
+    "train_step_s",
+    "train_tokens_per_s",
+    "train_pairs_per_s",
+    "ref_step_s",
+    "ref_tokens_per_s",
+    "dpo_pairs_per_s",
+    "train_flops_per_step",
+    "ref_flops_per_step",
+    "train_tflops",
+    "ref_tflops",
+    "ceiling_tflops",
+    "mfu",
+    "datasheet_tflops",
+    "mfu_datasheet",
+    "peak_mem_bytes",
+];
+
+#[test]
+fn tiny_on_cpu_prints_one_json_line() {
+    let out = bench(&[
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--micro-batch-tokens",
+        "1000",
+        "--prompt-len",
+        "100",
+        "--answer-len",
+        "60",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sdpo-run bench failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "stdout must be exactly one JSON line: {stdout}");
+    let j: Value = serde_json::from_str(lines[0]).expect("valid JSON");
+    for k in COMMON_KEYS.iter().chain(&["split", "layout", "threads", "commit"]) {
+        assert!(j.get(k).is_some(), "missing key `{k}` in {j}");
+    }
+    let num = |k: &str| j[k].as_f64().unwrap_or_else(|| panic!("`{k}` is not a number: {j}"));
+    assert_eq!(j["tool"], "sdpo-run");
+    assert_eq!(j["shape"], "tiny");
+    assert_eq!(j["dtype"], "fp32");
+    assert!(j["device"].as_str().unwrap().starts_with("cpu"));
+    // 1000 tokens hold 4 pairs of 100 + 2·60 = 220 tokens (880).
+    assert_eq!((num("pairs_per_step"), num("tokens_per_step")), (4.0, 880.0));
+    for k in ["train_tokens_per_s", "train_pairs_per_s", "ref_tokens_per_s", "dpo_pairs_per_s", "ceiling_tflops"] {
+        assert!(num(k).is_finite() && num(k) > 0.0, "`{k}` must be positive: {j}");
+    }
+    let mfu = num("mfu");
+    assert!(mfu > 0.0 && mfu <= 1.0, "MFU must be in (0, 1]: {mfu}");
+    // The relations between the numbers.
+    let rel = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    assert!(rel(num("train_tokens_per_s"), 880.0 / num("train_step_s")));
+    assert!(rel(num("train_flops_per_step"), 3.0 * num("ref_flops_per_step")));
+    assert!(rel(num("mfu"), num("train_tflops") / num("ceiling_tflops")));
+    assert!(j["datasheet_tflops"].is_null() && j["mfu_datasheet"].is_null(), "no datasheet peak for a CPU");
+    assert!(num("peak_mem_bytes") > 1e6, "peak RSS of a process that built a model: {j}");
+    // The split covers the step: every part non-negative, and the parts add up to at
+    // least the step's time (other_s is the remainder, clamped at 0).
+    let split = j["split"].as_object().expect("the CPU engine profiles");
+    let parts: Vec<f64> = split.values().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(parts.len(), 6);
+    assert!(parts.iter().all(|&p| p >= 0.0));
+    assert!(parts.iter().sum::<f64>() >= num("train_step_s") * (1.0 - 1e-9));
+    assert!(split["gemm_s"].as_f64().unwrap() > 0.0 && split["attention_s"].as_f64().unwrap() > 0.0);
+    assert!(stderr.contains("MFU"), "the table goes to stderr: {stderr}");
+}
+
+#[test]
+fn big_shapes_are_refused_on_cpu() {
+    let out = bench(&["--shape", "llama-8b", "--device", "cpu"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--force") && stderr.contains("llama-8b"), "{stderr}");
+}
+
+#[test]
+fn a_pair_must_fit_the_micro_batch() {
+    let out = bench(&["--shape", "tiny", "--device", "cpu", "--micro-batch-tokens", "100", "--prompt-len", "64"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--micro-batch-tokens 100"), "{stderr}");
+}
