@@ -370,3 +370,31 @@ fn pairs_round_trip_and_fixture_reads() {
     std::fs::write(&path, format!("\n{GOOD}\n\n")).unwrap();
     assert_eq!(read_pairs(&path, 10).unwrap()[0].source, "out");
 }
+
+#[test]
+fn f16_round_trip_is_within_half_an_ulp_and_mismatched_weights_are_refused() {
+    let (cfg, w) = reference("odd");
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("ckpt-f16");
+    save_model(&dir, &cfg, &w, DType::F16, None).unwrap();
+    let cfg2 = LlamaConfig::from_path(&dir).unwrap();
+    assert_eq!(cfg2.dtype, DType::F16);
+    let back = LlamaWeights::load(&dir, &cfg2).unwrap();
+    // Weights here are |x| < 1 and > 2^-14 mostly (normal f16): rounding to nearest keeps
+    // the relative error within 2^-11; subnormals within half their spacing 2^-25.
+    for (a, b) in w.tensors().iter().zip(back.tensors()) {
+        for (x, y) in a.iter().zip(b) {
+            let err = (x - y).abs();
+            assert!(err <= x.abs() * 2f32.powi(-11) || err <= 2f32.powi(-25), "{x} -> {y}");
+        }
+    }
+    // Rounding what is already f16 changes nothing.
+    save_model(&dir, &cfg, &back, DType::F16, None).unwrap();
+    assert_eq!(LlamaWeights::load(&dir, &cfg2).unwrap(), back);
+
+    let mut wrong = w.clone();
+    wrong.layers[1].down_proj.pop();
+    let e = save_model(&out.path().join("bad"), &cfg, &wrong, DType::F32, None).unwrap_err().to_string();
+    assert_has(&e, &["model.layers.1.mlp.down_proj.weight"]);
+    assert!(!out.path().join("bad").exists());
+}
