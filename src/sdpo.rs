@@ -231,6 +231,8 @@ pub struct SdpoOptions {
     pub quiet: bool,
     /// Testing aid: put a NaN into the policy's weights before this global update (1-based).
     pub inject_nan_at: Option<u64>,
+    /// Testing aid: sleep this long after every update (so a test can kill a run mid-step).
+    pub debug_sleep_ms: u64,
 }
 
 /// Reward accuracy and margin of a model against a reference on the eval set.
@@ -559,14 +561,6 @@ pub fn run(
                     "{pairs_done} pairs, loss {:.4}, acc {:.2}, {:.0} tok/s",
                     rec.metrics.loss, rec.metrics.rewards_accuracies, rec.tokens_per_second
                 ));
-                if let Some(k) = opts.inject_nan_at {
-                    if st.total_updates + 1 == k {
-                        let mut w = eng.weights()?;
-                        w.embed[0] = f32::NAN;
-                        w.norm.iter_mut().for_each(|x| *x = f32::NAN);
-                        eng.set_weights(&w)?;
-                    }
-                }
                 let unfinished = pos.epoch < n_epochs;
                 if opts.save_every > 0 && st.total_updates % opts.save_every == 0 && unfinished {
                     st.seq += 1;
@@ -583,6 +577,17 @@ pub fn run(
                         reference: data.reference.clone(),
                     };
                     checkpoint::save(out, cfg, &st, &snapshot)?;
+                }
+                if opts.debug_sleep_ms > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(opts.debug_sleep_ms));
+                }
+                if let Some(k) = opts.inject_nan_at {
+                    if st.total_updates + 1 == k {
+                        let mut w = eng.weights()?;
+                        w.embed[0] = f32::NAN;
+                        w.norm.iter_mut().for_each(|x| *x = f32::NAN);
+                        eng.set_weights(&w)?;
+                    }
                 }
                 Ok(())
             },

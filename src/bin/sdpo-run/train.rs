@@ -250,6 +250,9 @@ pub struct TrainArgs {
     /// Testing aid: corrupt the policy with NaN before this global update.
     #[arg(long, hide = true)]
     pub debug_nan_at: Option<u64>,
+    /// Testing aid: sleep this many milliseconds after every update.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub debug_sleep_ms: u64,
 }
 
 /// Defaults, then the config file, then the flags.
@@ -404,6 +407,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         tokenizer_from: Some(model.clone()),
         quiet: args.quiet,
         inject_nan_at: args.debug_nan_at,
+        debug_sleep_ms: args.debug_sleep_ms,
     };
     let device = c.device;
     let factory = move |cfg: &LlamaConfig, w: LlamaWeights| -> sdpo::Result<Box<dyn Engine>> {

@@ -1,0 +1,126 @@
+//! Crash safety, through the real binary: a run killed with SIGKILL mid-step and resumed
+//! ends bitwise equal to an uninterrupted run; a NaN stops a run with a message naming the
+//! step, and the last good state and step folders still load.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sdpo::checkpoint;
+use sdpo::data::pretokenized::write_pairs;
+use sdpo::demo::demo_data;
+use sdpo::weights::save_model;
+use sdpo::{LlamaConfig, LlamaWeights};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sdpo-run");
+
+/// A tiny model folder and a data file in a fresh temporary folder.
+fn setup(name: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("sdpo-resume-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = LlamaConfig::from_json(serde_json::json!({
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 16,
+        "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+    }))
+    .unwrap();
+    save_model(&root.join("model"), &cfg, &LlamaWeights::random(&cfg, 9), cfg.dtype, None).unwrap();
+    let d = demo_data(2, 24, 5, 0);
+    write_pairs(&root.join("train.jsonl"), &d.train).unwrap();
+    write_pairs(&root.join("eval.jsonl"), &d.eval).unwrap();
+    root
+}
+
+fn train_cmd(root: &Path, out: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["train", "--quiet", "--model"]).arg(root.join("model"));
+    c.arg("--data").arg(root.join("train.jsonl"));
+    c.arg("--eval-data").arg(root.join("eval.jsonl"));
+    c.arg("--out").arg(root.join(out));
+    // 72 pairs in 3 sources of 24, 4 per update, 2 epochs: 12 updates per step, 36 in all.
+    c.args(["--partition", "sources", "--lr", "1e-2", "--batch-pairs", "4", "--epochs", "2"]);
+    c.args(["--micro-batch-tokens", "40", "--save-every", "5", "--seed", "3"]);
+    c.args(extra);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+fn bytes(p: PathBuf) -> Vec<u8> {
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn sigkill_mid_step_then_resume_is_bitwise_equal() {
+    let root = setup("kill");
+    let full = train_cmd(&root, "full", &[]).output().unwrap();
+    assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
+
+    // Slowed down (20 ms per update) so that the kill lands inside step 2.
+    let mut child = train_cmd(&root, "killed", &["--debug-sleep-ms", "20"]).spawn().unwrap();
+    let out = root.join("killed");
+    let t0 = Instant::now();
+    loop {
+        let st = checkpoint::latest(&out).unwrap().map(|d| std::fs::read_to_string(d.join("state.json")).unwrap());
+        if let Some(text) = st {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if v["sdpo_step"] == 2 && v["step_done"] == false {
+                break;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no mid-step state of step 2 appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    assert!(!out.join("step-3").exists(), "the run was killed before it finished");
+
+    let resumed = train_cmd(&root, "killed", &["--resume"]).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    for t in 1..=3 {
+        let f = format!("step-{t}/model.safetensors");
+        assert!(bytes(root.join("full").join(&f)) == bytes(out.join(&f)), "{f} differs after resume");
+    }
+    // metrics.jsonl has each update once: as many lines as the uninterrupted run's.
+    let lines = |d: &str| std::fs::read_to_string(root.join(d).join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(lines("full"), lines("killed"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn existing_output_is_not_overwritten_without_a_flag() {
+    let root = setup("clobber");
+    let first = train_cmd(&root, "run", &[]).output().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let again = train_cmd(&root, "run", &[]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    // --resume with different settings is refused, naming run.toml
+    let changed = train_cmd(&root, "run", &["--beta", "0.2", "--resume"]).output().unwrap();
+    assert!(!changed.status.success());
+    assert!(String::from_utf8_lossy(&changed.stderr).contains("run.toml"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let root = setup("nan");
+    // NaN put into the weights before global update 16 (step 2's 4th update), after the
+    // state of update 15 was saved (--save-every 5).
+    let run = train_cmd(&root, "nan", &["--debug-nan-at", "16"]).output().unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("non-finite") && err.contains("sDPO step 2") && err.contains("optimiser step 4"), "{err}");
+    let out = root.join("nan");
+    let cfg = LlamaConfig::from_path(&root.join("model")).unwrap();
+    let (st, data) = checkpoint::load(&checkpoint::latest(&out).unwrap().unwrap(), &cfg).unwrap();
+    assert!(data.weights.all_finite());
+    assert_eq!((st.sdpo_step, st.step_done, st.total_updates), (2, false, 15), "the last good state");
+    let m1 = LlamaWeights::load(&out.join("step-1"), &cfg).unwrap();
+    assert!(m1.all_finite());
+    // and it resumes: the NaN was a one-off, so the run now completes.
+    let resumed = train_cmd(&root, "nan", &["--resume"]).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(LlamaWeights::load(&out.join("step-3"), &cfg).unwrap().all_finite());
+    let _ = std::fs::remove_dir_all(&root);
+}
