@@ -2,7 +2,12 @@
 //! and packing tokenized pairs into batches.
 
 pub mod batch;
+pub mod template;
+pub mod records;
+pub mod tokenize;
+pub mod prepare;
 pub mod pretokenized;
 pub mod batcher;
 
 pub use batch::{Layout, LogpTarget, PairBatch, PairExample, CHOSEN, PROMPT, REJECTED};
+pub use prepare::{load_pairs, DataOptions, Summary};
