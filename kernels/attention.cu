@@ -12,7 +12,7 @@
 // Layouts: q [n, q_stride], k and v [n, kv_stride], o [n, o_stride], dO [n, do_stride]
 // bf16, head h at column h·D; lse and D [n, n_heads] f32; dq [n, dq_stride] f32 (added to
 // with atomics: the launcher zeroes it), dk and dv [n, dkv_stride] f32 (=). group [n] u32,
-// branch [n] u8, group_start [n_groups + 1] u32. D ∈ {32, 64, 128} (one kernel each).
+// branch [n] u8, group_start [n_groups + 1] u32. D ∈ {16, 32, 64, 128} (one kernel each).
 // Work split:
 // - forward: a block of 4 warps per (64-query tile, head); each warp owns 16 query rows,
 //   Q fragments in registers; 64-key tiles of K and V staged in shared memory, from the
@@ -425,9 +425,11 @@ SDPO_DEVICE void attention_backward_impl(
                                    n_kv_heads, q_stride, kv_stride, do_stride, dq_stride, dkv_stride, scale);     \
     }
 
+ATTENTION_FORWARD(16)
 ATTENTION_FORWARD(32)
 ATTENTION_FORWARD(64)
 ATTENTION_FORWARD(128)
+ATTENTION_BACKWARD(16)
 ATTENTION_BACKWARD(32)
 ATTENTION_BACKWARD(64)
 ATTENTION_BACKWARD(128)

@@ -29,9 +29,19 @@ pub enum Device {
 /// Builds the engine for `device` on `weights` (checked against `cfg`, tensor by tensor).
 pub fn open(device: Device, cfg: LlamaConfig, weights: LlamaWeights) -> Result<Box<dyn Engine>> {
     match device {
-        Device::Auto | Device::Cpu => Ok(Box::new(cpu::CpuEngine::new(cfg, weights)?)),
-        // The CUDA engine goes here (and `Auto` should try it first, falling back to the CPU).
-        Device::Cuda => Err(crate::error::Error::NoGpu("the CUDA engine is not built yet".into())),
+        Device::Cpu => Ok(Box::new(cpu::CpuEngine::new(cfg, weights)?)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => Ok(Box::new(cuda::model::CudaEngine::new(cfg, weights, 0)?)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(crate::error::Error::NoGpu("this build has no CUDA engine (feature `cuda` is off)".into())),
+        // The GPU when there is one and it can run this model; else, quietly, the CPU.
+        Device::Auto => {
+            #[cfg(feature = "cuda")]
+            if cuda::gpu_unavailable().is_none() && cuda::model::unsupported(&cfg).is_none() {
+                return Ok(Box::new(cuda::model::CudaEngine::new(cfg, weights, 0)?));
+            }
+            Ok(Box::new(cpu::CpuEngine::new(cfg, weights)?))
+        }
     }
 }
 

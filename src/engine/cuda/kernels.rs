@@ -23,9 +23,11 @@ use crate::error::{Error, Result};
 /// Every kernel a launcher uses: (file, `extern "C"` name). The `cuda_compile` test
 /// checks that each one exists in the compiled file.
 pub const KERNEL_NAMES: &[(&str, &str)] = &[
+    ("attention.cu", "attention_forward_hd16"),
     ("attention.cu", "attention_forward_hd32"),
     ("attention.cu", "attention_forward_hd64"),
     ("attention.cu", "attention_forward_hd128"),
+    ("attention.cu", "attention_backward_hd16"),
     ("attention.cu", "attention_backward_hd32"),
     ("attention.cu", "attention_backward_hd64"),
     ("attention.cu", "attention_backward_hd128"),
@@ -49,7 +51,7 @@ pub const KERNEL_NAMES: &[(&str, &str)] = &[
 ];
 
 /// Head dims the attention kernels are instantiated for.
-pub const ATTENTION_HEAD_DIMS: &[usize] = &[32, 64, 128];
+pub const ATTENTION_HEAD_DIMS: &[usize] = &[16, 32, 64, 128];
 
 /// bf16 values live on the device as their 16 raw bits.
 pub type Bf16 = u16;

@@ -13,6 +13,7 @@
 
 pub mod gemm;
 pub mod kernels;
+pub mod model;
 pub mod nvrtc;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

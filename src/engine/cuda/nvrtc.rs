@@ -229,7 +229,9 @@ pub fn include_dirs() -> Vec<PathBuf> {
         _ => {
             let local = Path::new(LOCAL_NVRTC);
             let mut dirs: Vec<PathBuf> = vec![local.join("cuda_runtime/include"), local.join("cuda_nvcc/include")];
-            dirs.extend(cuda_roots().into_iter().map(|r| r.join("include")));
+            // CUDA 13 keeps CCCL in include/cccl; NVRTC supplies what cuda_bf16.h needs from
+            // it, but other headers may look there.
+            dirs.extend(cuda_roots().into_iter().flat_map(|r| [r.join("include"), r.join("include/cccl")]));
             dirs.into_iter().filter(|p| p.is_dir()).collect()
         }
     }

@@ -1,0 +1,855 @@
+//! `CudaEngine`: the Llama forward and hand-written backward on one GPU, from the kernels
+//! in kernels/*.cu and cuBLASLt GEMMs, implementing `Engine` like the CPU reference.
+//!
+//! Precision: bf16 weights (a working copy) and bf16 GEMM inputs; fp32 master weights,
+//! AdamW moments and gradients; the residual stream, its gradient and the LM-head logits
+//! in fp32; every kernel accumulates in fp32.
+//!
+//! Memory: the parameters, gradients and moments live in flat buffers in
+//! `LlamaWeights::specs` order (so q/k/v and gate/up of a layer are adjacent and one
+//! AdamW or grad-norm launch covers many tensors); activations are allocated for the
+//! largest micro-batch seen and reused (grow-only); the LM head runs over the target rows
+//! only, in chunks of rows, recomputing the chunk's logits in backward.
+//!
+//! Data flow of one layer (row-major [tokens, features]; f32 unless marked bf16):
+//!   xn1 (bf16) = rmsnorm(x)        qkv (bf16) = xn1·[Wq;Wk;Wv]ᵀ    rope(q), rope(k) in place
+//!   att (bf16), lse = attention(q, k, v)                  x_mid = x + att·Woᵀ
+//!   xn2 (bf16) = rmsnorm(x_mid)    gate, up (bf16) = xn2·Wgᵀ, xn2·Wuᵀ
+//!   act (bf16) = silu(gate)·up     x_out = x_mid + act·Wdᵀ
+//! Backward walks it in reverse with the residual gradient in f32 and a bf16 copy of it
+//! as GEMM input; strided f32→bf16 copies reuse rope_backward with a zero frequency table
+//! (a rotation by 0).
+
+use std::time::Instant;
+
+use cudarc::driver::CudaSlice;
+
+use super::gemm::GemmShape;
+use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
+use super::{to_bf16, Gpu};
+use crate::config::LlamaConfig;
+use crate::data::{PairBatch, CHOSEN};
+use crate::dpo::{pair_loss, LossConfig, PairLogps};
+use crate::engine::cpu::ops::LogpPlan;
+use crate::engine::{AdamState, AdamWConfig, Engine};
+use crate::error::{Error, Result};
+use crate::weights::LlamaWeights;
+
+/// Owns device allocations; the engine addresses them through `DPtr` views.
+#[derive(Default)]
+struct Pool {
+    f32s: Vec<CudaSlice<f32>>,
+    u16s: Vec<CudaSlice<u16>>,
+}
+
+impl Pool {
+    fn f32(&mut self, gpu: &Gpu, len: usize) -> Result<DPtr<f32>> {
+        let s = gpu.alloc::<f32>(len)?;
+        let p = gpu.ptr(&s).slice(0, len)?;
+        self.f32s.push(s);
+        Ok(p)
+    }
+    fn bf16(&mut self, gpu: &Gpu, len: usize) -> Result<DPtr<Bf16>> {
+        let s = gpu.alloc::<u16>(len)?;
+        let p = gpu.ptr(&s).slice(0, len)?;
+        self.u16s.push(s);
+        Ok(p)
+    }
+}
+
+/// One layer's saved activations (for `cap` tokens).
+#[derive(Clone, Copy)]
+struct LayerActs {
+    rstd1: DPtr<f32>,
+    xn1: DPtr<Bf16>,
+    qkv: DPtr<Bf16>,
+    att: DPtr<Bf16>,
+    lse: DPtr<f32>,
+    x_mid: DPtr<f32>,
+    rstd2: DPtr<f32>,
+    xn2: DPtr<Bf16>,
+    gate: DPtr<Bf16>,
+    up: DPtr<Bf16>,
+    act: DPtr<Bf16>,
+}
+
+/// Activations and backward scratch for up to `cap` tokens, `head_rows` LM-head rows.
+struct Acts {
+    cap: usize,
+    /// Layer inputs; `xs[n_layers]` is the last layer's output.
+    xs: Vec<DPtr<f32>>,
+    layers: Vec<LayerActs>,
+    rstd_f: DPtr<f32>,
+    xf: DPtr<Bf16>,
+    dx: DPtr<f32>,
+    dx16: DPtr<Bf16>,
+    dxn: DPtr<f32>,
+    dxf: DPtr<f32>,
+    dact: DPtr<Bf16>,
+    dgate: DPtr<Bf16>,
+    dup: DPtr<Bf16>,
+    datt: DPtr<Bf16>,
+    delta: DPtr<f32>,
+    dqkv32: DPtr<f32>,
+    dqkv16: DPtr<Bf16>,
+    _pool: Pool,
+}
+
+/// LM-head chunk buffers for `rows` rows (grow-only).
+struct Head {
+    rows: usize,
+    xc32: DPtr<f32>,
+    xc16: DPtr<Bf16>,
+    logits: DPtr<f32>,
+    dlogits: DPtr<Bf16>,
+    dxc: DPtr<f32>,
+    _pool: Pool,
+}
+
+/// Batch data on the device.
+struct BatchDev {
+    tokens: CudaSlice<u32>,
+    positions: CudaSlice<u32>,
+    group: CudaSlice<u32>,
+    branch: CudaSlice<u8>,
+    group_start: CudaSlice<u32>,
+    plan: LogpPlan,
+    rows: CudaSlice<u32>,
+    /// Per head row: its (up to) two target tokens, −1 for none.
+    targets: CudaSlice<i32>,
+    row_logp: CudaSlice<f32>,
+    row_lse: CudaSlice<f32>,
+}
+
+pub struct CudaEngine {
+    cfg: LlamaConfig,
+    gpu: Gpu,
+    /// Per tensor in `specs` order: (offset, length) in the flat buffers.
+    offsets: Vec<(usize, usize)>,
+    names: Vec<String>,
+    total: usize,
+    master: CudaSlice<f32>,
+    wbf: CudaSlice<u16>,
+    grad: CudaSlice<f32>,
+    moments: Option<(CudaSlice<f32>, CudaSlice<f32>, u64)>,
+    inv_freq: CudaSlice<f32>,
+    zero_freq: CudaSlice<f32>,
+    norm_partial: CudaSlice<f64>,
+    norm_out: CudaSlice<f64>,
+    acts: Option<Acts>,
+    head: Option<Head>,
+    peak_bytes: u64,
+}
+
+fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Why the CUDA engine cannot run a model of this config (`None`: it can).
+pub fn unsupported(cfg: &LlamaConfig) -> Option<String> {
+    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    if h % 8 != 0 || i % 8 != 0 || h > 12288 {
+        return Some(format!(
+            "the CUDA engine needs hidden_size ({h}) and intermediate_size ({i}) to be multiples of 8, hidden_size ≤ 12288"
+        ));
+    }
+    if !super::kernels::ATTENTION_HEAD_DIMS.contains(&hd) {
+        return Some(format!(
+            "the CUDA attention kernels are compiled for head_dim {:?}, this model has {hd}",
+            super::kernels::ATTENTION_HEAD_DIMS
+        ));
+    }
+    None
+}
+
+/// Rows per LM-head chunk: about 32M fp32 logits (128 MB) at a time.
+fn head_chunk_rows(vocab: usize) -> usize {
+    ((32usize << 20) / vocab.max(1)).clamp(1, 8192)
+}
+
+impl CudaEngine {
+    /// Opens GPU `ordinal` and uploads `weights` (checked against `cfg`).
+    pub fn new(cfg: LlamaConfig, weights: LlamaWeights, ordinal: usize) -> Result<Self> {
+        if let Some(why) = unsupported(&cfg) {
+            return Err(Error::invalid(format!("{why}; use --device cpu")));
+        }
+        let hd = cfg.head_dim;
+        let gpu = Gpu::open(ordinal)?;
+        let specs = LlamaWeights::specs(&cfg);
+        let mut offsets = Vec::with_capacity(specs.len());
+        let mut total = 0;
+        for s in &specs {
+            offsets.push((total, s.numel()));
+            total += s.numel().div_ceil(8) * 8; // 32-byte aligned f32, 16-byte aligned bf16
+        }
+        let names = specs.iter().map(|s| s.name.clone()).collect();
+        let master = gpu.alloc::<f32>(total)?;
+        let wbf = gpu.alloc::<u16>(total)?;
+        let grad = gpu.alloc::<f32>(total)?;
+        let inv_freq = gpu.upload(&cfg.inv_freq())?;
+        let zero_freq = gpu.upload(&vec![0f32; hd / 2])?;
+        let norm_partial = gpu.alloc::<f64>(gpu.k.grad_norm_blocks())?;
+        let norm_out = gpu.alloc::<f64>(1)?;
+        let mut e = CudaEngine {
+            cfg,
+            gpu,
+            offsets,
+            names,
+            total,
+            master,
+            wbf,
+            grad,
+            moments: None,
+            inv_freq,
+            zero_freq,
+            norm_partial,
+            norm_out,
+            acts: None,
+            head: None,
+            peak_bytes: 0,
+        };
+        e.set_weights(&weights)?;
+        e.note_memory();
+        Ok(e)
+    }
+
+    fn note_memory(&mut self) {
+        if let Ok((free, total)) = self.gpu.ctx.mem_get_info() {
+            self.peak_bytes = self.peak_bytes.max((total - free) as u64);
+        }
+    }
+
+    // --- parameters
+
+    fn tensor_f32(&self, buf: &CudaSlice<f32>, i: usize) -> Result<DPtr<f32>> {
+        let (o, l) = self.offsets[i];
+        self.gpu.ptr(buf).slice(o, l)
+    }
+
+    fn w16(&self, i: usize) -> Result<DPtr<Bf16>> {
+        let (o, l) = self.offsets[i];
+        self.gpu.ptr(&self.wbf).slice(o, l)
+    }
+
+    /// Index in `specs` of layer `l`'s tensor `j` (0 input_norm, 1 q, 2 k, 3 v, 4 o,
+    /// 5 post_norm, 6 gate, 7 up, 8 down); the embedding is 0, then the layers.
+    fn li(l: usize, j: usize) -> usize {
+        1 + 9 * l + j
+    }
+    fn final_norm(&self) -> usize {
+        1 + 9 * self.cfg.n_layers
+    }
+    /// The LM head's tensor: its own, or the tied embedding.
+    fn head_index(&self) -> usize {
+        if self.cfg.tie_word_embeddings {
+            0
+        } else {
+            self.final_norm() + 1
+        }
+    }
+
+    /// Tensors `first..=last` as one span of the flat buffers (they must be adjacent:
+    /// q, k, v of a layer form one [q+2kv, hidden] matrix).
+    fn adjacent(&self, first: usize, last: usize) -> Result<(usize, usize)> {
+        let mut len = 0;
+        for i in first..=last {
+            if self.offsets[i].0 != self.offsets[first].0 + len {
+                return Err(Error::Cuda(format!("tensors {first}..={last} are not adjacent in the flat buffers")));
+            }
+            len += self.offsets[i].1;
+        }
+        Ok((self.offsets[first].0, len))
+    }
+
+    fn qkv16(&self, l: usize) -> Result<DPtr<Bf16>> {
+        let (o, len) = self.adjacent(Self::li(l, 1), Self::li(l, 3))?;
+        self.gpu.ptr(&self.wbf).slice(o, len)
+    }
+
+    fn qkv_grad(&self, l: usize) -> Result<DPtr<f32>> {
+        let (o, len) = self.adjacent(Self::li(l, 1), Self::li(l, 3))?;
+        self.gpu.ptr(&self.grad).slice(o, len)
+    }
+
+    fn download_weights(&self, buf: &CudaSlice<f32>) -> Result<LlamaWeights> {
+        let flat = self.gpu.download(self.gpu.ptr(buf))?;
+        let mut w = LlamaWeights::zeros(&self.cfg);
+        for (t, &(o, l)) in w.tensors_mut().into_iter().zip(&self.offsets) {
+            t.copy_from_slice(&flat[o..o + l]);
+        }
+        Ok(w)
+    }
+
+    fn flatten(&self, w: &LlamaWeights, what: &str) -> Result<Vec<f32>> {
+        let specs = LlamaWeights::specs(&self.cfg);
+        let tensors = w.tensors();
+        if tensors.len() != specs.len() {
+            return Err(Error::invalid(format!(
+                "{what}: {} tensors, this config has {} (layers or tied LM head differ)",
+                tensors.len(),
+                specs.len()
+            )));
+        }
+        let mut flat = vec![0f32; self.total];
+        for ((t, s), &(o, l)) in tensors.iter().zip(&specs).zip(&self.offsets) {
+            if t.len() != l {
+                return Err(Error::invalid(format!(
+                    "{what}: tensor `{}` has {} values, expected {l} (shape {:?})",
+                    s.name,
+                    t.len(),
+                    s.shape
+                )));
+            }
+            flat[o..o + l].copy_from_slice(t);
+        }
+        Ok(flat)
+    }
+
+    // --- buffers
+
+    fn ensure_acts(&mut self, n: usize) -> Result<()> {
+        if self.acts.as_ref().is_some_and(|a| a.cap >= n) {
+            return Ok(());
+        }
+        self.acts = None; // free the old set first
+        let cap = n.next_multiple_of(64);
+        let cfg = &self.cfg;
+        let (h, i, qd, kvd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.n_heads);
+        let qkvd = qd + 2 * kvd;
+        let g = &self.gpu;
+        let mut p = Pool::default();
+        let xs = (0..=cfg.n_layers).map(|_| p.f32(g, cap * h)).collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for _ in 0..cfg.n_layers {
+            layers.push(LayerActs {
+                rstd1: p.f32(g, cap)?,
+                xn1: p.bf16(g, cap * h)?,
+                qkv: p.bf16(g, cap * qkvd)?,
+                att: p.bf16(g, cap * qd)?,
+                lse: p.f32(g, cap * nh)?,
+                x_mid: p.f32(g, cap * h)?,
+                rstd2: p.f32(g, cap)?,
+                xn2: p.bf16(g, cap * h)?,
+                gate: p.bf16(g, cap * i)?,
+                up: p.bf16(g, cap * i)?,
+                act: p.bf16(g, cap * i)?,
+            });
+        }
+        self.acts = Some(Acts {
+            cap,
+            xs,
+            layers,
+            rstd_f: p.f32(g, cap)?,
+            xf: p.bf16(g, cap * h)?,
+            dx: p.f32(g, cap * h)?,
+            dx16: p.bf16(g, cap * h)?,
+            dxn: p.f32(g, cap * h)?,
+            dxf: p.f32(g, cap * h)?,
+            dact: p.bf16(g, cap * i)?,
+            dgate: p.bf16(g, cap * i)?,
+            dup: p.bf16(g, cap * i)?,
+            datt: p.bf16(g, cap * qd)?,
+            delta: p.f32(g, cap * nh)?,
+            dqkv32: p.f32(g, cap * qkvd)?,
+            dqkv16: p.bf16(g, cap * qkvd)?,
+            _pool: p,
+        });
+        self.note_memory();
+        Ok(())
+    }
+
+    fn ensure_head(&mut self, rows: usize) -> Result<()> {
+        let rows = rows.min(head_chunk_rows(self.cfg.vocab_size)).max(1);
+        if self.head.as_ref().is_some_and(|hb| hb.rows >= rows) {
+            return Ok(());
+        }
+        self.head = None;
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let g = &self.gpu;
+        let mut p = Pool::default();
+        self.head = Some(Head {
+            rows,
+            xc32: p.f32(g, rows * h)?,
+            xc16: p.bf16(g, rows * h)?,
+            logits: p.f32(g, rows * v)?,
+            dlogits: p.bf16(g, rows * v)?,
+            dxc: p.f32(g, rows * h)?,
+            _pool: p,
+        });
+        self.note_memory();
+        Ok(())
+    }
+
+    fn check_batch(&self, batch: &PairBatch) -> Result<()> {
+        if batch.n_tokens() == 0 || batch.targets.is_empty() {
+            return Err(Error::invalid("empty batch: no tokens or no completion targets"));
+        }
+        if let Some((row, &tok)) = batch.tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {tok} (batch row {row}) is outside the model's vocabulary of {}; \
+                 the tokenizer does not match the model",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn upload_batch(&self, batch: &PairBatch) -> Result<BatchDev> {
+        let g = &self.gpu;
+        let plan = LogpPlan::new(&batch.targets);
+        let mut targets = vec![-1i32; 2 * plan.rows.len()];
+        for (r, rt) in plan.row_targets.iter().enumerate() {
+            for (j, &ti) in rt.iter().enumerate() {
+                if ti != u32::MAX {
+                    targets[2 * r + j] = plan.tokens[ti as usize] as i32;
+                }
+            }
+        }
+        Ok(BatchDev {
+            tokens: g.upload(&batch.tokens)?,
+            positions: g.upload(&batch.positions)?,
+            group: g.upload(&batch.group)?,
+            branch: g.upload(&batch.branch)?,
+            group_start: g.upload(&batch.group_start)?,
+            rows: g.upload(&plan.rows)?,
+            targets: g.upload(&targets)?,
+            row_logp: g.alloc::<f32>(2 * plan.rows.len())?,
+            row_lse: g.alloc::<f32>(plan.rows.len())?,
+            plan,
+        })
+    }
+
+    fn dims(&self, n: usize) -> AttnDims {
+        let c = &self.cfg;
+        let qkvd = c.q_dim() + 2 * c.kv_dim();
+        AttnDims {
+            n_tokens: n,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            q_stride: qkvd,
+            kv_stride: qkvd,
+            o_stride: c.q_dim(),
+        }
+    }
+
+    fn copy_f32(&self, dst: DPtr<f32>, src: DPtr<f32>, len: usize) -> Result<()> {
+        let (dst, src) = (dst.slice(0, len)?, src.slice(0, len)?);
+        // SAFETY: both views hold `len` elements on this device.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, len * 4, self.gpu.stream.cu_stream()) }
+            .map_err(cuda_err("device copy"))
+    }
+
+    // --- forward
+
+    /// Runs the model over the batch and the LM head over its target rows; leaves the
+    /// per-row log-probs and log-sum-exps in `b.row_logp` / `b.row_lse`.
+    fn forward(&mut self, b: &BatchDev, n: usize) -> Result<()> {
+        self.ensure_acts(n)?;
+        self.ensure_head(b.plan.rows.len())?;
+        let cfg = self.cfg.clone();
+        let (h, i, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let qkvd = qd + 2 * kvd;
+        let eps = cfg.rms_norm_eps;
+        let a = self.acts.as_ref().expect("allocated above");
+        let (xs, layers, rstd_f, xf) = (a.xs.clone(), a.layers.clone(), a.rstd_f, a.xf);
+        let g = &self.gpu;
+        let tokens = g.ptr(&b.tokens);
+        let pos = g.ptr(&b.positions);
+        let freq = g.ptr(&self.inv_freq);
+        let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
+        let d = self.dims(n);
+
+        g.k.embedding_forward(xs[0].slice(0, n * h)?, self.w16(0)?, tokens, h)?;
+        for (l, la) in layers.iter().enumerate() {
+            let x = xs[l];
+            let k = &self.gpu.k;
+            k.rmsnorm_forward(la.xn1, la.rstd1, x.slice(0, n * h)?, self.w16(Self::li(l, 0))?, n, h, eps)?;
+            let wqkv = self.qkv16(l)?;
+            self.gpu.gemm.gemm_bf16(la.qkv, la.xn1, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
+            let k = &self.gpu.k;
+            k.rope_forward(la.qkv, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd)?;
+            k.rope_forward(la.qkv.slice(qd, la.qkv.len - qd)?, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd)?;
+            let (q, kk, v) =
+                (la.qkv, la.qkv.slice(qd, la.qkv.len - qd)?, la.qkv.slice(qd + kvd, la.qkv.len - qd - kvd)?);
+            k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
+            self.copy_f32(la.x_mid, x, n * h)?;
+            let wo = self.w16(Self::li(l, 4))?;
+            self.gpu.gemm.gemm_f32(la.x_mid, la.att, wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?;
+            let k = &self.gpu.k;
+            k.rmsnorm_forward(la.xn2, la.rstd2, la.x_mid.slice(0, n * h)?, self.w16(Self::li(l, 5))?, n, h, eps)?;
+            let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
+            let up_shape = GemmShape::new(n, i, h, false, true);
+            self.gpu.gemm.gemm_bf16(la.gate, la.xn2, wg, &up_shape, 1.0, 0.0)?;
+            self.gpu.gemm.gemm_bf16(la.up, la.xn2, wu, &up_shape, 1.0, 0.0)?;
+            self.gpu.k.swiglu_forward(la.act, la.gate, la.up, n * i)?;
+            self.copy_f32(xs[l + 1], la.x_mid, n * h)?;
+            self.gpu.gemm.gemm_f32(xs[l + 1], la.act, wd, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
+        }
+        let last = xs[cfg.n_layers].slice(0, n * h)?;
+        self.gpu.k.rmsnorm_forward(xf, rstd_f, last, self.w16(self.final_norm())?, n, h, eps)?;
+        self.head_forward(b)
+    }
+
+    /// Gathers chunk `c`'s rows of xf and computes their logits (f32).
+    fn head_logits(&mut self, b: &BatchDev, r0: usize, rows: usize) -> Result<()> {
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let hb = self.head.as_ref().expect("allocated in forward");
+        let (xc32, xc16, logits) = (hb.xc32.slice(0, rows * h)?, hb.xc16.slice(0, rows * h)?, hb.logits);
+        let xf = self.acts.as_ref().expect("allocated in forward").xf;
+        let row_ids = self.gpu.ptr(&b.rows).slice(r0, rows)?;
+        // A row gather is an embedding lookup into xf.
+        self.gpu.k.embedding_forward(xc32, xf, row_ids, h)?;
+        self.gpu.k.cast_f32_bf16(xc16, xc32, rows * h)?;
+        let w = self.w16(self.head_index())?;
+        self.gpu.gemm.gemm_f32(logits, xc16, w, &GemmShape::new(rows, v, h, false, true), 1.0, 0.0)
+    }
+
+    fn head_forward(&mut self, b: &BatchDev) -> Result<()> {
+        let v = self.cfg.vocab_size;
+        let total = b.plan.rows.len();
+        let chunk = self.head.as_ref().expect("allocated in forward").rows;
+        for r0 in (0..total).step_by(chunk) {
+            let rows = chunk.min(total - r0);
+            self.head_logits(b, r0, rows)?;
+            let g = &self.gpu;
+            let logits = self.head.as_ref().expect("allocated").logits;
+            let logp = g.ptr(&b.row_logp).slice(2 * r0, 2 * rows)?;
+            let lse = g.ptr(&b.row_lse).slice(r0, rows)?;
+            let tgt = g.ptr(&b.targets).slice(2 * r0, 2 * rows)?;
+            g.k.logprobs_forward(logp, lse, logits, tgt, rows, v, v)?;
+        }
+        Ok(())
+    }
+
+    /// Per-target log-probs (in `batch.targets` order) from the per-row results.
+    fn target_logps(&self, b: &BatchDev) -> Result<Vec<f32>> {
+        let row_logp = self.gpu.download(self.gpu.ptr(&b.row_logp))?;
+        let mut out = vec![0f32; b.plan.slot.len()];
+        for (r, rt) in b.plan.row_targets.iter().enumerate() {
+            for (j, &ti) in rt.iter().enumerate() {
+                if ti != u32::MAX {
+                    out[ti as usize] = row_logp[2 * r + j];
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn pair_logps(batch: &PairBatch, logp: &[f32]) -> Vec<PairLogps> {
+        let mut out = vec![PairLogps::default(); batch.n_pairs];
+        for (t, &lp) in batch.targets.iter().zip(logp) {
+            let p = &mut out[t.pair as usize];
+            if t.branch == CHOSEN {
+                p.chosen += lp as f64;
+                p.chosen_tokens += 1;
+            } else {
+                p.rejected += lp as f64;
+                p.rejected_tokens += 1;
+            }
+        }
+        out
+    }
+
+    // --- backward
+
+    /// Back-propagates per-row `dlogp [rows, 2]` through the head and the model, adding
+    /// into the gradient buffer.
+    fn backward(&mut self, b: &BatchDev, n: usize, dlogp_rows: &[f32]) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let (h, i, qd, kvd, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
+        let qkvd = qd + 2 * kvd;
+        let dl_dev = self.gpu.upload(dlogp_rows)?;
+        let a = self.acts.as_ref().expect("forward ran");
+        let (xs, layers) = (a.xs.clone(), a.layers.clone());
+        let (dx, dx16, dxn, dxf) =
+            (a.dx.slice(0, n * h)?, a.dx16.slice(0, n * h)?, a.dxn.slice(0, n * h)?, a.dxf.slice(0, n * h)?);
+        let (dact, dgate, dup) = (a.dact.slice(0, n * i)?, a.dgate.slice(0, n * i)?, a.dup.slice(0, n * i)?);
+        let (datt, delta, dqkv32, dqkv16) = (a.datt, a.delta, a.dqkv32, a.dqkv16);
+        let rstd_f = a.rstd_f;
+
+        // LM head, chunk by chunk: dxf rows = dlogits·W, dW_head += dlogitsᵀ·x.
+        self.gpu.k.zero(dxf)?;
+        let total = b.plan.rows.len();
+        let chunk = self.head.as_ref().expect("forward ran").rows;
+        let head_grad = self.tensor_f32(&self.grad, self.head_index())?;
+        let w_head = self.w16(self.head_index())?;
+        for r0 in (0..total).step_by(chunk) {
+            let rows = chunk.min(total - r0);
+            self.head_logits(b, r0, rows)?;
+            let hb = self.head.as_ref().expect("allocated");
+            let (logits, dlogits, xc16, dxc) = (hb.logits, hb.dlogits, hb.xc16, hb.dxc.slice(0, rows * h)?);
+            let g = &self.gpu;
+            let lse = g.ptr(&b.row_lse).slice(r0, rows)?;
+            let tgt = g.ptr(&b.targets).slice(2 * r0, 2 * rows)?;
+            let dl = g.ptr(&dl_dev).slice(2 * r0, 2 * rows)?;
+            g.k.logprobs_backward(dlogits, logits, lse, tgt, dl, rows, v, v, v)?;
+            self.gpu.gemm.gemm_f32(dxc, dlogits, w_head, &GemmShape::new(rows, h, v, false, false), 1.0, 0.0)?;
+            self.gpu.gemm.gemm_f32(head_grad, dlogits, xc16, &GemmShape::new(v, h, rows, true, false), 1.0, 1.0)?;
+            let row_ids = self.gpu.ptr(&b.rows).slice(r0, rows)?;
+            self.gpu.k.embedding_backward(dxf, dxc, row_ids, h)?; // scatter back to the rows
+        }
+        let fnorm = self.final_norm();
+        let last = xs[cfg.n_layers].slice(0, n * h)?;
+        let g = &self.gpu;
+        let (gnorm, wnorm) = (self.tensor_f32(&self.grad, fnorm)?, self.w16(fnorm)?);
+        g.k.rmsnorm_backward(dx, gnorm, dxf, last, wnorm, rstd_f, n, h, false)?;
+
+        let pos = g.ptr(&b.positions);
+        let (freq, zero) = (g.ptr(&self.inv_freq), g.ptr(&self.zero_freq));
+        let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
+        let d = self.dims(n);
+        for l in (0..cfg.n_layers).rev() {
+            let la = layers[l];
+            let gws = (0..9).map(|j| self.tensor_f32(&self.grad, Self::li(l, j))).collect::<Result<Vec<_>>>()?;
+            let gw = |j: usize| -> Result<DPtr<f32>> { Ok(gws[j]) };
+            // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up
+            self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
+            let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
+            let (gg, gu, gd) = (gw(6)?, gw(7)?, gw(8)?);
+            let gm = &mut self.gpu.gemm;
+            gm.gemm_bf16(dact, dx16, wd, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
+            gm.gemm_f32(gd, dx16, la.act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
+            self.gpu.k.swiglu_backward(dgate, dup, dact, la.gate.slice(0, n * i)?, la.up.slice(0, n * i)?, n * i)?;
+            let gm = &mut self.gpu.gemm;
+            gm.gemm_f32(dxn, dgate, wg, &GemmShape::new(n, h, i, false, false), 1.0, 0.0)?;
+            gm.gemm_f32(dxn, dup, wu, &GemmShape::new(n, h, i, false, false), 1.0, 1.0)?;
+            gm.gemm_f32(gg, dgate, la.xn2, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
+            gm.gemm_f32(gu, dup, la.xn2, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
+            let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
+            self.gpu.k.rmsnorm_backward(dx, gpost, dxn, la.x_mid.slice(0, n * h)?, wpost, la.rstd2, n, h, true)?;
+
+            // attention: x_mid = x + att·Woᵀ
+            self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
+            let (wo, go) = (self.w16(Self::li(l, 4))?, gw(4)?);
+            let gm = &mut self.gpu.gemm;
+            gm.gemm_bf16(datt, dx16, wo, &GemmShape::new(n, qd, h, false, false), 1.0, 0.0)?;
+            gm.gemm_f32(go, dx16, la.att, &GemmShape::new(h, qd, n, true, false), 1.0, 1.0)?;
+            let k = &self.gpu.k;
+            k.attention_backward_delta(delta, datt, la.att, &d)?;
+            let (q, kk, vv) =
+                (la.qkv, la.qkv.slice(qd, la.qkv.len - qd)?, la.qkv.slice(qd + kvd, la.qkv.len - qd - kvd)?);
+            let dk32 = dqkv32.slice(qd, dqkv32.len - qd)?;
+            let dv32 = dqkv32.slice(qd + kvd, dqkv32.len - qd - kvd)?;
+            k.attention_backward(dqkv32, dk32, dv32, qkvd, qkvd, datt, q, kk, vv, la.lse, delta, &mask, &d)?;
+            // dq, dk back through RoPE; dv copied (rotation by 0) — all into bf16 dqkv.
+            k.rope_backward(dqkv16, dqkv32, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd, qkvd)?;
+            let dk16 = dqkv16.slice(qd, dqkv16.len - qd)?;
+            k.rope_backward(dk16, dk32, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
+            let dv16 = dqkv16.slice(qd + kvd, dqkv16.len - qd - kvd)?;
+            k.rope_backward(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
+            let (wqkv, gqkv) = (self.qkv16(l)?, self.qkv_grad(l)?);
+            let gm = &mut self.gpu.gemm;
+            gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
+            gm.gemm_f32(gqkv, dqkv16, la.xn1, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
+            let (gin, win) = (gw(0)?, self.w16(Self::li(l, 0))?);
+            self.gpu.k.rmsnorm_backward(dx, gin, dxn, xs[l].slice(0, n * h)?, win, la.rstd1, n, h, true)?;
+        }
+        let g = &self.gpu;
+        g.k.embedding_backward(self.tensor_f32(&self.grad, 0)?, dx, g.ptr(&b.tokens), h)?;
+        Ok(())
+    }
+
+    /// Global L2 norm of the gradient buffer (padding is zero, so it does not count).
+    fn grad_norm(&self) -> Result<f64> {
+        let g = &self.gpu;
+        g.k.grad_norm(g.ptr(&self.norm_out), g.ptr(&self.norm_partial), g.ptr(&self.grad), false)?;
+        Ok(g.download(g.ptr(&self.norm_out))?[0].sqrt())
+    }
+
+    /// Times a large bf16 GEMM (8192³, f32 accumulate, bf16 out): the compute ceiling.
+    fn measure_gemm_peak(&mut self) -> Result<f64> {
+        let s = 8192usize;
+        let a = self.gpu.alloc::<u16>(s * s)?;
+        let c = self.gpu.alloc::<u16>(s * s)?;
+        let (ap, cp) = (self.gpu.ptr(&a), self.gpu.ptr(&c));
+        let shape = GemmShape::new(s, s, s, false, true);
+        self.gpu.gemm.gemm_bf16(cp, ap, ap, &shape, 1.0, 0.0)?; // warm-up, algorithm choice
+        self.gpu.sync()?;
+        let iters = 10;
+        let t = Instant::now();
+        for _ in 0..iters {
+            self.gpu.gemm.gemm_bf16(cp, ap, ap, &shape, 1.0, 0.0)?;
+        }
+        self.gpu.sync()?;
+        Ok(2.0 * (s * s * s) as f64 * iters as f64 / t.elapsed().as_secs_f64())
+    }
+}
+
+impl Engine for CudaEngine {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn device_name(&self) -> String {
+        format!("{} ({})", self.gpu.name, self.gpu.k.arch)
+    }
+
+    fn sequence_logps(&mut self, batch: &PairBatch) -> Result<Vec<PairLogps>> {
+        self.check_batch(batch)?;
+        let b = self.upload_batch(batch)?;
+        self.forward(&b, batch.n_tokens())?;
+        let logp = self.target_logps(&b)?;
+        self.note_memory();
+        Ok(Self::pair_logps(batch, &logp))
+    }
+
+    fn train_step(
+        &mut self,
+        batch: &PairBatch,
+        reference: &[PairLogps],
+        loss: &LossConfig,
+        loss_scale: f64,
+    ) -> Result<Vec<PairLogps>> {
+        self.check_batch(batch)?;
+        if reference.len() != batch.n_pairs {
+            return Err(Error::invalid(format!(
+                "train_step: {} reference log-prob pairs for a batch of {} pairs",
+                reference.len(),
+                batch.n_pairs
+            )));
+        }
+        let b = self.upload_batch(batch)?;
+        let n = batch.n_tokens();
+        self.forward(&b, n)?;
+        let logp = self.target_logps(&b)?;
+        let policy = Self::pair_logps(batch, &logp);
+        let d: Vec<(f64, f64)> = policy
+            .iter()
+            .zip(reference)
+            .map(|(p, r)| {
+                let l = pair_loss(p, r, loss);
+                (loss_scale * l.d_chosen, loss_scale * l.d_rejected)
+            })
+            .collect();
+        let mut dl_rows = vec![0f32; 2 * b.plan.rows.len()];
+        for (r, rt) in b.plan.row_targets.iter().enumerate() {
+            for (j, &ti) in rt.iter().enumerate() {
+                if ti != u32::MAX {
+                    let t = &batch.targets[ti as usize];
+                    let (dc, dr) = d[t.pair as usize];
+                    dl_rows[2 * r + j] = (if t.branch == CHOSEN { dc } else { dr }) as f32;
+                }
+            }
+        }
+        self.backward(&b, n, &dl_rows)?;
+        self.gpu.sync()?;
+        self.note_memory();
+        Ok(policy)
+    }
+
+    /// Clips as torch's `clip_grad_norm_` and updates as `torch.optim.AdamW`, with no
+    /// weight decay on `*norm*` tensors (HF Trainer), like the CPU engine.
+    fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> Result<f64> {
+        let norm = self.grad_norm()?;
+        if !norm.is_finite() {
+            self.zero_grads();
+            return Err(Error::invalid(format!(
+                "gradient norm is {norm}: the update was skipped; lower the learning rate or check the data"
+            )));
+        }
+        let scale = match opt.max_grad_norm {
+            Some(max) => (max / (norm + 1e-6)).min(1.0) as f32,
+            None => 1.0,
+        };
+        if self.moments.is_none() {
+            let m = self.gpu.alloc::<f32>(self.total)?;
+            let v = self.gpu.alloc::<f32>(self.total)?;
+            self.moments = Some((m, v, 0));
+            self.note_memory();
+        }
+        let step = {
+            let mo = self.moments.as_mut().expect("set above");
+            mo.2 += 1;
+            mo.2
+        };
+        let (m, v, _) = self.moments.as_ref().expect("set above");
+        let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
+        let (pp, gp, bp) = (self.gpu.ptr(&self.master), self.gpu.ptr(&self.grad), self.gpu.ptr(&self.wbf));
+        // Runs of adjacent tensors with the same weight decay go in one launch (padding
+        // between tensors is zero in every buffer and stays zero).
+        let wd_of = |i: usize| if self.names[i].contains("norm") { 0.0 } else { opt.weight_decay };
+        let mut i = 0;
+        while i < self.offsets.len() {
+            let wd = wd_of(i);
+            let mut j = i;
+            while j + 1 < self.offsets.len() && wd_of(j + 1) == wd {
+                j += 1;
+            }
+            let start = self.offsets[i].0;
+            let end = self.offsets[j].0 + self.offsets[j].1;
+            let len = end - start;
+            self.gpu.k.adamw_update(
+                pp.slice(start, len)?,
+                mp.slice(start, len)?,
+                vp.slice(start, len)?,
+                bp.slice(start, len)?,
+                gp.slice(start, len)?,
+                scale,
+                lr,
+                opt.beta1,
+                opt.beta2,
+                opt.eps,
+                wd,
+                step,
+                true,
+            )?;
+            i = j + 1;
+        }
+        self.zero_grads();
+        self.gpu.sync()?;
+        Ok(norm)
+    }
+
+    fn zero_grads(&mut self) {
+        let p = self.gpu.ptr(&self.grad);
+        // A failed memset leaves a CUDA error that the next call reports.
+        let _ = self.gpu.k.zero(p);
+    }
+
+    fn grads(&self) -> Result<LlamaWeights> {
+        self.download_weights(&self.grad)
+    }
+
+    fn weights(&self) -> Result<LlamaWeights> {
+        self.download_weights(&self.master)
+    }
+
+    fn set_weights(&mut self, w: &LlamaWeights) -> Result<()> {
+        let flat = self.flatten(w, "set_weights")?;
+        let p = self.gpu.ptr(&self.master);
+        self.gpu.write(p, &flat)?;
+        self.gpu.write(self.gpu.ptr(&self.wbf), &to_bf16(&flat))?;
+        self.zero_grads();
+        self.gpu.sync()
+    }
+
+    fn optimizer_state(&self) -> Result<Option<AdamState>> {
+        match &self.moments {
+            None => Ok(None),
+            Some((m, v, step)) => {
+                Ok(Some(AdamState { m: self.download_weights(m)?, v: self.download_weights(v)?, step: *step }))
+            }
+        }
+    }
+
+    fn set_optimizer_state(&mut self, state: Option<AdamState>) -> Result<()> {
+        match state {
+            None => self.moments = None,
+            Some(s) => {
+                let (fm, fv) = (self.flatten(&s.m, "optimizer state (m)")?, self.flatten(&s.v, "optimizer state (v)")?);
+                let (m, v) = (self.gpu.upload(&fm)?, self.gpu.upload(&fv)?);
+                self.moments = Some((m, v, s.step));
+            }
+        }
+        Ok(())
+    }
+
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        Some(self.peak_bytes)
+    }
+
+    fn gemm_peak_flops(&mut self) -> Option<f64> {
+        self.measure_gemm_peak().ok()
+    }
+}
