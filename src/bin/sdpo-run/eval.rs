@@ -25,7 +25,7 @@ pub struct EvalArgs {
     /// The reference (e.g. the SFT model, or out/step-1).
     #[arg(long)]
     pub reference: PathBuf,
-    /// Pre-tokenized JSONL files.
+    /// Preference records (or pre-tokenized pairs), tokenized for --model.
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     #[arg(long, default_value_t = 0.1)]
@@ -36,6 +36,8 @@ pub struct EvalArgs {
     pub layout: LayoutName,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    #[command(flatten)]
+    pub data_options: sdpo::data::DataOptions,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -54,7 +56,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         rcfg.vocab_size,
         cfg.vocab_size
     );
-    let pairs = load_data(&args.data, &cfg)?;
+    let pairs = load_data(&args.data, &args.data_options, &args.model, false)?;
     let refs: Vec<&PairExample> = pairs.iter().collect();
     let score = |cfg, w| -> Result<Vec<PairLogps>> {
         let mut e = engine::open(args.device, cfg, w)?;

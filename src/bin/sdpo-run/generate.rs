@@ -1,12 +1,14 @@
 //! `sdpo-run generate`: a completion of one prompt, greedy or sampled, with the CPU
 //! engine's KV cache. The prompt is wrapped as a one-message user conversation by the
-//! model's chat template; for the demo's character-level model that is `<s>` + the text.
+//! model's chat template (the demo model's: `<s>` + the text), as training data is.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
+use sdpo::data::records::{Text, TextPair};
+use sdpo::data::tokenize::PairTokenizer;
 use sdpo::engine::cpu::CpuEngine;
 use sdpo::generate::{generate, GenOptions};
 
@@ -34,14 +36,10 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let (cfg, w) = load_model(&args.model, None)?;
+    let ids = prompt_ids(&args.model, &args.prompt, args.raw)?;
     let tok_path = args.model.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))
-        .context("generate needs the model folder's tokenizer.json")?;
-    let text = if args.raw { args.prompt.clone() } else { apply_template(&args.model, &args.prompt)? };
-    let enc = tokenizer.encode(text.as_str(), args.raw).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-    let ids = enc.get_ids().to_vec();
-    anyhow::ensure!(!ids.is_empty(), "the prompt tokenizes to nothing");
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     let engine = CpuEngine::new(cfg.clone(), w)?;
     let opts = GenOptions {
         max_new_tokens: args.max_new_tokens,
@@ -55,29 +53,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The chat-templated prompt. The demo's template is `bos_token + content` (the only
-/// form this renders directly); other templates need the data module's Jinja renderer.
-fn apply_template(dir: &std::path::Path, prompt: &str) -> Result<String> {
-    let path = dir.join("tokenizer_config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(prompt.to_string());
-    };
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    let token = |k: &str| -> String {
-        match &v[k] {
-            serde_json::Value::String(s) => s.clone(),
-            o => o["content"].as_str().unwrap_or("").to_string(),
+/// The prompt's ids exactly as training tokenizes a prompt: a one-message user
+/// conversation through the model's chat template (plain text with `--raw` or when the
+/// model has none), cut where the answer would start.
+fn prompt_ids(model: &std::path::Path, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+    let tok = PairTokenizer::load(model, None).context("generate needs the model folder's tokenizer")?;
+    let chat = !raw && tok.has_chat_template();
+    let text = |role: &str, t: &str| {
+        if chat {
+            Text::Chat(vec![serde_json::json!({"role": role, "content": t})])
+        } else {
+            Text::Plain(t.to_string())
         }
     };
-    match v["chat_template"].as_str() {
-        None => Ok(prompt.to_string()),
-        Some(t) if t == DEMO_TEMPLATE => Ok(format!("{}{prompt}", token("bos_token"))),
-        Some(_) => anyhow::bail!(
-            "{}: this chat template needs the Jinja renderer, not available here yet; pass --raw with the \
-             formatted prompt",
-            path.display()
-        ),
-    }
+    // The answers are placeholders: only the prompt part of the tokenized pair is used.
+    let pair = TextPair {
+        prompt: text("user", prompt),
+        chosen: text("assistant", "a"),
+        rejected: text("assistant", "b"),
+        tools: None,
+        source: String::new(),
+    };
+    let ids = tok.tokenize(&pair).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.prompt;
+    anyhow::ensure!(!ids.is_empty(), "the prompt tokenizes to nothing");
+    Ok(ids)
 }
-
-const DEMO_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}";

@@ -19,7 +19,7 @@ pub struct PartitionArgs {
     /// The initial model M_0 (scores pairs for `sources` and `difficulty`).
     #[arg(long)]
     pub model: PathBuf,
-    /// Pre-tokenized JSONL files; each file is a source unless records name theirs.
+    /// Preference records (or pre-tokenized pairs); each file is a source unless records name theirs.
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     #[arg(long, value_enum, default_value_t = PartitionKind::Sources)]
@@ -37,6 +37,8 @@ pub struct PartitionArgs {
     pub layout: LayoutName,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    #[command(flatten)]
+    pub data_options: sdpo::data::DataOptions,
     /// Write the JSON here (default: standard output).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -44,7 +46,7 @@ pub struct PartitionArgs {
 
 pub fn run(args: PartitionArgs) -> Result<()> {
     let (cfg, w) = load_model(&args.model, None)?;
-    let pairs = load_data(&args.data, &cfg)?;
+    let pairs = load_data(&args.data, &args.data_options, &args.model, false)?;
     let scores = if args.partition.needs_scores() {
         let mut e = engine::open(args.device, cfg.clone(), w)?;
         let refs: Vec<&PairExample> = pairs.iter().collect();

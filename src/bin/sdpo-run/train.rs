@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use sdpo::config::LlamaConfig;
-use sdpo::data::pretokenized::read_pairs;
+use sdpo::data::{load_pairs, DataOptions};
 use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::{self, AdamWConfig, Device, Engine};
 use sdpo::sdpo::{split_eval, PartitionKind, ReferenceMode, RunSummary, SdpoOptions};
@@ -158,8 +158,9 @@ pub struct TrainArgs {
     /// The starting model M_0: a Hugging Face folder (config.json + safetensors).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training data: pre-tokenized JSONL (prompt_ids / chosen_ids / rejected_ids /
-    /// source). Each file is a source unless records name theirs.
+    /// Training data: preference records (JSONL / JSON / parquet; prompt / chosen /
+    /// rejected as text or messages, or pre-tokenized prompt_ids / chosen_ids /
+    /// rejected_ids). Each file is a source unless records name theirs.
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
     /// Held-out evaluation data (same formats); evaluated after every sDPO step.
@@ -247,6 +248,9 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// How records are read and tokenized (flags only; not part of run.toml).
+    #[command(flatten)]
+    pub data_options: DataOptions,
     /// Testing aid: corrupt the policy with NaN before this global update.
     #[arg(long, hide = true)]
     pub debug_nan_at: Option<u64>,
@@ -319,13 +323,15 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
     Ok(c)
 }
 
-/// Loads pairs from files: pre-tokenized JSONL.
-pub fn load_data(files: &[PathBuf], cfg: &LlamaConfig) -> Result<Vec<PairExample>> {
-    let mut all = Vec::new();
-    for f in files {
-        all.extend(read_pairs(f, cfg.vocab_size).with_context(|| format!("loading {}", f.display()))?);
+/// Loads pairs from files (JSONL / JSON / parquet records, text or conversations, or
+/// pre-tokenized ids), tokenized for the model in `model_dir` with its chat template.
+pub fn load_data(files: &[PathBuf], opts: &DataOptions, model_dir: &Path, quiet: bool) -> Result<Vec<PairExample>> {
+    let (pairs, summary) = load_pairs(files, opts, model_dir)?;
+    if !quiet {
+        eprintln!("{summary}");
     }
-    Ok(all)
+    anyhow::ensure!(!pairs.is_empty(), "no pairs left in {files:?} after tokenization and truncation");
+    Ok(pairs)
 }
 
 /// The model folder's config and weights (or random weights with `random_init`).
@@ -386,11 +392,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let out = c.out.clone().context("--out is required (the run's output folder)")?;
     ensure!(!c.data.is_empty(), "--data is required (pre-tokenized JSONL files)");
     let (cfg, m0) = load_model(&model, c.random_init)?;
-    let data = load_data(&c.data, &cfg)?;
+    let data = load_data(&c.data, &args.data_options, &model, args.quiet)?;
     let (train, eval) = if c.eval_data.is_empty() {
         split_eval(data, c.eval_fraction, c.seed)
     } else {
-        (data, load_data(&c.eval_data, &cfg)?)
+        (data, load_data(&c.eval_data, &args.data_options, &model, args.quiet)?)
     };
     prepare_out(&out, &c, args.resume, args.overwrite)?;
     let opts = SdpoOptions {
