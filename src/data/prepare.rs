@@ -334,6 +334,9 @@ fn check_parquet_columns(path: &Path, f: &Fields) -> Result<()> {
     let mut need = vec![(&f.chosen, "chosen"), (&f.rejected, "rejected")];
     if let Some(s) = &f.system {
         need.push((s, "system"));
+    }
+    // Only the default prompt field may be absent (implicit prompts).
+    if f.system.is_some() || f.prompt != "prompt" {
         need.push((&f.prompt, "prompt"));
     }
     for (c, flag) in need {

@@ -6,6 +6,7 @@ mod demo;
 mod eval;
 mod generate;
 mod partition;
+mod prepare;
 mod train;
 
 use anyhow::Result;
@@ -34,6 +35,8 @@ enum Command {
     DebugStep(debug_step::DebugStepArgs),
     /// Training speed on a model of a published shape: tokens/s, MFU, peak memory, time split.
     Bench(bench::BenchArgs),
+    /// Preference records (JSONL/JSON/parquet, text or chat) -> pre-tokenized pairs, as TRL tokenizes them.
+    Prepare(prepare::PrepareArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::DebugStep(args)) => debug_step::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Prepare(args)) => prepare::run(args),
     }
 }
