@@ -50,14 +50,16 @@ fn bytes(p: PathBuf) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-#[test]
-fn sigkill_mid_step_then_resume_is_bitwise_equal() {
-    let root = setup("kill");
-    let full = train_cmd(&root, "full", &[]).output().unwrap();
+/// Runs to the end uninterrupted; then again, killed with SIGKILL inside step 2 and
+/// resumed; the step folders must be identical to the byte.
+fn kill_and_resume(name: &str, extra: &[&str]) {
+    let root = setup(name);
+    let full = train_cmd(&root, "full", extra).output().unwrap();
     assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
 
     // Slowed down (20 ms per update) so that the kill lands inside step 2.
-    let mut child = train_cmd(&root, "killed", &["--debug-sleep-ms", "20"]).spawn().unwrap();
+    let slow = [extra, &["--debug-sleep-ms", "20"]].concat();
+    let mut child = train_cmd(&root, "killed", &slow).spawn().unwrap();
     let out = root.join("killed");
     let t0 = Instant::now();
     loop {
@@ -75,7 +77,7 @@ fn sigkill_mid_step_then_resume_is_bitwise_equal() {
     child.wait().unwrap();
     assert!(!out.join("step-3").exists(), "the run was killed before it finished");
 
-    let resumed = train_cmd(&root, "killed", &["--resume"]).output().unwrap();
+    let resumed = train_cmd(&root, "killed", &[extra, &["--resume"]].concat()).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     for t in 1..=3 {
         let f = format!("step-{t}/model.safetensors");
@@ -85,6 +87,18 @@ fn sigkill_mid_step_then_resume_is_bitwise_equal() {
     let lines = |d: &str| std::fs::read_to_string(root.join(d).join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(lines("full"), lines("killed"));
     let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn sigkill_mid_step_then_resume_is_bitwise_equal() {
+    kill_and_resume("kill", &[]);
+}
+
+/// The same with every piece of state in play: the inline reference's weights, AdamW
+/// moments carried across steps, and one schedule over all steps.
+#[test]
+fn sigkill_and_resume_with_inline_reference_and_carried_optimizer() {
+    kill_and_resume("kill-inline", &["--reference", "inline", "--carry-optimizer", "--carry-schedule"]);
 }
 
 #[test]

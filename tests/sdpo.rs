@@ -225,3 +225,28 @@ fn partitions_from_a_real_models_gamma() {
         assert!(c.pairs.iter().all(|&i| train[i].source == c.name));
     }
 }
+
+#[test]
+fn carried_schedule_continues_across_steps_and_fresh_one_restarts() {
+    let cfg = tiny_cfg();
+    let m0 = LlamaWeights::random(&cfg, 8);
+    let (train, _) = data();
+    let first_lrs = |carry: bool| -> Vec<f64> {
+        let out = tmp(if carry { "carry" } else { "fresh" });
+        let mut o = opts(out.clone(), PartitionKind::InOrder, Some(2));
+        o.carry_schedule = carry;
+        o.carry_optimizer = carry;
+        run(&o, &cfg, m0.clone(), &train, &[], &cpu).unwrap();
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["sdpo/update"] == 1)
+            .map(|v| v["train/learning_rate"].as_f64().unwrap())
+            .collect()
+    };
+    // 48 pairs, 2 chunks of 24, 8 per update, 2 epochs: 6 updates per step, 12 in all.
+    let o = train_opts();
+    assert_eq!(first_lrs(false), vec![0.0, 0.0], "a fresh warmup starts every step at 0");
+    assert_eq!(first_lrs(true), vec![0.0, lr_at(o.lr, o.schedule, o.warmup_ratio, 6, 12)]);
+}

@@ -454,3 +454,39 @@ pub fn print_summary(s: &RunSummary, out: &Path, seconds: f64) {
         out.display()
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn flags_override_the_config_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("sdpo-runtoml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, "lr = 1e-6\nbeta = 0.2\npartition = \"difficulty\"\nsteps = 3\ndata = [\"a.jsonl\"]\n")
+            .unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--beta", "0.3", "--carry-schedule"]);
+        let c = resolve(&cli.args).unwrap();
+        assert_eq!((c.lr, c.beta, c.steps, c.partition), (1e-6, 0.3, Some(3), PartitionKind::Difficulty));
+        assert!(c.carry_schedule && !c.carry_optimizer);
+        assert_eq!(c.data, vec![PathBuf::from("a.jsonl")]);
+        // untouched settings keep Zephyr/TRL's defaults
+        assert_eq!((c.warmup_ratio, c.batch_pairs, c.epochs, c.max_grad_norm), (0.1, 32, 1, 1.0));
+        // the written run.toml reads back to the same configuration
+        assert_eq!(toml::from_str::<RunConfig>(&c.to_toml()).unwrap(), c);
+        // an unknown key is an error that names it
+        std::fs::write(&path, "learning_rate = 1e-6\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        let err = format!("{:#}", resolve(&cli.args).unwrap_err());
+        assert!(err.contains("learning_rate"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
