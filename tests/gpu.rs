@@ -602,8 +602,13 @@ fn engine_matches_cpu_engine_on_random_models() {
     }
 }
 
+/// tests/fixtures under the working directory (the GPU host runs the prebuilt binary from
+/// the repository root, elsewhere than where it was built), else where it was built.
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    let local = Path::new("tests/fixtures");
+    let root =
+        if local.is_dir() { local.to_path_buf() } else { Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures") };
+    root.join(rel)
 }
 
 #[test]
@@ -627,4 +632,46 @@ fn engine_matches_cpu_engine_on_fixtures() {
         ran += 1;
     }
     assert!(ran >= 1, "no fixture model fits the CUDA engine");
+}
+
+// --- ceilings (measured, not asserted): what tools/gpu-check.sh reports first
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_ceilings() {
+    let mut g = gpu();
+    // Device-to-device copy of 2 GiB: bandwidth = 2·bytes / time (read + write).
+    let bytes = 2usize << 30;
+    let a = g.alloc::<u8>(bytes).unwrap();
+    let b = g.alloc::<u8>(bytes).unwrap();
+    let (pa, pb) = (g.ptr(&a), g.ptr(&b));
+    let copy = |g: &Gpu| unsafe {
+        cudarc::driver::result::memcpy_dtod_async(pb.ptr, pa.ptr, bytes, g.stream.cu_stream()).unwrap()
+    };
+    copy(&g);
+    g.sync().unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..10 {
+        copy(&g);
+    }
+    g.sync().unwrap();
+    let copy_gbs = 2.0 * bytes as f64 * 10.0 / t.elapsed().as_secs_f64() / 1e9;
+    drop((a, b));
+
+    // bf16 GEMM 8192³ with fp32 accumulation, bf16 out.
+    let s = 8192usize;
+    let x = g.alloc::<Bf16>(s * s).unwrap();
+    let y = g.alloc::<Bf16>(s * s).unwrap();
+    let (px, py) = (g.ptr(&x), g.ptr(&y));
+    let shape = GemmShape::new(s, s, s, false, true);
+    g.gemm.gemm_bf16(py, px, px, &shape, 1.0, 0.0).unwrap();
+    g.sync().unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        g.gemm.gemm_bf16(py, px, px, &shape, 1.0, 0.0).unwrap();
+    }
+    g.sync().unwrap();
+    let tflops = 2.0 * (s * s * s) as f64 * 20.0 / t.elapsed().as_secs_f64() / 1e12;
+    println!("CEILING device={} copy_GBps={copy_gbs:.0} bf16_gemm_TFLOPs={tflops:.0}", g.name);
+    assert!(copy_gbs > 0.0 && tflops > 0.0);
 }

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The prepared GPU run (see /work/shared/GPU.md and DESIGN.md). The GPU host has the CUDA
+# toolkit, PyTorch and no Rust toolchain, so binaries are built on a development machine:
+#
+#   tools/gpu-check.sh --prepare     # here: fills .gpu/ (git-ignored) with
+#       cargo build --release                          -> .gpu/sdpo-run
+#       cargo test --release --no-run --test gpu       -> .gpu/gpu-tests
+#       cargo bench --no-run --bench kernels           -> .gpu/kernels-bench (optional)
+#     stripped; then copy the repository (with .gpu/) to the GPU host.
+#   tools/gpu-check.sh               # on the GPU host, from the repository root
+#
+# It (1) prints the environment, (2) measures the copy and bf16-GEMM ceilings, (3) runs
+# every GPU parity test (tests/gpu.rs, `--ignored`), (4) runs the kernel benchmarks and the
+# end-to-end training benchmark, (5) runs the PyTorch side-by-side when
+# tools/compare_torch.py exists. Full logs go to $GPU_LOG_DIR (default
+# runs/gpu-check-<time>/); a short table is printed last. Each step has a time limit; the
+# whole run stays under 10 minutes on an H200. The kernels are compiled by the host's
+# NVRTC at first use and cached in ~/.cache/sdpo (SDPO_CACHE overrides).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=.gpu
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  mkdir -p "$BIN"
+  cargo build --release --bin sdpo-run
+  cp target/release/sdpo-run "$BIN/sdpo-run"
+  exe=$(cargo test --release --no-run --test gpu 2>&1 | grep -o 'target/release/deps/gpu-[0-9a-f]*' | tail -1)
+  cp "$exe" "$BIN/gpu-tests"
+  if exe=$(cargo bench --no-run --bench kernels 2>&1 | grep -o 'target/release/deps/kernels-[0-9a-f]*' | tail -1) && [ -n "$exe" ]; then
+    cp "$exe" "$BIN/kernels-bench"
+  fi
+  strip "$BIN"/* 2>/dev/null || true
+  git rev-parse HEAD > "$BIN/COMMIT"
+  ls -la "$BIN"
+  exit 0
+fi
+
+LOG=${GPU_LOG_DIR:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$LOG"
+ROWS=()
+
+# step NAME LIMIT_SECONDS SUMMARY_REGEX COMMAND...: runs COMMAND with a time limit, logs
+# to $LOG/NAME.log, and records a table row with the last line matching SUMMARY_REGEX.
+step() {
+  local name=$1 limit=$2 pattern=$3
+  shift 3
+  echo "== $name: $*" | tee -a "$LOG/steps.txt"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1
+  local rc=$? status=ok
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="TIMEOUT(${limit}s)"
+  [ $rc -ne 0 ] && [ "$status" = ok ] && status="FAIL(rc=$rc)"
+  local summary
+  summary=$(grep -E "$pattern" "$LOG/$name.log" | tail -1 | cut -c1-110)
+  ROWS+=("$(printf '%-14s %-14s %5ss  %s' "$name" "$status" "$((SECONDS - t0))" "$summary")")
+  tail -5 "$LOG/$name.log"
+}
+
+skip() {
+  ROWS+=("$(printf '%-14s %-14s %5s   %s' "$1" "skipped" "-" "$2")")
+}
+
+# (1) environment
+{
+  echo "commit (binaries): $(cat $BIN/COMMIT 2>/dev/null || echo unknown)"
+  echo "commit (tree): $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  date -u
+  nvidia-smi || echo "nvidia-smi failed"
+  echo "--- libraries (ldconfig)"
+  ldconfig -p | grep -E 'libcuda\.so|libnvrtc|libcublasLt' || echo "none on the loader path"
+  echo "--- /usr/local/cuda*/lib64"
+  ls -d /usr/local/cuda* 2>/dev/null
+  ls /usr/local/cuda*/lib64 2>/dev/null | grep -E 'libnvrtc|libcublasLt|libcudart' | sort -u
+  nvcc --version 2>/dev/null | tail -2
+  python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)' 2>&1
+} >"$LOG/env.log" 2>&1
+cat "$LOG/env.log"
+ROWS+=("$(printf '%-14s %-14s %5s   %s' env logged - "$(grep -m1 -oE 'NVIDIA [A-Z0-9]+[^|]*' "$LOG/env.log" | head -1 | cut -c1-60)")")
+
+if [ ! -x "$BIN/gpu-tests" ]; then
+  echo "missing $BIN/gpu-tests: run tools/gpu-check.sh --prepare on a machine with Rust first" >&2
+  exit 2
+fi
+
+# (2) ceilings (also compiles every kernel with NVRTC once, filling the cache)
+step ceilings 120 'CEILING' "$BIN/gpu-tests" --ignored --exact gpu_ceilings --nocapture
+
+# (3) parity: every kernel against its CPU op, then whole engine against the CPU engine
+step kernels-parity 240 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture --skip engine_ --skip gpu_ceilings
+step engine-parity 180 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture engine_
+
+# (4) benchmarks
+if [ -x "$BIN/kernels-bench" ]; then
+  step kernels-bench 120 'time:' "$BIN/kernels-bench" --bench --warm-up-time 1 --measurement-time 2
+else
+  skip kernels-bench "no $BIN/kernels-bench"
+fi
+if [ -x "$BIN/sdpo-run" ]; then
+  step train-bench 150 'tokens|MFU|mfu' "$BIN/sdpo-run" bench --device cuda --shape llama-1b --steps 5 --warmup 1
+else
+  skip train-bench "no $BIN/sdpo-run"
+fi
+
+# (5) PyTorch side-by-side
+if [ -f tools/compare_torch.py ]; then
+  step torch 150 'tokens|step|MFU' python3 tools/compare_torch.py
+else
+  skip torch "tools/compare_torch.py not in this tree"
+fi
+
+grep -h 'rel err' "$LOG"/*-parity.log | sort -t' ' -k1,1 >"$LOG/parity-errors.txt" 2>/dev/null
+echo
+echo "logs: $LOG   (parity relative errors: $LOG/parity-errors.txt)"
+printf '%-14s %-14s %6s  %s\n' step status time summary
+printf '%s\n' "${ROWS[@]}"
+# Non-zero when any step failed or timed out.
+! printf '%s\n' "${ROWS[@]}" | grep -qE 'FAIL|TIMEOUT'
