@@ -8,6 +8,12 @@
 //! - `hinge`:   max(0, 1 − β h)
 //! - `sft`:     −π_c / |y_c|, the mean token NLL of the chosen answer
 //! `sft_weight` adds α·(−π_c / |y_c|) to any of them (TRL's `rpo_alpha`).
+//!
+//! Rewards are β·(π − ref) on summed log-probs for every loss, as TRL 1.16 logs them.
+//! Differences from TRL, on purpose: `sft` is the mean over pairs of each pair's mean
+//! token NLL (TRL averages over all chosen tokens of a micro-batch, which is not
+//! decomposable per pair and so would change with the micro-batch split); label
+//! smoothing is the cDPO form on `sigmoid` (TRL 1.16 has it under `robust`/`exo_pair`).
 
 use serde::{Deserialize, Serialize};
 
@@ -120,7 +126,13 @@ pub fn pair_loss(policy: &PairLogps, reference: &PairLogps, cfg: &LossConfig) ->
         loss += nll_weight * (-policy.chosen / nc);
         d_chosen += -nll_weight / nc;
     }
-    PairLoss { loss, d_chosen, d_rejected, reward_chosen: beta * (pc - rc), reward_rejected: beta * (pr - rr) }
+    PairLoss {
+        loss,
+        d_chosen,
+        d_rejected,
+        reward_chosen: beta * (policy.chosen - reference.chosen),
+        reward_rejected: beta * (policy.rejected - reference.rejected),
+    }
 }
 
 /// Metrics over a set of pairs, under TRL's names.
@@ -205,6 +217,15 @@ mod tests {
                 / (2.0 * e);
             assert!((fc - l.d_chosen).abs() < 1e-8, "{kind:?} chosen {fc} vs {}", l.d_chosen);
             assert!((fr - l.d_rejected).abs() < 1e-8, "{kind:?} rejected {fr} vs {}", l.d_rejected);
+        }
+    }
+
+    #[test]
+    fn rewards_use_summed_log_ratios_for_every_loss() {
+        let (p, r) = (lp(-10.0, -11.5), lp(-10.7, -10.9));
+        for kind in [LossKind::Sigmoid, LossKind::Ipo, LossKind::Hinge, LossKind::Sft] {
+            let l = pair_loss(&p, &r, &LossConfig { kind, beta: 0.5, ..Default::default() });
+            assert!((l.reward_chosen - 0.5 * 0.7).abs() < 1e-12 && (l.reward_rejected + 0.5 * 0.6).abs() < 1e-12);
         }
     }
 
