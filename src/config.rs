@@ -60,7 +60,13 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Reads `<dir>/config.json` (or the file itself when given a file).
     pub fn from_path(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::file(path, "not found: expected a Hugging Face model folder holding config.json"));
+        }
         let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        if !file.exists() {
+            return Err(Error::file(&file, "not found: a Hugging Face model folder needs its config.json"));
+        }
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         let raw: Value = serde_json::from_str(&text).map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
         Self::from_json(raw).map_err(|msg| Error::file(&file, msg))
