@@ -36,6 +36,11 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 
+# cudarc loads libcuda, libnvrtc and libcublasLt by name; make the toolkit's visible.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
+
 LOG=${GPU_LOG_DIR:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$LOG"
 ROWS=()
@@ -65,6 +70,7 @@ skip() {
 {
   echo "commit (binaries): $(cat $BIN/COMMIT 2>/dev/null || echo unknown)"
   echo "commit (tree): $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
   date -u
   nvidia-smi || echo "nvidia-smi failed"
   echo "--- libraries (ldconfig)"
