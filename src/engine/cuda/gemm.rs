@@ -51,12 +51,41 @@ impl GemmShape {
         GemmShape { m, n, k, trans_a, trans_b, lda, ldb, ldc: n }
     }
 
+    /// The cuBLAS (column-major) view of the call: operand 1 is op(B)ᵀ, operand 2 is
+    /// op(A)ᵀ, the output is Cᵀ `[n, m]` — a row-major matrix read column-major is its
+    /// transpose, so Cᵀ = op(B)ᵀ·op(A)ᵀ needs no copies.
+    pub fn column_major(&self) -> [ColMajor; 3] {
+        // Stored B is [k, n] row-major = [n, k] column-major = Bᵀ: already op(B)ᵀ, no op;
+        // stored [n, k] (trans_b) reads as [k, n] and needs a transpose. Same for A.
+        let op1 = if self.trans_b {
+            ColMajor { rows: self.k, cols: self.n, ld: self.ldb, trans: true }
+        } else {
+            ColMajor { rows: self.n, cols: self.k, ld: self.ldb, trans: false }
+        };
+        let op2 = if self.trans_a {
+            ColMajor { rows: self.m, cols: self.k, ld: self.lda, trans: true }
+        } else {
+            ColMajor { rows: self.k, cols: self.m, ld: self.lda, trans: false }
+        };
+        [op1, op2, ColMajor { rows: self.n, cols: self.m, ld: self.ldc, trans: false }]
+    }
+
     /// Elements A, B and C must span.
     fn spans(&self) -> (usize, usize, usize) {
         let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
         let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
         ((ar - 1) * self.lda + ac, (br - 1) * self.ldb + bc, (self.m - 1) * self.ldc + self.n)
     }
+}
+
+/// One cuBLAS operand: its stored column-major shape and leading dimension, and whether
+/// the call applies a transpose (CUBLAS_OP_T).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColMajor {
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+    pub trans: bool,
 }
 
 fn lt_err(what: &str) -> impl Fn(lt::CublasError) -> Error + '_ {
@@ -122,21 +151,18 @@ impl Gemm {
             OutType::F32 => sys::cudaDataType_t::CUDA_R_32F,
             OutType::Bf16 => bf16,
         };
-        // cuBLAS operand 1 is op(B)ᵀ, operand 2 is op(A)ᵀ (column-major views).
-        let (b_rows, b_cols) = if s.trans_b { (s.k, s.n) } else { (s.n, s.k) };
-        let (a_rows, a_cols) = if s.trans_a { (s.m, s.k) } else { (s.k, s.m) };
-        let l1 =
-            lt::create_matrix_layout(bf16, b_rows as u64, b_cols as u64, s.ldb as i64).map_err(lt_err("layout"))?;
-        let l2 =
-            lt::create_matrix_layout(bf16, a_rows as u64, a_cols as u64, s.lda as i64).map_err(lt_err("layout"))?;
-        let l3 = lt::create_matrix_layout(c_type, s.n as u64, s.m as u64, s.ldc as i64).map_err(lt_err("layout"))?;
+        let [o1, o2, oc] = s.column_major();
+        let layout = |t, o: ColMajor| lt::create_matrix_layout(t, o.rows as u64, o.cols as u64, o.ld as i64);
+        let l1 = layout(bf16, o1).map_err(lt_err("layout"))?;
+        let l2 = layout(bf16, o2).map_err(lt_err("layout"))?;
+        let l3 = layout(c_type, oc).map_err(lt_err("layout"))?;
         let desc =
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(lt_err("matmul desc"))?;
         let d = Descs { desc, layouts: [l1, l2, l3] };
         for (attr, t) in [
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, s.trans_b),
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, s.trans_a),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, o1.trans),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, o2.trans),
         ] {
             let op: i32 = t as i32; // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
                                     // SAFETY: the descriptor is live; the attribute is a 4-byte enum.
@@ -255,5 +281,62 @@ impl Gemm {
         beta: f32,
     ) -> Result<()> {
         self.gemm(c.ptr, c.len, OutType::Bf16, a, b, s, alpha, beta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cuBLAS semantics on the host: D = op(A1)·op(A2) + β·C, all column-major.
+    fn cublas_reference(ops: [ColMajor; 3], a1: &[f32], a2: &[f32], c: &mut [f32], beta: f32) {
+        let at = |o: ColMajor, x: &[f32], r: usize, col: usize| {
+            // element (r, col) of op(X)
+            if o.trans {
+                x[r * o.ld + col]
+            } else {
+                x[col * o.ld + r]
+            }
+        };
+        let (m1, k1) = if ops[0].trans { (ops[0].cols, ops[0].rows) } else { (ops[0].rows, ops[0].cols) };
+        let (k2, n2) = if ops[1].trans { (ops[1].cols, ops[1].rows) } else { (ops[1].rows, ops[1].cols) };
+        assert_eq!(k1, k2, "inner dimensions");
+        assert_eq!((ops[2].rows, ops[2].cols), (m1, n2), "output shape");
+        for col in 0..n2 {
+            for r in 0..m1 {
+                let s: f32 = (0..k1).map(|k| at(ops[0], a1, r, k) * at(ops[1], a2, k, col)).sum();
+                let d = &mut c[col * ops[2].ld + r];
+                *d = s + beta * *d;
+            }
+        }
+    }
+
+    /// The row-major contract of `GemmShape` against the column-major call it becomes, for
+    /// every transpose combination, with padded strides.
+    #[test]
+    fn column_major_mapping_computes_the_row_major_product() {
+        let (m, n, k) = (3, 5, 4);
+        let val = |i: usize| ((i * 37 + 11) % 17) as f32 - 8.0;
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                let mut s = GemmShape::new(m, n, k, trans_a, trans_b);
+                s.lda += 2;
+                s.ldb += 1;
+                s.ldc += 3;
+                let (ar, br) = (if trans_a { k } else { m }, if trans_b { n } else { k });
+                let a: Vec<f32> = (0..ar * s.lda).map(val).collect();
+                let b: Vec<f32> = (0..br * s.ldb).map(|i| val(i + 5)).collect();
+                let op_a = |i: usize, j: usize| if trans_a { a[j * s.lda + i] } else { a[i * s.lda + j] };
+                let op_b = |i: usize, j: usize| if trans_b { b[j * s.ldb + i] } else { b[i * s.ldb + j] };
+                let mut c = vec![1f32; m * s.ldc];
+                cublas_reference(s.column_major(), &b, &a, &mut c, 0.5);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = 0.5 + (0..k).map(|l| op_a(i, l) * op_b(l, j)).sum::<f32>();
+                        assert_eq!(c[i * s.ldc + j], want, "trans_a {trans_a} trans_b {trans_b} at ({i}, {j})");
+                    }
+                }
+            }
+        }
     }
 }
