@@ -170,6 +170,10 @@ fn head_chunk_rows(vocab: usize) -> usize {
 impl CudaEngine {
     /// Opens GPU `ordinal` and uploads `weights` (checked against `cfg`).
     pub fn new(cfg: LlamaConfig, weights: LlamaWeights, ordinal: usize) -> Result<Self> {
+        // No GPU first (Error::NoGpu), then whether this model fits the kernels.
+        if let Some(why) = super::gpu_unavailable() {
+            return Err(Error::NoGpu(why));
+        }
         if let Some(why) = unsupported(&cfg) {
             return Err(Error::invalid(format!("{why}; use --device cpu")));
         }
