@@ -93,10 +93,12 @@ fi
 step ceilings 120 'CEILING' "$BIN/gpu-tests" --ignored --exact gpu_ceilings --nocapture
 
 # (3) parity: every kernel against its CPU op, then whole engine against the CPU engine
-step kernels-parity 240 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture --skip engine_ --skip gpu_ceilings
+step kernels-parity 240 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture --skip engine_ --skip gpu_ceilings --skip kernel_timings
 step engine-parity 180 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture engine_
 
-# (4) benchmarks
+# (4) benchmarks: every CUDA kernel on Llama-3-8B layer shapes, then the criterion CPU
+# benchmarks (when built), then end-to-end training
+step kernel-timings 120 'BENCH' "$BIN/gpu-tests" --ignored --exact kernel_timings --nocapture
 if [ -x "$BIN/kernels-bench" ]; then
   step kernels-bench 120 'time:' "$BIN/kernels-bench" --bench --warm-up-time 1 --measurement-time 2
 else
@@ -115,8 +117,10 @@ else
   skip torch "tools/compare_torch.py not in this tree"
 fi
 
+grep -h '^BENCH' "$LOG/kernel-timings.log" >"$LOG/kernel-timings.txt" 2>/dev/null
 grep -h 'rel err' "$LOG"/*-parity.log | sort -t' ' -k1,1 >"$LOG/parity-errors.txt" 2>/dev/null
 echo
+cat "$LOG/kernel-timings.txt" 2>/dev/null
 echo "logs: $LOG   (parity relative errors: $LOG/parity-errors.txt)"
 printf '%-14s %-14s %6s  %s\n' step status time summary
 printf '%s\n' "${ROWS[@]}"
