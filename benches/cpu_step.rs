@@ -39,6 +39,30 @@ fn bench(c: &mut Criterion) {
     let (mut eng, batch) = setup();
     let reference = eng.sequence_logps(&batch).unwrap();
     let (loss, opt) = (LossConfig::default(), AdamWConfig::default());
+    // where a step's time goes (engine::profile), printed once before criterion's timing
+    eng.set_profiling(true);
+    let reps = 3;
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        eng.train_step(&batch, &reference, &loss, 0.25).unwrap();
+        eng.optimizer_step(&opt, 1e-6).unwrap();
+    }
+    let wall = t0.elapsed().as_secs_f64() / reps as f64;
+    if let Some(p) = eng.take_profile() {
+        let ms = |s: f64| s * 1e3 / reps as f64;
+        eprintln!(
+            "cpu_step profile per train+optimizer step: wall {:.1} ms; attention {:.1}, gemm {:.1}, \
+             lm_head {:.1}, norm/elementwise {:.1}, optimizer {:.1} ms",
+            wall * 1e3,
+            ms(p.attention_s),
+            ms(p.gemm_s),
+            ms(p.lm_head_logprobs_s),
+            ms(p.norm_elementwise_s),
+            ms(p.optimizer_s)
+        );
+    }
+    eng.set_profiling(false);
+
     let mut g = c.benchmark_group("cpu_step");
     g.sample_size(10);
     g.bench_function("train_step+optimizer_step (4 pairs x 192 tokens)", |b| {

@@ -50,14 +50,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `y += a·x`
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
-
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -91,43 +83,68 @@ fn matmul(
     assert!(dst.len() >= m * n, "matmul: dst too small");
     assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "matmul: lhs too small");
     assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "matmul: rhs too small");
+    let threads = rayon::current_num_threads();
+    // Below ~32³ multiply-adds the thread hand-off costs more than it saves.
+    let par = threads > 1 && m * n * k >= 1 << 15;
+    // SAFETY: the asserts above keep every index gemm touches inside the three slices;
+    // dst does not alias a or b (distinct borrows).
+    unsafe { gemm_raw(dst.as_mut_ptr(), n, accumulate, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, m, n, k, par) }
+}
+
+/// `dst (+)= a · b` on raw pointers with row strides for `dst` (column stride 1).
+///
+/// # Safety
+/// Every element addressed through the strides must lie inside its allocation, `dst` must
+/// not overlap `a` or `b`, and no other thread may touch the elements of `dst` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for r in 0..m {
+                std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n).fill(0.0);
+            }
         }
         return;
     }
-    let threads = rayon::current_num_threads();
-    // Below ~32³ multiply-adds the thread hand-off costs more than it saves.
-    let par = if threads > 1 && m * n * k >= 1 << 15 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: the asserts above keep every index gemm touches inside the three slices;
-    // dst does not alias a or b (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    let par = if parallel { Parallelism::Rayon(rayon::current_num_threads()) } else { Parallelism::None };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 // --- linear (no bias): y = x·Wᵀ
@@ -290,12 +307,6 @@ impl<'a> AttnMask<'a> {
         AttnMask { group_start: &batch.group_start, group: &batch.group, branch: &batch.branch }
     }
 
-    /// Keys of query row `q`: `start..=q` filtered by `visible`.
-    #[inline]
-    fn start(&self, q: usize) -> usize {
-        self.group_start[self.group[q] as usize] as usize
-    }
-
     #[inline]
     fn visible(&self, q: usize, k: usize) -> bool {
         let b = self.branch[k];
@@ -327,11 +338,51 @@ impl AttnShape {
     }
 }
 
+/// Rows per attention tile, for queries and keys alike. Tiles start at each group's first
+/// row, so in a `[prompt | chosen | rejected]` group a tile rarely straddles two branches.
+pub const ATTN_TILE: usize = 64;
+
+/// The branches present in rows `r0..r1`, as a bit set.
+fn branch_bits(branch: &[u8], r0: usize, r1: usize) -> u8 {
+    branch[r0..r1].iter().fold(0, |acc, &b| acc | 1 << b)
+}
+
+/// The key tiles of `gs..q1` that a query tile with branch bits `qbits` may attend to:
+/// those holding prompt keys or keys of one of its branches. (Conservative: the exact
+/// rule is applied per element inside the tile; this only skips whole masked tiles, such
+/// as the chosen keys of rejected queries.) Writes one flag per tile into `comp`.
+fn key_tiles(comp: &mut Vec<bool>, branch: &[u8], gs: usize, q1: usize, qbits: u8) {
+    comp.clear();
+    comp.extend((gs..q1).step_by(ATTN_TILE).map(|k0| {
+        let kbits = branch_bits(branch, k0, (k0 + ATTN_TILE).min(q1));
+        kbits & 1 != 0 || kbits & qbits != 0
+    }));
+}
+
+/// Query tiles `(group start, first row, end row)`: aligned on `ATTN_TILE` from each group's
+/// start, covering rows `from..` (the query rows).
+fn query_tiles(mask: &AttnMask, from: usize) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    for w in mask.group_start.windows(2) {
+        let (gs, ge) = (w[0] as usize, w[1] as usize);
+        for t0 in (gs..ge).step_by(ATTN_TILE) {
+            let t1 = (t0 + ATTN_TILE).min(ge);
+            if t1 > from {
+                out.push((gs, t0.max(from), t1));
+            }
+        }
+    }
+    out
+}
+
 /// `out[q, h] = Σ_k softmax_k(q_h·k_g / sqrt(d)) v_g` over the keys the mask allows,
 /// `g = h / (n_heads / n_kv_heads)`; `lse[q, h]` keeps the log-sum-exp of the scaled scores.
 ///
 /// `q` holds the last `n_q` rows of the `n_k` key rows (`n_q = n_k` in training; fewer
 /// when decoding against a cache). The mask is indexed by key row.
+///
+/// Work: one task per (query tile, head). Scores `S = Q·Kᵀ` and `P·V` are GEMMs over the
+/// key tiles the mask does not rule out entirely; the exact rule is applied inside them.
 pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
@@ -347,51 +398,71 @@ pub fn attention_forward(
     let n_q = q.len() / qd;
     assert!(shape.n_heads % shape.n_kv_heads == 0 && n_q <= n_k && v.len() == k.len(), "attention: shapes");
     assert!(out.len() == q.len() && lse.len() == n_q * nh && mask.group.len() == n_k, "attention: shapes");
+    assert!(mask.group_start.last().map(|&e| e as usize) == Some(n_k), "attention: groups must cover the keys");
     let scale = 1.0 / (hd as f32).sqrt();
     let offset = n_k - n_q;
-    let scratch = mask.max_group_len();
-    out.par_chunks_mut(qd).zip(lse.par_chunks_mut(nh)).enumerate().for_each_init(
-        || vec![0f32; scratch],
-        |s, (i, (o, l))| {
-            let t = i + offset;
-            let start = mask.start(t);
-            for h in 0..nh {
-                let g = h / shape.group_size();
-                let qv = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+    let tiles = query_tiles(&mask, offset);
+    let max_span = mask.max_group_len();
+    let (pout, plse) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    (0..tiles.len() * nh).into_par_iter().for_each_init(
+        || (vec![0f32; ATTN_TILE * max_span], Vec::new()),
+        |(s, comp), task| {
+            let ((gs, t0, t1), h) = (tiles[task / nh], task % nh);
+            let g = h / shape.group_size();
+            let (m, span) = (t1 - t0, t1 - gs);
+            let s = &mut s[..m * span];
+            key_tiles(comp, mask.branch, gs, t1, branch_bits(mask.branch, t0, t1));
+            let qp = q[(t0 - offset) * qd + h * hd..].as_ptr();
+            for (kt, _) in comp.iter().enumerate().filter(|(_, &c)| c) {
+                let (k0, k1) = (gs + kt * ATTN_TILE, (gs + (kt + 1) * ATTN_TILE).min(t1));
+                // SAFETY: S[:, k0-gs..k1-gs] lies in `s` (m rows of `span`); Q rows t0..t1 of
+                // head h and K rows k0..k1 of kv head g lie in `q` and `k`.
+                unsafe {
+                    let kp = k[k0 * kvd + g * hd..].as_ptr();
+                    gemm_raw(s[k0 - gs..].as_mut_ptr(), span, false, qp, qd, 1, kp, 1, kvd, m, k1 - k0, hd, false);
+                }
+            }
+            for i in 0..m {
+                let t = t0 + i;
+                let row = &mut s[i * span..(i + 1) * span];
                 let mut mx = f32::NEG_INFINITY;
-                for key in start..=t {
-                    let sc = if mask.visible(t, key) {
-                        dot(qv, &k[key * kvd + g * hd..key * kvd + (g + 1) * hd]) * scale
+                for (j, x) in row.iter_mut().enumerate() {
+                    let key = gs + j;
+                    if key <= t && comp[j / ATTN_TILE] && mask.visible(t, key) {
+                        *x *= scale;
+                        mx = mx.max(*x);
                     } else {
-                        f32::NEG_INFINITY
-                    };
-                    s[key - start] = sc;
-                    mx = mx.max(sc);
-                }
-                let mut sum = 0f32;
-                for sc in &mut s[..=t - start] {
-                    *sc = (*sc - mx).exp();
-                    sum += *sc;
-                }
-                let inv = 1.0 / sum;
-                let oh = &mut o[h * hd..(h + 1) * hd];
-                oh.fill(0.0);
-                for key in start..=t {
-                    let p = s[key - start];
-                    if p != 0.0 {
-                        axpy(oh, p * inv, &v[key * kvd + g * hd..key * kvd + (g + 1) * hd]);
+                        *x = f32::NEG_INFINITY;
                     }
                 }
-                l[h] = mx + sum.ln();
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+                // SAFETY: (row t, head h) of lse belongs to this task alone.
+                unsafe { *plse.at((t - offset) * nh + h) = mx + sum.ln() };
+            }
+            let mut first = true;
+            for (kt, _) in comp.iter().enumerate().filter(|(_, &c)| c) {
+                let (k0, k1) = (gs + kt * ATTN_TILE, (gs + (kt + 1) * ATTN_TILE).min(t1));
+                // SAFETY: out rows t0..t1, head h belong to this task alone; P and V in bounds.
+                unsafe {
+                    let (op, vp) = (pout.at((t0 - offset) * qd + h * hd), v[k0 * kvd + g * hd..].as_ptr());
+                    gemm_raw(op, qd, !first, s[k0 - gs..].as_ptr(), span, 1, vp, kvd, 1, m, hd, k1 - k0, false);
+                }
+                first = false;
             }
         },
     );
 }
 
-/// Gradients of `attention_forward` (n_q = n_k): with `P = exp(s − lse)`, `dP = dout·v`,
-/// `D = dout·out`, `dS = P∘(dP − D)`: `dq = scale·Σ dS k`, `dk = scale·Σ dS q`, `dv = Σ P dout`.
-/// All three are overwritten (=). Work splits over (group, kv head): those write
-/// disjoint rows/columns of dq, dk, dv.
+/// Gradients of `attention_forward` (n_q = n_k): with `P = exp(s − lse)`, `dP = dout·vᵀ`,
+/// `D = rowsum(dout∘out)`, `dS = P∘(dP − D)`: `dq = scale·dS·k`, `dk = scale·dSᵀ·q`,
+/// `dv = Pᵀ·dout`. All three are overwritten (=). One task per (group, kv head): those
+/// write disjoint rows/columns of dq, dk, dv; inside, the same tiles as forward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
@@ -411,53 +482,113 @@ pub fn attention_backward(
     let n = q.len() / qd;
     assert!(k.len() == n * kvd && v.len() == k.len() && dk.len() == k.len() && dv.len() == v.len(), "attention");
     assert!(dq.len() == q.len() && dout.len() == q.len() && out.len() == q.len() && lse.len() == n * nh);
+    assert!(mask.group.len() == n && mask.group_start.last().map(|&e| e as usize) == Some(n), "attention: groups");
     let scale = 1.0 / (hd as f32).sqrt();
     dk.fill(0.0);
     dv.fill(0.0);
     let (pdq, pdk, pdv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     let n_groups = mask.group_start.len() - 1;
-    let scratch = mask.max_group_len();
+    let max_span = mask.max_group_len();
     (0..n_groups * nkv).into_par_iter().for_each_init(
-        || (vec![0f32; scratch], vec![0f32; scratch]),
-        |(p, dp), task| {
+        || (vec![0f32; ATTN_TILE * max_span], vec![0f32; ATTN_TILE * max_span], Vec::new()),
+        |(p, ds, comp), task| {
             let (grp, g) = (task / nkv, task % nkv);
-            let (r0, r1) = (mask.group_start[grp] as usize, mask.group_start[grp + 1] as usize);
-            for t in r0..r1 {
-                for h in g * shape.group_size()..(g + 1) * shape.group_size() {
-                    let qo = t * qd + h * hd;
-                    let (qv, dov, ov) = (&q[qo..qo + hd], &dout[qo..qo + hd], &out[qo..qo + hd]);
-                    let l = lse[t * nh + h];
-                    let dd = dot(dov, ov);
-                    // SAFETY: this task alone writes dq's (row t, head h) and dk/dv's
-                    // (rows of group grp, kv head g); the buffers outlive the loop.
-                    let dqv = unsafe { std::slice::from_raw_parts_mut(pdq.at(qo), hd) };
-                    dqv.fill(0.0);
-                    for key in r0..=t {
-                        let j = key - r0;
-                        if !mask.visible(t, key) {
-                            p[j] = 0.0;
-                            continue;
+            let (gs, ge) = (mask.group_start[grp] as usize, mask.group_start[grp + 1] as usize);
+            for h in g * shape.group_size()..(g + 1) * shape.group_size() {
+                for t0 in (gs..ge).step_by(ATTN_TILE) {
+                    let t1 = (t0 + ATTN_TILE).min(ge);
+                    let (m, span) = (t1 - t0, t1 - gs);
+                    let (p, ds) = (&mut p[..m * span], &mut ds[..m * span]);
+                    key_tiles(comp, mask.branch, gs, t1, branch_bits(mask.branch, t0, t1));
+                    let (qp, dop) = (q[t0 * qd + h * hd..].as_ptr(), dout[t0 * qd + h * hd..].as_ptr());
+                    let tiles = || {
+                        comp.iter()
+                            .enumerate()
+                            .filter(|(_, &c)| c)
+                            .map(|(kt, _)| (gs + kt * ATTN_TILE, (gs + (kt + 1) * ATTN_TILE).min(t1)))
+                    };
+                    // S = Q·Kᵀ and dP = dO·Vᵀ on the tiles forward computed
+                    for (k0, k1) in tiles() {
+                        // SAFETY: all in bounds (as in forward); p and ds are this task's scratch.
+                        unsafe {
+                            let (kp, vp) = (k[k0 * kvd + g * hd..].as_ptr(), v[k0 * kvd + g * hd..].as_ptr());
+                            gemm_raw(
+                                p[k0 - gs..].as_mut_ptr(),
+                                span,
+                                false,
+                                qp,
+                                qd,
+                                1,
+                                kp,
+                                1,
+                                kvd,
+                                m,
+                                k1 - k0,
+                                hd,
+                                false,
+                            );
+                            gemm_raw(
+                                ds[k0 - gs..].as_mut_ptr(),
+                                span,
+                                false,
+                                dop,
+                                qd,
+                                1,
+                                vp,
+                                1,
+                                kvd,
+                                m,
+                                k1 - k0,
+                                hd,
+                                false,
+                            );
                         }
-                        let ko = key * kvd + g * hd;
-                        p[j] = (dot(qv, &k[ko..ko + hd]) * scale - l).exp();
-                        dp[j] = dot(dov, &v[ko..ko + hd]);
                     }
-                    for key in r0..=t {
-                        let j = key - r0;
-                        if p[j] == 0.0 {
-                            continue;
+                    for i in 0..m {
+                        let t = t0 + i;
+                        let (l, o) = (lse[t * nh + h], t * qd + h * hd);
+                        let dd = dot(&dout[o..o + hd], &out[o..o + hd]);
+                        let (pr, dr) = (&mut p[i * span..(i + 1) * span], &mut ds[i * span..(i + 1) * span]);
+                        for (kt, _) in comp.iter().enumerate().filter(|(_, &c)| c) {
+                            for j in kt * ATTN_TILE..((kt + 1) * ATTN_TILE).min(span) {
+                                let key = gs + j;
+                                if key <= t && mask.visible(t, key) {
+                                    pr[j] = (pr[j] * scale - l).exp();
+                                    dr[j] = pr[j] * (dr[j] - dd) * scale;
+                                } else {
+                                    pr[j] = 0.0;
+                                    dr[j] = 0.0;
+                                }
+                            }
                         }
-                        let ko = key * kvd + g * hd;
-                        let ds = p[j] * (dp[j] - dd) * scale;
-                        axpy(dqv, ds, &k[ko..ko + hd]);
-                        let (dkv, dvv) = unsafe {
-                            (
-                                std::slice::from_raw_parts_mut(pdk.at(ko), hd),
-                                std::slice::from_raw_parts_mut(pdv.at(ko), hd),
-                            )
-                        };
-                        axpy(dkv, ds, qv);
-                        axpy(dvv, p[j], dov);
+                    }
+                    let mut first = true;
+                    for (k0, k1) in tiles() {
+                        // SAFETY: dq rows t0..t1 of head h, dk/dv rows k0..k1 of kv head g are
+                        // written by this task alone (its group, its kv head).
+                        unsafe {
+                            let ko = k0 * kvd + g * hd;
+                            let (dqp, kp) = (pdq.at(t0 * qd + h * hd), k[ko..].as_ptr());
+                            gemm_raw(
+                                dqp,
+                                qd,
+                                !first,
+                                ds[k0 - gs..].as_ptr(),
+                                span,
+                                1,
+                                kp,
+                                kvd,
+                                1,
+                                m,
+                                hd,
+                                k1 - k0,
+                                false,
+                            );
+                            let (pds, pp) = (ds[k0 - gs..].as_ptr(), p[k0 - gs..].as_ptr());
+                            gemm_raw(pdk.at(ko), kvd, true, pds, 1, span, qp, qd, 1, k1 - k0, hd, m, false);
+                            gemm_raw(pdv.at(ko), kvd, true, pp, 1, span, dop, qd, 1, k1 - k0, hd, m, false);
+                        }
+                        first = false;
                     }
                 }
             }
@@ -899,7 +1030,7 @@ mod tests {
                 randn(&mut rng, n * s.kv_dim(), 1.0),
                 randn(&mut rng, n * s.kv_dim(), 1.0),
             );
-            let (mut out, mut lse) = (vec![0f32; q.len()], vec![0f32; n * s.n_heads]);
+            let (mut out, mut lse) = (vec![9f32; q.len()], vec![9f32; n * s.n_heads]);
             attention_forward(&mut out, &mut lse, &q, &k, &v, AttnMask::of(&b), s);
             let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
             assert!(rel(&out, &attention_ref(&qd, &kd, &vd, &b, s)) < TOL, "forward n_kv {n_kv} {layout:?}");
@@ -914,6 +1045,57 @@ mod tests {
             assert!(rel(&dq, &dqr) < TOL, "dq n_kv {n_kv} {layout:?}: {}", rel(&dq, &dqr));
             assert!(rel(&dk, &dkr) < TOL, "dk n_kv {n_kv} {layout:?}: {}", rel(&dk, &dkr));
             assert!(rel(&dv, &dvr) < TOL, "dv n_kv {n_kv} {layout:?}: {}", rel(&dv, &dvr));
+        }
+    }
+
+    /// Groups longer than `ATTN_TILE`: several query and key tiles per group, whole
+    /// masked tiles skipped (the chosen keys of rejected queries). Backward is checked by
+    /// central differences along random directions (a full finite-difference gradient of
+    /// ~400 rows would be slow): `Σ g·u` against `(L(x+εu) − L(x−εu)) / 2ε`.
+    #[test]
+    fn attention_over_several_tiles_per_group() {
+        let mut rng = SplitMix64(12);
+        let ex = |p: usize, c: usize, r: usize| PairExample {
+            prompt: vec![1; p],
+            chosen: vec![2; c],
+            rejected: vec![3; r],
+            source: String::new(),
+        };
+        let pairs = [ex(70, 65, 60), ex(1, 1, 2), ex(64, 64, 64), ex(5, 130, 3)];
+        for layout in [Layout::Shared, Layout::Concatenated] {
+            let b = PairBatch::new(&pairs.iter().collect::<Vec<_>>(), layout).unwrap();
+            let s = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 4 };
+            let n = b.n_tokens();
+            let (q, k, v) = (
+                randn(&mut rng, n * s.q_dim(), 1.0),
+                randn(&mut rng, n * s.kv_dim(), 1.0),
+                randn(&mut rng, n * s.kv_dim(), 1.0),
+            );
+            let (mut out, mut lse) = (vec![9f32; q.len()], vec![9f32; n * s.n_heads]);
+            attention_forward(&mut out, &mut lse, &q, &k, &v, AttnMask::of(&b), s);
+            let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
+            assert!(rel(&out, &attention_ref(&qd, &kd, &vd, &b, s)) < TOL, "forward {layout:?}");
+
+            let dout = randn(&mut rng, q.len(), 1.0);
+            let dod = f64s(&dout);
+            let (mut dq, mut dk, mut dv) = (vec![9f32; q.len()], vec![9f32; k.len()], vec![9f32; v.len()]);
+            attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, AttnMask::of(&b), s);
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| dotf64(&attention_ref(q, k, v, &b, s), &dod);
+            let shift = |x: &[f64], u: &[f64], e: f64| x.iter().zip(u).map(|(a, b)| a + e * b).collect::<Vec<_>>();
+            for _ in 0..3 {
+                let e = 1e-5;
+                let u: Vec<f64> = (0..q.len()).map(|_| rng.normal() as f64).collect();
+                let want = (loss(&shift(&qd, &u, e), &kd, &vd) - loss(&shift(&qd, &u, -e), &kd, &vd)) / (2.0 * e);
+                let got = dotf64(&f64s(&dq), &u);
+                assert!((got - want).abs() < TOL * want.abs().max(1.0), "dq·u {layout:?}: {got} vs {want}");
+                let u: Vec<f64> = (0..k.len()).map(|_| rng.normal() as f64).collect();
+                let want = (loss(&qd, &shift(&kd, &u, e), &vd) - loss(&qd, &shift(&kd, &u, -e), &vd)) / (2.0 * e);
+                let got = dotf64(&f64s(&dk), &u);
+                assert!((got - want).abs() < TOL * want.abs().max(1.0), "dk·u {layout:?}: {got} vs {want}");
+                let want = (loss(&qd, &kd, &shift(&vd, &u, e)) - loss(&qd, &kd, &shift(&vd, &u, -e))) / (2.0 * e);
+                let got = dotf64(&f64s(&dv), &u);
+                assert!((got - want).abs() < TOL * want.abs().max(1.0), "dv·u {layout:?}: {got} vs {want}");
+            }
         }
     }
 
