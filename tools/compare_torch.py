@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""The PyTorch anchor of `sdpo-run bench`: the same shape, batch and sequence lengths,
+trained the way TRL trains DPO, timed the same way, printed in the same JSON format.
+
+    python tools/compare_torch.py --shape tiny --device cpu --steps 3 --warmup 1
+    python tools/compare_torch.py --shape llama-1b --device cuda --micro-batch-tokens 16384
+
+What runs (per mode: `eager`, then `compile` = torch.compile of the model, skipped with a
+message when it fails, e.g. without a C++ compiler on the CPU):
+- transformers' LlamaForCausalLM with SDPA attention, random weights (the shape table
+  below must match `Shape::config_json` in src/bench.rs);
+- TRL's layout: each pair as two full sequences, [prompt | chosen] and [prompt | rejected],
+  concatenated into one batch (equal lengths, so no padding); per-token log-probs of the
+  completion tokens by `trl.trainer.utils.selective_log_softmax` on all logits, summed per
+  sequence; TRL's sigmoid loss -logsigmoid(beta * ((pc - rc) - (pr - rr))), beta 0.1,
+  averaged over the pairs;
+- reference log-probs precomputed (one no-grad forward: the timed "reference pass");
+- AdamW (fused on CUDA, foreach on the CPU), lr 1e-7, clip_grad_norm_ 1.0 as HF Trainer;
+- CPU: fp32, `--threads` threads (default 2). CUDA: fp32 master weights under
+  torch.autocast(bfloat16), as HF Trainer's `bf16=True` (our CUDA engine too keeps fp32
+  masters and AdamW state and computes in bf16).
+
+JSON keys (one line per mode on stdout; gpu-check.sh divides sdpo-run's numbers by these).
+Every key below is also printed by `sdpo-run bench` with the same meaning:
+  tool                  "pytorch-eager" | "pytorch-compile" (sdpo-run: "sdpo-run")
+  shape, device, dtype  shape name; device description; "fp32" or "bf16"
+  micro_batch_tokens, prompt_len, answer_len, steps, warmup     the arguments
+  pairs_per_step        micro_batch_tokens // (prompt_len + 2 * answer_len)
+  tokens_per_step       pairs_per_step * (prompt_len + 2 * answer_len): the prompt counted
+                        once, whatever the layout, so tokens/s ratios are pairs/s ratios
+  train_step_s          mean seconds of one training step (forward, backward, clip, AdamW)
+  train_tokens_per_s, train_pairs_per_s
+  ref_step_s, ref_tokens_per_s   the same for the no-grad reference pass
+  dpo_pairs_per_s       pairs / (ref_step_s + train_step_s)
+  train_flops_per_step, ref_flops_per_step   model FLOPs of the task, counted as
+                        src/bench.rs does (shared layout, attended keys only, no
+                        recomputation), so MFU compares like with like
+  train_tflops, ref_tflops       achieved model TFLOP/s
+  ceiling_tflops        a large matmul measured in this run (fp32 2048^3 on the CPU,
+                        bf16 8192^3 on CUDA), best of 3
+  mfu                   train_tflops / ceiling_tflops
+  datasheet_tflops, mfu_datasheet   vendor dense bf16 peak where known (GPU), else null
+  peak_mem_bytes        CPU: the process's peak RSS (VmHWM); CUDA: torch.cuda.max_memory_allocated
+Ratio to print, e.g.: sdpo train_tokens_per_s / pytorch-eager train_tokens_per_s.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied, rope_theta, llama3 rope factor)
+    "tiny": (256, 768, 4, 4, 2, 4096, True, 10000.0, None),
+    "llama-160m": (768, 3072, 12, 12, 12, 32000, False, 10000.0, None),
+    "llama-1b": (2048, 8192, 16, 32, 8, 128256, True, 500000.0, 32.0),
+    "llama-3b": (3072, 8192, 28, 24, 8, 128256, True, 500000.0, 32.0),
+    "llama-8b": (4096, 14336, 32, 32, 8, 128256, False, 500000.0, 8.0),
+}
+
+DATASHEET_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12), ("L40S", 362.05e12)]
+
+
+def model_flops(shape, pairs, p, a):
+    """Forward and training FLOPs of one micro-batch, exactly as src/bench.rs `flops`."""
+    h, i, n_layers, nh, nkv, v, _, _, _ = SHAPES[shape]
+    hd = h // nh
+    per_layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * i
+    body = n_layers * per_layer
+    head = v * h
+    rows = pairs * (p + 2 * a)
+    head_rows = pairs * (2 * a - 1)
+    attended = pairs * (p * (p + 1) // 2 + 2 * (a * p + a * (a + 1) // 2))
+    fwd = 2.0 * body * rows + 2.0 * head * head_rows + 4.0 * n_layers * nh * hd * attended
+    return fwd, 3.0 * fwd
+
+
+def peak_rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def matmul_ceiling(torch, device):
+    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for rep in range(4):
+        sync(torch, device)
+        t0 = time.perf_counter()
+        (a @ b).sum()
+        sync(torch, device)
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def sync(torch, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: tiny on the CPU, llama-1b on CUDA")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--micro-batch-tokens", type=int, default=2048)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--answer-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from trl.trainer.utils import selective_log_softmax
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare_torch.py: --device cuda, but torch sees no CUDA device")
+    shape = args.shape or ("tiny" if device == "cpu" else "llama-1b")
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    p, a = args.prompt_len, args.answer_len
+    pairs = args.micro_batch_tokens // (p + 2 * a)
+    if pairs == 0:
+        sys.exit(f"compare_torch.py: --micro-batch-tokens {args.micro_batch_tokens} does not hold one pair of {p + 2 * a} tokens")
+
+    h, i, n_layers, nh, nkv, v, tied, theta, factor = SHAPES[shape]
+    rope = None
+    if factor is not None:
+        rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": theta}
+    cfg = transformers.LlamaConfig(
+        hidden_size=h, intermediate_size=i, num_hidden_layers=n_layers, num_attention_heads=nh,
+        num_key_value_heads=nkv, vocab_size=v, tie_word_embeddings=tied, rope_theta=theta,
+        rope_scaling=rope, rms_norm_eps=1e-5, max_position_embeddings=131072,
+    )
+    cfg._attn_implementation = "sdpa"
+    fwd_flops, train_flops = model_flops(shape, pairs, p, a)
+    dev_name = f"cpu ({args.threads} threads)" if device == "cpu" else torch.cuda.get_device_name()
+    use_amp = device == "cuda"
+
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, v, (pairs, p), generator=g)
+    chosen = torch.randint(0, v, (pairs, a), generator=g)
+    rejected = torch.randint(0, v, (pairs, a), generator=g)
+    # TRL's concatenated batch: chosen sequences first, then rejected ones.
+    ids = torch.cat([torch.cat([prompt, chosen], 1), torch.cat([prompt, rejected], 1)], 0).to(device)
+    labels = ids[:, p:]  # completion tokens, predicted by rows p-1 .. p+a-2
+
+    def seq_logps(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(input_ids=ids).logits
+        logits = logits[:, p - 1 : -1, :].float()
+        lp = selective_log_softmax(logits, labels).sum(-1)
+        return lp[:pairs], lp[pairs:]
+
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        torch.manual_seed(args.seed)
+        model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.float32)
+        model.config.use_cache = False
+        model.train()
+        if mode == "compile":
+            run_model = torch.compile(model)
+        elif mode == "eager":
+            run_model = model
+        else:
+            sys.exit(f"compare_torch.py: unknown mode {mode!r} (eager, compile)")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-7, weight_decay=0.0,
+                                **({"fused": True} if device == "cuda" else {"foreach": True}))
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        def ref_pass():
+            with torch.no_grad():
+                c, r = seq_logps(run_model)
+            sync(torch, device)
+            return c, r
+
+        try:
+            ref_c, ref_r = ref_pass()
+
+            def train_step():
+                pc, pr = seq_logps(run_model)
+                logits = (pc - ref_c) - (pr - ref_r)
+                loss = -F.logsigmoid(0.1 * logits).mean()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(torch, device)
+
+            for _ in range(args.warmup):
+                ref_pass()
+                train_step()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                ref_pass()
+            ref_s = (time.perf_counter() - t0) / args.steps
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                train_step()
+            train_s = (time.perf_counter() - t0) / args.steps
+        except Exception as e:  # torch.compile fails without a working toolchain
+            if mode != "compile":
+                raise
+            print(f"compare_torch.py: torch.compile skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=sys.stderr)
+            continue
+
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = peak_rss()
+        del model, run_model, opt
+        ceiling = matmul_ceiling(torch, device)
+        sheet = next((f for k, f in DATASHEET_BF16 if k in dev_name), None) if device == "cuda" else None
+        tokens = pairs * (p + 2 * a)
+        train_fs = train_flops / train_s
+        out = {
+            "tool": f"pytorch-{mode}", "shape": shape, "device": dev_name,
+            "dtype": "bf16" if use_amp else "fp32", "layout": "concatenated",
+            "threads": args.threads if device == "cpu" else 0,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "micro_batch_tokens": args.micro_batch_tokens, "prompt_len": p, "answer_len": a,
+            "pairs_per_step": pairs, "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup,
+            "train_step_s": train_s, "train_tokens_per_s": tokens / train_s, "train_pairs_per_s": pairs / train_s,
+            "ref_step_s": ref_s, "ref_tokens_per_s": tokens / ref_s, "dpo_pairs_per_s": pairs / (ref_s + train_s),
+            "train_flops_per_step": train_flops, "ref_flops_per_step": fwd_flops,
+            "train_tflops": train_fs / 1e12, "ref_tflops": fwd_flops / ref_s / 1e12,
+            "ceiling_tflops": ceiling / 1e12,
+            "ceiling": f"torch.matmul {'fp32 2048' if device == 'cpu' else 'bf16 8192'}^3, best of 3",
+            "mfu": train_fs / ceiling,
+            "datasheet_tflops": sheet / 1e12 if sheet else None, "mfu_datasheet": train_fs / sheet if sheet else None,
+            "peak_mem_bytes": peak,
+            "peak_mem": "VmHWM: peak resident set of the process" if device == "cpu" else "torch.cuda.max_memory_allocated",
+        }
+        print(json.dumps(out), flush=True)
+        print(f"{out['tool']}: {shape} on {dev_name}: train {out['train_tokens_per_s']:.1f} tokens/s, "
+              f"reference {out['ref_tokens_per_s']:.1f} tokens/s, MFU {100 * out['mfu']:.1f}%, "
+              f"peak memory {peak / 2**20:.1f} MiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
