@@ -250,3 +250,49 @@ fn carried_schedule_continues_across_steps_and_fresh_one_restarts() {
     assert_eq!(first_lrs(false), vec![0.0, 0.0], "a fresh warmup starts every step at 0");
     assert_eq!(first_lrs(true), vec![0.0, lr_at(o.lr, o.schedule, o.warmup_ratio, 6, 12)]);
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_sdpo-run");
+
+/// Greedy answers of the shipped demo model through the chat template and the KV cache,
+/// against transformers 5.24 (`apply_chat_template(..., add_generation_prompt=True)` then
+/// `generate(do_sample=False)` on the demo/ folder): the same tokens, wrong sums included.
+#[test]
+fn generate_matches_transformers_on_the_demo_model() {
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/demo");
+    for (prompt, expect) in [("3+4=", "7"), ("58+67=", "125"), ("123+456=", "576"), ("907+385=", "1298")] {
+        let out = std::process::Command::new(BIN)
+            .args(["generate", "--model", demo, "--prompt", prompt, "--max-new-tokens", "8"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expect, "{prompt}");
+    }
+}
+
+/// The whole demo, as `cargo run --release` runs it (smaller data to stay quick): three
+/// runs with their step folders, a summary, the marker that lets a rerun replace the
+/// folder, and a refusal to write into a folder the demo did not make.
+#[test]
+fn demo_runs_reruns_and_refuses_foreign_folders() {
+    use sdpo::demo::{run_demo, DemoOptions};
+    let out = tmp("demo");
+    let o = DemoOptions { out: out.clone(), seed: 0, quiet_runs: true, train_per_source: 128, eval_per_source: 30 };
+    let report = run_demo(&o).unwrap();
+    for name in ["dpo", "sdpo-random", "sdpo-easy-to-hard"] {
+        assert!(report.contains(name), "{report}");
+    }
+    assert!(out.join("dpo/step-1/model.safetensors").is_file());
+    assert!(out.join("sdpo-easy-to-hard/step-3/tokenizer.json").is_file());
+    assert!(out.join("summary.txt").is_file());
+    // easy to hard: the 1-digit chunk (which the SFT model gets right) comes first
+    assert!(report.contains("chunks: 1-digit"), "{report}");
+    run_demo(&o).unwrap(); // a rerun replaces its own folder
+    let foreign = tmp("demo-foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let err = run_demo(&DemoOptions { out: foreign.clone(), ..o }).unwrap_err().to_string();
+    assert!(err.contains("not written by the demo"), "{err}");
+    assert!(foreign.join("notes.txt").is_file());
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&foreign);
+}
