@@ -41,7 +41,10 @@ Every key below is also printed by `sdpo-run bench` with the same meaning:
   mfu                   train_tflops / ceiling_tflops
   datasheet_tflops, mfu_datasheet   vendor dense bf16 peak where known (GPU), else null
   peak_mem_bytes        CPU: the process's peak RSS (VmHWM); CUDA: torch.cuda.max_memory_allocated
-Ratio to print, e.g.: sdpo train_tokens_per_s / pytorch-eager train_tokens_per_s.
+Ratios: `compare_torch.py --ratios SDPO_LOG TORCH_LOG` reads the JSON lines of both
+outputs (other lines are ignored) and prints one line per PyTorch mode, starting "RATIO":
+sdpo-run's train tokens/s, reference tokens/s and DPO pairs/s over PyTorch's (>1: sdpo-run
+is faster), peak memory (<1: sdpo-run uses less), and both MFUs.
 """
 
 import argparse
@@ -104,7 +107,43 @@ def sync(torch, device):
         torch.cuda.synchronize()
 
 
+def json_lines(path):
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+    except OSError as e:
+        print(f"RATIO n/a: {e}")
+    return out
+
+
+def print_ratios(ours_path, torch_path):
+    ours = [j for j in json_lines(ours_path) if j.get("tool") == "sdpo-run"]
+    anchors = [j for j in json_lines(torch_path) if str(j.get("tool", "")).startswith("pytorch")]
+    if not ours or not anchors:
+        print(f"RATIO n/a: no sdpo-run JSON line in {ours_path} or no PyTorch line in {torch_path}")
+        return
+    o = ours[-1]
+    for t in anchors:
+        same = all(o.get(k) == t.get(k) for k in ("shape", "tokens_per_step", "prompt_len", "answer_len"))
+        r = lambda k: o[k] / t[k] if o.get(k) and t.get(k) else float("nan")
+        pct = lambda j: f"{100 * j['mfu']:.1f}%" if j.get("mfu") is not None else "n/a"
+        print(f"RATIO sdpo-run/{t['tool']} ({o['shape']}, {o['tokens_per_step']} tokens/step, {o['device']}"
+              f"{'' if same else ', SIZES DIFFER'}): train tokens/s x{r('train_tokens_per_s'):.2f}, "
+              f"reference x{r('ref_tokens_per_s'):.2f}, DPO pairs/s x{r('dpo_pairs_per_s'):.2f}, "
+              f"peak memory x{r('peak_mem_bytes'):.2f}, MFU {pct(o)} vs {pct(t)}")
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--ratios":
+        print_ratios(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: tiny on the CPU, llama-1b on CUDA")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -112,7 +112,9 @@ fi
 
 # (5) PyTorch side-by-side
 if [ -f tools/compare_torch.py ]; then
-  step torch 150 'tokens|step|MFU' python3 tools/compare_torch.py
+  # Same shape and sizes as train-bench; JSON keys and the ratio print: top of compare_torch.py.
+  step torch 180 'tokens|step|MFU' python3 tools/compare_torch.py --device cuda --shape llama-1b --steps 5 --warmup 1
+  step ratios 20 'RATIO' python3 tools/compare_torch.py --ratios "$LOG/train-bench.log" "$LOG/torch.log"
 else
   skip torch "tools/compare_torch.py not in this tree"
 fi
