@@ -381,6 +381,12 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
                 "  held-out reward acc:    {:.3} vs M_0 (margin {:.3}); γ > 0 on {:.3} of pairs",
                 e.vs_init.accuracy, e.vs_init.margin, e.gamma_accuracy
             ));
+            if let Some(i) = &r.summary.eval_init {
+                say(format!(
+                    "  held-out mean log π:    chosen {:.3} → {:.3}, rejected {:.3} → {:.3}",
+                    i.logps_chosen, e.logps_chosen, i.logps_rejected, e.logps_rejected
+                ));
+            }
         }
         say(format!("  exact match before:     {}", fmt_exact(&exact_before)));
         say(format!("  exact match after:      {}", fmt_exact(&r.exact_after)));

@@ -255,6 +255,9 @@ pub struct EvalRecord {
     pub mean_gamma: f64,
     /// Share of pairs with γ_Mt > 0.
     pub gamma_accuracy: f64,
+    /// Mean log π_Mt of the chosen and of the rejected answers (DPO can lower both).
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
 }
 
 /// Compares per-pair log-probs of a model against a reference.
@@ -272,6 +275,8 @@ pub fn eval_record(step: usize, model: &[PairLogps], init: &[PairLogps], prev: &
         vs_prev: versus(model, prev, beta),
         mean_gamma: model.iter().map(PairLogps::gamma).sum::<f64>() / n,
         gamma_accuracy: model.iter().filter(|l| l.gamma() > 0.0).count() as f64 / n,
+        logps_chosen: model.iter().map(|l| l.chosen).sum::<f64>() / n,
+        logps_rejected: model.iter().map(|l| l.rejected).sum::<f64>() / n,
     }
 }
 
@@ -424,9 +429,9 @@ pub fn run(
     let steps = partition.chunks.len();
     if !opts.quiet {
         eprintln!(
-            "sdpo: {} training pairs in {steps} chunk(s) ({:?}); eval on {} pairs",
+            "sdpo: {} training pairs in {steps} chunk(s) (--partition {}); eval on {} pairs",
             train.len(),
-            opts.partition,
+            serde_json::to_value(opts.partition).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
             eval.len()
         );
         for (t, c) in partition.chunks.iter().enumerate() {
@@ -471,6 +476,7 @@ pub fn run(
     if first_step == 1 && st.total_updates == 0 {
         if let Some(r) = &eval_init_rec {
             log.write(&serde_json::json!({"sdpo/step": 0, "eval/mean_gamma": r.mean_gamma,
+                "eval/logps/chosen": r.logps_chosen, "eval/logps/rejected": r.logps_rejected,
                 "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs}))?;
         }
     }
@@ -608,7 +614,8 @@ pub fn run(
             log.write(&serde_json::json!({"sdpo/step": t, "sdpo/chunk": chunk_info.name,
                 "eval/rewards/accuracies": r.vs_init.accuracy, "eval/rewards/margins": r.vs_init.margin,
                 "eval/rewards/accuracies_vs_prev": r.vs_prev.accuracy, "eval/rewards/margins_vs_prev": r.vs_prev.margin,
-                "eval/mean_gamma": r.mean_gamma, "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs}))?;
+                "eval/mean_gamma": r.mean_gamma, "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs,
+                "eval/logps/chosen": r.logps_chosen, "eval/logps/rejected": r.logps_rejected}))?;
             data.eval_prev = pol;
             Some(r)
         };
