@@ -50,6 +50,63 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `e^x` in f32 to within 2 ulp (Cephes' `expf`: `x = n·ln2 + r` with a two-part ln 2, a
+/// degree-6 polynomial for `e^r`, `2^n` put in the exponent bits), branch-free so that loops
+/// over it vectorise, which libm's `expf` does not. Below −87.3 it gives 0 (so `e^−∞ = 0`);
+/// above 88 it saturates at `e^88` (our arguments are ≤ 0 except in SiLU, where a saturated
+/// `e^{−g}` still gives σ(g) = 0 to f32 precision); NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
+    let xc = x.clamp(-87.336_54, 88.0);
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let e = p * (r * r) + r + 1.0;
+    let z = e * f32::from_bits(((ni + 127) << 23) as u32);
+    if x < -87.336_54 {
+        0.0
+    } else {
+        z
+    }
+}
+
+/// `Σ x`, in eight interleaved partial sums (vectorises; the order differs from a plain loop).
+#[inline]
+fn sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let c = x.chunks_exact(8);
+    let rest: f32 = c.remainder().iter().sum();
+    for ch in c {
+        for j in 0..8 {
+            acc[j] += ch[j];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest
+}
+
+/// `Σ e^(z − shift)` accumulated in f64 (eight partial sums), for a log-sum-exp over a
+/// vocabulary row.
+#[inline]
+fn sum_exp_f64(z: &[f32], shift: f32) -> f64 {
+    let mut acc = [0f64; 8];
+    let c = z.chunks_exact(8);
+    let rest: f64 = c.remainder().iter().map(|&v| exp_f32(v - shift) as f64).sum();
+    for ch in c {
+        for j in 0..8 {
+            acc[j] += exp_f32(ch[j] - shift) as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + rest
+}
+
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -435,11 +492,8 @@ pub fn attention_forward(
                         *x = f32::NEG_INFINITY;
                     }
                 }
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - mx).exp();
-                    sum += *x;
-                }
+                row.iter_mut().for_each(|x| *x = exp_f32(*x - mx));
+                let sum = sum_f32(row);
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|x| *x *= inv);
                 // SAFETY: (row t, head h) of lse belongs to this task alone.
@@ -553,7 +607,7 @@ pub fn attention_backward(
                             for j in kt * ATTN_TILE..((kt + 1) * ATTN_TILE).min(span) {
                                 let key = gs + j;
                                 if key <= t && mask.visible(t, key) {
-                                    pr[j] = (pr[j] * scale - l).exp();
+                                    pr[j] = exp_f32(pr[j] * scale - l);
                                     dr[j] = pr[j] * (dr[j] - dd) * scale;
                                 } else {
                                     pr[j] = 0.0;
@@ -603,7 +657,7 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
     let _p = profile::scope(Category::NormElementwise);
     out.par_chunks_mut(4096).zip(gate.par_chunks(4096)).zip(up.par_chunks(4096)).for_each(|((o, g), u)| {
         for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
-            *oi = gi / (1.0 + (-gi).exp()) * ui;
+            *oi = gi / (1.0 + exp_f32(-gi)) * ui;
         }
     });
 }
@@ -611,13 +665,16 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
 /// `dgate = dout·up·σ(g)(1 + g(1 − σ(g)))`, `dup = dout·silu(g)` (both =).
 pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
     let _p = profile::scope(Category::NormElementwise);
+    assert!(
+        dup.len() == dgate.len() && dout.len() == dgate.len() && gate.len() == dgate.len() && up.len() == dgate.len()
+    );
     dgate.par_chunks_mut(4096).zip(dup.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
         let o = c * 4096;
+        let (g, u, d) = (&gate[o..o + dg.len()], &up[o..o + dg.len()], &dout[o..o + dg.len()]);
         for i in 0..dg.len() {
-            let (g, u, d) = (gate[o + i], up[o + i], dout[o + i]);
-            let sg = 1.0 / (1.0 + (-g).exp());
-            dg[i] = d * u * sg * (1.0 + g * (1.0 - sg));
-            du[i] = d * g * sg;
+            let sg = 1.0 / (1.0 + exp_f32(-g[i]));
+            dg[i] = d[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
+            du[i] = d[i] * g[i] * sg;
         }
     });
 }
@@ -687,7 +744,7 @@ pub fn logprobs_forward(
         head_chunk(&mut xc, &mut logits, x, w, rows, hidden, vocab);
         lse[r0..r0 + rows.len()].par_iter_mut().zip(logits.par_chunks(vocab)).for_each(|(l, lg)| {
             let mx = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let sum: f64 = lg.iter().map(|&z| ((z - mx) as f64).exp()).sum();
+            let sum = sum_exp_f64(lg, mx);
             *l = mx + sum.ln() as f32;
         });
         for (j, rt) in plan.row_targets[r0..r0 + rows.len()].iter().enumerate() {
@@ -730,7 +787,7 @@ pub fn logprobs_backward(
             let gsum: f32 = rt.iter().filter(|&&t| t != u32::MAX).map(|&t| dlogp[t as usize]).sum();
             let l = lse[r0 + j];
             for z in lg.iter_mut() {
-                *z = -gsum * (*z - l).exp();
+                *z = -gsum * exp_f32(*z - l);
             }
             for &t in rt.iter().filter(|&&t| t != u32::MAX) {
                 lg[plan.tokens[t as usize] as usize] += dlogp[t as usize];
@@ -874,6 +931,23 @@ mod tests {
             })
             .collect();
         PairBatch::new(&pairs.iter().collect::<Vec<_>>(), layout).unwrap()
+    }
+
+    #[test]
+    fn exp_f32_is_within_2_ulp() {
+        let mut worst = 0f64;
+        for i in 0..=400_000 {
+            let x = -87.0 + 175.0 * i as f64 / 400_000.0; // [-87, 88]
+            let (got, want) = (exp_f32(x as f32) as f64, (x as f32 as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        // 2 ulp of f32 is 2·2^-23 ≈ 2.4e-7 relative
+        assert!(worst < 2.4e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(1000.0).is_finite());
     }
 
     #[test]
