@@ -364,12 +364,6 @@ impl<'a> AttnMask<'a> {
         AttnMask { group_start: &batch.group_start, group: &batch.group, branch: &batch.branch }
     }
 
-    #[inline]
-    fn visible(&self, q: usize, k: usize) -> bool {
-        let b = self.branch[k];
-        b == 0 || b == self.branch[q]
-    }
-
     fn max_group_len(&self) -> usize {
         self.group_start.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
     }
@@ -404,16 +398,34 @@ fn branch_bits(branch: &[u8], r0: usize, r1: usize) -> u8 {
     branch[r0..r1].iter().fold(0, |acc, &b| acc | 1 << b)
 }
 
-/// The key tiles of `gs..q1` that a query tile with branch bits `qbits` may attend to:
-/// those holding prompt keys or keys of one of its branches. (Conservative: the exact
-/// rule is applied per element inside the tile; this only skips whole masked tiles, such
-/// as the chosen keys of rejected queries.) Writes one flag per tile into `comp`.
-fn key_tiles(comp: &mut Vec<bool>, branch: &[u8], gs: usize, q1: usize, qbits: u8) {
-    comp.clear();
-    comp.extend((gs..q1).step_by(ATTN_TILE).map(|k0| {
-        let kbits = branch_bits(branch, k0, (k0 + ATTN_TILE).min(q1));
-        kbits & 1 != 0 || kbits & qbits != 0
-    }));
+/// The key ranges of `gs..q1` a query tile with branch bits `qbits` may attend to, as merged
+/// runs of whole `ATTN_TILE` tiles: those holding prompt keys or keys of one of its
+/// branches. (Conservative: the exact rule is applied per element; this only skips whole
+/// masked tiles, such as the chosen keys of rejected queries.)
+fn key_spans(spans: &mut Vec<(usize, usize)>, branch: &[u8], gs: usize, q1: usize, qbits: u8) {
+    spans.clear();
+    for k0 in (gs..q1).step_by(ATTN_TILE) {
+        let k1 = (k0 + ATTN_TILE).min(q1);
+        let kbits = branch_bits(branch, k0, k1);
+        if kbits & 1 != 0 || kbits & qbits != 0 {
+            match spans.last_mut() {
+                Some(last) if last.1 == k0 => last.1 = k1,
+                _ => spans.push((k0, k1)),
+            }
+        }
+    }
+}
+
+/// Runs of rows with the same branch in `r0..r1`, as `(start, end, branch)`: the mask of a
+/// query row is then a few contiguous segments instead of a test per key.
+fn branch_runs(runs: &mut Vec<(usize, usize, u8)>, branch: &[u8], r0: usize, r1: usize) {
+    runs.clear();
+    for (r, &b) in branch.iter().enumerate().take(r1).skip(r0) {
+        match runs.last_mut() {
+            Some(last) if last.2 == b => last.1 = r + 1,
+            _ => runs.push((r, r + 1, b)),
+        }
+    }
 }
 
 /// Query tiles `(group start, first row, end row)`: aligned on `ATTN_TILE` from each group's
@@ -462,16 +474,16 @@ pub fn attention_forward(
     let max_span = mask.max_group_len();
     let (pout, plse) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     (0..tiles.len() * nh).into_par_iter().for_each_init(
-        || (vec![0f32; ATTN_TILE * max_span], Vec::new()),
-        |(s, comp), task| {
+        || (vec![0f32; ATTN_TILE * max_span], Vec::new(), Vec::new()),
+        |(s, spans, runs), task| {
             let ((gs, t0, t1), h) = (tiles[task / nh], task % nh);
             let g = h / shape.group_size();
             let (m, span) = (t1 - t0, t1 - gs);
             let s = &mut s[..m * span];
-            key_tiles(comp, mask.branch, gs, t1, branch_bits(mask.branch, t0, t1));
+            key_spans(spans, mask.branch, gs, t1, branch_bits(mask.branch, t0, t1));
+            branch_runs(runs, mask.branch, gs, t1);
             let qp = q[(t0 - offset) * qd + h * hd..].as_ptr();
-            for (kt, _) in comp.iter().enumerate().filter(|(_, &c)| c) {
-                let (k0, k1) = (gs + kt * ATTN_TILE, (gs + (kt + 1) * ATTN_TILE).min(t1));
+            for &(k0, k1) in spans.iter() {
                 // SAFETY: S[:, k0-gs..k1-gs] lies in `s` (m rows of `span`); Q rows t0..t1 of
                 // head h and K rows k0..k1 of kv head g lie in `q` and `k`.
                 unsafe {
@@ -480,18 +492,22 @@ pub fn attention_forward(
                 }
             }
             for i in 0..m {
-                let t = t0 + i;
+                let (t, bt) = (t0 + i, mask.branch[t0 + i]);
                 let row = &mut s[i * span..(i + 1) * span];
+                // visible keys always lie in `spans`, so only computed scores are read
                 let mut mx = f32::NEG_INFINITY;
-                for (j, x) in row.iter_mut().enumerate() {
-                    let key = gs + j;
-                    if key <= t && comp[j / ATTN_TILE] && mask.visible(t, key) {
-                        *x *= scale;
-                        mx = mx.max(*x);
+                for &(a, b, br) in runs.iter().take_while(|r| r.0 <= t) {
+                    let seg = &mut row[a - gs..b.min(t + 1) - gs];
+                    if br == 0 || br == bt {
+                        for x in seg.iter_mut() {
+                            *x *= scale;
+                            mx = mx.max(*x);
+                        }
                     } else {
-                        *x = f32::NEG_INFINITY;
+                        seg.fill(f32::NEG_INFINITY);
                     }
                 }
+                row[t + 1 - gs..].fill(f32::NEG_INFINITY);
                 row.iter_mut().for_each(|x| *x = exp_f32(*x - mx));
                 let sum = sum_f32(row);
                 let inv = 1.0 / sum;
@@ -499,15 +515,12 @@ pub fn attention_forward(
                 // SAFETY: (row t, head h) of lse belongs to this task alone.
                 unsafe { *plse.at((t - offset) * nh + h) = mx + sum.ln() };
             }
-            let mut first = true;
-            for (kt, _) in comp.iter().enumerate().filter(|(_, &c)| c) {
-                let (k0, k1) = (gs + kt * ATTN_TILE, (gs + (kt + 1) * ATTN_TILE).min(t1));
+            for (i, &(k0, k1)) in spans.iter().enumerate() {
                 // SAFETY: out rows t0..t1, head h belong to this task alone; P and V in bounds.
                 unsafe {
                     let (op, vp) = (pout.at((t0 - offset) * qd + h * hd), v[k0 * kvd + g * hd..].as_ptr());
-                    gemm_raw(op, qd, !first, s[k0 - gs..].as_ptr(), span, 1, vp, kvd, 1, m, hd, k1 - k0, false);
+                    gemm_raw(op, qd, i > 0, s[k0 - gs..].as_ptr(), span, 1, vp, kvd, 1, m, hd, k1 - k0, false);
                 }
-                first = false;
             }
         },
     );
@@ -544,105 +557,59 @@ pub fn attention_backward(
     let n_groups = mask.group_start.len() - 1;
     let max_span = mask.max_group_len();
     (0..n_groups * nkv).into_par_iter().for_each_init(
-        || (vec![0f32; ATTN_TILE * max_span], vec![0f32; ATTN_TILE * max_span], Vec::new()),
-        |(p, ds, comp), task| {
+        || (vec![0f32; ATTN_TILE * max_span], vec![0f32; ATTN_TILE * max_span], Vec::new(), Vec::new()),
+        |(p, ds, spans, runs), task| {
             let (grp, g) = (task / nkv, task % nkv);
             let (gs, ge) = (mask.group_start[grp] as usize, mask.group_start[grp + 1] as usize);
+            branch_runs(runs, mask.branch, gs, ge);
             for h in g * shape.group_size()..(g + 1) * shape.group_size() {
                 for t0 in (gs..ge).step_by(ATTN_TILE) {
                     let t1 = (t0 + ATTN_TILE).min(ge);
                     let (m, span) = (t1 - t0, t1 - gs);
                     let (p, ds) = (&mut p[..m * span], &mut ds[..m * span]);
-                    key_tiles(comp, mask.branch, gs, t1, branch_bits(mask.branch, t0, t1));
+                    key_spans(spans, mask.branch, gs, t1, branch_bits(mask.branch, t0, t1));
                     let (qp, dop) = (q[t0 * qd + h * hd..].as_ptr(), dout[t0 * qd + h * hd..].as_ptr());
-                    let tiles = || {
-                        comp.iter()
-                            .enumerate()
-                            .filter(|(_, &c)| c)
-                            .map(|(kt, _)| (gs + kt * ATTN_TILE, (gs + (kt + 1) * ATTN_TILE).min(t1)))
-                    };
-                    // S = Q·Kᵀ and dP = dO·Vᵀ on the tiles forward computed
-                    for (k0, k1) in tiles() {
+                    // S = Q·Kᵀ and dP = dO·Vᵀ on the key spans forward computed
+                    for &(k0, k1) in spans.iter() {
+                        let ko = k0 * kvd + g * hd;
+                        let (kp, vp, n) = (k[ko..].as_ptr(), v[ko..].as_ptr(), k1 - k0);
                         // SAFETY: all in bounds (as in forward); p and ds are this task's scratch.
                         unsafe {
-                            let (kp, vp) = (k[k0 * kvd + g * hd..].as_ptr(), v[k0 * kvd + g * hd..].as_ptr());
-                            gemm_raw(
-                                p[k0 - gs..].as_mut_ptr(),
-                                span,
-                                false,
-                                qp,
-                                qd,
-                                1,
-                                kp,
-                                1,
-                                kvd,
-                                m,
-                                k1 - k0,
-                                hd,
-                                false,
-                            );
-                            gemm_raw(
-                                ds[k0 - gs..].as_mut_ptr(),
-                                span,
-                                false,
-                                dop,
-                                qd,
-                                1,
-                                vp,
-                                1,
-                                kvd,
-                                m,
-                                k1 - k0,
-                                hd,
-                                false,
-                            );
+                            gemm_raw(p[k0 - gs..].as_mut_ptr(), span, false, qp, qd, 1, kp, 1, kvd, m, n, hd, false);
+                            gemm_raw(ds[k0 - gs..].as_mut_ptr(), span, false, dop, qd, 1, vp, 1, kvd, m, n, hd, false);
                         }
                     }
                     for i in 0..m {
-                        let t = t0 + i;
+                        let (t, bt) = (t0 + i, mask.branch[t0 + i]);
                         let (l, o) = (lse[t * nh + h], t * qd + h * hd);
                         let dd = dot(&dout[o..o + hd], &out[o..o + hd]);
                         let (pr, dr) = (&mut p[i * span..(i + 1) * span], &mut ds[i * span..(i + 1) * span]);
-                        for (kt, _) in comp.iter().enumerate().filter(|(_, &c)| c) {
-                            for j in kt * ATTN_TILE..((kt + 1) * ATTN_TILE).min(span) {
-                                let key = gs + j;
-                                if key <= t && mask.visible(t, key) {
+                        for &(a, b, br) in runs.iter().take_while(|r| r.0 <= t) {
+                            let (j0, j1) = (a - gs, b.min(t + 1) - gs);
+                            if br == 0 || br == bt {
+                                for j in j0..j1 {
                                     pr[j] = exp_f32(pr[j] * scale - l);
                                     dr[j] = pr[j] * (dr[j] - dd) * scale;
-                                } else {
-                                    pr[j] = 0.0;
-                                    dr[j] = 0.0;
                                 }
+                            } else {
+                                pr[j0..j1].fill(0.0);
+                                dr[j0..j1].fill(0.0);
                             }
                         }
+                        pr[t + 1 - gs..].fill(0.0);
+                        dr[t + 1 - gs..].fill(0.0);
                     }
-                    let mut first = true;
-                    for (k0, k1) in tiles() {
+                    for (i, &(k0, k1)) in spans.iter().enumerate() {
+                        let (ko, n) = (k0 * kvd + g * hd, k1 - k0);
+                        let (pds, pp) = (ds[k0 - gs..].as_ptr(), p[k0 - gs..].as_ptr());
                         // SAFETY: dq rows t0..t1 of head h, dk/dv rows k0..k1 of kv head g are
                         // written by this task alone (its group, its kv head).
                         unsafe {
-                            let ko = k0 * kvd + g * hd;
                             let (dqp, kp) = (pdq.at(t0 * qd + h * hd), k[ko..].as_ptr());
-                            gemm_raw(
-                                dqp,
-                                qd,
-                                !first,
-                                ds[k0 - gs..].as_ptr(),
-                                span,
-                                1,
-                                kp,
-                                kvd,
-                                1,
-                                m,
-                                hd,
-                                k1 - k0,
-                                false,
-                            );
-                            let (pds, pp) = (ds[k0 - gs..].as_ptr(), p[k0 - gs..].as_ptr());
-                            gemm_raw(pdk.at(ko), kvd, true, pds, 1, span, qp, qd, 1, k1 - k0, hd, m, false);
-                            gemm_raw(pdv.at(ko), kvd, true, pp, 1, span, dop, qd, 1, k1 - k0, hd, m, false);
+                            gemm_raw(dqp, qd, i > 0, pds, span, 1, kp, kvd, 1, m, hd, n, false);
+                            gemm_raw(pdk.at(ko), kvd, true, pds, 1, span, qp, qd, 1, n, hd, m, false);
+                            gemm_raw(pdv.at(ko), kvd, true, pp, 1, span, dop, qd, 1, n, hd, m, false);
                         }
-                        first = false;
                     }
                 }
             }
