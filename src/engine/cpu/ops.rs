@@ -797,14 +797,13 @@ pub fn adamw_update(
     const CH: usize = 1 << 14;
     p.par_chunks_mut(CH).zip(m.par_chunks_mut(CH)).zip(v.par_chunks_mut(CH)).zip(g.par_chunks(CH)).for_each(
         |(((p, m), v), g)| {
-            for i in 0..p.len() {
-                if weight_decay != 0.0 {
-                    p[i] *= decay;
-                }
-                m[i] += w1 * (g[i] - m[i]);
-                v[i] = v[i] * b2 + w2 * g[i] * g[i];
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * (m[i] / denom);
+            // `decay` is exactly 1 without weight decay, so the product changes nothing then
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                *p *= decay;
+                *m += w1 * (g - *m);
+                *v = *v * b2 + w2 * g * g;
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                *p -= step_size * (*m / denom);
             }
         },
     );
