@@ -83,6 +83,15 @@ fn ids_equal_trl_for_every_format_tokenizer_and_template() {
 }
 
 #[test]
+fn shared_heads_are_tokenized_once_only_where_exact() {
+    // The byte-level BPE fixture cuts conversations after special tokens (and its ids equal
+    // TRL's above); the Metaspace one (prepend_scheme "first") must tokenize whole texts.
+    use sdpo::data::tokenize::PairTokenizer;
+    assert!(PairTokenizer::load(&fixtures().join("bpe"), None).unwrap().splits_at_special_tokens());
+    assert!(!PairTokenizer::load(&fixtures().join("spm"), None).unwrap().splits_at_special_tokens());
+}
+
+#[test]
 fn the_model_directorys_own_template_is_used() {
     // bpe/tokenizer_config.json holds the Llama 3 template; spm/ has chat_template.jinja (Zephyr).
     let exp = expected();

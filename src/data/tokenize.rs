@@ -17,6 +17,14 @@
 //!   first differ, taking the smaller of the two (chosen, rejected) common prefixes; the
 //!   prompt keeps that many tokens. This is exact at the token level even when a template
 //!   renders the prompt differently alone or tokens merge across the boundary.
+//!
+//! Speed: the tokenizers pipeline cuts its input at added (special) tokens first and
+//! tokenizes the pieces independently. So when the rendered prompt and prompt+answer share
+//! text up to the end of such a token, that shared head is tokenized once and only the
+//! tails are tokenized per answer. This is used only where it is exact: tokens that no
+//! other added token contains or overlaps, that do not strip or check their right side,
+//! and pre-tokenizers that do not depend on the absolute position (Metaspace with
+//! `prepend_scheme: first` does, and turns this off).
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +45,9 @@ pub struct PairTokenizer {
     /// Where the template came from, for error messages.
     template_path: PathBuf,
     eos_token: Option<String>,
+    /// Added tokens after which a text can be cut and tokenized in two pieces with the
+    /// same result, grouped by first byte; empty when that does not hold.
+    split_tokens: Vec<Vec<String>>,
     /// Tokens in the vocabulary, added tokens included.
     pub vocab_size: usize,
 }
@@ -143,7 +154,14 @@ impl PairTokenizer {
             None => None,
         };
         let vocab_size = tokenizer.get_vocab_size(true);
-        Ok(PairTokenizer { tokenizer, template, template_path, eos_token, vocab_size })
+        let split_tokens = composable_split_tokens(&tokenizer);
+        Ok(PairTokenizer { tokenizer, template, template_path, eos_token, split_tokens, vocab_size })
+    }
+
+    /// Whether rendered conversations are tokenized in pieces cut after special tokens
+    /// (the shared head once); see the module comment.
+    pub fn splits_at_special_tokens(&self) -> bool {
+        !self.split_tokens.is_empty()
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -179,11 +197,7 @@ impl PairTokenizer {
                 let prompt_text = t.render(p, tools, true).map_err(|e| err("prompt", e))?;
                 let chosen_text = render(c).map_err(|e| err("prompt + chosen", e))?;
                 let rejected_text = render(r).map_err(|e| err("prompt + rejected", e))?;
-                (
-                    self.encode(&prompt_text, false)?,
-                    self.encode(&chosen_text, false)?,
-                    self.encode(&rejected_text, false)?,
-                )
+                self.encode_three(&prompt_text, &chosen_text, &rejected_text)?
             }
             _ => return Err("prompt, chosen and rejected mix text and conversations".into()),
         };
@@ -194,9 +208,109 @@ impl PairTokenizer {
         Ok(PairIds { prompt, chosen: pc[n..].to_vec(), rejected: pr[n..].to_vec(), prompt_tail_dropped })
     }
 
+    /// `encode(p)`, `encode(pc)`, `encode(pr)` without special tokens, tokenizing the head
+    /// the three texts share (up to the end of a split token) once.
+    fn encode_three(&self, p: &str, pc: &str, pr: &str) -> std::result::Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
+        let shared = common_prefix_bytes(p, pc).min(common_prefix_bytes(p, pr));
+        let cut = self.last_split_end(&p[..shared]);
+        if cut == 0 {
+            return Ok((self.encode(p, false)?, self.encode(pc, false)?, self.encode(pr, false)?));
+        }
+        let head = self.encode(&p[..cut], false)?;
+        let join = |tail: &str| -> std::result::Result<Vec<u32>, String> {
+            let mut ids = head.clone();
+            ids.extend(self.encode(tail, false)?);
+            Ok(ids)
+        };
+        Ok((join(&p[cut..])?, join(&pc[cut..])?, join(&pr[cut..])?))
+    }
+
+    /// End of the last occurrence of a split token in `s` (0 if none).
+    fn last_split_end(&self, s: &str) -> usize {
+        if self.split_tokens.is_empty() {
+            return 0;
+        }
+        let bytes = s.as_bytes();
+        for i in (0..bytes.len()).rev() {
+            for tok in &self.split_tokens[bytes[i] as usize] {
+                if bytes[i..].starts_with(tok.as_bytes()) {
+                    return i + tok.len();
+                }
+            }
+        }
+        0
+    }
+
     fn encode(&self, text: &str, add_special_tokens: bool) -> std::result::Result<Vec<u32>, String> {
         let enc = self.tokenizer.encode_fast(text, add_special_tokens).map_err(|e| format!("tokenizer failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+}
+
+/// Length in bytes of the common prefix of two strings, at a character boundary.
+fn common_prefix_bytes(a: &str, b: &str) -> usize {
+    let mut n = a.as_bytes().iter().zip(b.as_bytes()).take_while(|(x, y)| x == y).count();
+    while !a.is_char_boundary(n) {
+        n -= 1;
+    }
+    n
+}
+
+/// The added tokens at whose end a text can be cut, tokenized in two pieces and the ids
+/// concatenated, with the same ids as tokenizing it whole (see the module comment), by
+/// first byte. Empty when the tokenizer gives no such guarantee.
+fn composable_split_tokens(tok: &tokenizers::Tokenizer) -> Vec<Vec<String>> {
+    if tok.get_encode_special_tokens() {
+        return Vec::new();
+    }
+    if let Some(pre) = tok.get_pre_tokenizer() {
+        match serde_json::to_value(pre) {
+            Ok(v) if !depends_on_position(&v) => {}
+            _ => return Vec::new(),
+        }
+    }
+    let added: Vec<tokenizers::AddedToken> = tok.get_added_tokens_decoder().into_values().collect();
+    // Tokens matched on the raw text, before normalization: the first cut the pipeline makes.
+    let raw: Vec<&str> = added.iter().filter(|t| !t.normalized).map(|t| t.content.as_str()).collect();
+    let mut by_byte: Vec<Vec<String>> = vec![Vec::new(); 256];
+    let mut any = false;
+    for x in &added {
+        if x.normalized || x.rstrip || x.single_word || x.content.is_empty() {
+            continue;
+        }
+        let x = x.content.as_str();
+        // Every occurrence of x in a text must be matched as x, whatever follows it: no other
+        // added token contains x or ends inside it, and x does not overlap itself.
+        let safe = raw.iter().all(|&z| if z == x { !overlaps(z, x) } else { !z.contains(x) && !overlaps(z, x) });
+        if safe {
+            by_byte[x.as_bytes()[0] as usize].push(x.to_string());
+            any = true;
+        }
+    }
+    if any {
+        by_byte
+    } else {
+        Vec::new()
+    }
+}
+
+/// Whether a proper suffix of `a` is a proper prefix of `b`.
+fn overlaps(a: &str, b: &str) -> bool {
+    (1..a.len()).any(|i| a.is_char_boundary(i) && a.len() - i < b.len() && b.starts_with(&a[i..]))
+}
+
+/// Whether a pre-tokenizer (as tokenizer.json writes it) treats the start of the input
+/// differently from the start of a piece after an added token.
+fn depends_on_position(v: &Value) -> bool {
+    match v {
+        Value::Object(o) => {
+            let metaspace_first = o.get("type").and_then(Value::as_str) == Some("Metaspace")
+                && o.get("prepend_scheme").and_then(Value::as_str) != Some("always")
+                && o.get("prepend_scheme").and_then(Value::as_str) != Some("never");
+            metaspace_first || o.values().any(depends_on_position)
+        }
+        Value::Array(a) => a.iter().any(depends_on_position),
+        _ => false,
     }
 }
 
@@ -298,6 +412,16 @@ mod tests {
         let mut x = ids(&[1, 2, 3, 4], &[5, 6, 7], &[8]);
         assert_eq!(truncate(&mut x, Some(4), Some(2)), Truncated::Cut);
         assert_eq!(x, ids(&[3, 4], &[5, 6], &[8]));
+    }
+
+    #[test]
+    fn split_token_safety() {
+        assert!(overlaps("ab", "bc") && !overlaps("ab", "cd") && !overlaps("<x>", "<x>") && overlaps("aa", "aa"));
+        let meta = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": true}]});
+        assert!(depends_on_position(&meta));
+        let bl = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true});
+        assert!(!depends_on_position(&bl));
     }
 
     #[test]
