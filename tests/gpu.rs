@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use sdpo::config::LlamaConfig;
 use sdpo::data::pretokenized::read_pairs;
 use sdpo::data::{Layout, PairBatch, PairExample};
-use sdpo::dpo::LossConfig;
+use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::cpu::ops;
 use sdpo::engine::cpu::CpuEngine;
 use sdpo::engine::cuda::gemm::GemmShape;
@@ -514,8 +514,24 @@ fn check_logps(what: &str, got: &[PairLogps], want: &[PairLogps]) {
 
 /// One micro-batch through both engines: log-probs, every gradient tensor, the gradient
 /// norm, and log-probs again after one AdamW step.
-fn engines_agree(tag: &str, cfg: &LlamaConfig, weights: &LlamaWeights, pairs: &[PairExample], layout: Layout) {
-    let mut cpu = CpuEngine::new(cfg.clone(), weights.clone()).unwrap();
+/// `grad_tol` bounds each gradient tensor; see tests/cuda_host.rs for the measured values
+/// of the same engine emulated on the host.
+fn engines_agree(
+    tag: &str,
+    cfg: &LlamaConfig,
+    weights: &LlamaWeights,
+    pairs: &[PairExample],
+    layout: Layout,
+    grad_tol: f64,
+) {
+    // The reference computes with the bf16-rounded weights the CUDA engine uses (its fp32
+    // masters stay exact): what remains is activation rounding (see tests/cuda_host.rs,
+    // where the host emulation of this engine measures ≤ 6.4e-3 on every gradient).
+    let mut rounded = weights.clone();
+    for t in rounded.tensors_mut() {
+        t.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    }
+    let mut cpu = CpuEngine::new(cfg.clone(), rounded).unwrap();
     let mut gpu = match CudaEngine::new(cfg.clone(), weights.clone(), 0) {
         Ok(e) => e,
         Err(e) => panic!("this test needs a CUDA GPU and could not get one: {e}"),
@@ -530,14 +546,19 @@ fn engines_agree(tag: &str, cfg: &LlamaConfig, weights: &LlamaWeights, pairs: &[
     // loss is away from its symmetric point and every gradient is non-trivial.
     let reference: Vec<PairLogps> =
         want.iter().map(|p| PairLogps { chosen: p.chosen - 0.7, rejected: p.rejected + 0.4, ..*p }).collect();
-    let loss = LossConfig { beta: 0.5, ..Default::default() };
+    // Hinge with its margin open: dL/dπ = ∓β exactly, whatever bf16 does to the log-probs
+    // (the sigmoid loss would turn a 1e-3 log-prob difference into a few percent of every
+    // gradient, hiding what this test looks for).
+    let loss = LossConfig { kind: LossKind::Hinge, beta: 0.1, ..Default::default() };
     let scale = 1.0 / pairs.len() as f64;
     let pc = cpu.train_step(&batch, &reference, &loss, scale).unwrap();
     let pg = gpu.train_step(&batch, &reference, &loss, scale).unwrap();
     check_logps(&format!("{tag} {layout:?} train_step logps"), &pg, &pc);
     let (gc, gg) = (cpu.grads().unwrap(), gpu.grads().unwrap());
     for ((spec, a), b) in LlamaWeights::specs(cfg).iter().zip(gg.tensors()).zip(gc.tensors()) {
-        check(&format!("{tag} {layout:?} grad {}", spec.name), a, b);
+        let e = rel_err(&format!("{tag} grad {}", spec.name), a, b);
+        println!("{tag} {layout:?} grad {:<40} rel err {e:.2e}", spec.name);
+        assert!(e <= grad_tol, "{tag} {layout:?} grad {}: {e:.3e} > {grad_tol}", spec.name);
     }
     let opt = AdamWConfig { weight_decay: 0.01, ..Default::default() };
     let (nc, ng) = (cpu.optimizer_step(&opt, 1e-3).unwrap(), gpu.optimizer_step(&opt, 1e-3).unwrap());
@@ -584,20 +605,19 @@ fn engine_matches_cpu_engine_on_random_models() {
     ];
     for (i, c) in configs.into_iter().enumerate() {
         let cfg = LlamaConfig::from_json(c).unwrap();
-        // Matrices 4× the usual 0.02 and norm weights away from exactly 1, so activations
-        // and every gradient (the norms' too) are far from zero.
+        // The usual initialisation (std 0.02), norm weights away from exactly 1 so their
+        // gradients matter. (Larger weights mean larger logits, whose bf16 rounding moves
+        // the softmax more: 5× gives ~1.3e-2 in the host emulation.)
         let mut w = LlamaWeights::random(&cfg, 7 + i as u64);
         let mut r = SplitMix64(100 + i as u64);
         for (s, t) in LlamaWeights::specs(&cfg).iter().zip(w.tensors_mut()) {
             if s.name.contains("norm") {
                 t.iter_mut().for_each(|x| *x = 1.0 + 0.1 * r.normal());
-            } else {
-                t.iter_mut().for_each(|x| *x *= 4.0);
             }
         }
         let pairs = random_pairs(11 + i as u64, 5, cfg.vocab_size, 90);
         for layout in [Layout::Shared, Layout::Concatenated] {
-            engines_agree(&format!("random model {i}"), &cfg, &w, &pairs, layout);
+            engines_agree(&format!("random model {i}"), &cfg, &w, &pairs, layout, TOL);
         }
     }
 }
@@ -627,7 +647,8 @@ fn engine_matches_cpu_engine_on_fixtures() {
         }
         let pairs = read_pairs(&fixture(&format!("{model}/pairs.jsonl")), cfg.vocab_size).unwrap();
         for layout in [Layout::Shared, Layout::Concatenated] {
-            engines_agree(&format!("fixture {model}"), &cfg, &w, &pairs, layout);
+            // hidden_size 32: the host emulation measures ≤ 1.5e-2 here.
+            engines_agree(&format!("fixture {model}"), &cfg, &w, &pairs, layout, 2e-2);
         }
         ran += 1;
     }
@@ -645,9 +666,7 @@ fn gpu_ceilings() {
     let a = g.alloc::<u8>(bytes).unwrap();
     let b = g.alloc::<u8>(bytes).unwrap();
     let (pa, pb) = (g.ptr(&a), g.ptr(&b));
-    let copy = |g: &Gpu| unsafe {
-        cudarc::driver::result::memcpy_dtod_async(pb.ptr, pa.ptr, bytes, g.stream.cu_stream()).unwrap()
-    };
+    let copy = |g: &Gpu| g.copy(pb, pa, bytes).unwrap();
     copy(&g);
     g.sync().unwrap();
     let t = std::time::Instant::now();

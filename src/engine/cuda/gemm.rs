@@ -95,16 +95,19 @@ fn lt_err(what: &str) -> impl Fn(lt::CublasError) -> Error + '_ {
 /// Owns a cuBLASLt handle, the workspace and the algorithm cache.
 pub struct Gemm {
     handle: sys::cublasLtHandle_t,
-    stream: Arc<CudaStream>,
-    workspace: CudaSlice<u8>,
+    /// `None` (with no workspace): host emulation, `host::gemm`.
+    stream: Option<Arc<CudaStream>>,
+    workspace: Option<CudaSlice<u8>>,
     algos: HashMap<(GemmShape, OutType), sys::cublasLtMatmulAlgo_t>,
 }
 
 impl Drop for Gemm {
     fn drop(&mut self) {
-        // SAFETY: the handle was created in `new` and is destroyed once.
-        unsafe {
-            let _ = lt::destroy_handle(self.handle);
+        if self.stream.is_some() {
+            // SAFETY: the handle was created in `new` and is destroyed once.
+            unsafe {
+                let _ = lt::destroy_handle(self.handle);
+            }
         }
     }
 }
@@ -142,7 +145,12 @@ impl Gemm {
         let size = if major >= 9 { 32 << 20 } else { 4 << 20 };
         // SAFETY: the workspace is scratch memory; its contents are never read by us.
         let workspace = unsafe { stream.alloc::<u8>(size) }.map_err(|e| Error::Cuda(format!("workspace: {e}")))?;
-        Ok(Gemm { handle, stream, workspace, algos: HashMap::new() })
+        Ok(Gemm { handle, stream: Some(stream), workspace: Some(workspace), algos: HashMap::new() })
+    }
+
+    /// Host emulation: the same checks, then `host::gemm`.
+    pub fn host() -> Self {
+        Gemm { handle: std::ptr::null_mut(), stream: None, workspace: None, algos: HashMap::new() }
     }
 
     fn descs(&self, s: &GemmShape, out: OutType) -> Result<Descs> {
@@ -195,13 +203,19 @@ impl Gemm {
                 a.len, b.len
             )));
         }
+        let (Some(stream), Some(workspace)) = (self.stream.clone(), self.workspace.as_ref()) else {
+            // SAFETY: host-mode pointers spanning the shape (checked above).
+            unsafe { super::host::gemm(c, out == OutType::Bf16, a, b, s, alpha, beta) };
+            return Ok(());
+        };
+        let ws_len = workspace.len();
         let d = self.descs(s, out)?;
         let key = (*s, out);
         let algo = match self.algos.get(&key) {
             Some(a) => *a,
             None => {
                 let pref = lt::create_matmul_pref().map_err(lt_err("preference"))?;
-                let ws = self.workspace.len() as u64;
+                let ws = ws_len as u64;
                 // SAFETY: live preference; the attribute is a u64 byte count.
                 let r = unsafe {
                     lt::set_matmul_pref_attribute(
@@ -232,7 +246,7 @@ impl Gemm {
                 algo
             }
         };
-        let (ws, _sync) = self.workspace.device_ptr(&self.stream);
+        let (ws, _sync) = workspace.device_ptr(&stream);
         // SAFETY: every operand spans its layout (checked above); descriptors are live.
         unsafe {
             lt::matmul(
@@ -250,8 +264,8 @@ impl Gemm {
                 d.layouts[2],
                 &algo,
                 ws as *mut c_void,
-                self.workspace.len(),
-                self.stream.cu_stream() as sys::cudaStream_t,
+                ws_len,
+                stream.cu_stream() as sys::cudaStream_t,
             )
         }
         .map_err(|e| Error::Cuda(format!("cuBLASLt matmul {s:?}: {e:?}")))

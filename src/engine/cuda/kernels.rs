@@ -17,7 +17,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::{arch_for, kernel_image, KERNEL_SOURCES};
+use super::{arch_for, host, kernel_image, KERNEL_SOURCES};
 use crate::error::{Error, Result};
 
 /// Every kernel a launcher uses: (file, `extern "C"` name). The `cuda_compile` test
@@ -160,7 +160,8 @@ pub fn attention_backward_smem(head_dim: usize) -> u32 {
 
 /// The loaded kernels of one device.
 pub struct Kernels {
-    pub stream: Arc<CudaStream>,
+    /// `None`: host emulation (`host.rs`), no device.
+    pub stream: Option<Arc<CudaStream>>,
     pub arch: String,
     pub sm_count: u32,
     funcs: HashMap<&'static str, CudaFunction>,
@@ -202,7 +203,16 @@ impl Kernels {
             )
             .map_err(|e| Error::Cuda(format!("attention_backward_hd{d}: shared memory limit: {e}")))?;
         }
-        Ok(Kernels { stream, arch, sm_count, funcs, _modules: modules })
+        Ok(Kernels { stream: Some(stream), arch, sm_count, funcs, _modules: modules })
+    }
+
+    /// Every launcher checks its arguments, then runs `host.rs`'s emulation instead of a kernel.
+    pub fn host() -> Self {
+        Kernels { stream: None, arch: "host".into(), sm_count: 4, funcs: HashMap::new(), _modules: Vec::new() }
+    }
+
+    pub fn is_host(&self) -> bool {
+        self.stream.is_none()
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction> {
@@ -215,9 +225,14 @@ impl Kernels {
 
     /// Zeroes `p` on the stream.
     pub fn zero<T>(&self, p: DPtr<T>) -> Result<()> {
+        let Some(stream) = &self.stream else {
+            // SAFETY: a host-mode DPtr addresses `len` host elements.
+            unsafe { host::zero(p) };
+            return Ok(());
+        };
         // SAFETY: `p` addresses `len` elements on this device (DPtr's contract).
         unsafe {
-            cudarc::driver::result::memset_d8_async(p.ptr, 0, p.len * std::mem::size_of::<T>(), self.stream.cu_stream())
+            cudarc::driver::result::memset_d8_async(p.ptr, 0, p.len * std::mem::size_of::<T>(), stream.cu_stream())
         }
         .map_err(|e| Error::Cuda(format!("memset: {e}")))
     }
@@ -228,7 +243,8 @@ impl Kernels {
 macro_rules! launch {
     ($k:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let f = $k.func($name)?;
-        let mut b = $k.stream.launch_builder(f);
+        let stream = $k.stream.as_ref().ok_or_else(|| Error::Cuda(format!("{}: no device", $name)))?;
+        let mut b = stream.launch_builder(f);
         $( let a = $arg; b.arg(&a); )*
         // SAFETY: the launcher checked every length and alignment the kernel relies on,
         // and the argument list matches the kernel's signature in kernels/*.cu.
@@ -281,6 +297,11 @@ impl Kernels {
         for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("o", &o)] {
             need_vec(&format!("attention: {name}"), p)?;
         }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::attention_forward(o, lse, q, k, v, mask, d) };
+            return Ok(());
+        }
         let name = format!("attention_forward_hd{}", d.head_dim);
         let cfg = Self::cfg((blocks(n, 64), d.n_heads as u32), 128, 0);
         let scale = 1.0f32 / (d.head_dim as f32).sqrt();
@@ -307,6 +328,11 @@ impl Kernels {
         need_len("attention_backward_delta: O", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
         need_vec("attention_backward_delta: dO", &dout)?;
         need_vec("attention_backward_delta: O", &o)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::attention_backward_delta(delta, dout, o, d) };
+            return Ok(());
+        }
         let cfg = Self::cfg((blocks(n * d.n_heads, 256), 1), 256, 0);
         launch!(self, "attention_backward_delta", cfg; delta.ptr, dout.ptr, o.ptr, to_i32("n_tokens", n)?,
             d.n_heads as i32, d.head_dim as i32, d.o_stride as i32, d.o_stride as i32);
@@ -352,6 +378,11 @@ impl Kernels {
             need_vec(&format!("attention_backward: {name}"), p)?;
         }
         need(dk.ptr % 8 == 0 && dv.ptr % 8 == 0, || "attention_backward: dk/dv must be 8-byte aligned".into())?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::attention_backward(dq, dk, dv, dq_stride, dkv_stride, dout, q, k, v, lse, delta, mask, d) };
+            return Ok(());
+        }
         self.zero(dq.slice(0, n * dq_stride)?)?;
         let name = format!("attention_backward_hd{}", d.head_dim);
         let cfg = Self::cfg((blocks(n, 64), d.n_kv_heads as u32), 128, attention_backward_smem(d.head_dim));
@@ -384,6 +415,11 @@ impl Kernels {
         for (name, ok) in [("y", y.aligned16()), ("x", x.aligned16()), ("w", w.aligned16())] {
             need(ok, || format!("rmsnorm: {name} is not 16-byte aligned"))?;
         }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::rmsnorm_forward(y, rstd, x, w, n, hidden, eps) };
+            return Ok(());
+        }
         let cfg = Self::cfg((blocks(n, 8), 1), 256, 0);
         launch!(self, "rmsnorm_forward", cfg; y.ptr, rstd.ptr, x.ptr, w.ptr, to_i32("n", n)?, hidden as i32, eps);
         Ok(())
@@ -414,6 +450,11 @@ impl Kernels {
         need_len("rmsnorm_backward: w", &w, hidden)?;
         need_vec("rmsnorm_backward: w", &w)?;
         need_len("rmsnorm_backward: rstd", &rstd, n)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::rmsnorm_backward(dx, dw, dy, x, w, rstd, n, hidden, accumulate) };
+            return Ok(());
+        }
         // A few blocks per SM: each adds its partial dw once.
         let grid = blocks(n, 8).min(self.sm_count * 2);
         let cfg = Self::cfg((grid, 1), 256, (hidden * 4) as u32);
@@ -461,6 +502,11 @@ impl Kernels {
         if (head_dim / 2) % 8 == 0 {
             need(x.aligned16() && stride % 8 == 0, || "rope: x must be 16-byte aligned with stride % 8 == 0".into())?;
         }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::rope_forward(x, positions, inv_freq, n, n_heads, head_dim, stride) };
+            return Ok(());
+        }
         let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
         launch!(self, "rope_forward", cfg; x.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?, n_heads as i32,
             head_dim as i32, stride as i32);
@@ -488,6 +534,11 @@ impl Kernels {
             need(dx.aligned16() && dy.aligned16() && out_stride % 8 == 0 && in_stride % 4 == 0, || {
                 "rope_backward: dx/dy must be 16-byte aligned with strides % 8 / % 4 == 0".into()
             })?;
+        }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::rope_backward(dx, dy, positions, inv_freq, n, n_heads, head_dim, out_stride, in_stride) };
+            return Ok(());
         }
         let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
         launch!(self, "rope_backward", cfg; dx.ptr, dy.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?,
@@ -517,6 +568,11 @@ impl Kernels {
         need_len("logprobs: lse", &lse, rows)?;
         if ld % 4 == 0 {
             need_vec("logprobs: logits", &logits)?;
+        }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::logprobs_forward(logp, lse, logits, targets, rows, vocab, ld) };
+            return Ok(());
         }
         let cfg = Self::cfg((rows as u32, 1), 512, 0);
         launch!(self, "logprobs_forward", cfg; logp.ptr, lse.ptr, logits.ptr, targets.ptr, to_i32("rows", rows)?,
@@ -549,6 +605,11 @@ impl Kernels {
         if ld % 4 == 0 && ld_out % 4 == 0 {
             need_vec("logprobs_backward: logits", &logits)?;
             need(dlogits.ptr % 8 == 0, || "logprobs_backward: dlogits must be 8-byte aligned".into())?;
+        }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::logprobs_backward(dlogits, logits, lse, targets, dlogp, rows, vocab, ld, ld_out) };
+            return Ok(());
         }
         let cfg = Self::cfg((rows as u32, 1), 512, 0);
         launch!(self, "logprobs_backward", cfg; dlogits.ptr, logits.ptr, lse.ptr, targets.ptr, dlogp.ptr,
@@ -587,6 +648,13 @@ impl Kernels {
             need(ok, || format!("adamw: {name} is not 16-byte aligned"))?;
         }
         need(p_bf16.ptr % 8 == 0, || "adamw: the bf16 copy must be 8-byte aligned".into())?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe {
+                host::adamw_update(p, m, v, p_bf16, g, grad_scale, lr, beta1, beta2, eps, weight_decay, step, zero_grad)
+            };
+            return Ok(());
+        }
         let decay = (1.0 - lr * weight_decay) as f32;
         let (w1, b2, w2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
         let bc1 = 1.0 - beta1.powi(step as i32);
@@ -605,6 +673,11 @@ impl Kernels {
         need_len("grad_norm: partial", &partial, grid)?;
         need_len("grad_norm: out", &out, 1)?;
         need_vec("grad_norm: g", &g)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::grad_norm(out, g, accumulate) };
+            return Ok(());
+        }
         launch!(self, "grad_norm_forward", Self::cfg((grid as u32, 1), 256, 0); partial.ptr, g.ptr, g.len as i64);
         launch!(self, "grad_norm_forward_reduce", Self::cfg((1, 1), 256, 0); out.ptr, partial.ptr, grid as i32,
             accumulate as i32);
@@ -627,6 +700,11 @@ impl Kernels {
             need_len(&format!("swiglu: {name}"), p, count)?;
             need_vec(&format!("swiglu: {name}"), p)?;
         }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::swiglu_forward(out, gate, up, count) };
+            return Ok(());
+        }
         launch!(self, "swiglu_forward", Self::flat_cfg(count); out.ptr, gate.ptr, up.ptr, count as i64);
         Ok(())
     }
@@ -644,6 +722,11 @@ impl Kernels {
             need_len(&format!("swiglu_backward: {name}"), p, count)?;
             need_vec(&format!("swiglu_backward: {name}"), p)?;
         }
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::swiglu_backward(dgate, dup, dout, gate, up, count) };
+            return Ok(());
+        }
         launch!(self, "swiglu_backward", Self::flat_cfg(count); dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr,
             count as i64);
         Ok(())
@@ -658,6 +741,11 @@ impl Kernels {
         need(table.len % hidden == 0, || "embedding: table length is not a multiple of hidden".into())?;
         need_vec("embedding: out", &out)?;
         need_vec("embedding: table", &table)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::embedding_forward(out, table, tokens, hidden) };
+            return Ok(());
+        }
         let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
         launch!(self, "embedding_forward", cfg; out.ptr, table.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
         Ok(())
@@ -676,6 +764,11 @@ impl Kernels {
         need_len("embedding_backward: dout", &dout, n * hidden)?;
         need(dtable.len % hidden == 0, || "embedding_backward: table length is not a multiple of hidden".into())?;
         need_vec("embedding_backward: dout", &dout)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::embedding_backward(dtable, dout, tokens, hidden) };
+            return Ok(());
+        }
         let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
         launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
         Ok(())
@@ -687,6 +780,11 @@ impl Kernels {
         need_len("residual: y", &y, count)?;
         need_vec("residual: x", &x)?;
         need_vec("residual: y", &y)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::residual_forward(x, y, count) };
+            return Ok(());
+        }
         launch!(self, "residual_forward", Self::flat_cfg(count); x.ptr, y.ptr, count as i64);
         Ok(())
     }
@@ -696,6 +794,11 @@ impl Kernels {
         need_len("cast: in", &input, count)?;
         need_vec("cast: out", &out)?;
         need_vec("cast: in", &input)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::cast_f32_bf16(out, input, count) };
+            return Ok(());
+        }
         launch!(self, "cast_forward_f32_bf16", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
         Ok(())
     }
@@ -705,6 +808,11 @@ impl Kernels {
         need_len("cast: in", &input, count)?;
         need_vec("cast: out", &out)?;
         need_vec("cast: in", &input)?;
+        if self.is_host() {
+            // SAFETY: host-mode pointers; lengths checked above.
+            unsafe { host::cast_bf16_f32(out, input, count) };
+            return Ok(());
+        }
         launch!(self, "cast_forward_bf16_f32", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
         Ok(())
     }

@@ -4,7 +4,9 @@
 //! - `nvrtc`: run-time compilation of the embedded kernel sources (and the CI compile check);
 //! - `kernels`: one launcher per kernel, in the order of the .cu files;
 //! - `gemm`: cuBLASLt bf16 × bf16 → fp32/bf16 with fp32 compute;
-//! - `model`: `CudaEngine`, the `Engine` on one GPU.
+//! - `model`: `CudaEngine`, the `Engine` on one GPU;
+//! - `host`: the kernels and the GEMM emulated on the CPU (`Gpu::host()`), so the engine's
+//!   bookkeeping is tested where there is no GPU.
 //!
 //! Kernel images: the fatbins nvcc made at build time when it was available, else the
 //! sources compiled by NVRTC for the device's arch at first use and cached in
@@ -12,6 +14,7 @@
 //! NVRTC version and arch.
 
 pub mod gemm;
+pub mod host;
 pub mod kernels;
 pub mod model;
 pub mod nvrtc;
@@ -110,6 +113,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
+use host::HostMem;
 use kernels::{Bf16, DPtr, Kernels};
 
 /// Why there is no usable GPU here, or `None` when libcuda loads and sees a device.
@@ -125,13 +129,36 @@ pub fn gpu_unavailable() -> Option<String> {
     }
 }
 
-/// One GPU: context, the stream everything runs on, the loaded kernels and cuBLASLt.
+/// A buffer on the device, or in host memory under host emulation.
+pub enum DBuf<T> {
+    Dev(CudaSlice<T>),
+    Host(HostMem<T>),
+}
+
+impl<T> DBuf<T> {
+    pub fn len(&self) -> usize {
+        match self {
+            DBuf::Dev(s) => s.len(),
+            DBuf::Host(h) => h.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One GPU: context, the stream everything runs on, the loaded kernels and cuBLASLt; or,
+/// from `Gpu::host()`, the same interface emulated on the CPU (`ctx` and `stream` `None`).
 pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
+    pub ctx: Option<Arc<CudaContext>>,
+    pub stream: Option<Arc<CudaStream>>,
     pub k: Kernels,
     pub gemm: gemm::Gemm,
     pub name: String,
+}
+
+fn driver_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
 }
 
 impl Gpu {
@@ -150,52 +177,97 @@ impl Gpu {
         let k = Kernels::load(&ctx, stream.clone())?;
         let gemm = gemm::Gemm::new(stream.clone(), major)?;
         let name = ctx.name().map_err(cuda)?;
-        Ok(Gpu { ctx, stream, k, gemm, name })
+        Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, name })
     }
 
-    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(len.max(1))
-            .map_err(|e| Error::Cuda(format!("allocating {len} × {} bytes: {e}", std::mem::size_of::<T>())))
+    /// The host emulation (see `host.rs`).
+    pub fn host() -> Self {
+        Gpu { ctx: None, stream: None, k: Kernels::host(), gemm: gemm::Gemm::host(), name: "host emulation".into() }
     }
 
-    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(|e| Error::Cuda(format!("upload: {e}")))
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<DBuf<T>> {
+        match &self.stream {
+            None => Ok(DBuf::Host(HostMem::zeroed(len))),
+            Some(s) => s
+                .alloc_zeros::<T>(len.max(1))
+                .map(DBuf::Dev)
+                .map_err(|e| Error::Cuda(format!("allocating {len} × {} bytes: {e}", std::mem::size_of::<T>()))),
+        }
+    }
+
+    pub fn upload<T: DeviceRepr + Clone + Default>(&self, host: &[T]) -> Result<DBuf<T>> {
+        match &self.stream {
+            None => Ok(DBuf::Host(HostMem::from_slice(host))),
+            Some(s) => s.clone_htod(host).map(DBuf::Dev).map_err(driver_err("upload")),
+        }
     }
 
     /// Copies `p` to the host (synchronises the stream).
     pub fn download<T: DeviceRepr + Default + Clone>(&self, p: DPtr<T>) -> Result<Vec<T>> {
         let mut out = vec![T::default(); p.len];
-        if p.len > 0 {
-            // SAFETY: `p` addresses `len` elements (DPtr's contract); `out` holds as many.
-            unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(&mut out[..], p.ptr, self.stream.cu_stream())
-                    .map_err(|e| Error::Cuda(format!("download: {e}")))?;
+        match &self.stream {
+            // SAFETY: a host-mode DPtr addresses `len` host elements.
+            None => out.clone_from_slice(unsafe { std::slice::from_raw_parts(p.ptr as *const T, p.len) }),
+            Some(s) if p.len > 0 => {
+                // SAFETY: `p` addresses `len` elements (DPtr's contract); `out` holds as many.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out[..], p.ptr, s.cu_stream()) }
+                    .map_err(driver_err("download"))?;
             }
+            Some(_) => {}
         }
         self.sync()?;
         Ok(out)
     }
 
-    /// Copies `host` into the device memory at `p` (same length).
-    pub fn write<T: DeviceRepr>(&self, p: DPtr<T>, host: &[T]) -> Result<()> {
+    /// Copies `host` into the memory at `p` (same length).
+    pub fn write<T: DeviceRepr + Clone>(&self, p: DPtr<T>, host: &[T]) -> Result<()> {
         if host.len() != p.len {
             return Err(Error::invalid(format!("write: {} host values into {} device elements", host.len(), p.len)));
         }
-        // SAFETY: as in `download`; the copy completes before `sync` returns.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(p.ptr, host, self.stream.cu_stream())
-                .map_err(|e| Error::Cuda(format!("write: {e}")))?;
+        match &self.stream {
+            // SAFETY: as in `download`.
+            None => unsafe { std::slice::from_raw_parts_mut(p.ptr as *mut T, p.len) }.clone_from_slice(host),
+            // SAFETY: as in `download`; the copy completes before `sync` returns.
+            Some(s) => unsafe { cudarc::driver::result::memcpy_htod_async(p.ptr, host, s.cu_stream()) }
+                .map_err(driver_err("write"))?,
         }
         self.sync()
     }
 
-    pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| Error::Cuda(format!("synchronize: {e}")))
+    /// `dst = src`, `len` elements of `T`.
+    pub fn copy<T>(&self, dst: DPtr<T>, src: DPtr<T>, len: usize) -> Result<()> {
+        let (dst, src) = (dst.slice(0, len)?, src.slice(0, len)?);
+        let bytes = len * std::mem::size_of::<T>();
+        match &self.stream {
+            // SAFETY: both host views hold `len` elements; `copy` allows overlap.
+            None => unsafe { std::ptr::copy(src.ptr as *const u8, dst.ptr as *mut u8, bytes) },
+            // SAFETY: both views hold `len` elements on this device.
+            Some(s) => unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, s.cu_stream()) }
+                .map_err(driver_err("device copy"))?,
+        }
+        Ok(())
     }
 
-    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> DPtr<T> {
-        DPtr::of(s, &self.stream)
+    pub fn sync(&self) -> Result<()> {
+        match &self.stream {
+            None => Ok(()),
+            Some(s) => s.synchronize().map_err(driver_err("synchronize")),
+        }
+    }
+
+    pub fn ptr<T>(&self, b: &DBuf<T>) -> DPtr<T> {
+        match (b, &self.stream) {
+            (DBuf::Dev(s), Some(stream)) => DPtr::of(s, stream),
+            // SAFETY: the address and length of live host memory owned by `b`.
+            (DBuf::Host(h), _) => unsafe { DPtr::from_raw(h.addr(), h.len()) },
+            (DBuf::Dev(_), None) => unreachable!("device buffers exist only with a device"),
+        }
+    }
+
+    /// (used, total) device memory in bytes; `None` under host emulation.
+    pub fn mem_used(&self) -> Option<(u64, u64)> {
+        let (free, total) = self.ctx.as_ref()?.mem_get_info().ok()?;
+        Some(((total - free) as u64, total as u64))
     }
 }
 

@@ -22,11 +22,9 @@
 
 use std::time::Instant;
 
-use cudarc::driver::CudaSlice;
-
 use super::gemm::GemmShape;
 use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
-use super::{to_bf16, Gpu};
+use super::{to_bf16, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::{PairBatch, CHOSEN};
 use crate::dpo::{pair_loss, LossConfig, PairLogps};
@@ -38,8 +36,8 @@ use crate::weights::LlamaWeights;
 /// Owns device allocations; the engine addresses them through `DPtr` views.
 #[derive(Default)]
 struct Pool {
-    f32s: Vec<CudaSlice<f32>>,
-    u16s: Vec<CudaSlice<u16>>,
+    f32s: Vec<DBuf<f32>>,
+    u16s: Vec<DBuf<u16>>,
 }
 
 impl Pool {
@@ -108,17 +106,17 @@ struct Head {
 
 /// Batch data on the device.
 struct BatchDev {
-    tokens: CudaSlice<u32>,
-    positions: CudaSlice<u32>,
-    group: CudaSlice<u32>,
-    branch: CudaSlice<u8>,
-    group_start: CudaSlice<u32>,
+    tokens: DBuf<u32>,
+    positions: DBuf<u32>,
+    group: DBuf<u32>,
+    branch: DBuf<u8>,
+    group_start: DBuf<u32>,
     plan: LogpPlan,
-    rows: CudaSlice<u32>,
+    rows: DBuf<u32>,
     /// Per head row: its (up to) two target tokens, −1 for none.
-    targets: CudaSlice<i32>,
-    row_logp: CudaSlice<f32>,
-    row_lse: CudaSlice<f32>,
+    targets: DBuf<i32>,
+    row_logp: DBuf<f32>,
+    row_lse: DBuf<f32>,
 }
 
 pub struct CudaEngine {
@@ -128,21 +126,17 @@ pub struct CudaEngine {
     offsets: Vec<(usize, usize)>,
     names: Vec<String>,
     total: usize,
-    master: CudaSlice<f32>,
-    wbf: CudaSlice<u16>,
-    grad: CudaSlice<f32>,
-    moments: Option<(CudaSlice<f32>, CudaSlice<f32>, u64)>,
-    inv_freq: CudaSlice<f32>,
-    zero_freq: CudaSlice<f32>,
-    norm_partial: CudaSlice<f64>,
-    norm_out: CudaSlice<f64>,
+    master: DBuf<f32>,
+    wbf: DBuf<u16>,
+    grad: DBuf<f32>,
+    moments: Option<(DBuf<f32>, DBuf<f32>, u64)>,
+    inv_freq: DBuf<f32>,
+    zero_freq: DBuf<f32>,
+    norm_partial: DBuf<f64>,
+    norm_out: DBuf<f64>,
     acts: Option<Acts>,
     head: Option<Head>,
     peak_bytes: u64,
-}
-
-fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda(format!("{what}: {e}"))
 }
 
 /// Why the CUDA engine cannot run a model of this config (`None`: it can).
@@ -177,8 +171,20 @@ impl CudaEngine {
         if let Some(why) = unsupported(&cfg) {
             return Err(Error::invalid(format!("{why}; use --device cpu")));
         }
+        Self::with_gpu(cfg, weights, Gpu::open(ordinal)?)
+    }
+
+    /// The engine on the host emulation of its kernels (`host.rs`): slow, for tests of the
+    /// engine's bookkeeping on machines without a GPU.
+    pub fn new_host(cfg: LlamaConfig, weights: LlamaWeights) -> Result<Self> {
+        if let Some(why) = unsupported(&cfg) {
+            return Err(Error::invalid(why));
+        }
+        Self::with_gpu(cfg, weights, Gpu::host())
+    }
+
+    fn with_gpu(cfg: LlamaConfig, weights: LlamaWeights, gpu: Gpu) -> Result<Self> {
         let hd = cfg.head_dim;
-        let gpu = Gpu::open(ordinal)?;
         let specs = LlamaWeights::specs(&cfg);
         let mut offsets = Vec::with_capacity(specs.len());
         let mut total = 0;
@@ -218,14 +224,14 @@ impl CudaEngine {
     }
 
     fn note_memory(&mut self) {
-        if let Ok((free, total)) = self.gpu.ctx.mem_get_info() {
-            self.peak_bytes = self.peak_bytes.max((total - free) as u64);
+        if let Some((used, _)) = self.gpu.mem_used() {
+            self.peak_bytes = self.peak_bytes.max(used);
         }
     }
 
     // --- parameters
 
-    fn tensor_f32(&self, buf: &CudaSlice<f32>, i: usize) -> Result<DPtr<f32>> {
+    fn tensor_f32(&self, buf: &DBuf<f32>, i: usize) -> Result<DPtr<f32>> {
         let (o, l) = self.offsets[i];
         self.gpu.ptr(buf).slice(o, l)
     }
@@ -275,7 +281,7 @@ impl CudaEngine {
         self.gpu.ptr(&self.grad).slice(o, len)
     }
 
-    fn download_weights(&self, buf: &CudaSlice<f32>) -> Result<LlamaWeights> {
+    fn download_weights(&self, buf: &DBuf<f32>) -> Result<LlamaWeights> {
         let flat = self.gpu.download(self.gpu.ptr(buf))?;
         let mut w = LlamaWeights::zeros(&self.cfg);
         for (t, &(o, l)) in w.tensors_mut().into_iter().zip(&self.offsets) {
@@ -438,10 +444,7 @@ impl CudaEngine {
     }
 
     fn copy_f32(&self, dst: DPtr<f32>, src: DPtr<f32>, len: usize) -> Result<()> {
-        let (dst, src) = (dst.slice(0, len)?, src.slice(0, len)?);
-        // SAFETY: both views hold `len` elements on this device.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, len * 4, self.gpu.stream.cu_stream()) }
-            .map_err(cuda_err("device copy"))
+        self.gpu.copy(dst, src, len)
     }
 
     // --- forward
@@ -850,10 +853,13 @@ impl Engine for CudaEngine {
     }
 
     fn peak_memory_bytes(&self) -> Option<u64> {
-        Some(self.peak_bytes)
+        (!self.gpu.k.is_host()).then_some(self.peak_bytes)
     }
 
     fn gemm_peak_flops(&mut self) -> Option<f64> {
+        if self.gpu.k.is_host() {
+            return None;
+        }
         self.measure_gemm_peak().ok()
     }
 }
