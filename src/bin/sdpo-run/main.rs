@@ -12,6 +12,11 @@ mod train;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+// Tokenization (prepare, train --data) allocates many small strings per token from several
+// threads; with mimalloc `prepare` takes 1.8x less CPU time than with glibc malloc (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sdpo-run", version, about = "Stepwise DPO (sDPO) for Llama models")]
 struct Cli {
