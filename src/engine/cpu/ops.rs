@@ -107,6 +107,24 @@ fn sum_exp_f64(z: &[f32], shift: f32) -> f64 {
     acc.iter().sum::<f64>() + rest
 }
 
+/// Runs `f` compiled for AVX2 when the CPU has it (the crate targets baseline x86-64, whose
+/// SSE2 vectors are half as wide). No FMA is enabled, so results are bit-identical either way.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -491,30 +509,32 @@ pub fn attention_forward(
                     gemm_raw(s[k0 - gs..].as_mut_ptr(), span, false, qp, qd, 1, kp, 1, kvd, m, k1 - k0, hd, false);
                 }
             }
-            for i in 0..m {
-                let (t, bt) = (t0 + i, mask.branch[t0 + i]);
-                let row = &mut s[i * span..(i + 1) * span];
-                // visible keys always lie in `spans`, so only computed scores are read
-                let mut mx = f32::NEG_INFINITY;
-                for &(a, b, br) in runs.iter().take_while(|r| r.0 <= t) {
-                    let seg = &mut row[a - gs..b.min(t + 1) - gs];
-                    if br == 0 || br == bt {
-                        for x in seg.iter_mut() {
-                            *x *= scale;
-                            mx = mx.max(*x);
+            simd(|| {
+                for i in 0..m {
+                    let (t, bt) = (t0 + i, mask.branch[t0 + i]);
+                    let row = &mut s[i * span..(i + 1) * span];
+                    // visible keys always lie in `spans`, so only computed scores are read
+                    let mut mx = f32::NEG_INFINITY;
+                    for &(a, b, br) in runs.iter().take_while(|r| r.0 <= t) {
+                        let seg = &mut row[a - gs..b.min(t + 1) - gs];
+                        if br == 0 || br == bt {
+                            for x in seg.iter_mut() {
+                                *x *= scale;
+                                mx = mx.max(*x);
+                            }
+                        } else {
+                            seg.fill(f32::NEG_INFINITY);
                         }
-                    } else {
-                        seg.fill(f32::NEG_INFINITY);
                     }
+                    row[t + 1 - gs..].fill(f32::NEG_INFINITY);
+                    row.iter_mut().for_each(|x| *x = exp_f32(*x - mx));
+                    let sum = sum_f32(row);
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    // SAFETY: (row t, head h) of lse belongs to this task alone.
+                    unsafe { *plse.at((t - offset) * nh + h) = mx + sum.ln() };
                 }
-                row[t + 1 - gs..].fill(f32::NEG_INFINITY);
-                row.iter_mut().for_each(|x| *x = exp_f32(*x - mx));
-                let sum = sum_f32(row);
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
-                // SAFETY: (row t, head h) of lse belongs to this task alone.
-                unsafe { *plse.at((t - offset) * nh + h) = mx + sum.ln() };
-            }
+            });
             for (i, &(k0, k1)) in spans.iter().enumerate() {
                 // SAFETY: out rows t0..t1, head h belong to this task alone; P and V in bounds.
                 unsafe {
@@ -579,26 +599,28 @@ pub fn attention_backward(
                             gemm_raw(ds[k0 - gs..].as_mut_ptr(), span, false, dop, qd, 1, vp, 1, kvd, m, n, hd, false);
                         }
                     }
-                    for i in 0..m {
-                        let (t, bt) = (t0 + i, mask.branch[t0 + i]);
-                        let (l, o) = (lse[t * nh + h], t * qd + h * hd);
-                        let dd = dot(&dout[o..o + hd], &out[o..o + hd]);
-                        let (pr, dr) = (&mut p[i * span..(i + 1) * span], &mut ds[i * span..(i + 1) * span]);
-                        for &(a, b, br) in runs.iter().take_while(|r| r.0 <= t) {
-                            let (j0, j1) = (a - gs, b.min(t + 1) - gs);
-                            if br == 0 || br == bt {
-                                for j in j0..j1 {
-                                    pr[j] = exp_f32(pr[j] * scale - l);
-                                    dr[j] = pr[j] * (dr[j] - dd) * scale;
+                    simd(|| {
+                        for i in 0..m {
+                            let (t, bt) = (t0 + i, mask.branch[t0 + i]);
+                            let (l, o) = (lse[t * nh + h], t * qd + h * hd);
+                            let dd = dot(&dout[o..o + hd], &out[o..o + hd]);
+                            let (pr, dr) = (&mut p[i * span..(i + 1) * span], &mut ds[i * span..(i + 1) * span]);
+                            for &(a, b, br) in runs.iter().take_while(|r| r.0 <= t) {
+                                let (j0, j1) = (a - gs, b.min(t + 1) - gs);
+                                if br == 0 || br == bt {
+                                    for j in j0..j1 {
+                                        pr[j] = exp_f32(pr[j] * scale - l);
+                                        dr[j] = pr[j] * (dr[j] - dd) * scale;
+                                    }
+                                } else {
+                                    pr[j0..j1].fill(0.0);
+                                    dr[j0..j1].fill(0.0);
                                 }
-                            } else {
-                                pr[j0..j1].fill(0.0);
-                                dr[j0..j1].fill(0.0);
                             }
+                            pr[t + 1 - gs..].fill(0.0);
+                            dr[t + 1 - gs..].fill(0.0);
                         }
-                        pr[t + 1 - gs..].fill(0.0);
-                        dr[t + 1 - gs..].fill(0.0);
-                    }
+                    });
                     for (i, &(k0, k1)) in spans.iter().enumerate() {
                         let (ko, n) = (k0 * kvd + g * hd, k1 - k0);
                         let (pds, pp) = (ds[k0 - gs..].as_ptr(), p[k0 - gs..].as_ptr());
@@ -623,9 +645,11 @@ pub fn attention_backward(
 pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
     let _p = profile::scope(Category::NormElementwise);
     out.par_chunks_mut(4096).zip(gate.par_chunks(4096)).zip(up.par_chunks(4096)).for_each(|((o, g), u)| {
-        for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
-            *oi = gi / (1.0 + exp_f32(-gi)) * ui;
-        }
+        simd(|| {
+            for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
+                *oi = gi / (1.0 + exp_f32(-gi)) * ui;
+            }
+        })
     });
 }
 
@@ -638,11 +662,13 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &
     dgate.par_chunks_mut(4096).zip(dup.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
         let o = c * 4096;
         let (g, u, d) = (&gate[o..o + dg.len()], &up[o..o + dg.len()], &dout[o..o + dg.len()]);
-        for i in 0..dg.len() {
-            let sg = 1.0 / (1.0 + exp_f32(-g[i]));
-            dg[i] = d[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
-            du[i] = d[i] * g[i] * sg;
-        }
+        simd(|| {
+            for i in 0..dg.len() {
+                let sg = 1.0 / (1.0 + exp_f32(-g[i]));
+                dg[i] = d[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
+                du[i] = d[i] * g[i] * sg;
+            }
+        });
     });
 }
 
@@ -710,9 +736,10 @@ pub fn logprobs_forward(
         let r0 = c * chunk;
         head_chunk(&mut xc, &mut logits, x, w, rows, hidden, vocab);
         lse[r0..r0 + rows.len()].par_iter_mut().zip(logits.par_chunks(vocab)).for_each(|(l, lg)| {
-            let mx = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let sum = sum_exp_f64(lg, mx);
-            *l = mx + sum.ln() as f32;
+            *l = simd(|| {
+                let mx = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                mx + sum_exp_f64(lg, mx).ln() as f32
+            });
         });
         for (j, rt) in plan.row_targets[r0..r0 + rows.len()].iter().enumerate() {
             for &ti in rt.iter().filter(|&&ti| ti != u32::MAX) {
@@ -753,9 +780,7 @@ pub fn logprobs_backward(
             let rt = plan.row_targets[r0 + j];
             let gsum: f32 = rt.iter().filter(|&&t| t != u32::MAX).map(|&t| dlogp[t as usize]).sum();
             let l = lse[r0 + j];
-            for z in lg.iter_mut() {
-                *z = -gsum * exp_f32(*z - l);
-            }
+            simd(|| lg.iter_mut().for_each(|z| *z = -gsum * exp_f32(*z - l)));
             for &t in rt.iter().filter(|&&t| t != u32::MAX) {
                 lg[plan.tokens[t as usize] as usize] += dlogp[t as usize];
             }
@@ -798,13 +823,15 @@ pub fn adamw_update(
     p.par_chunks_mut(CH).zip(m.par_chunks_mut(CH)).zip(v.par_chunks_mut(CH)).zip(g.par_chunks(CH)).for_each(
         |(((p, m), v), g)| {
             // `decay` is exactly 1 without weight decay, so the product changes nothing then
-            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                *p *= decay;
-                *m += w1 * (g - *m);
-                *v = *v * b2 + w2 * g * g;
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p -= step_size * (*m / denom);
-            }
+            simd(|| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    *p *= decay;
+                    *m += w1 * (g - *m);
+                    *v = *v * b2 + w2 * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *p -= step_size * (*m / denom);
+                }
+            });
         },
     );
 }
