@@ -238,9 +238,13 @@ pub fn datasheet_peak(device: &str) -> Option<f64> {
     TABLE.iter().find(|(k, _)| device.contains(k)).map(|&(_, f)| f)
 }
 
-/// Whether the NVIDIA driver reports a GPU (without loading any CUDA library).
+/// Whether the NVIDIA driver reports a GPU (in a build without the CUDA engine: whether
+/// the driver lists one in /proc).
 pub fn gpu_present() -> bool {
-    std::fs::read_dir("/proc/driver/nvidia/gpus").is_ok_and(|mut d| d.next().is_some())
+    #[cfg(feature = "cuda")]
+    return crate::engine::cuda::gpu_unavailable().is_none();
+    #[cfg(not(feature = "cuda"))]
+    return std::fs::read_dir("/proc/driver/nvidia/gpus").is_ok_and(|mut d| d.next().is_some());
 }
 
 // --- the run
