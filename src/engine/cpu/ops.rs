@@ -22,6 +22,16 @@
 //! - log-probs: `log_softmax(x·W_headᵀ)[token]`, only on the rows that predict a target,
 //!   in chunks of rows so full-vocabulary logits never exist for the whole batch
 //! - AdamW: exactly `torch.optim.AdamW` (single-tensor path); clipping as `clip_grad_norm_`.
+//!
+//! How the work is split (rayon's global pool):
+//! - linears: `gemm` (row-major, strides for the transposes), threaded inside;
+//! - attention: 64-row tiles (`ATTN_TILE`) from each group's start. Forward: one task per
+//!   (query tile, head): `S = Q·Kᵀ` and `P·V` as GEMMs over the key tiles the mask does not rule
+//!   out (tiles of rejected queries × chosen keys are skipped), the exact mask applied per row
+//!   as a few branch runs. Backward: one task per (group, kv head), so dk/dv need no atomics;
+//! - elementwise ops: chunks of rows; exp is `exp_f32` (branch-free, vectorises, ≤ 2 ulp) and
+//!   the hot loops also run as AVX2 code where the CPU has it (`simd`, bit-identical results);
+//! - the LM head: chunks of target rows; backward recomputes each chunk's logits.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -492,7 +502,7 @@ pub fn attention_forward(
     let max_span = mask.max_group_len();
     let (pout, plse) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     (0..tiles.len() * nh).into_par_iter().for_each_init(
-        || (vec![0f32; ATTN_TILE * max_span], Vec::new(), Vec::new()),
+        || (vec![0f32; ATTN_TILE.min(n_q) * max_span], Vec::new(), Vec::new()),
         |(s, spans, runs), task| {
             let ((gs, t0, t1), h) = (tiles[task / nh], task % nh);
             let g = h / shape.group_size();
