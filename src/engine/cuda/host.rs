@@ -10,6 +10,9 @@
 //! checked every length before calling here. Inputs are copied out before outputs are
 //! written, so in-place calls (rope, residual) never alias a live borrow.
 
+// Launchers mirror their kernels' argument lists (outputs, inputs, sizes).
+#![allow(clippy::too_many_arguments)]
+
 use half::bf16;
 
 use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
@@ -91,7 +94,7 @@ unsafe fn put_rows32(p: DPtr<f32>, v: &[f32], n: usize, w: usize, stride: usize)
     }
 }
 
-pub unsafe fn zero<T>(p: DPtr<T>) {
+pub(crate) unsafe fn zero<T>(p: DPtr<T>) {
     std::ptr::write_bytes(p.ptr as *mut T, 0, p.len);
 }
 
@@ -107,7 +110,7 @@ unsafe fn mask(m: &AttnMaskDev, n: usize) -> HostMask {
     HostMask { group: read(m.group, n), branch: read(m.branch, n), group_start: read(m.group_start, m.group_start.len) }
 }
 
-pub unsafe fn attention_forward(
+pub(crate) unsafe fn attention_forward(
     o: DPtr<Bf16>,
     lse: DPtr<f32>,
     q: DPtr<Bf16>,
@@ -128,7 +131,7 @@ pub unsafe fn attention_forward(
     put_rows32(lse, &l, n, d.n_heads, d.n_heads);
 }
 
-pub unsafe fn attention_backward_delta(delta: DPtr<f32>, dout: DPtr<Bf16>, o: DPtr<Bf16>, d: &AttnDims) {
+pub(crate) unsafe fn attention_backward_delta(delta: DPtr<f32>, dout: DPtr<Bf16>, o: DPtr<Bf16>, d: &AttnDims) {
     let (n, qd) = (d.n_tokens, d.n_heads * d.head_dim);
     let (a, b) = (rows16(dout, n, qd, d.o_stride), rows16(o, n, qd, d.o_stride));
     for t in 0..n {
@@ -141,7 +144,7 @@ pub unsafe fn attention_backward_delta(delta: DPtr<f32>, dout: DPtr<Bf16>, o: DP
 
 /// The backward kernel's contract: P = exp(s − lse), dS = P∘(dP − delta); dq (=), dk, dv (=).
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn attention_backward(
+pub(crate) unsafe fn attention_backward(
     dq: DPtr<f32>,
     dk: DPtr<f32>,
     dv: DPtr<f32>,
@@ -194,7 +197,7 @@ pub unsafe fn attention_backward(
 
 // --- rmsnorm.cu
 
-pub unsafe fn rmsnorm_forward(
+pub(crate) unsafe fn rmsnorm_forward(
     y: DPtr<Bf16>,
     rstd: DPtr<f32>,
     x: DPtr<f32>,
@@ -211,7 +214,7 @@ pub unsafe fn rmsnorm_forward(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn rmsnorm_backward(
+pub(crate) unsafe fn rmsnorm_backward(
     dx: DPtr<f32>,
     dw: DPtr<f32>,
     dy: DPtr<f32>,
@@ -236,7 +239,7 @@ pub unsafe fn rmsnorm_backward(
 // --- rope.cu
 
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn rope_forward(
+pub(crate) unsafe fn rope_forward(
     x: DPtr<Bf16>,
     positions: DPtr<u32>,
     inv_freq: DPtr<f32>,
@@ -251,7 +254,7 @@ pub unsafe fn rope_forward(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn rope_backward(
+pub(crate) unsafe fn rope_backward(
     dx: DPtr<Bf16>,
     dy: DPtr<f32>,
     positions: DPtr<u32>,
@@ -270,7 +273,7 @@ pub unsafe fn rope_backward(
 // --- logprobs.cu
 
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn logprobs_forward(
+pub(crate) unsafe fn logprobs_forward(
     logp: DPtr<f32>,
     lse: DPtr<f32>,
     logits: DPtr<f32>,
@@ -292,7 +295,7 @@ pub unsafe fn logprobs_forward(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn logprobs_backward(
+pub(crate) unsafe fn logprobs_backward(
     dlogits: DPtr<Bf16>,
     logits: DPtr<f32>,
     lse: DPtr<f32>,
@@ -324,7 +327,7 @@ pub unsafe fn logprobs_backward(
 // --- adamw.cu
 
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn adamw_update(
+pub(crate) unsafe fn adamw_update(
     p: DPtr<f32>,
     m: DPtr<f32>,
     v: DPtr<f32>,
@@ -354,21 +357,21 @@ pub unsafe fn adamw_update(
     }
 }
 
-pub unsafe fn grad_norm(out: DPtr<f64>, g: DPtr<f32>, accumulate: bool) {
+pub(crate) unsafe fn grad_norm(out: DPtr<f64>, g: DPtr<f32>, accumulate: bool) {
     let s: f64 = read(g, g.len).iter().map(|&x| x as f64 * x as f64).sum();
     put(out, 0, if accumulate { at(out, 0) + s } else { s });
 }
 
 // --- elementwise.cu
 
-pub unsafe fn swiglu_forward(out: DPtr<Bf16>, gate: DPtr<Bf16>, up: DPtr<Bf16>, count: usize) {
+pub(crate) unsafe fn swiglu_forward(out: DPtr<Bf16>, gate: DPtr<Bf16>, up: DPtr<Bf16>, count: usize) {
     let (g, u) = (rows16(gate, 1, count, count), rows16(up, 1, count, count));
     let mut o = vec![0f32; count];
     ops::swiglu_forward(&mut o, &g, &u);
     put_rows16(out, &o, 1, count, count);
 }
 
-pub unsafe fn swiglu_backward(
+pub(crate) unsafe fn swiglu_backward(
     dgate: DPtr<Bf16>,
     dup: DPtr<Bf16>,
     dout: DPtr<Bf16>,
@@ -383,7 +386,7 @@ pub unsafe fn swiglu_backward(
     put_rows16(dup, &du, 1, count, count);
 }
 
-pub unsafe fn embedding_forward(out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, h: usize) {
+pub(crate) unsafe fn embedding_forward(out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, h: usize) {
     for (t, &tok) in read(tokens, tokens.len).iter().enumerate() {
         for c in 0..h {
             put(out, t * h + c, b2f(at(table, tok as usize * h + c)));
@@ -391,7 +394,7 @@ pub unsafe fn embedding_forward(out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<
     }
 }
 
-pub unsafe fn embedding_backward(dtable: DPtr<f32>, dout: DPtr<f32>, tokens: DPtr<u32>, h: usize) {
+pub(crate) unsafe fn embedding_backward(dtable: DPtr<f32>, dout: DPtr<f32>, tokens: DPtr<u32>, h: usize) {
     for (t, &tok) in read(tokens, tokens.len).iter().enumerate() {
         for c in 0..h {
             let i = tok as usize * h + c;
@@ -400,19 +403,19 @@ pub unsafe fn embedding_backward(dtable: DPtr<f32>, dout: DPtr<f32>, tokens: DPt
     }
 }
 
-pub unsafe fn residual_forward(x: DPtr<f32>, y: DPtr<Bf16>, count: usize) {
+pub(crate) unsafe fn residual_forward(x: DPtr<f32>, y: DPtr<Bf16>, count: usize) {
     for i in 0..count {
         put(x, i, at(x, i) + b2f(at(y, i)));
     }
 }
 
-pub unsafe fn cast_f32_bf16(out: DPtr<Bf16>, input: DPtr<f32>, count: usize) {
+pub(crate) unsafe fn cast_f32_bf16(out: DPtr<Bf16>, input: DPtr<f32>, count: usize) {
     for i in 0..count {
         put(out, i, f2b(at(input, i)));
     }
 }
 
-pub unsafe fn cast_bf16_f32(out: DPtr<f32>, input: DPtr<Bf16>, count: usize) {
+pub(crate) unsafe fn cast_bf16_f32(out: DPtr<f32>, input: DPtr<Bf16>, count: usize) {
     for i in 0..count {
         put(out, i, b2f(at(input, i)));
     }
@@ -422,7 +425,7 @@ pub unsafe fn cast_bf16_f32(out: DPtr<f32>, input: DPtr<Bf16>, count: usize) {
 
 /// `c = alpha·op(a)·op(b) + beta·c` with bf16 inputs, f32 accumulation, f32 or bf16 `c`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     c: u64,
     c_bf16: bool,
     a: DPtr<Bf16>,
