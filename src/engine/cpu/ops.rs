@@ -78,7 +78,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * (r * r) + r + 1.0;
     let z = e * f32::from_bits(((ni + 127) << 23) as u32);
     if x < -87.336_54 {
@@ -493,7 +493,7 @@ pub fn attention_forward(
     let (qd, kvd, hd, nh) = (shape.q_dim(), shape.kv_dim(), shape.head_dim, shape.n_heads);
     let n_k = k.len() / kvd;
     let n_q = q.len() / qd;
-    assert!(shape.n_heads % shape.n_kv_heads == 0 && n_q <= n_k && v.len() == k.len(), "attention: shapes");
+    assert!(shape.n_heads.is_multiple_of(shape.n_kv_heads) && n_q <= n_k && v.len() == k.len(), "attention: shapes");
     assert!(out.len() == q.len() && lse.len() == n_q * nh && mask.group.len() == n_k, "attention: shapes");
     assert!(mask.group_start.last().map(|&e| e as usize) == Some(n_k), "attention: groups must cover the keys");
     let scale = 1.0 / (hd as f32).sqrt();
@@ -826,7 +826,7 @@ pub fn adamw_update(
     let decay = (1.0 - lr * weight_decay) as f32;
     let (w1, b2, w2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
     let bc1 = 1.0 - beta1.powi(step as i32);
-    let bc2_sqrt = ((1.0 - beta2.powi(step as i32)) as f64).sqrt() as f32;
+    let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt() as f32;
     let step_size = (lr / bc1) as f32;
     let eps = eps as f32;
     const CH: usize = 1 << 14;
