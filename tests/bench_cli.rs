@@ -112,3 +112,40 @@ fn a_pair_must_fit_the_micro_batch() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--micro-batch-tokens 100"), "{stderr}");
 }
+
+/// The concatenated layout does more work for the same pairs, but the task (and so the
+/// FLOPs that MFU divides by, and the token count) is the same as in the shared layout.
+#[test]
+fn both_layouts_count_the_same_task() {
+    let run = |layout: &str| -> Value {
+        let out = bench(&[
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--micro-batch-tokens",
+            "200",
+            "--prompt-len",
+            "40",
+            "--answer-len",
+            "30",
+            "--layout",
+            layout,
+            "--ceiling-gemm",
+            "256",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("one JSON line")
+    };
+    let (shared, concat) = (run("shared"), run("concatenated"));
+    assert_eq!(shared["layout"], "shared");
+    assert_eq!(concat["layout"], "concatenated");
+    for k in ["pairs_per_step", "tokens_per_step", "train_flops_per_step", "ref_flops_per_step"] {
+        assert_eq!(shared[k], concat[k], "`{k}` differs between layouts");
+    }
+    assert_eq!(shared["tokens_per_step"], 200);
+}
