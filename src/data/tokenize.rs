@@ -48,6 +48,11 @@ pub struct PairTokenizer {
     /// Added tokens after which a text can be cut and tokenized in two pieces with the
     /// same result, grouped by first byte; empty when that does not hold.
     split_tokens: Vec<Vec<String>>,
+    /// The model maps a pre-tokenized piece to the same ids every time (no BPE dropout), so
+    /// piece -> ids can be cached.
+    deterministic_model: bool,
+    /// Identifies this tokenizer in the per-thread piece cache.
+    id: u64,
     /// Tokens in the vocabulary, added tokens included.
     pub vocab_size: usize,
 }
@@ -155,7 +160,25 @@ impl PairTokenizer {
         };
         let vocab_size = tokenizer.get_vocab_size(true);
         let split_tokens = composable_split_tokens(&tokenizer);
-        Ok(PairTokenizer { tokenizer, template, template_path, eos_token, split_tokens, vocab_size })
+        // transformers tokenizes with truncation and padding off (DO_NOT_TRUNCATE, DO_NOT_PAD),
+        // whatever tokenizer.json says.
+        tokenizer.with_truncation(None).map_err(|e| Error::file(&tok_path, e.to_string()))?;
+        tokenizer.with_padding(None);
+        let deterministic_model = serde_json::to_value(tokenizer.get_model())
+            .map(|m| m.get("dropout").is_none_or(Value::is_null))
+            .unwrap_or(false);
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(PairTokenizer {
+            tokenizer,
+            template,
+            template_path,
+            eos_token,
+            split_tokens,
+            deterministic_model,
+            id,
+            vocab_size,
+        })
     }
 
     /// Whether rendered conversations are tokenized in pieces cut after special tokens
@@ -242,8 +265,57 @@ impl PairTokenizer {
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> std::result::Result<Vec<u32>, String> {
+        if !add_special_tokens && self.deterministic_model {
+            return self.encode_cached(text);
+        }
         let enc = self.tokenizer.encode_fast(text, add_special_tokens).map_err(|e| format!("tokenizer failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+}
+
+/// Piece -> ids, per thread, for the tokenizer with the given id.
+type PieceCache = std::cell::RefCell<(u64, std::collections::HashMap<String, Vec<u32>>)>;
+
+thread_local! {
+    static PIECES: PieceCache = std::cell::RefCell::new((0, std::collections::HashMap::new()));
+}
+
+/// Pieces cached per thread; beyond this the cache starts over (bounded memory).
+const PIECE_CACHE_MAX: usize = 1 << 18;
+
+impl PairTokenizer {
+    /// The tokenizers pipeline without post-processing (`add_special_tokens=False`):
+    /// split at added tokens and normalize, pre-tokenize, then the model on each piece —
+    /// with the model's ids for a piece cached. Same ids as `encode_fast(text, false)`
+    /// (truncation and padding are off), without building an `Encoding` with a string per
+    /// token.
+    fn encode_cached(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer};
+        let tok = &self.tokenizer;
+        let mut pre = tok.get_added_vocabulary().extract_and_normalize(tok.get_normalizer(), text);
+        if let Some(p) = tok.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre).map_err(|e| format!("tokenizer failed: {e}"))?;
+        }
+        let mut ids = Vec::with_capacity(text.len() / 3);
+        PIECES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.0 != self.id || cache.1.len() > PIECE_CACHE_MAX {
+                *cache = (self.id, std::collections::HashMap::new());
+            }
+            for (piece, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
+                if let Some(t) = tokens {
+                    ids.extend(t.iter().map(|t| t.id));
+                } else if let Some(v) = cache.1.get(piece) {
+                    ids.extend_from_slice(v);
+                } else {
+                    let t = tok.get_model().tokenize(piece).map_err(|e| format!("tokenizer failed: {e}"))?;
+                    let v: Vec<u32> = t.iter().map(|t| t.id).collect();
+                    ids.extend_from_slice(&v);
+                    cache.1.insert(piece.to_string(), v);
+                }
+            }
+            Ok(ids)
+        })
     }
 }
 
