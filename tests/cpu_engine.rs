@@ -427,16 +427,24 @@ fn new_names_the_tensor_with_a_wrong_shape() {
 }
 
 #[test]
-fn open_gives_the_cpu_engine_and_no_cuda_yet() {
+fn open_gives_the_cpu_engine_without_a_gpu() {
     let cfg = config(true, 2);
     let w = weights(&cfg, 91);
-    for d in [Device::Auto, Device::Cpu] {
+    // Auto falls back to the CPU only where there is no GPU; Cpu is always the CPU.
+    #[cfg(feature = "cuda")]
+    let gpu = sdpo::engine::cuda::gpu_unavailable().is_none();
+    #[cfg(not(feature = "cuda"))]
+    let gpu = false;
+    let devices: &[Device] = if gpu { &[Device::Cpu] } else { &[Device::Auto, Device::Cpu] };
+    for &d in devices {
         let mut e = engine::open(d, cfg.clone(), w.clone()).unwrap();
         assert!(e.device_name().starts_with("cpu"));
         let b = batch(&pairs(1, 2, 37), Layout::Shared);
         assert_eq!(e.sequence_logps(&b).unwrap().len(), 2);
     }
-    assert!(matches!(engine::open(Device::Cuda, cfg, w), Err(Error::NoGpu(_))));
+    if !gpu {
+        assert!(matches!(engine::open(Device::Cuda, cfg, w), Err(Error::NoGpu(_))));
+    }
 }
 
 #[test]
@@ -447,4 +455,28 @@ fn out_of_vocabulary_tokens_are_an_error() {
     p[0].chosen[0] = 37;
     let err = eng.sequence_logps(&batch(&p, Layout::Shared)).unwrap_err().to_string();
     assert!(err.contains("37") && err.contains("vocabulary"), "{err}");
+}
+
+/// The engine keeps its activation buffers between steps; a smaller batch after a larger
+/// one must not see the larger one's stale values. Same inputs, same op order: the results
+/// are bit-identical to a fresh engine's.
+#[test]
+fn reused_buffers_do_not_leak_between_batches() {
+    let cfg = config(false, 2);
+    let w = weights(&cfg, 101);
+    let (big, small) = (batch(&pairs(21, 6, 37), Layout::Shared), batch(&pairs(22, 2, 37), Layout::Concatenated));
+    assert!(big.n_tokens() > small.n_tokens());
+    let loss = LossConfig::default();
+    let mut fresh = CpuEngine::new(cfg.clone(), w.clone()).unwrap();
+    let ref_small = shifted(&CpuEngine::new(cfg.clone(), w.clone()).unwrap().sequence_logps(&small).unwrap());
+    let want = fresh.train_step(&small, &ref_small, &loss, 0.5).unwrap();
+    let want_grads = fresh.grads().unwrap();
+
+    let mut used = CpuEngine::new(cfg, w).unwrap();
+    let ref_big = shifted(&used.sequence_logps(&big).unwrap());
+    used.train_step(&big, &ref_big, &loss, 0.5).unwrap();
+    used.zero_grads();
+    assert_eq!(used.sequence_logps(&small).unwrap(), want);
+    assert_eq!(used.train_step(&small, &ref_small, &loss, 0.5).unwrap(), want);
+    assert!(used.grads().unwrap() == want_grads, "gradients differ after a larger batch");
 }

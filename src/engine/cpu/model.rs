@@ -26,6 +26,10 @@ pub struct CpuEngine {
     grads: LlamaWeights,
     opt: Option<AdamState>,
     inv_freq: Vec<f32>,
+    /// Activation and gradient buffers kept from the last step and resized for the next,
+    /// so a step does not pay for fresh pages (every op overwrites its whole output).
+    spare_acts: Vec<LayerActs>,
+    spare_back: Option<BackScratch>,
 }
 
 /// What one layer's forward keeps for its backward (`n` rows each).
@@ -47,6 +51,36 @@ struct LayerActs {
 }
 
 impl LayerActs {
+    /// Buffers for `n` rows: `spare`'s storage when there is one (stale values, which the
+    /// forward overwrites), else fresh.
+    fn take(spare: &mut Vec<LayerActs>, cfg: &LlamaConfig, n: usize) -> Self {
+        match spare.pop() {
+            None => Self::new(cfg, n),
+            Some(mut a) => {
+                let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+                for (buf, len) in [
+                    (&mut a.x, n * h),
+                    (&mut a.rstd1, n),
+                    (&mut a.xn1, n * h),
+                    (&mut a.q, n * q),
+                    (&mut a.k, n * kv),
+                    (&mut a.v, n * kv),
+                    (&mut a.att, n * q),
+                    (&mut a.lse, n * cfg.n_heads),
+                    (&mut a.x_mid, n * h),
+                    (&mut a.rstd2, n),
+                    (&mut a.xn2, n * h),
+                    (&mut a.gate, n * i),
+                    (&mut a.up, n * i),
+                    (&mut a.act, n * i),
+                ] {
+                    buf.resize(len, 0.0);
+                }
+                a
+            }
+        }
+    }
+
     fn new(cfg: &LlamaConfig, n: usize) -> Self {
         let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
         LayerActs {
@@ -125,7 +159,7 @@ impl CpuEngine {
         check_shapes(&cfg, &weights, "CpuEngine::new")?;
         let grads = LlamaWeights::zeros(&cfg);
         let inv_freq = cfg.inv_freq();
-        Ok(CpuEngine { cfg, w: weights, grads, opt: None, inv_freq })
+        Ok(CpuEngine { cfg, w: weights, grads, opt: None, inv_freq, spare_acts: Vec::new(), spare_back: None })
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -146,18 +180,19 @@ impl CpuEngine {
     // --- forward
 
     /// Runs the model over the batch; keeps every layer's activations when `keep`.
-    fn forward(&self, batch: &PairBatch, keep: bool) -> Forward {
+    /// Layer buffers come from (and, without `keep`, go back to) `spare`.
+    fn forward(&self, batch: &PairBatch, keep: bool, spare: &mut Vec<LayerActs>) -> Forward {
         let cfg = &self.cfg;
         let (n, h) = (batch.n_tokens(), cfg.hidden_size);
         let mask = AttnMask::of(batch);
         let mut layers = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
-        let mut scratch = (!keep).then(|| LayerActs::new(cfg, n));
+        let mut scratch = (!keep).then(|| LayerActs::take(spare, cfg, n));
         let mut x = vec![0f32; n * h];
         ops::embedding_forward(&mut x, &batch.tokens, &self.w.embed, h);
         for lw in &self.w.layers {
             let mut a = match scratch.take() {
                 Some(a) => a,
-                None => LayerActs::new(cfg, n),
+                None => LayerActs::take(spare, cfg, n),
             };
             std::mem::swap(&mut a.x, &mut x);
             self.layer_forward(lw, &mut a, &mut x, &batch.positions, mask);
@@ -167,6 +202,7 @@ impl CpuEngine {
                 scratch = Some(a);
             }
         }
+        spare.extend(scratch);
         let mut rstd_f = vec![0f32; n];
         let mut xf = vec![0f32; n * h];
         ops::rmsnorm_forward(&mut xf, &mut rstd_f, &x, &self.w.norm, h, cfg.rms_norm_eps);
@@ -219,7 +255,7 @@ impl CpuEngine {
     /// Back-propagates `dlogp` (one value per target) through the model, adding into the
     /// gradient buffers.
     fn backward(&mut self, batch: &PairBatch, f: &Forward, dlogp: &[f32]) {
-        let CpuEngine { cfg, w, grads, inv_freq, .. } = self;
+        let CpuEngine { cfg, w, grads, inv_freq, spare_back, .. } = self;
         let (n, h) = (batch.n_tokens(), cfg.hidden_size);
         let mut dxf = vec![0f32; n * h];
         let head_grad = match grads.lm_head.as_mut() {
@@ -229,7 +265,13 @@ impl CpuEngine {
         ops::logprobs_backward(&mut dxf, head_grad, dlogp, &f.xf, w.lm_head(), &f.lse_head, &f.plan, h, cfg.vocab_size);
         let mut dx = vec![0f32; n * h];
         ops::rmsnorm_backward(&mut dx, &mut grads.norm, &dxf, &f.x_last, &w.norm, &f.rstd_f, h);
-        let mut s = BackScratch::new(cfg, n);
+        let mut s = match spare_back.take() {
+            Some(mut s) => {
+                s.resize(cfg, n);
+                s
+            }
+            None => BackScratch::new(cfg, n),
+        };
         let mask = AttnMask::of(batch);
         for l in (0..cfg.n_layers).rev() {
             layer_backward(
@@ -245,6 +287,7 @@ impl CpuEngine {
             );
         }
         ops::embedding_backward(&mut grads.embed, &dx, &batch.tokens, h);
+        *spare_back = Some(s);
     }
 
     // --- generation
@@ -320,6 +363,24 @@ struct BackScratch {
 }
 
 impl BackScratch {
+    /// Resizes every buffer to `n` rows (stale values: each op overwrites its output).
+    fn resize(&mut self, cfg: &LlamaConfig, n: usize) {
+        let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        for (buf, len) in [
+            (&mut self.tmp, n * h),
+            (&mut self.dxn, n * h),
+            (&mut self.dact, n * i),
+            (&mut self.dgate, n * i),
+            (&mut self.dup, n * i),
+            (&mut self.datt, n * q),
+            (&mut self.dq, n * q),
+            (&mut self.dk, n * kv),
+            (&mut self.dv, n * kv),
+        ] {
+            buf.resize(len, 0.0);
+        }
+    }
+
     fn new(cfg: &LlamaConfig, n: usize) -> Self {
         let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
         BackScratch {
@@ -385,7 +446,9 @@ impl Engine for CpuEngine {
 
     fn sequence_logps(&mut self, batch: &PairBatch) -> Result<Vec<PairLogps>> {
         self.check_batch(batch)?;
-        let f = self.forward(batch, false);
+        let mut spare = std::mem::take(&mut self.spare_acts);
+        let f = self.forward(batch, false, &mut spare);
+        self.spare_acts = spare;
         Ok(Self::pair_logps(batch, &f.logp))
     }
 
@@ -404,7 +467,8 @@ impl Engine for CpuEngine {
                 batch.n_pairs
             )));
         }
-        let f = self.forward(batch, true);
+        let mut spare = std::mem::take(&mut self.spare_acts);
+        let f = self.forward(batch, true, &mut spare);
         let policy = Self::pair_logps(batch, &f.logp);
         let d: Vec<(f64, f64)> = policy
             .iter()
@@ -423,6 +487,8 @@ impl Engine for CpuEngine {
             })
             .collect();
         self.backward(batch, &f, &dlogp);
+        spare.extend(f.layers);
+        self.spare_acts = spare;
         Ok(policy)
     }
 
