@@ -113,6 +113,10 @@ fn existing_output_is_not_overwritten_without_a_flag() {
     let changed = train_cmd(&root, "run", &["--beta", "0.2", "--resume"]).output().unwrap();
     assert!(!changed.status.success());
     assert!(String::from_utf8_lossy(&changed.stderr).contains("run.toml"));
+    // so is a different way of reading the data (run.toml holds the data options too)
+    let changed = train_cmd(&root, "run", &["--max-length", "64", "--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(!changed.status.success() && err.contains("max_length = 64"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
 

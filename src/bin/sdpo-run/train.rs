@@ -75,12 +75,27 @@ pub struct RunConfig {
     pub device: Device,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_init: Option<u64>,
+    // How records are read and tokenized (the `DataOptions` flags), so that run.toml holds
+    // everything that decides the token ids trained on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_prompt_length: Option<usize>,
+    pub prompt_field: String,
+    pub chosen_field: String,
+    pub rejected_field: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_field: Option<String>,
+    pub source_field: String,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
         let t = TrainOptions::default();
         let a = AdamWConfig::default();
+        let d = DataOptions::default();
         RunConfig {
             model: None,
             data: Vec::new(),
@@ -113,6 +128,14 @@ impl Default for RunConfig {
             carry_schedule: false,
             device: Device::Auto,
             random_init: None,
+            chat_template: d.chat_template,
+            max_length: d.max_length,
+            max_prompt_length: d.max_prompt_length,
+            prompt_field: d.prompt_field,
+            chosen_field: d.chosen_field,
+            rejected_field: d.rejected_field,
+            system_field: d.system_field,
+            source_field: d.source_field,
         }
     }
 }
@@ -141,6 +164,19 @@ impl RunConfig {
             micro_batch_tokens: self.micro_batch_tokens,
             layout: self.layout.into(),
             seed: self.seed,
+        }
+    }
+
+    pub fn data_options(&self) -> DataOptions {
+        DataOptions {
+            chat_template: self.chat_template.clone(),
+            max_length: self.max_length,
+            max_prompt_length: self.max_prompt_length,
+            prompt_field: self.prompt_field.clone(),
+            chosen_field: self.chosen_field.clone(),
+            rejected_field: self.rejected_field.clone(),
+            system_field: self.system_field.clone(),
+            source_field: self.source_field.clone(),
         }
     }
 
@@ -248,7 +284,8 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// How records are read and tokenized (flags only; not part of run.toml).
+    /// How records are read and tokenized (saved in run.toml like the other settings; a
+    /// field-name flag left at its default does not override the file).
     #[command(flatten)]
     pub data_options: DataOptions,
     /// Testing aid: corrupt the policy with NaN before this global update.
@@ -312,6 +349,31 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
     if !args.eval_data.is_empty() {
         c.eval_data = args.eval_data.clone();
     }
+    // clap fills the field-name flags with their defaults, so only a value that differs
+    // from the default can be told apart from "not given".
+    let (d, given) = (DataOptions::default(), &args.data_options);
+    for (now, flag, default) in [
+        (&mut c.prompt_field, &given.prompt_field, &d.prompt_field),
+        (&mut c.chosen_field, &given.chosen_field, &d.chosen_field),
+        (&mut c.rejected_field, &given.rejected_field, &d.rejected_field),
+        (&mut c.source_field, &given.source_field, &d.source_field),
+    ] {
+        if flag != default {
+            now.clone_from(flag);
+        }
+    }
+    if given.chat_template.is_some() {
+        c.chat_template = given.chat_template.clone();
+    }
+    if given.max_length.is_some() {
+        c.max_length = given.max_length;
+    }
+    if given.max_prompt_length.is_some() {
+        c.max_prompt_length = given.max_prompt_length;
+    }
+    if given.system_field.is_some() {
+        c.system_field = given.system_field.clone();
+    }
     c.length_normalize |= args.length_normalize;
     c.carry_optimizer |= args.carry_optimizer;
     c.carry_schedule |= args.carry_schedule;
@@ -344,13 +406,13 @@ pub fn load_model(dir: &Path, random_init: Option<u64>) -> Result<(LlamaConfig, 
     Ok((cfg, w))
 }
 
-/// Checks --out against --resume / --overwrite and writes run.toml.
-fn prepare_out(out: &Path, c: &RunConfig, resume: bool, overwrite: bool) -> Result<()> {
+/// Checks --out against --resume / --overwrite, before any slow work; writes nothing.
+fn check_out(out: &Path, c: &RunConfig, resume: bool, overwrite: bool) -> Result<()> {
     let run_toml = out.join("run.toml");
     let non_empty = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
     if resume {
         ensure!(run_toml.is_file(), "--resume: {} has no run.toml: nothing to resume", out.display());
-        let text = std::fs::read_to_string(&run_toml)?;
+        let text = std::fs::read_to_string(&run_toml).with_context(|| format!("reading {}", run_toml.display()))?;
         let saved: RunConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", run_toml.display()))?;
         if saved != *c {
             bail!(
@@ -365,24 +427,34 @@ fn prepare_out(out: &Path, c: &RunConfig, resume: bool, overwrite: bool) -> Resu
         return Ok(());
     }
     if non_empty {
-        if !overwrite {
-            bail!(
-                "{} exists and is not empty: pass --resume to continue that run, --overwrite to replace it, \
-                 or choose another --out",
-                out.display()
-            );
-        }
+        ensure!(
+            overwrite,
+            "{} exists and is not empty: pass --resume to continue that run, --overwrite to replace it, \
+             or choose another --out",
+            out.display()
+        );
         ensure!(
             run_toml.is_file(),
             "--overwrite: {} has no run.toml, so it is not an sdpo run folder; refusing to delete it",
             out.display()
         );
+    }
+    Ok(())
+}
+
+/// After `check_out` and once the inputs have loaded: replaces an old run (--overwrite)
+/// and writes run.toml; with --resume, nothing to do.
+fn prepare_out(out: &Path, c: &RunConfig, resume: bool) -> Result<()> {
+    if resume {
+        return Ok(());
+    }
+    if out.join("run.toml").is_file() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let tmp = out.join("run.toml.tmp");
-    std::fs::write(&tmp, c.to_toml())?;
-    std::fs::rename(&tmp, &run_toml)?;
+    std::fs::write(&tmp, c.to_toml()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out.join("run.toml"))?;
     Ok(())
 }
 
@@ -391,14 +463,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let model = c.model.clone().context("--model is required (a Hugging Face model folder)")?;
     let out = c.out.clone().context("--out is required (the run's output folder)")?;
     ensure!(!c.data.is_empty(), "--data is required (pre-tokenized JSONL files)");
+    check_out(&out, &c, args.resume, args.overwrite)?;
     let (cfg, m0) = load_model(&model, c.random_init)?;
-    let data = load_data(&c.data, &args.data_options, &model, args.quiet)?;
+    let data_options = c.data_options();
+    let data = load_data(&c.data, &data_options, &model, args.quiet)?;
     let (train, eval) = if c.eval_data.is_empty() {
         split_eval(data, c.eval_fraction, c.seed)
     } else {
-        (data, load_data(&c.eval_data, &args.data_options, &model, args.quiet)?)
+        (data, load_data(&c.eval_data, &data_options, &model, args.quiet)?)
     };
-    prepare_out(&out, &c, args.resume, args.overwrite)?;
+    prepare_out(&out, &c, args.resume)?;
     let opts = SdpoOptions {
         train: c.train_options(),
         partition: c.partition,
@@ -482,6 +556,26 @@ mod tests {
         assert_eq!((c.warmup_ratio, c.batch_pairs, c.epochs, c.max_grad_norm), (0.1, 32, 1, 1.0));
         // the written run.toml reads back to the same configuration
         assert_eq!(toml::from_str::<RunConfig>(&c.to_toml()).unwrap(), c);
+        // data-reading settings: the file's, unless a flag gives another value
+        std::fs::write(&path, "prompt_field = \"question\"\nmax_length = 512\nsystem_field = \"system\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--max-length", "256"]);
+        let c = resolve(&cli.args).unwrap();
+        let d = c.data_options();
+        assert_eq!(
+            (d.prompt_field.as_str(), d.max_length, d.system_field.as_deref()),
+            ("question", Some(256), Some("system"))
+        );
+        assert_eq!((d.chosen_field.as_str(), d.chat_template), ("chosen", None));
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--prompt-field", "instruction"]);
+        assert_eq!(resolve(&cli.args).unwrap().prompt_field, "instruction");
+        assert_eq!(toml::from_str::<RunConfig>(&c.to_toml()).unwrap(), c);
+        // without any of them, run.toml keeps DataOptions' defaults
+        let d = RunConfig::default().data_options();
+        let want = DataOptions::default();
+        assert_eq!(
+            (d.prompt_field, d.source_field, d.max_length),
+            (want.prompt_field, want.source_field, want.max_length)
+        );
         // an unknown key is an error that names it
         std::fs::write(&path, "learning_rate = 1e-6\n").unwrap();
         let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
