@@ -28,20 +28,9 @@ import tempfile
 import torch
 from transformers import LlamaForCausalLM
 
+from make_fixtures import trl_sequences  # tools/ is on sys.path when run as a script
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def sequences(pairs):
-    seqs, masks = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            seqs.append(p["prompt_ids"] + p[key])
-            masks.append([0] * len(p["prompt_ids"]) + [1] * len(p[key]))
-    L = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs])
-    att = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
-    comp = torch.tensor([m + [0] * (L - len(m)) for m in masks])
-    return ids, att, comp
 
 
 def torch_logits_and_logps(model_dir, pairs):
@@ -51,7 +40,7 @@ def torch_logits_and_logps(model_dir, pairs):
     if bad:
         sys.exit(f"FAIL: transformers reports {bad} loading {model_dir}")
     model.eval()
-    ids, att, comp = sequences(pairs)
+    ids, att, comp = trl_sequences(pairs)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=att).logits.float()
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)

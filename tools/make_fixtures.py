@@ -85,8 +85,8 @@ def make_pairs(vocab, gen, source):
             for p, c, r in zip(PROMPT_LENS, CHOSEN_LENS, REJECTED_LENS)]
 
 
-def sequence_logps(model, pairs):
-    """TRL's layout: 2n right-padded sequences, chosen first; (sum of completion log-probs, token counts)."""
+def trl_sequences(pairs):
+    """TRL's layout: 2n right-padded sequences, chosen first; (input ids, attention mask, completion mask)."""
     seqs, masks = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for p in pairs:
@@ -96,6 +96,12 @@ def sequence_logps(model, pairs):
     input_ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs])
     attention = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
     completion = torch.tensor([m + [0] * (L - len(m)) for m in masks])
+    return input_ids, attention, completion
+
+
+def sequence_logps(model, pairs):
+    """Per pair: sums of completion log-probs in TRL's layout, and token counts."""
+    input_ids, attention, completion = trl_sequences(pairs)
     logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = completion[:, 1:].float()
