@@ -664,7 +664,7 @@ mod tests {
     #[test]
     fn refuses_big_shapes_on_cpu() {
         let opts = BenchOptions { shape: Some(Shape::Llama8b), device: Device::Cpu, ..Default::default() };
-        let err = run(&opts).err().expect("llama-8b on the CPU without --force must be refused").to_string();
+        let err = run(&opts).expect_err("llama-8b on the CPU without --force must be refused").to_string();
         assert!(err.contains("--force") && err.contains("--device cuda"), "{err}");
     }
 }

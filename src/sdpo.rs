@@ -489,7 +489,7 @@ pub fn run(
         let chunk_info = &partition.chunks[t - 1];
         let chunk: Vec<&PairExample> = chunk_info.pairs.iter().map(|&i| &train[i]).collect();
         let t0 = std::time::Instant::now();
-        let fresh = !(st.sdpo_step == t && !st.step_done);
+        let fresh = st.sdpo_step != t || st.step_done;
         let start = if fresh {
             if !opts.carry_optimizer {
                 engine.set_optimizer_state(None)?;

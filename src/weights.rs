@@ -454,9 +454,12 @@ impl LlamaWeights {
     }
 }
 
+/// Tensors by name: (shape, values).
+pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Reads every tensor of one safetensors file as f32 (f32/bf16/f16 on disk), keyed by name:
 /// for gradients, fixtures and tools that need no model config.
-pub fn load_tensors_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn load_tensors_f32(path: &Path) -> Result<NamedTensors> {
     let mapped = MappedFile::open(path)?;
     let st = mapped.parse()?;
     let mut out = BTreeMap::new();

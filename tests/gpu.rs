@@ -95,6 +95,7 @@ fn random_batch(rng: &mut SplitMix64, n_pairs: usize, max_len: usize, layout: La
     PairBatch::new(&refs, layout).unwrap()
 }
 
+#[allow(clippy::too_many_arguments)] // the case's shape, spelled out at each call
 fn attention_case(
     g: &Gpu,
     seed: u64,
@@ -582,7 +583,7 @@ fn random_pairs(seed: u64, n: usize, vocab: usize, max_len: usize) -> Vec<PairEx
             let chosen = seq(&mut rng);
             // Some pairs share the first answer token: a row with two identical targets.
             let mut rejected = seq(&mut rng);
-            if rng.next_u64() % 2 == 0 {
+            if rng.next_u64().is_multiple_of(2) {
                 rejected[0] = chosen[0];
             }
             PairExample { prompt, chosen, rejected, source: String::new() }

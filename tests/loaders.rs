@@ -123,7 +123,7 @@ fn folder_with(model: &str, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> (temp
 }
 
 fn load_err(dir: &Path, cfg: &LlamaConfig) -> String {
-    LlamaWeights::load(dir, cfg).err().expect("load should fail").to_string()
+    LlamaWeights::load(dir, cfg).expect_err("load should fail").to_string()
 }
 
 #[test]
@@ -333,7 +333,7 @@ fn pairs_err(text: &str, vocab: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("prefs.jsonl");
     std::fs::write(&path, text).unwrap();
-    read_pairs(&path, vocab).err().expect("should fail").to_string()
+    read_pairs(&path, vocab).expect_err("should fail").to_string()
 }
 
 const GOOD: &str = r#"{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4]}"#;

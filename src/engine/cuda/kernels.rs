@@ -101,7 +101,7 @@ impl<T> DPtr<T> {
     }
 
     fn aligned16(&self) -> bool {
-        self.ptr % 16 == 0
+        self.ptr.is_multiple_of(16)
     }
 }
 
@@ -262,7 +262,7 @@ impl Kernels {
         need(ATTENTION_HEAD_DIMS.contains(&d.head_dim), || {
             format!("attention: head_dim {} is not one of the compiled {:?}", d.head_dim, ATTENTION_HEAD_DIMS)
         })?;
-        need(d.n_kv_heads > 0 && d.n_heads % d.n_kv_heads == 0, || {
+        need(d.n_kv_heads > 0 && d.n_heads.is_multiple_of(d.n_kv_heads), || {
             format!("attention: n_heads {} is not a multiple of n_kv_heads {}", d.n_heads, d.n_kv_heads)
         })?;
         need(d.n_tokens > 0, || "attention: no tokens".into())?;
@@ -271,7 +271,9 @@ impl Kernels {
             ("kv_stride", d.kv_stride, d.n_kv_heads * d.head_dim),
             ("o_stride", d.o_stride, d.n_heads * d.head_dim),
         ] {
-            need(s >= min && s % 8 == 0, || format!("attention: {name} {s} must be ≥ {min} and a multiple of 8"))?;
+            need(s >= min && s.is_multiple_of(8), || {
+                format!("attention: {name} {s} must be ≥ {min} and a multiple of 8")
+            })?;
         }
         need_len("attention: group", &mask.group, d.n_tokens)?;
         need_len("attention: branch", &mask.branch, d.n_tokens)?;
@@ -323,7 +325,7 @@ impl Kernels {
         d: &AttnDims,
     ) -> Result<()> {
         let n = d.n_tokens;
-        need(d.head_dim % 8 == 0 && d.o_stride % 8 == 0, || {
+        need(d.head_dim.is_multiple_of(8) && d.o_stride.is_multiple_of(8), || {
             "attention_backward_delta: head_dim and o_stride must be multiples of 8".into()
         })?;
         need_len("attention_backward_delta: delta", &delta, n * d.n_heads)?;
@@ -365,9 +367,10 @@ impl Kernels {
         self.check_attn(d, mask)?;
         let n = d.n_tokens;
         let (qd, kvd) = (d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim);
-        need(dq_stride >= qd && dkv_stride >= kvd && dq_stride % 2 == 0 && dkv_stride % 2 == 0, || {
-            format!("attention_backward: dq_stride {dq_stride} / dkv_stride {dkv_stride} too small or odd")
-        })?;
+        need(
+            dq_stride >= qd && dkv_stride >= kvd && dq_stride.is_multiple_of(2) && dkv_stride.is_multiple_of(2),
+            || format!("attention_backward: dq_stride {dq_stride} / dkv_stride {dkv_stride} too small or odd"),
+        )?;
         need_len("attention_backward: q", &q, (n - 1) * d.q_stride + qd)?;
         need_len("attention_backward: k", &k, (n - 1) * d.kv_stride + kvd)?;
         need_len("attention_backward: v", &v, (n - 1) * d.kv_stride + kvd)?;
@@ -380,7 +383,9 @@ impl Kernels {
         for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("dO", &dout)] {
             need_vec(&format!("attention_backward: {name}"), p)?;
         }
-        need(dk.ptr % 8 == 0 && dv.ptr % 8 == 0, || "attention_backward: dk/dv must be 8-byte aligned".into())?;
+        need(dk.ptr.is_multiple_of(8) && dv.ptr.is_multiple_of(8), || {
+            "attention_backward: dk/dv must be 8-byte aligned".into()
+        })?;
         if self.is_host() {
             // SAFETY: host-mode pointers; lengths checked above.
             unsafe { host::attention_backward(dq, dk, dv, dq_stride, dkv_stride, dout, q, k, v, lse, delta, mask, d) };
@@ -410,7 +415,7 @@ impl Kernels {
         hidden: usize,
         eps: f32,
     ) -> Result<()> {
-        need(hidden % 8 == 0, || format!("rmsnorm: hidden {hidden} must be a multiple of 8"))?;
+        need(hidden.is_multiple_of(8), || format!("rmsnorm: hidden {hidden} must be a multiple of 8"))?;
         need_len("rmsnorm: y", &y, n * hidden)?;
         need_len("rmsnorm: x", &x, n * hidden)?;
         need_len("rmsnorm: w", &w, hidden)?;
@@ -442,7 +447,7 @@ impl Kernels {
         hidden: usize,
         accumulate: bool,
     ) -> Result<()> {
-        need(hidden % 8 == 0 && hidden <= 12288, || {
+        need(hidden.is_multiple_of(8) && hidden <= 12288, || {
             format!("rmsnorm_backward: hidden {hidden} must be a multiple of 8 and ≤ 12288 (48 KB of shared memory)")
         })?;
         for (name, p) in [("dx", &dx), ("dy", &dy), ("x", &x)] {
@@ -476,7 +481,7 @@ impl Kernels {
         positions: &DPtr<u32>,
         inv_freq: &DPtr<f32>,
     ) -> Result<()> {
-        need(head_dim % 2 == 0 && stride >= n_heads * head_dim, || {
+        need(head_dim.is_multiple_of(2) && stride >= n_heads * head_dim, || {
             format!("rope: head_dim {head_dim} must be even and stride {stride} ≥ n_heads·head_dim")
         })?;
         need_len("rope: positions", positions, n)?;
@@ -485,7 +490,7 @@ impl Kernels {
 
     fn rope_threads(n: usize, n_heads: usize, head_dim: usize) -> usize {
         let half = head_dim / 2;
-        n * n_heads * if half % 8 == 0 { half / 8 } else { half }
+        n * n_heads * if half.is_multiple_of(8) { half / 8 } else { half }
     }
 
     /// Rotates heads `0..n_heads` of every row of x (bf16, row stride `stride`) in place.
@@ -502,8 +507,10 @@ impl Kernels {
     ) -> Result<()> {
         Self::check_rope(n, n_heads, head_dim, stride, &positions, &inv_freq)?;
         need_len("rope: x", &x, (n - 1) * stride + n_heads * head_dim)?;
-        if (head_dim / 2) % 8 == 0 {
-            need(x.aligned16() && stride % 8 == 0, || "rope: x must be 16-byte aligned with stride % 8 == 0".into())?;
+        if (head_dim / 2).is_multiple_of(8) {
+            need(x.aligned16() && stride.is_multiple_of(8), || {
+                "rope: x must be 16-byte aligned with stride % 8 == 0".into()
+            })?;
         }
         if self.is_host() {
             // SAFETY: host-mode pointers; lengths checked above.
@@ -533,10 +540,11 @@ impl Kernels {
         Self::check_rope(n, n_heads, head_dim, out_stride.min(in_stride), &positions, &inv_freq)?;
         need_len("rope_backward: dx", &dx, (n - 1) * out_stride + n_heads * head_dim)?;
         need_len("rope_backward: dy", &dy, (n - 1) * in_stride + n_heads * head_dim)?;
-        if (head_dim / 2) % 8 == 0 {
-            need(dx.aligned16() && dy.aligned16() && out_stride % 8 == 0 && in_stride % 4 == 0, || {
-                "rope_backward: dx/dy must be 16-byte aligned with strides % 8 / % 4 == 0".into()
-            })?;
+        if (head_dim / 2).is_multiple_of(8) {
+            need(
+                dx.aligned16() && dy.aligned16() && out_stride.is_multiple_of(8) && in_stride.is_multiple_of(4),
+                || "rope_backward: dx/dy must be 16-byte aligned with strides % 8 / % 4 == 0".into(),
+            )?;
         }
         if self.is_host() {
             // SAFETY: host-mode pointers; lengths checked above.
@@ -569,7 +577,7 @@ impl Kernels {
         need_len("logprobs: targets", &targets, 2 * rows)?;
         need_len("logprobs: logp", &logp, 2 * rows)?;
         need_len("logprobs: lse", &lse, rows)?;
-        if ld % 4 == 0 {
+        if ld.is_multiple_of(4) {
             need_vec("logprobs: logits", &logits)?;
         }
         if self.is_host() {
@@ -605,9 +613,9 @@ impl Kernels {
         need_len("logprobs_backward: targets", &targets, 2 * rows)?;
         need_len("logprobs_backward: dlogp", &dlogp, 2 * rows)?;
         need_len("logprobs_backward: lse", &lse, rows)?;
-        if ld % 4 == 0 && ld_out % 4 == 0 {
+        if ld.is_multiple_of(4) && ld_out.is_multiple_of(4) {
             need_vec("logprobs_backward: logits", &logits)?;
-            need(dlogits.ptr % 8 == 0, || "logprobs_backward: dlogits must be 8-byte aligned".into())?;
+            need(dlogits.ptr.is_multiple_of(8), || "logprobs_backward: dlogits must be 8-byte aligned".into())?;
         }
         if self.is_host() {
             // SAFETY: host-mode pointers; lengths checked above.
@@ -650,7 +658,7 @@ impl Kernels {
         for (name, ok) in [("p", p.aligned16()), ("m", m.aligned16()), ("v", v.aligned16()), ("g", g.aligned16())] {
             need(ok, || format!("adamw: {name} is not 16-byte aligned"))?;
         }
-        need(p_bf16.ptr % 8 == 0, || "adamw: the bf16 copy must be 8-byte aligned".into())?;
+        need(p_bf16.ptr.is_multiple_of(8), || "adamw: the bf16 copy must be 8-byte aligned".into())?;
         if self.is_host() {
             // SAFETY: host-mode pointers; lengths checked above.
             unsafe {
@@ -739,9 +747,9 @@ impl Kernels {
     /// checked on the device: the caller checks them against the vocabulary.
     pub fn embedding_forward(&self, out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, hidden: usize) -> Result<()> {
         let n = tokens.len;
-        need(hidden % 8 == 0, || format!("embedding: hidden {hidden} must be a multiple of 8"))?;
+        need(hidden.is_multiple_of(8), || format!("embedding: hidden {hidden} must be a multiple of 8"))?;
         need_len("embedding: out", &out, n * hidden)?;
-        need(table.len % hidden == 0, || "embedding: table length is not a multiple of hidden".into())?;
+        need(table.len.is_multiple_of(hidden), || "embedding: table length is not a multiple of hidden".into())?;
         need_vec("embedding: out", &out)?;
         need_vec("embedding: table", &table)?;
         if self.is_host() {
@@ -763,9 +771,11 @@ impl Kernels {
         hidden: usize,
     ) -> Result<()> {
         let n = tokens.len;
-        need(hidden % 8 == 0, || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
+        need(hidden.is_multiple_of(8), || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
         need_len("embedding_backward: dout", &dout, n * hidden)?;
-        need(dtable.len % hidden == 0, || "embedding_backward: table length is not a multiple of hidden".into())?;
+        need(dtable.len.is_multiple_of(hidden), || {
+            "embedding_backward: table length is not a multiple of hidden".into()
+        })?;
         need_vec("embedding_backward: dout", &dout)?;
         if self.is_host() {
             // SAFETY: host-mode pointers; lengths checked above.
