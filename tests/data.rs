@@ -41,8 +41,10 @@ const FILES: [&str; 5] =
     ["standard.jsonl", "conversational.json", "implicit_conv.parquet", "implicit_text.jsonl", "orca.parquet"];
 
 fn options_for(file: &str, template: Option<&str>) -> DataOptions {
-    let mut o = DataOptions::default();
-    o.chat_template = template.map(|t| fixtures().join("templates").join(format!("{t}.jinja")));
+    let mut o = DataOptions {
+        chat_template: template.map(|t| fixtures().join("templates").join(format!("{t}.jinja"))),
+        ..DataOptions::default()
+    };
     if file == "orca.parquet" {
         o.prompt_field = "question".into();
         o.system_field = Some("system".into());
@@ -139,7 +141,7 @@ fn truncation_matches_trl_and_is_counted() {
     let mut opts = options_for("conversational.json", Some("llama3"));
     opts.max_length = Some(max_length);
     let path = fixtures().join("records/conversational.json");
-    let (got, summary) = load_pairs(&[path.clone()], &opts, &fixtures().join("bpe")).unwrap();
+    let (got, summary) = load_pairs(std::slice::from_ref(&path), &opts, &fixtures().join("bpe")).unwrap();
     // TRL's fixture pairs carry no source; ours do.
     for (w, g) in want.iter_mut().zip(&got) {
         w.source = g.source.clone();
@@ -210,8 +212,7 @@ fn missing_and_mistyped_fields_are_named() {
     );
     assert_has(&e, &["s.json: record 1:", "`source` must be a string"]);
     // mapped field names appear in the message
-    let mut o = DataOptions::default();
-    o.prompt_field = "question".into();
+    let o = DataOptions { prompt_field: "question".into(), ..DataOptions::default() };
     let e = err_for("q.jsonl", GOOD.as_bytes(), &o);
     assert_has(&e, &["q.jsonl:1:", "missing field `question`", "--prompt-field"]);
 }
@@ -243,8 +244,8 @@ fn invalid_utf8_names_the_line() {
 fn template_errors_carry_raise_exception_message() {
     // Llama 2's template refuses two user turns in a row.
     let rec = br#"{"prompt": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#;
-    let mut o = DataOptions::default();
-    o.chat_template = Some(fixtures().join("templates/llama2.jinja"));
+    let mut o =
+        DataOptions { chat_template: Some(fixtures().join("templates/llama2.jinja")), ..DataOptions::default() };
     let e = err_for("r.jsonl", format!("{}\n", std::str::from_utf8(rec).unwrap()).as_bytes(), &o);
     assert_has(
         &e,
@@ -266,8 +267,7 @@ fn validation_comes_before_tokenization() {
     // Record 1 would fail in the template, record 3 is malformed: the malformed record is
     // reported, because every record is checked before any is tokenized.
     let bad_roles = r#"{"prompt": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#;
-    let mut o = DataOptions::default();
-    o.chat_template = Some(fixtures().join("templates/llama2.jinja"));
+    let o = DataOptions { chat_template: Some(fixtures().join("templates/llama2.jinja")), ..DataOptions::default() };
     let e = err_for("v.jsonl", format!("{bad_roles}\n{GOOD}\n{{oops\n").as_bytes(), &o);
     assert_has(&e, &["v.jsonl:3:", "malformed JSON"]);
 }
@@ -276,7 +276,7 @@ fn validation_comes_before_tokenization() {
 fn missing_or_corrupt_tokenizer() {
     let dir = scratch("notok");
     let data = fixtures().join("records/standard.jsonl");
-    let e = load_pairs(&[data.clone()], &DataOptions::default(), &dir).unwrap_err().to_string();
+    let e = load_pairs(std::slice::from_ref(&data), &DataOptions::default(), &dir).unwrap_err().to_string();
     assert_has(&e, &["tokenizer.json", "missing"]);
     std::fs::write(dir.join("tokenizer.json"), "{\"version\": \"1.0\", \"model\": 7}").unwrap();
     let e = load_pairs(&[data], &DataOptions::default(), &dir).unwrap_err().to_string();

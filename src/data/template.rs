@@ -366,7 +366,7 @@ mod tests {
         let t = ChatTemplate::new(src, &special()).unwrap();
         let m = json!({"role": "user", "content": "  hi  ", "name": null});
         // null-valued keys are dropped before rendering, as transformers does
-        assert_eq!(t.render(&[m.clone()], None, false).unwrap(), "<s>HI|role|content");
+        assert_eq!(t.render(std::slice::from_ref(&m), None, false).unwrap(), "<s>HI|role|content");
         let e = t.render(&[m.clone(), m], None, false).unwrap_err();
         assert!(e.contains("only one message, got 2"), "{e}");
     }

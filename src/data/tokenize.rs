@@ -233,7 +233,7 @@ impl PairTokenizer {
 
     /// `encode(p)`, `encode(pc)`, `encode(pr)` without special tokens, tokenizing the head
     /// the three texts share (up to the end of a split token) once.
-    fn encode_three(&self, p: &str, pc: &str, pr: &str) -> std::result::Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
+    fn encode_three(&self, p: &str, pc: &str, pr: &str) -> std::result::Result<ThreeIds, String> {
         let shared = common_prefix_bytes(p, pc).min(common_prefix_bytes(p, pr));
         let cut = self.last_split_end(&p[..shared]);
         if cut == 0 {
@@ -272,6 +272,9 @@ impl PairTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 }
+
+/// Ids of prompt, prompt+chosen, prompt+rejected.
+type ThreeIds = (Vec<u32>, Vec<u32>, Vec<u32>);
 
 /// Piece -> ids, per thread, for the tokenizer with the given id.
 type PieceCache = std::cell::RefCell<(u64, std::collections::HashMap<String, Vec<u32>>)>;
