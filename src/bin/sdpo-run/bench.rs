@@ -4,19 +4,12 @@
 //! top of tools/compare_torch.py), then a short table on stderr.
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use sdpo::bench::{self, BenchOptions, Shape};
 use sdpo::engine::Device;
-use sdpo::Layout;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum BenchLayout {
-    /// `[prompt | chosen | rejected]` per pair, the prompt computed once.
-    Shared,
-    /// `[prompt | chosen]` and `[prompt | rejected]` as two sequences, as TRL does.
-    Concatenated,
-}
+use crate::train::LayoutName;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -40,8 +33,8 @@ pub struct BenchArgs {
     /// Untimed rounds before timing.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    #[arg(long, value_enum, default_value_t = BenchLayout::Shared)]
-    pub layout: BenchLayout,
+    #[arg(long, value_enum, default_value_t = LayoutName::Shared)]
+    pub layout: LayoutName,
     /// Run llama-1b and larger on the CPU anyway (16 bytes per parameter, minutes per step).
     #[arg(long)]
     pub force: bool,
@@ -62,10 +55,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         answer_len: args.answer_len,
         steps: args.steps,
         warmup: args.warmup,
-        layout: match args.layout {
-            BenchLayout::Shared => Layout::Shared,
-            BenchLayout::Concatenated => Layout::Concatenated,
-        },
+        layout: args.layout.into(),
         force: args.force,
         ceiling_gemm: args.ceiling_gemm,
         seed: args.seed,

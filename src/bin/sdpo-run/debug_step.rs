@@ -18,13 +18,7 @@ use sdpo::engine::{self, Device};
 use sdpo::weights::{save_model, save_tensors_f32};
 use sdpo::{Layout, LlamaWeights, PairBatch, PairExample};
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LayoutArg {
-    /// `[prompt | chosen | rejected]` per pair, the prompt computed once.
-    Shared,
-    /// `[prompt | chosen]` and `[prompt | rejected]` as two sequences, as TRL does.
-    Concatenated,
-}
+use crate::train::LayoutName;
 
 #[derive(Args, Debug)]
 pub struct DebugStepArgs {
@@ -43,8 +37,8 @@ pub struct DebugStepArgs {
     pub loss: LossKind,
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
-    #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
-    pub layout: LayoutArg,
+    #[arg(long, value_enum, default_value_t = LayoutName::Shared)]
+    pub layout: LayoutName,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// Output folder (created): metrics.json and grads.safetensors.
@@ -91,10 +85,7 @@ pub fn run(args: DebugStepArgs) -> Result<()> {
         cfg.vocab_size
     );
     let pairs = read_pairs(&args.data, cfg.vocab_size).context("reading the pairs")?;
-    let layout = match args.layout {
-        LayoutArg::Shared => Layout::Shared,
-        LayoutArg::Concatenated => Layout::Concatenated,
-    };
+    let layout: Layout = args.layout.into();
     let refs: Vec<&PairExample> = pairs.iter().collect();
     let batch = PairBatch::new(&refs, layout).context("packing the pairs into a batch")?;
     let loss_cfg =

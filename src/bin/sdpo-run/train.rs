@@ -16,13 +16,14 @@ use sdpo::sdpo::{split_eval, PartitionKind, ReferenceMode, RunSummary, SdpoOptio
 use sdpo::train::{Schedule, TrainOptions};
 use sdpo::{Layout, LlamaWeights, PairExample};
 
+/// The batch layout as the subcommands' `--layout` and run.toml spell it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LayoutName {
     /// `[prompt | chosen | rejected]` per pair, the prompt computed once.
     #[default]
     Shared,
-    /// `[prompt | chosen]` and `[prompt | rejected]` as two sequences.
+    /// `[prompt | chosen]` and `[prompt | rejected]` as two sequences, as TRL does.
     Concatenated,
 }
 
@@ -462,7 +463,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let c = resolve(&args)?;
     let model = c.model.clone().context("--model is required (a Hugging Face model folder)")?;
     let out = c.out.clone().context("--out is required (the run's output folder)")?;
-    ensure!(!c.data.is_empty(), "--data is required (pre-tokenized JSONL files)");
+    ensure!(!c.data.is_empty(), "--data is required (preference records or pre-tokenized JSONL files)");
     check_out(&out, &c, args.resume, args.overwrite)?;
     let (cfg, m0) = load_model(&model, c.random_init)?;
     let data_options = c.data_options();
