@@ -9,7 +9,8 @@ mod partition;
 mod prepare;
 mod train;
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 // Tokenization (prepare, train --data) allocates many small strings per token from several
@@ -44,9 +45,9 @@ enum Command {
     Prepare(prepare::PrepareArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         None => demo::run(demo::DemoArgs::default()),
         Some(Command::Demo(args)) => demo::run(args),
         Some(Command::Train(args)) => train::run(args),
@@ -56,5 +57,13 @@ fn main() -> Result<()> {
         Some(Command::DebugStep(args)) => debug_step::run(args),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Prepare(args)) => prepare::run(args),
+    };
+    // One line a user can act on: the context chain, without a backtrace.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
