@@ -7,8 +7,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // `err`, not `source`: the message already holds it, and a `source` would print it
+    // twice in a context chain.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A problem with a file as a whole, or with a named field or tensor inside it.
     #[error("{}: {msg}", path.display())]
@@ -31,7 +33,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io { path: path.as_ref().to_path_buf(), err: source }
     }
     pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::File { path: path.as_ref().to_path_buf(), msg: msg.into() }

@@ -3,7 +3,7 @@
 //! Prints one JSON line (the keys are documented on `sdpo::bench::BenchReport` and at the
 //! top of tools/compare_torch.py), then a short table on stderr.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 use sdpo::bench::{self, BenchOptions, Shape};
@@ -60,7 +60,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ceiling_gemm: args.ceiling_gemm,
         seed: args.seed,
     };
-    let report = bench::run(&opts).context("sdpo-run bench")?;
+    let report = bench::run(&opts)?;
     let mut line = serde_json::to_value(&report)?;
     line["commit"] = git_commit().map_or(serde_json::Value::Null, serde_json::Value::from);
     println!("{}", serde_json::to_string(&line)?);

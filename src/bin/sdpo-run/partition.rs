@@ -2,7 +2,7 @@
 //! each chunk (name, pairs, M_0's accuracy γ > 0 and mean γ on it) and each pair's chunk
 //! and score.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -45,6 +45,16 @@ pub struct PartitionArgs {
 }
 
 pub fn run(args: PartitionArgs) -> Result<()> {
+    // Before the scoring pass, not after it: a wrong --out should cost nothing.
+    if let Some(path) = &args.out {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--out {}: the folder {} does not exist; create it or choose another --out",
+            path.display(),
+            dir.display()
+        );
+    }
     let (cfg, w) = load_model(&args.model, None)?;
     let pairs = load_data(&args.data, &args.data_options, &args.model, false)?;
     let scores = if args.partition.needs_scores() {
@@ -63,7 +73,14 @@ pub fn run(args: PartitionArgs) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(&partition_report(&p, &pairs))? + "\n";
     match &args.out {
-        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?,
+        Some(path) => {
+            // Through a temporary file, so that a failed write leaves no half a report.
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".tmp");
+            let tmp = PathBuf::from(tmp);
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        }
         None => print!("{text}"),
     }
     Ok(())
