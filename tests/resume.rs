@@ -117,6 +117,11 @@ fn existing_output_is_not_overwritten_without_a_flag() {
     let changed = train_cmd(&root, "run", &["--max-length", "64", "--resume"]).output().unwrap();
     let err = String::from_utf8_lossy(&changed.stderr);
     assert!(!changed.status.success() && err.contains("max_length = 64"), "{err}");
+    // a run that fails before training anything leaves no folder that would need --overwrite
+    let failed = train_cmd(&root, "failed", &["--steps", "1000"]).output().unwrap();
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success() && err.contains("--steps"), "{err}");
+    assert!(!root.join("failed").exists());
     let _ = std::fs::remove_dir_all(&root);
 }
 

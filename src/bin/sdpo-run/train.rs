@@ -459,6 +459,16 @@ fn prepare_out(out: &Path, c: &RunConfig, resume: bool) -> Result<()> {
     Ok(())
 }
 
+/// A run that failed before it trained anything (say, the engine did not open) leaves no
+/// folder behind that would need --overwrite; one with metrics or states is kept.
+fn remove_if_nothing_trained(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    let only_setup = entries.flatten().all(|e| matches!(e.file_name().to_str(), Some("run.toml" | "partition.json")));
+    if only_setup {
+        let _ = std::fs::remove_dir_all(out);
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let c = resolve(&args)?;
     let model = c.model.clone().context("--model is required (a Hugging Face model folder)")?;
@@ -495,7 +505,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         engine::open(device, cfg.clone(), w)
     };
     let t0 = std::time::Instant::now();
-    let summary = sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory)?;
+    let summary = match sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory) {
+        Ok(s) => s,
+        Err(e) => {
+            if !args.resume {
+                remove_if_nothing_trained(&out);
+            }
+            return Err(e.into());
+        }
+    };
     print_summary(&summary, &out, t0.elapsed().as_secs_f64());
     Ok(())
 }
