@@ -122,6 +122,11 @@ fn existing_output_is_not_overwritten_without_a_flag() {
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success() && err.contains("--steps"), "{err}");
     assert!(!root.join("failed").exists());
+    // a --data path that is not a file is named, with what data files are
+    let missing = train_cmd(&root, "missing", &["--data", "nope.jsonl"]).output().unwrap();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("nope.jsonl: no such file") && err.contains("records"), "{err}");
+    assert!(!root.join("missing").exists());
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -52,8 +52,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (rcfg, rw) = load_model(&args.reference, None)?;
     anyhow::ensure!(
         rcfg.vocab_size == cfg.vocab_size,
-        "the reference's vocabulary ({}) differs from the model's ({}): they must share a tokenizer",
+        "the reference {} has vocab_size {}, the model {} has {}: they must share a tokenizer",
+        args.reference.display(),
         rcfg.vocab_size,
+        args.model.display(),
         cfg.vocab_size
     );
     let pairs = load_data(&args.data, &args.data_options, &args.model, false)?;

@@ -389,6 +389,14 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
 /// Loads pairs from files (JSONL / JSON / parquet records, text or conversations, or
 /// pre-tokenized ids), tokenized for the model in `model_dir` with its chat template.
 pub fn load_data(files: &[PathBuf], opts: &DataOptions, model_dir: &Path, quiet: bool) -> Result<Vec<PairExample>> {
+    for f in files {
+        ensure!(
+            f.is_file(),
+            "{}: {}; data files are preference records (JSONL / JSON / parquet) or pre-tokenized JSONL",
+            f.display(),
+            if f.exists() { "not a file" } else { "no such file" }
+        );
+    }
     let (pairs, summary) = load_pairs(files, opts, model_dir)?;
     if !quiet {
         eprintln!("{summary}");
