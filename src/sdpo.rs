@@ -684,9 +684,7 @@ pub fn partition_report(p: &Partition, pairs: &[PairExample]) -> serde_json::Val
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("JSON serialises") + "\n";
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::weights::write_file_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -622,6 +622,18 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
 }
 
+/// Writes `bytes` to `path` atomically: a temporary sibling file, fsynced, renamed over
+/// `path`. On failure `path` is untouched and the temporary file removed.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling(path, "tmp")?;
+    if let Err(e) = write_synced(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    fsync_dir(&parent_of(path))
+}
+
 /// Writes fp32 tensors (e.g. grads.safetensors) atomically: a temporary sibling file,
 /// fsynced, renamed over `path`.
 pub fn save_tensors_f32(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {

@@ -5,7 +5,6 @@
 //! first second, not after an hour of training. Ids must be below the model's vocabulary
 //! size: ids that are not were made by another model's tokenizer.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde_json::Value;
@@ -90,19 +89,7 @@ pub fn write_pairs(path: &Path, pairs: &[PairExample]) -> Result<()> {
         text.push_str(&v.to_string());
         text.push('\n');
     }
-    let name = path.file_name().ok_or_else(|| Error::invalid(format!("{}: not a file name", path.display())))?;
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::weights::write_file_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 use sdpo::engine::{self, Device};
 use sdpo::sdpo::{partition, partition_report, PartitionKind};
 use sdpo::train::sequence_logps_all;
+use sdpo::weights::write_file_atomic;
 use sdpo::PairExample;
 
 use crate::train::{load_data, load_model, LayoutName};
@@ -73,14 +74,7 @@ pub fn run(args: PartitionArgs) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(&partition_report(&p, &pairs))? + "\n";
     match &args.out {
-        Some(path) => {
-            // Through a temporary file, so that a failed write leaves no half a report.
-            let mut tmp = path.as_os_str().to_owned();
-            tmp.push(".tmp");
-            let tmp = PathBuf::from(tmp);
-            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        }
+        Some(path) => write_file_atomic(path, text.as_bytes())?,
         None => print!("{text}"),
     }
     Ok(())

@@ -14,6 +14,7 @@ use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::{self, AdamWConfig, Device, Engine};
 use sdpo::sdpo::{split_eval, PartitionKind, ReferenceMode, RunSummary, SdpoOptions};
 use sdpo::train::{Schedule, TrainOptions};
+use sdpo::weights::write_file_atomic;
 use sdpo::{Layout, LlamaWeights, PairExample};
 
 /// The batch layout as the subcommands' `--layout` and run.toml spell it.
@@ -461,9 +462,7 @@ fn prepare_out(out: &Path, c: &RunConfig, resume: bool) -> Result<()> {
         std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tmp = out.join("run.toml.tmp");
-    std::fs::write(&tmp, c.to_toml()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out.join("run.toml"))?;
+    write_file_atomic(&out.join("run.toml"), c.to_toml().as_bytes())?;
     Ok(())
 }
 
