@@ -15,7 +15,7 @@ use sdpo::config::{DType, LlamaConfig};
 use sdpo::data::pretokenized::read_pairs;
 use sdpo::dpo::{pair_loss, LossConfig, LossKind, Metrics};
 use sdpo::engine::{self, Device};
-use sdpo::weights::{save_model, save_tensors_f32};
+use sdpo::weights::{save_model, save_tensors_f32, write_file_atomic};
 use sdpo::{Layout, LlamaWeights, PairBatch, PairExample};
 
 use crate::train::LayoutName;
@@ -138,16 +138,16 @@ pub fn run(args: DebugStepArgs) -> Result<()> {
     o.insert("n_tokens".into(), json!(batch.n_tokens()));
     o.insert("pairs".into(), Value::Array(per_pair));
 
+    // Each file atomically, metrics.json last: a folder with metrics.json is complete.
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let metrics_path = args.out.join("metrics.json");
-    let text = serde_json::to_string_pretty(&out)? + "\n";
-    std::fs::write(&metrics_path, text).with_context(|| format!("writing {}", metrics_path.display()))?;
-
     let specs = LlamaWeights::specs(&cfg);
     let tensors: Vec<(String, Vec<usize>, &[f32])> =
         specs.into_iter().zip(grads.tensors()).map(|(s, t)| (s.name, s.shape, t.as_slice())).collect();
     let grads_path = args.out.join("grads.safetensors");
     save_tensors_f32(&grads_path, &tensors).with_context(|| format!("writing {}", grads_path.display()))?;
+    let metrics_path = args.out.join("metrics.json");
+    let text = serde_json::to_string_pretty(&out)? + "\n";
+    write_file_atomic(&metrics_path, text.as_bytes())?;
 
     println!(
         "{} pairs, {} tokens on {}: loss {:.6} (rewards/margins {:.6}, accuracy {:.3}), grad norm {:.6}",
