@@ -30,7 +30,7 @@ enum Command {
     /// The built-in demo (what `sdpo-run` alone runs): DPO vs sDPO on an addition task.
     Demo(demo::DemoArgs),
     /// sDPO training: partition the data, then DPO step by step (T = 1 is plain DPO).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Write the chunk assignment sDPO would use, without training.
     Partition(partition::PartitionArgs),
     /// A model against a reference on preference pairs: reward accuracy, margins, mean γ.
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => demo::run(demo::DemoArgs::default()),
         Some(Command::Demo(args)) => demo::run(args),
-        Some(Command::Train(args)) => train::run(args),
+        Some(Command::Train(args)) => train::run(*args),
         Some(Command::Partition(args)) => partition::run(args),
         Some(Command::Eval(args)) => eval::run(args),
         Some(Command::Generate(args)) => generate::run(args),
