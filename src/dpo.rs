@@ -7,6 +7,7 @@
 //! - `ipo`:     (h − 1/(2β))², on log-probs averaged per token, as TRL does
 //! - `hinge`:   max(0, 1 − β h)
 //! - `sft`:     −π_c / |y_c|, the mean token NLL of the chosen answer
+//!
 //! `sft_weight` adds α·(−π_c / |y_c|) to any of them (TRL's `rpo_alpha`).
 //!
 //! Rewards are β·(π − ref) on summed log-probs for every loss, as TRL 1.16 logs them.

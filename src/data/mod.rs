@@ -2,12 +2,12 @@
 //! and packing tokenized pairs into batches.
 
 pub mod batch;
-pub mod template;
-pub mod records;
-pub mod tokenize;
+pub mod batcher;
 pub mod prepare;
 pub mod pretokenized;
-pub mod batcher;
+pub mod records;
+pub mod template;
+pub mod tokenize;
 
 pub use batch::{Layout, LogpTarget, PairBatch, PairExample, CHOSEN, PROMPT, REJECTED};
 pub use prepare::{load_pairs, DataOptions, Summary};

@@ -4,9 +4,9 @@
 //! update of one large batch: each micro-batch passes `loss_scale = 1 / pairs_in_global_batch`.
 
 pub mod cpu;
-pub mod profile;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod profile;
 
 use serde::{Deserialize, Serialize};
 
