@@ -18,6 +18,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::{PairBatch, CHOSEN};
+
 /// Summed completion log-probs of one pair and their token counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PairLogps {
@@ -32,6 +34,23 @@ impl PairLogps {
     /// bound is about.
     pub fn gamma(&self) -> f64 {
         self.chosen - self.rejected
+    }
+
+    /// Per pair, the sum (in f64) of its targets' log-probs per branch, and their counts;
+    /// `logp` holds one value per `batch.targets` entry.
+    pub fn sum_targets(batch: &PairBatch, logp: &[f32]) -> Vec<PairLogps> {
+        let mut out = vec![PairLogps::default(); batch.n_pairs];
+        for (t, &lp) in batch.targets.iter().zip(logp) {
+            let p = &mut out[t.pair as usize];
+            if t.branch == CHOSEN {
+                p.chosen += lp as f64;
+                p.chosen_tokens += 1;
+            } else {
+                p.rejected += lp as f64;
+                p.rejected_tokens += 1;
+            }
+        }
+        out
     }
 }
 

@@ -234,22 +234,6 @@ impl CpuEngine {
         add_into(x_out, &a.x_mid);
     }
 
-    /// Sums each pair's target log-probs per branch (in f64) and counts its tokens.
-    fn pair_logps(batch: &PairBatch, logp: &[f32]) -> Vec<PairLogps> {
-        let mut out = vec![PairLogps::default(); batch.n_pairs];
-        for (t, &lp) in batch.targets.iter().zip(logp) {
-            let p = &mut out[t.pair as usize];
-            if t.branch == CHOSEN {
-                p.chosen += lp as f64;
-                p.chosen_tokens += 1;
-            } else {
-                p.rejected += lp as f64;
-                p.rejected_tokens += 1;
-            }
-        }
-        out
-    }
-
     // --- backward
 
     /// Back-propagates `dlogp` (one value per target) through the model, adding into the
@@ -449,7 +433,7 @@ impl Engine for CpuEngine {
         let mut spare = std::mem::take(&mut self.spare_acts);
         let f = self.forward(batch, false, &mut spare);
         self.spare_acts = spare;
-        Ok(Self::pair_logps(batch, &f.logp))
+        Ok(PairLogps::sum_targets(batch, &f.logp))
     }
 
     fn train_step(
@@ -469,7 +453,7 @@ impl Engine for CpuEngine {
         }
         let mut spare = std::mem::take(&mut self.spare_acts);
         let f = self.forward(batch, true, &mut spare);
-        let policy = Self::pair_logps(batch, &f.logp);
+        let policy = PairLogps::sum_targets(batch, &f.logp);
         let d: Vec<(f64, f64)> = policy
             .iter()
             .zip(reference)

@@ -543,21 +543,6 @@ impl CudaEngine {
         Ok(out)
     }
 
-    fn pair_logps(batch: &PairBatch, logp: &[f32]) -> Vec<PairLogps> {
-        let mut out = vec![PairLogps::default(); batch.n_pairs];
-        for (t, &lp) in batch.targets.iter().zip(logp) {
-            let p = &mut out[t.pair as usize];
-            if t.branch == CHOSEN {
-                p.chosen += lp as f64;
-                p.chosen_tokens += 1;
-            } else {
-                p.rejected += lp as f64;
-                p.rejected_tokens += 1;
-            }
-        }
-        out
-    }
-
     // --- backward
 
     /// Back-propagates per-row `dlogp [rows, 2]` through the head and the model, adding
@@ -698,7 +683,7 @@ impl Engine for CudaEngine {
         self.forward(&b, batch.n_tokens())?;
         let logp = self.target_logps(&b)?;
         self.note_memory();
-        Ok(Self::pair_logps(batch, &logp))
+        Ok(PairLogps::sum_targets(batch, &logp))
     }
 
     fn train_step(
@@ -720,7 +705,7 @@ impl Engine for CudaEngine {
         let n = batch.n_tokens();
         self.forward(&b, n)?;
         let logp = self.target_logps(&b)?;
-        let policy = Self::pair_logps(batch, &logp);
+        let policy = PairLogps::sum_targets(batch, &logp);
         let d: Vec<(f64, f64)> = policy
             .iter()
             .zip(reference)
