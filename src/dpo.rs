@@ -155,6 +155,33 @@ pub fn pair_loss(policy: &PairLogps, reference: &PairLogps, cfg: &LossConfig) ->
     }
 }
 
+/// What an engine back-propagates: the derivative of `loss_scale · Σ_pairs loss` with
+/// respect to each target's log-prob, one value per `batch.targets` entry.
+pub fn target_grads(
+    batch: &PairBatch,
+    policy: &[PairLogps],
+    reference: &[PairLogps],
+    cfg: &LossConfig,
+    loss_scale: f64,
+) -> Vec<f32> {
+    let d: Vec<(f64, f64)> = policy
+        .iter()
+        .zip(reference)
+        .map(|(p, r)| {
+            let l = pair_loss(p, r, cfg);
+            (loss_scale * l.d_chosen, loss_scale * l.d_rejected)
+        })
+        .collect();
+    batch
+        .targets
+        .iter()
+        .map(|t| {
+            let (dc, dr) = d[t.pair as usize];
+            (if t.branch == CHOSEN { dc } else { dr }) as f32
+        })
+        .collect()
+}
+
 /// Metrics over a set of pairs, under TRL's names.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {

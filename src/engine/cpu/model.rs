@@ -10,8 +10,8 @@
 //! Threads: rayon's global pool (`RAYON_NUM_THREADS` sets its size).
 
 use crate::config::LlamaConfig;
-use crate::data::{PairBatch, CHOSEN};
-use crate::dpo::{pair_loss, LossConfig, PairLogps};
+use crate::data::PairBatch;
+use crate::dpo::{target_grads, LossConfig, PairLogps};
 use crate::engine::{AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::weights::{LayerWeights, LlamaWeights};
@@ -454,22 +454,7 @@ impl Engine for CpuEngine {
         let mut spare = std::mem::take(&mut self.spare_acts);
         let f = self.forward(batch, true, &mut spare);
         let policy = PairLogps::sum_targets(batch, &f.logp);
-        let d: Vec<(f64, f64)> = policy
-            .iter()
-            .zip(reference)
-            .map(|(p, r)| {
-                let l = pair_loss(p, r, loss);
-                (loss_scale * l.d_chosen, loss_scale * l.d_rejected)
-            })
-            .collect();
-        let dlogp: Vec<f32> = batch
-            .targets
-            .iter()
-            .map(|t| {
-                let (dc, dr) = d[t.pair as usize];
-                (if t.branch == CHOSEN { dc } else { dr }) as f32
-            })
-            .collect();
+        let dlogp = target_grads(batch, &policy, reference, loss, loss_scale);
         self.backward(batch, &f, &dlogp);
         spare.extend(f.layers);
         self.spare_acts = spare;

@@ -26,8 +26,8 @@ use super::gemm::GemmShape;
 use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
 use super::{to_bf16, DBuf, Gpu};
 use crate::config::LlamaConfig;
-use crate::data::{PairBatch, CHOSEN};
-use crate::dpo::{pair_loss, LossConfig, PairLogps};
+use crate::data::PairBatch;
+use crate::dpo::{target_grads, LossConfig, PairLogps};
 use crate::engine::cpu::ops::LogpPlan;
 use crate::engine::{AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
@@ -706,21 +706,12 @@ impl Engine for CudaEngine {
         self.forward(&b, n)?;
         let logp = self.target_logps(&b)?;
         let policy = PairLogps::sum_targets(batch, &logp);
-        let d: Vec<(f64, f64)> = policy
-            .iter()
-            .zip(reference)
-            .map(|(p, r)| {
-                let l = pair_loss(p, r, loss);
-                (loss_scale * l.d_chosen, loss_scale * l.d_rejected)
-            })
-            .collect();
+        let dlogp = target_grads(batch, &policy, reference, loss, loss_scale);
         let mut dl_rows = vec![0f32; 2 * b.plan.rows.len()];
         for (r, rt) in b.plan.row_targets.iter().enumerate() {
             for (j, &ti) in rt.iter().enumerate() {
                 if ti != u32::MAX {
-                    let t = &batch.targets[ti as usize];
-                    let (dc, dr) = d[t.pair as usize];
-                    dl_rows[2 * r + j] = (if t.branch == CHOSEN { dc } else { dr }) as f32;
+                    dl_rows[2 * r + j] = dlogp[ti as usize];
                 }
             }
         }
