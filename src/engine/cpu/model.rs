@@ -33,6 +33,7 @@ pub struct CpuEngine {
 }
 
 /// What one layer's forward keeps for its backward (`n` rows each).
+#[derive(Default)]
 struct LayerActs {
     x: Vec<f32>,     // [n, hidden] layer input
     rstd1: Vec<f32>, // [n]
@@ -54,50 +55,34 @@ impl LayerActs {
     /// Buffers for `n` rows: `spare`'s storage when there is one (stale values, which the
     /// forward overwrites), else fresh.
     fn take(spare: &mut Vec<LayerActs>, cfg: &LlamaConfig, n: usize) -> Self {
-        match spare.pop() {
-            None => Self::new(cfg, n),
-            Some(mut a) => {
-                let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
-                for (buf, len) in [
-                    (&mut a.x, n * h),
-                    (&mut a.rstd1, n),
-                    (&mut a.xn1, n * h),
-                    (&mut a.q, n * q),
-                    (&mut a.k, n * kv),
-                    (&mut a.v, n * kv),
-                    (&mut a.att, n * q),
-                    (&mut a.lse, n * cfg.n_heads),
-                    (&mut a.x_mid, n * h),
-                    (&mut a.rstd2, n),
-                    (&mut a.xn2, n * h),
-                    (&mut a.gate, n * i),
-                    (&mut a.up, n * i),
-                    (&mut a.act, n * i),
-                ] {
-                    buf.resize(len, 0.0);
-                }
-                a
-            }
-        }
+        let mut a = spare.pop().unwrap_or_default();
+        a.resize(cfg, n);
+        a
     }
 
     fn new(cfg: &LlamaConfig, n: usize) -> Self {
+        Self::take(&mut Vec::new(), cfg, n)
+    }
+
+    fn resize(&mut self, cfg: &LlamaConfig, n: usize) {
         let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
-        LayerActs {
-            x: vec![0.0; n * h],
-            rstd1: vec![0.0; n],
-            xn1: vec![0.0; n * h],
-            q: vec![0.0; n * q],
-            k: vec![0.0; n * kv],
-            v: vec![0.0; n * kv],
-            att: vec![0.0; n * q],
-            lse: vec![0.0; n * cfg.n_heads],
-            x_mid: vec![0.0; n * h],
-            rstd2: vec![0.0; n],
-            xn2: vec![0.0; n * h],
-            gate: vec![0.0; n * i],
-            up: vec![0.0; n * i],
-            act: vec![0.0; n * i],
+        for (buf, len) in [
+            (&mut self.x, n * h),
+            (&mut self.rstd1, n),
+            (&mut self.xn1, n * h),
+            (&mut self.q, n * q),
+            (&mut self.k, n * kv),
+            (&mut self.v, n * kv),
+            (&mut self.att, n * q),
+            (&mut self.lse, n * cfg.n_heads),
+            (&mut self.x_mid, n * h),
+            (&mut self.rstd2, n),
+            (&mut self.xn2, n * h),
+            (&mut self.gate, n * i),
+            (&mut self.up, n * i),
+            (&mut self.act, n * i),
+        ] {
+            buf.resize(len, 0.0);
         }
     }
 }
@@ -249,13 +234,8 @@ impl CpuEngine {
         ops::logprobs_backward(&mut dxf, head_grad, dlogp, &f.xf, w.lm_head(), &f.lse_head, &f.plan, h, cfg.vocab_size);
         let mut dx = vec![0f32; n * h];
         ops::rmsnorm_backward(&mut dx, &mut grads.norm, &dxf, &f.x_last, &w.norm, &f.rstd_f, h);
-        let mut s = match spare_back.take() {
-            Some(mut s) => {
-                s.resize(cfg, n);
-                s
-            }
-            None => BackScratch::new(cfg, n),
-        };
+        let mut s = spare_back.take().unwrap_or_default();
+        s.resize(cfg, n);
         let mask = AttnMask::of(batch);
         for l in (0..cfg.n_layers).rev() {
             layer_backward(
@@ -334,6 +314,7 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 }
 
 /// Gradient buffers for one layer's backward, reused across layers.
+#[derive(Default)]
 struct BackScratch {
     tmp: Vec<f32>,   // [n, hidden]
     dxn: Vec<f32>,   // [n, hidden]
@@ -362,21 +343,6 @@ impl BackScratch {
             (&mut self.dv, n * kv),
         ] {
             buf.resize(len, 0.0);
-        }
-    }
-
-    fn new(cfg: &LlamaConfig, n: usize) -> Self {
-        let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
-        BackScratch {
-            tmp: vec![0.0; n * h],
-            dxn: vec![0.0; n * h],
-            dact: vec![0.0; n * i],
-            dgate: vec![0.0; n * i],
-            dup: vec![0.0; n * i],
-            datt: vec![0.0; n * q],
-            dq: vec![0.0; n * q],
-            dk: vec![0.0; n * kv],
-            dv: vec![0.0; n * kv],
         }
     }
 }
