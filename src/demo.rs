@@ -46,9 +46,18 @@ pub fn encode(text: &str) -> Option<Vec<u32>> {
     text.chars().map(|c| CHARS.find(c).map(|i| i as u32 + 3)).collect()
 }
 
-/// Text of ids, special tokens dropped.
+/// Text of ids, special tokens (`<unk>`, `<s>`, `</s>`, `<pad>`) dropped; an id outside the
+/// vocabulary shows as `<unk:ID>` rather than vanishing, so a bad id stays visible.
 pub fn decode(ids: &[u32]) -> String {
-    ids.iter().filter(|&&i| (3..15).contains(&i)).map(|&i| CHARS.as_bytes()[i as usize - 3] as char).collect()
+    let mut text = String::new();
+    for &id in ids {
+        match id {
+            3..=14 => text.push(CHARS.as_bytes()[id as usize - 3] as char),
+            0..=2 | 15 => {}
+            _ => text.push_str(&format!("<unk:{id}>")),
+        }
+    }
+    text
 }
 
 /// The model's view of a prompt: `<s>` then the characters. Chat form: the demo's chat
@@ -419,10 +428,18 @@ mod tests {
         assert_eq!(encode("12+7="), Some(vec![4, 5, 13, 10, 14]));
         assert_eq!(decode(&[1, 4, 5, 13, 10, 14, 2]), "12+7=");
         assert_eq!(encode("1a"), None);
+        assert_eq!(decode(&[0, 4, 15]), "1", "<unk> and <pad> are special tokens, dropped like <s> and </s>");
         let v: serde_json::Value = serde_json::from_str(TOKENIZER_JSON).unwrap();
         for (c, id) in CHARS.chars().zip(3..) {
             assert_eq!(v["model"]["vocab"][c.to_string()], id);
         }
+    }
+
+    #[test]
+    fn decode_is_total_and_shows_ids_outside_the_vocabulary() {
+        assert_eq!(decode(&[]), "");
+        // 16 is the first id past the vocabulary (vocab_size 16 in demo/config.json)
+        assert_eq!(decode(&[4, 16, 5, u32::MAX]), format!("1<unk:16>2<unk:{}>", u32::MAX));
     }
 
     #[test]
