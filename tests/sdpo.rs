@@ -296,3 +296,51 @@ fn demo_runs_reruns_and_refuses_foreign_folders() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&foreign);
 }
+
+/// `demo --write-data`: writes the three JSONL files into a new folder, refuses a non-empty
+/// one (naming it and the way out) without touching it, and with --overwrite replaces only
+/// a folder that holds nothing but its own files.
+#[test]
+fn demo_write_data_refuses_non_empty_folders() {
+    let write_data = |dir: &std::path::Path, overwrite: bool| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["demo", "--write-data"]).arg(dir);
+        if overwrite {
+            cmd.arg("--overwrite");
+        }
+        cmd.output().unwrap()
+    };
+    let files = ["sft.jsonl", "train.jsonl", "eval.jsonl"];
+
+    let foreign = tmp("write-data-foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    for overwrite in [false, true] {
+        let out = write_data(&foreign, overwrite);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--overwrite {overwrite}: {err}");
+        assert!(err.contains(&foreign.display().to_string()) && err.contains("choose another --write-data"), "{err}");
+        assert_eq!(std::fs::read_to_string(foreign.join("notes.txt")).unwrap(), "mine");
+        assert!(files.iter().all(|f| !foreign.join(f).exists()), "nothing written on refusal");
+    }
+
+    let dir = tmp("write-data");
+    let out = write_data(&dir, false);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 4000 SFT, 1024 training and 100 eval examples per source (1-, 2-, 3-digit)
+    for (f, n) in files.iter().zip([12000, 3072, 300]) {
+        assert_eq!(std::fs::read_to_string(dir.join(f)).unwrap().lines().count(), n, "{f}");
+    }
+    std::fs::write(dir.join("train.jsonl"), "stale\n").unwrap();
+    let out = write_data(&dir, false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("train.jsonl")).unwrap(), "stale\n");
+    let out = write_data(&dir, true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(dir.join("train.jsonl")).unwrap().lines().count(), 3072);
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 3, "no temporary files left behind: {names:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&foreign);
+}

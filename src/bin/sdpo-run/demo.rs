@@ -1,9 +1,9 @@
 //! `sdpo-run demo` (also what `sdpo-run` with no arguments runs): the built-in addition
 //! task, DPO vs sDPO (random chunks) vs sDPO (easy to hard) from the shipped SFT model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use sdpo::data::pretokenized::write_pairs;
@@ -27,8 +27,12 @@ pub struct DemoArgs {
     pub verbose: bool,
     /// Only write the demo's data as pre-tokenized JSONL (sft.jsonl, train.jsonl,
     /// eval.jsonl) into this folder, for `sdpo-run train` (see README: the demo model).
+    /// A non-empty folder is refused unless --overwrite is given.
     #[arg(long)]
     pub write_data: Option<PathBuf>,
+    /// With --write-data: replace the three files in a folder that holds only them.
+    #[arg(long, requires = "write_data")]
+    pub overwrite: bool,
     /// Only print a model's greedy exact-match accuracy on the demo's held-out sums.
     #[arg(long)]
     pub score: Option<PathBuf>,
@@ -36,8 +40,47 @@ pub struct DemoArgs {
 
 impl Default for DemoArgs {
     fn default() -> Self {
-        DemoArgs { out: PathBuf::from("runs/demo"), seed: 0, verbose: false, write_data: None, score: None }
+        DemoArgs {
+            out: PathBuf::from("runs/demo"),
+            seed: 0,
+            verbose: false,
+            write_data: None,
+            overwrite: false,
+            score: None,
+        }
     }
+}
+
+/// What --write-data writes, in the order of `DemoData`'s sft, train and eval sets.
+const DATA_FILES: [&str; 3] = ["sft.jsonl", "train.jsonl", "eval.jsonl"];
+
+/// Checks the --write-data folder before any work: missing or empty is fine; a non-empty
+/// one needs --overwrite, and even then may hold nothing but the files the demo writes.
+fn check_data_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--write-data: {} exists and is not a folder: choose another --write-data folder", dir.display());
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        bail!(
+            "--write-data: {} exists and is not empty: choose another --write-data folder, or pass \
+             --overwrite to replace its {}",
+            dir.display(),
+            DATA_FILES.join(", ")
+        );
+    }
+    if let Some(other) = names.iter().find(|n| !DATA_FILES.contains(&n.as_str())) {
+        bail!(
+            "--overwrite: {} holds {other}, which `demo --write-data` does not write; refusing to write \
+             there: choose another --write-data folder",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -57,11 +100,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(dir) = &args.write_data {
+        check_data_dir(dir, args.overwrite)?;
         let d = demo_data(args.seed, TRAIN_PER_SOURCE, EVAL_PER_SOURCE, SFT_PER_SOURCE);
-        std::fs::create_dir_all(dir)?;
-        write_pairs(&dir.join("sft.jsonl"), &d.sft)?;
-        write_pairs(&dir.join("train.jsonl"), &d.train)?;
-        write_pairs(&dir.join("eval.jsonl"), &d.eval)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // each file is written to a temporary sibling and renamed into place
+        for (name, pairs) in [(DATA_FILES[0], &d.sft), (DATA_FILES[1], &d.train), (DATA_FILES[2], &d.eval)] {
+            write_pairs(&dir.join(name), pairs)?;
+        }
         println!(
             "wrote {} SFT examples, {} training pairs and {} eval pairs to {}",
             d.sft.len(),
