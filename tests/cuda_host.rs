@@ -173,3 +173,50 @@ fn emulated_cuda_engine_matches_cpu_engine_on_fixtures() {
     }
     assert!(ran >= 1, "no fixture fits the CUDA engine");
 }
+
+/// Profiling on the emulated engine (wall-clock sections; on a GPU the same sections are
+/// timed by CUDA events): a training step charges time to every category, the sections
+/// never overlap, so their sum is at most the step's wall time; a forward pass alone
+/// charges nothing to the optimiser; `take_profile` restarts from zero; off, it is `None`.
+#[test]
+fn emulated_cuda_engine_profiles_a_step_by_category() {
+    use sdpo::engine::profile::Category;
+    use std::time::Instant;
+
+    let (cfg, w) = model(
+        serde_json::json!({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 203,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+        3,
+    );
+    let ps = pairs(5, 3, cfg.vocab_size, 20);
+    let refs: Vec<&PairExample> = ps.iter().collect();
+    let batch = PairBatch::new(&refs, Layout::Shared).unwrap();
+    let mut emu = CudaEngine::new_host(cfg, w).unwrap();
+    assert_eq!(emu.take_profile(), None, "profiling is off by default");
+    let reference = emu.sequence_logps(&batch).unwrap();
+    let loss = LossConfig::default();
+
+    assert!(emu.set_profiling(true));
+    let t = Instant::now();
+    emu.train_step(&batch, &reference, &loss, 1.0).unwrap();
+    emu.optimizer_step(&AdamWConfig::default(), 1e-3).unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    let p = emu.take_profile().expect("profiling is on");
+    println!("step {wall:.4} s, profile {p:?}");
+    for c in Category::ALL {
+        assert!(p.get(c) > 0.0, "{}: no time charged ({p:?})", c.name());
+    }
+    assert!(p.total_s() <= wall, "sections sum to {} s, more than the step's {wall} s", p.total_s());
+
+    let p = emu.take_profile().unwrap();
+    assert_eq!(p.total_s(), 0.0, "take_profile must restart from zero: {p:?}");
+    emu.sequence_logps(&batch).unwrap();
+    let p = emu.take_profile().unwrap();
+    assert_eq!(p.optimizer_s, 0.0, "a forward pass has no optimiser time: {p:?}");
+    assert!(p.attention_s > 0.0 && p.gemm_s > 0.0 && p.lm_head_logprobs_s > 0.0, "{p:?}");
+
+    emu.set_profiling(false);
+    emu.train_step(&batch, &reference, &loss, 1.0).unwrap();
+    assert_eq!(emu.take_profile(), None, "profiling was turned off");
+}

@@ -8,8 +8,10 @@
 //! relaxed atomic load.
 //!
 //! The counters are global (one per process): profile one engine at a time. The CUDA
-//! engine, whose kernels run asynchronously, reports through the same `Profile` struct
-//! from its own timers (events), or not at all (`Engine::take_profile` returns `None`).
+//! engine, whose kernels run asynchronously, does not use them: it cuts its stream into
+//! sections with CUDA events, reads them after each step synchronises, and reports
+//! through the same `Profile` struct (wall-clock sections under its host emulation; see
+//! `Profiler` in `engine/cuda/model.rs`).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -22,6 +22,9 @@
 
 use std::time::Instant;
 
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
+
 use super::gemm::GemmShape;
 use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
 use super::{to_bf16, DBuf, Gpu};
@@ -29,6 +32,7 @@ use crate::config::LlamaConfig;
 use crate::data::PairBatch;
 use crate::dpo::{target_grads, LossConfig, PairLogps};
 use crate::engine::cpu::ops::LogpPlan;
+use crate::engine::profile::{Category, Profile};
 use crate::engine::{AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::weights::LlamaWeights;
@@ -137,6 +141,7 @@ pub struct CudaEngine {
     acts: Option<Acts>,
     head: Option<Head>,
     peak_bytes: u64,
+    prof: Profiler,
 }
 
 /// Why the CUDA engine cannot run a model of this config (`None`: it can).
@@ -217,6 +222,7 @@ impl CudaEngine {
             acts: None,
             head: None,
             peak_bytes: 0,
+            prof: Profiler::default(),
         };
         e.set_weights(&weights)?;
         e.note_memory();
@@ -452,6 +458,7 @@ impl CudaEngine {
     /// Runs the model over the batch and the LM head over its target rows; leaves the
     /// per-row log-probs and log-sum-exps in `b.row_logp` / `b.row_lse`.
     fn forward(&mut self, b: &BatchDev, n: usize) -> Result<()> {
+        self.prof.drop_open();
         self.ensure_acts(n)?;
         self.ensure_head(b.plan.rows.len())?;
         let cfg = self.cfg.clone();
@@ -467,35 +474,51 @@ impl CudaEngine {
         let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
         let d = self.dims(n);
 
+        // Sections for the profiler: the residual stream's copies count as elementwise.
+        self.prof.section(g, Category::NormElementwise)?;
         g.k.embedding_forward(xs[0].slice(0, n * h)?, self.w16(0)?, tokens, h)?;
         for (l, la) in layers.iter().enumerate() {
             let x = xs[l];
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(la.xn1, la.rstd1, x.slice(0, n * h)?, self.w16(Self::li(l, 0))?, n, h, eps)?;
             let wqkv = self.qkv16(l)?;
+            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.qkv, la.xn1, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rope_forward(la.qkv, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd)?;
             k.rope_forward(la.qkv.slice(qd, la.qkv.len - qd)?, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd)?;
             let (q, kk, v) =
                 (la.qkv, la.qkv.slice(qd, la.qkv.len - qd)?, la.qkv.slice(qd + kvd, la.qkv.len - qd - kvd)?);
+            self.prof.section(&self.gpu, Category::Attention)?;
             k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.copy_f32(la.x_mid, x, n * h)?;
             let wo = self.w16(Self::li(l, 4))?;
+            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(la.x_mid, la.att, wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?;
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(la.xn2, la.rstd2, la.x_mid.slice(0, n * h)?, self.w16(Self::li(l, 5))?, n, h, eps)?;
             let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
             let up_shape = GemmShape::new(n, i, h, false, true);
+            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.gate, la.xn2, wg, &up_shape, 1.0, 0.0)?;
             self.gpu.gemm.gemm_bf16(la.up, la.xn2, wu, &up_shape, 1.0, 0.0)?;
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_forward(la.act, la.gate, la.up, n * i)?;
             self.copy_f32(xs[l + 1], la.x_mid, n * h)?;
+            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(xs[l + 1], la.act, wd, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
         }
         let last = xs[cfg.n_layers].slice(0, n * h)?;
+        self.prof.section(&self.gpu, Category::NormElementwise)?;
         self.gpu.k.rmsnorm_forward(xf, rstd_f, last, self.w16(self.final_norm())?, n, h, eps)?;
-        self.head_forward(b)
+        self.prof.section(&self.gpu, Category::LmHead)?;
+        self.head_forward(b)?;
+        // The host reads the log-probs next.
+        self.prof.pause(&self.gpu)
     }
 
     /// Gathers chunk `c`'s rows of xf and computes their logits (f32).
@@ -561,6 +584,7 @@ impl CudaEngine {
         let rstd_f = a.rstd_f;
 
         // LM head, chunk by chunk: dxf rows = dlogits·W, dW_head += dlogitsᵀ·x.
+        self.prof.section(&self.gpu, Category::LmHead)?;
         self.gpu.k.zero(dxf)?;
         let total = b.plan.rows.len();
         let chunk = self.head.as_ref().expect("forward ran").rows;
@@ -583,6 +607,7 @@ impl CudaEngine {
         }
         let fnorm = self.final_norm();
         let last = xs[cfg.n_layers].slice(0, n * h)?;
+        self.prof.section(&self.gpu, Category::NormElementwise)?;
         let g = &self.gpu;
         let (gnorm, wnorm) = (self.tensor_f32(&self.grad, fnorm)?, self.w16(fnorm)?);
         g.k.rmsnorm_backward(dx, gnorm, dxf, last, wnorm, rstd_f, n, h, false)?;
@@ -596,27 +621,34 @@ impl CudaEngine {
             let gws = (0..9).map(|j| self.tensor_f32(&self.grad, Self::li(l, j))).collect::<Result<Vec<_>>>()?;
             let gw = |j: usize| -> Result<DPtr<f32>> { Ok(gws[j]) };
             // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
             let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
             let (gg, gu, gd) = (gw(6)?, gw(7)?, gw(8)?);
+            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_bf16(dact, dx16, wd, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
             gm.gemm_f32(gd, dx16, la.act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_backward(dgate, dup, dact, la.gate.slice(0, n * i)?, la.up.slice(0, n * i)?, n * i)?;
+            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(dxn, dgate, wg, &GemmShape::new(n, h, i, false, false), 1.0, 0.0)?;
             gm.gemm_f32(dxn, dup, wu, &GemmShape::new(n, h, i, false, false), 1.0, 1.0)?;
             gm.gemm_f32(gg, dgate, la.xn2, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
             gm.gemm_f32(gu, dup, la.xn2, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
             let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.rmsnorm_backward(dx, gpost, dxn, la.x_mid.slice(0, n * h)?, wpost, la.rstd2, n, h, true)?;
 
             // attention: x_mid = x + att·Woᵀ
             self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
             let (wo, go) = (self.w16(Self::li(l, 4))?, gw(4)?);
+            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_bf16(datt, dx16, wo, &GemmShape::new(n, qd, h, false, false), 1.0, 0.0)?;
             gm.gemm_f32(go, dx16, la.att, &GemmShape::new(h, qd, n, true, false), 1.0, 1.0)?;
+            self.prof.section(&self.gpu, Category::Attention)?;
             let k = &self.gpu.k;
             k.attention_backward_delta(delta, datt, la.att, &d)?;
             let (q, kk, vv) =
@@ -625,27 +657,32 @@ impl CudaEngine {
             let dv32 = dqkv32.slice(qd + kvd, dqkv32.len - qd - kvd)?;
             k.attention_backward(dqkv32, dk32, dv32, qkvd, qkvd, datt, q, kk, vv, la.lse, delta, &mask, &d)?;
             // dq, dk back through RoPE; dv copied (rotation by 0) — all into bf16 dqkv.
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            let k = &self.gpu.k;
             k.rope_backward(dqkv16, dqkv32, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd, qkvd)?;
             let dk16 = dqkv16.slice(qd, dqkv16.len - qd)?;
             k.rope_backward(dk16, dk32, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let dv16 = dqkv16.slice(qd + kvd, dqkv16.len - qd - kvd)?;
             k.rope_backward(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let (wqkv, gqkv) = (self.qkv16(l)?, self.qkv_grad(l)?);
+            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
             gm.gemm_f32(gqkv, dqkv16, la.xn1, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
             let (gin, win) = (gw(0)?, self.w16(Self::li(l, 0))?);
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.rmsnorm_backward(dx, gin, dxn, xs[l].slice(0, n * h)?, win, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
         g.k.embedding_backward(self.tensor_f32(&self.grad, 0)?, dx, g.ptr(&b.tokens), h)?;
-        Ok(())
+        self.prof.pause(&self.gpu)
     }
 
     /// Global L2 norm of the gradient buffer (padding is zero, so it does not count).
-    fn grad_norm(&self) -> Result<f64> {
+    fn grad_norm(&mut self) -> Result<f64> {
         let g = &self.gpu;
         g.k.grad_norm(g.ptr(&self.norm_out), g.ptr(&self.norm_partial), g.ptr(&self.grad), false)?;
+        self.prof.pause(g)?; // the download waits for the stream
         Ok(g.download(g.ptr(&self.norm_out))?[0].sqrt())
     }
 
@@ -682,6 +719,7 @@ impl Engine for CudaEngine {
         let b = self.upload_batch(batch)?;
         self.forward(&b, batch.n_tokens())?;
         let logp = self.target_logps(&b)?;
+        self.prof.collect()?;
         self.note_memory();
         Ok(PairLogps::sum_targets(batch, &logp))
     }
@@ -717,6 +755,7 @@ impl Engine for CudaEngine {
         }
         self.backward(&b, n, &dl_rows)?;
         self.gpu.sync()?;
+        self.prof.collect()?;
         self.note_memory();
         Ok(policy)
     }
@@ -724,6 +763,8 @@ impl Engine for CudaEngine {
     /// Clips as torch's `clip_grad_norm_` and updates as `torch.optim.AdamW`, with no
     /// weight decay on `*norm*` tensors (HF Trainer), like the CPU engine.
     fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> Result<f64> {
+        self.prof.drop_open();
+        self.prof.section(&self.gpu, Category::Optimizer)?;
         let norm = self.grad_norm()?;
         if !norm.is_finite() {
             self.zero_grads();
@@ -746,6 +787,7 @@ impl Engine for CudaEngine {
             mo.2 += 1;
             mo.2
         };
+        self.prof.section(&self.gpu, Category::Optimizer)?;
         let (m, v, _) = self.moments.as_ref().expect("set above");
         let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
         let (pp, gp, bp) = (self.gpu.ptr(&self.master), self.gpu.ptr(&self.grad), self.gpu.ptr(&self.wbf));
@@ -780,7 +822,9 @@ impl Engine for CudaEngine {
             i = j + 1;
         }
         self.zero_grads();
+        self.prof.pause(&self.gpu)?;
         self.gpu.sync()?;
+        self.prof.collect()?;
         Ok(norm)
     }
 
@@ -828,14 +872,149 @@ impl Engine for CudaEngine {
         Ok(())
     }
 
+    /// Sections of the step timed by CUDA events on the stream (wall clock under host
+    /// emulation); see `Profiler`.
+    fn set_profiling(&mut self, on: bool) -> bool {
+        self.prof = Profiler { on, ..Profiler::default() };
+        true
+    }
+
+    fn take_profile(&mut self) -> Option<Profile> {
+        if !self.prof.on {
+            return None;
+        }
+        // Steps collect as they end; this only reads what a failed step left (or fails).
+        self.prof.collect().ok()?;
+        Some(std::mem::take(&mut self.prof.total))
+    }
+
     fn peak_memory_bytes(&self) -> Option<u64> {
-        (!self.gpu.k.is_host()).then_some(self.peak_bytes)
+        self.gpu.k.on_device().then_some(self.peak_bytes)
     }
 
     fn gemm_peak_flops(&mut self) -> Option<f64> {
-        if self.gpu.k.is_host() {
+        if !self.gpu.k.on_device() {
             return None;
         }
         self.measure_gemm_peak().ok()
+    }
+}
+
+// --- profiling
+
+/// A cut on the engine's timeline: a CUDA event recorded on its stream, or, under host
+/// emulation (where every launch has finished when it returns), the wall clock.
+enum Cut {
+    Event(CudaEvent),
+    Wall(Instant),
+}
+
+/// Time per op category while `Engine::set_profiling` is on.
+///
+/// The step is cut into sections, each charged to one category: `section(c)` ends the
+/// open section and opens one for `c` (nothing when `c` is already open, so a run of one
+/// family costs one cut), and `pause()` ends it before the host waits on the stream or
+/// works on its own, so the device's idle time is charged to no one. Work outside every
+/// section (batch uploads, the loss on the host, waiting on the stream) is what
+/// `sdpo-run bench` reports as "other". On a device the cuts are events on the one stream,
+/// read by `collect` once the step has synchronised: a section's time is the device's time
+/// from its first launch to its last, launch gaps included. Events are kept for reuse, not
+/// created per cut. Off, each call is one branch.
+#[derive(Default)]
+struct Profiler {
+    on: bool,
+    /// Cuts since the last `collect`; sections refer to them by index.
+    cuts: Vec<Cut>,
+    /// Ended sections not yet read: (start cut, end cut, category).
+    ended: Vec<(usize, usize, Category)>,
+    open: Option<(usize, Category)>,
+    /// Events already read, to record again.
+    spare: Vec<CudaEvent>,
+    total: Profile,
+}
+
+impl Profiler {
+    fn cut(&mut self, gpu: &Gpu) -> Result<usize> {
+        let cut = match &gpu.stream {
+            None => Cut::Wall(Instant::now()),
+            Some(stream) => {
+                let event = match self.spare.pop() {
+                    Some(e) => e,
+                    // cudarc's default flags disable timing: ask for a timing event.
+                    None => stream
+                        .context()
+                        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(|e| Error::Cuda(format!("profiling: creating an event: {e}")))?,
+                };
+                event.record(stream).map_err(|e| Error::Cuda(format!("profiling: recording an event: {e}")))?;
+                Cut::Event(event)
+            }
+        };
+        self.cuts.push(cut);
+        Ok(self.cuts.len() - 1)
+    }
+
+    /// Charges what the stream runs from here on to `c`.
+    #[inline]
+    fn section(&mut self, gpu: &Gpu, c: Category) -> Result<()> {
+        if !self.on || self.open.is_some_and(|(_, o)| o == c) {
+            return Ok(());
+        }
+        let i = self.cut(gpu)?;
+        if let Some((start, o)) = self.open.take() {
+            self.ended.push((start, i, o));
+        }
+        self.open = Some((i, c));
+        Ok(())
+    }
+
+    /// Ends the open section, if any.
+    #[inline]
+    fn pause(&mut self, gpu: &Gpu) -> Result<()> {
+        if let Some((start, o)) = self.open.take() {
+            let i = self.cut(gpu)?;
+            self.ended.push((start, i, o));
+        }
+        Ok(())
+    }
+
+    /// Forgets a section left open by a step that failed half-way, so that the next step
+    /// does not charge the time in between to it.
+    #[inline]
+    fn drop_open(&mut self) {
+        self.open = None;
+    }
+
+    /// Adds the ended sections to the totals (waits for their end events: call it after
+    /// the step has synchronised) and recycles the events.
+    fn collect(&mut self) -> Result<()> {
+        if self.cuts.is_empty() {
+            return Ok(());
+        }
+        for (start, end, c) in std::mem::take(&mut self.ended) {
+            let secs = match (&self.cuts[start], &self.cuts[end]) {
+                (Cut::Event(a), Cut::Event(b)) => {
+                    a.elapsed_ms(b).map_err(|e| Error::Cuda(format!("profiling: reading events: {e}")))? as f64 / 1e3
+                }
+                (Cut::Wall(a), Cut::Wall(b)) => b.duration_since(*a).as_secs_f64(),
+                _ => unreachable!("one engine's cuts are all events or all instants"),
+            };
+            let total = &mut self.total;
+            *match c {
+                Category::Attention => &mut total.attention_s,
+                Category::Gemm => &mut total.gemm_s,
+                Category::LmHead => &mut total.lm_head_logprobs_s,
+                Category::NormElementwise => &mut total.norm_elementwise_s,
+                Category::Optimizer => &mut total.optimizer_s,
+            } += secs;
+        }
+        // A section still open here started in a step that failed; it is dropped.
+        self.open = None;
+        for cut in self.cuts.drain(..) {
+            if let Cut::Event(e) = cut {
+                self.spare.push(e);
+            }
+        }
+        Ok(())
     }
 }
