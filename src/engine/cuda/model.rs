@@ -889,11 +889,11 @@ impl Engine for CudaEngine {
     }
 
     fn peak_memory_bytes(&self) -> Option<u64> {
-        self.gpu.k.on_device().then_some(self.peak_bytes)
+        (!self.gpu.k.is_host()).then_some(self.peak_bytes)
     }
 
     fn gemm_peak_flops(&mut self) -> Option<f64> {
-        if !self.gpu.k.on_device() {
+        if self.gpu.k.is_host() {
             return None;
         }
         self.measure_gemm_peak().ok()
