@@ -229,7 +229,7 @@ SDPO_DEVICE void attention_backward_impl(
     const unsigned char* __restrict__ branch, const unsigned int* __restrict__ group_start, int n, int n_heads,
     int n_kv_heads, int q_stride, int kv_stride, int do_stride, int dq_stride, int dkv_stride, float scale) {
     constexpr int LD = D + PAD, LDS = BWD_BN + PAD;
-    extern __shared__ __align__(16) unsigned char smem[];
+    SDPO_DYNAMIC_SMEM(smem);
     __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* Vs = Ks + BWD_BN * LD;
     __nv_bfloat16* Qs = Vs + BWD_BN * LD;

@@ -8,7 +8,13 @@
 //   which the launchers in src/engine/cuda/kernels.rs check before launching.
 #pragma once
 
+#ifdef SDPO_SIM
+#include "sim/cuda_sim.h"  // the kernel simulator: this source run on the CPU
+#define SDPO_DYNAMIC_SMEM(name) unsigned char* name = sdpo_sim_dynamic_smem()
+#else
 #include <cuda_bf16.h>
+#define SDPO_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 // NVRTC has no <stdint.h>.
 typedef unsigned int u32;
@@ -112,9 +118,13 @@ SDPO_DEVICE float block_max(float v, float* scratch) {
 //   b[0]: B[2t..2t+1][g]   b[1]: B[2t+8..2t+9][g]
 //   d[0..1]: D[g][2t..2t+1]                          d[2..3]: D[g+8][2t..2t+1]
 SDPO_DEVICE void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#ifdef SDPO_SIM
+    sdpo_sim_mma_bf16_16816(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }

@@ -45,7 +45,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) rmsnorm_forward(
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
     float* __restrict__ dx, float* __restrict__ dw, const float* __restrict__ dy, const float* __restrict__ x,
     const __nv_bfloat16* __restrict__ w, const float* __restrict__ rstd, int n, int hidden, int accumulate) {
-    extern __shared__ float dw_acc[];
+    SDPO_DYNAMIC_SMEM(smem);
+    float* dw_acc = reinterpret_cast<float*>(smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) dw_acc[c] = 0.f;
     __syncthreads();

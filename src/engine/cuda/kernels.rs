@@ -20,6 +20,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
+use super::sim::{KernelSim, SimArg};
 use super::{arch_for, host, kernel_image, KERNEL_SOURCES};
 use crate::error::{Error, Result};
 
@@ -161,10 +162,12 @@ pub fn attention_backward_smem(head_dim: usize) -> u32 {
     ((2 * bn * (head_dim + pad) + 2 * bm * (head_dim + pad) + bm * (bn + pad)) * 2 + (3 * bm + bn) * 4) as u32
 }
 
-/// The loaded kernels of one device.
+/// The loaded kernels of one device, or their stand-in on the CPU.
 pub struct Kernels {
-    /// `None`: host emulation (`host.rs`), no device.
+    /// `None`: no device; the kernels run on the simulator (`sim`) when there is one, else
+    /// on the host emulation (`host.rs`).
     pub stream: Option<Arc<CudaStream>>,
+    sim: Option<KernelSim>,
     pub arch: String,
     pub sm_count: u32,
     funcs: HashMap<&'static str, CudaFunction>,
@@ -206,16 +209,42 @@ impl Kernels {
             )
             .map_err(|e| Error::Cuda(format!("attention_backward_hd{d}: shared memory limit: {e}")))?;
         }
-        Ok(Kernels { stream: Some(stream), arch, sm_count, funcs, _modules: modules })
+        Ok(Kernels { stream: Some(stream), sim: None, arch, sm_count, funcs, _modules: modules })
     }
 
     /// Every launcher checks its arguments, then runs `host.rs`'s emulation instead of a kernel.
     pub fn host() -> Self {
-        Kernels { stream: None, arch: "host".into(), sm_count: 4, funcs: HashMap::new(), _modules: Vec::new() }
+        Kernels {
+            stream: None,
+            sim: None,
+            arch: "host".into(),
+            sm_count: 4,
+            funcs: HashMap::new(),
+            _modules: Vec::new(),
+        }
     }
 
+    /// Every launcher checks its arguments, then runs the kernel's own source on the CPU
+    /// (`sim.rs`); buffers live in host memory as under `host()`.
+    pub fn sim(sim: KernelSim) -> Self {
+        Kernels {
+            stream: None,
+            sim: Some(sim),
+            arch: "sim".into(),
+            sm_count: 4,
+            funcs: HashMap::new(),
+            _modules: Vec::new(),
+        }
+    }
+
+    /// Whether launches run `host.rs`'s emulation.
     pub fn is_host(&self) -> bool {
-        self.stream.is_none()
+        self.stream.is_none() && self.sim.is_none()
+    }
+
+    /// Whether there is a device behind the kernels (not the host emulation or the simulator).
+    pub fn on_device(&self) -> bool {
+        self.stream.is_some()
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction> {
@@ -242,16 +271,23 @@ impl Kernels {
 }
 
 /// Launches `$name` with the given config; each argument is bound to a local that lives
-/// until the launch is queued (the builder keeps references).
+/// until the launch is queued (the builder keeps references). On the simulator the
+/// arguments go as 8-byte slots instead.
 macro_rules! launch {
     ($k:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let f = $k.func($name)?;
-        let stream = $k.stream.as_ref().ok_or_else(|| Error::Cuda(format!("{}: no device", $name)))?;
-        let mut b = stream.launch_builder(f);
-        $( let a = $arg; b.arg(&a); )*
-        // SAFETY: the launcher checked every length and alignment the kernel relies on,
-        // and the argument list matches the kernel's signature in kernels/*.cu.
-        unsafe { b.launch($cfg) }.map_err(|e| Error::Cuda(format!("{}: {e}", $name)))?;
+        if let Some(sim) = &$k.sim {
+            let args = [$( SimArg::slot($arg) ),*];
+            // SAFETY: as for the device launch below; host-mode pointers address host memory.
+            unsafe { sim.launch($name, &$cfg, &args) }?;
+        } else {
+            let f = $k.func($name)?;
+            let stream = $k.stream.as_ref().ok_or_else(|| Error::Cuda(format!("{}: no device", $name)))?;
+            let mut b = stream.launch_builder(f);
+            $( let a = $arg; b.arg(&a); )*
+            // SAFETY: the launcher checked every length and alignment the kernel relies on,
+            // and the argument list matches the kernel's signature in kernels/*.cu.
+            unsafe { b.launch($cfg) }.map_err(|e| Error::Cuda(format!("{}: {e}", $name)))?;
+        }
     }};
 }
 

@@ -6,7 +6,9 @@
 //! - `gemm`: cuBLASLt bf16 × bf16 → fp32/bf16 with fp32 compute;
 //! - `model`: `CudaEngine`, the `Engine` on one GPU;
 //! - `host`: the kernels and the GEMM emulated on the CPU (`Gpu::host()`), so the engine's
-//!   bookkeeping is tested where there is no GPU.
+//!   bookkeeping is tested where there is no GPU;
+//! - `sim`: the kernels' own source compiled for the CPU and run thread by thread
+//!   (`Gpu::sim`), so the kernels themselves are tested where there is no GPU.
 //!
 //! Kernel images: the fatbins nvcc made at build time when it was available, else the
 //! sources compiled by NVRTC for the device's arch at first use and cached in
@@ -18,6 +20,7 @@ pub mod host;
 pub mod kernels;
 pub mod model;
 pub mod nvrtc;
+pub mod sim;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
@@ -183,6 +186,12 @@ impl Gpu {
     /// The host emulation (see `host.rs`).
     pub fn host() -> Self {
         Gpu { ctx: None, stream: None, k: Kernels::host(), gemm: gemm::Gemm::host(), name: "host emulation".into() }
+    }
+
+    /// The kernel simulator (see `sim.rs`): host memory, the kernels' own code, the GEMM
+    /// on the host emulation.
+    pub fn sim(sim: sim::KernelSim) -> Self {
+        Gpu { ctx: None, stream: None, k: Kernels::sim(sim), gemm: gemm::Gemm::host(), name: "kernel simulator".into() }
     }
 
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<DBuf<T>> {

@@ -182,13 +182,15 @@ impl CudaEngine {
     /// The engine on the host emulation of its kernels (`host.rs`): slow, for tests of the
     /// engine's bookkeeping on machines without a GPU.
     pub fn new_host(cfg: LlamaConfig, weights: LlamaWeights) -> Result<Self> {
-        if let Some(why) = unsupported(&cfg) {
-            return Err(Error::invalid(why));
-        }
         Self::with_gpu(cfg, weights, Gpu::host())
     }
 
-    fn with_gpu(cfg: LlamaConfig, weights: LlamaWeights, gpu: Gpu) -> Result<Self> {
+    /// The engine on a given `Gpu`: a device, the host emulation, or the kernel simulator
+    /// (`Gpu::sim`, the kernels' own source run on the CPU).
+    pub fn with_gpu(cfg: LlamaConfig, weights: LlamaWeights, gpu: Gpu) -> Result<Self> {
+        if let Some(why) = unsupported(&cfg) {
+            return Err(Error::invalid(why));
+        }
         let hd = cfg.head_dim;
         let specs = LlamaWeights::specs(&cfg);
         let mut offsets = Vec::with_capacity(specs.len());
@@ -889,11 +891,11 @@ impl Engine for CudaEngine {
     }
 
     fn peak_memory_bytes(&self) -> Option<u64> {
-        (!self.gpu.k.is_host()).then_some(self.peak_bytes)
+        self.gpu.k.on_device().then_some(self.peak_bytes)
     }
 
     fn gemm_peak_flops(&mut self) -> Option<f64> {
-        if self.gpu.k.is_host() {
+        if !self.gpu.k.on_device() {
             return None;
         }
         self.measure_gemm_peak().ok()
