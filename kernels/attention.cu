@@ -27,7 +27,7 @@
 // Cost per call, with A = visible (query, key) pairs per head: forward 4·A·D FLOPs per
 // head, backward 10·A·D; bytes ≈ the q/k/v/o/dO tensors once each plus K/V (forward) or
 // Q/dO (backward) re-read per tile from L2.
-// Checked without a GPU by tools/sim_attention.py (a lane-level numpy model of this file).
+// Checked without a GPU by the kernel simulator (src/engine/cuda/sim.rs, tests/kernel_sim.rs).
 // Next steps (not yet done): ldmatrix and cp.async double buffering, wgmma on sm_90a.
 #include "common.cuh"
 
