@@ -18,21 +18,66 @@ use half::bf16;
 use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
 use crate::engine::cpu::ops;
 
-/// Host memory addressed like device memory (a raw pointer and a length).
+/// Host memory addressed like device memory (a raw pointer and a length), for plain
+/// numbers only, followed by a red zone of `RED_ZONE` bytes holding a signalling NaN of the
+/// element's size (a huge value as an index): a kernel (simulated or emulated) that reads
+/// past the end of a buffer reads NaN, which no check lets pass, and one that writes past
+/// it is reported when the buffer is dropped. (Arithmetic on the NaN quiets it, so even a
+/// NaN written back past the end differs from the pattern.)
 pub struct HostMem<T> {
     ptr: *mut T,
     len: usize,
 }
 
+const RED_ZONE: usize = 256;
+
+/// One element of the red zone, little-endian: signalling NaNs (bf16 0x7fa5, f32
+/// 0x7fa5a5a5, f64 0x7ff5a5a5a5a5a5a5) and 0xa5 for bytes.
+fn red_pattern(size: usize) -> &'static [u8] {
+    match size {
+        2 => &[0xa5, 0x7f],
+        4 => &[0xa5, 0xa5, 0xa5, 0x7f],
+        8 => &[0xa5, 0xa5, 0xa5, 0xa5, 0xa5, 0xa5, 0xf5, 0x7f],
+        _ => &[0xa5],
+    }
+}
+
+fn red_zone<T>() -> impl Iterator<Item = u8> {
+    red_pattern(std::mem::size_of::<T>()).iter().copied().cycle().take(RED_ZONE)
+}
+
+impl<T> HostMem<T> {
+    fn layout(len: usize) -> (usize, std::alloc::Layout) {
+        let bytes = len * std::mem::size_of::<T>();
+        let align = std::mem::align_of::<T>().max(64);
+        (bytes, std::alloc::Layout::from_size_align(bytes + RED_ZONE, align).expect("host buffer size overflows"))
+    }
+
+    /// `len` (at least 1) elements, each `init(i)`.
+    fn new_with(len: usize, init: impl Fn(usize) -> T) -> Self {
+        let len = len.max(1);
+        let (bytes, layout) = Self::layout(len);
+        // SAFETY: `layout` has a non-zero size; every element is written before use and
+        // the red zone lies inside the allocation.
+        unsafe {
+            let p = std::alloc::alloc(layout);
+            if p.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            red_zone::<T>().enumerate().for_each(|(i, b)| p.add(bytes + i).write(b));
+            let ptr = p as *mut T;
+            (0..len).for_each(|i| ptr.add(i).write(init(i)));
+            HostMem { ptr, len }
+        }
+    }
+}
+
 impl<T: Clone + Default> HostMem<T> {
     pub fn zeroed(len: usize) -> Self {
-        let b: Box<[T]> = vec![T::default(); len.max(1)].into_boxed_slice();
-        HostMem { len: b.len(), ptr: Box::into_raw(b) as *mut T }
+        Self::new_with(len, |_| T::default())
     }
     pub fn from_slice(s: &[T]) -> Self {
-        let b: Box<[T]> =
-            if s.is_empty() { vec![T::default()].into_boxed_slice() } else { s.to_vec().into_boxed_slice() };
-        HostMem { len: b.len(), ptr: Box::into_raw(b) as *mut T }
+        Self::new_with(s.len(), |i| s.get(i).cloned().unwrap_or_default())
     }
 }
 
@@ -50,8 +95,18 @@ impl<T> HostMem<T> {
 
 impl<T> Drop for HostMem<T> {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from Box::into_raw of a boxed slice of `len` elements.
-        unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len))) }
+        let (bytes, layout) = Self::layout(self.len);
+        // SAFETY: `ptr` came from `alloc(layout)` in `new_with`; the elements are plain
+        // numbers (no drop glue).
+        let intact = unsafe {
+            let p = self.ptr as *mut u8;
+            let intact = std::slice::from_raw_parts(p.add(bytes), RED_ZONE).iter().copied().eq(red_zone::<T>());
+            std::alloc::dealloc(p, layout);
+            intact
+        };
+        if !intact && !std::thread::panicking() {
+            panic!("a kernel wrote past the end of a host buffer of {} × {} bytes", self.len, std::mem::size_of::<T>());
+        }
     }
 }
 
