@@ -90,6 +90,12 @@ fn engine_matches_cpu_engine_on_fixtures() {
     kernel_checks::engine_on_fixtures(&open_engine);
 }
 
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sdpo_demo_two_steps_matches_cpu_engine() {
+    kernel_checks::sdpo_demo_two_steps(&open_engine);
+}
+
 // --- ceilings (measured, not asserted): what tools/gpu-check.sh reports first
 
 #[test]

@@ -87,3 +87,10 @@ fn engine_matches_cpu_engine_on_fixtures() {
         kernel_checks::engine_on_fixtures(&engine_on(&s));
     }
 }
+
+/// Two sDPO steps of the demo on both engines; forward thread order only (the run takes
+/// about 10 s on the simulator, the engine checks above already run both orders).
+#[test]
+fn sdpo_demo_two_steps_matches_cpu_engine() {
+    kernel_checks::sdpo_demo_two_steps(&engine_on(sim()));
+}

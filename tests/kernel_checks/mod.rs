@@ -633,3 +633,473 @@ pub fn engine_on_fixtures(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngine
     }
     assert!(ran >= 1, "no fixture model fits the CUDA engine");
 }
+
+// --- a 2-step sDPO run of the demo
+
+/// The most bf16 rounding changes a value by, relative (half its widest spacing, 2^-7): the
+/// least a bf16 engine can be expected to agree to.
+const BF16_ROUNDING: f64 = 1.0 / 256.0;
+/// CPU runs from M_0 perturbed at bf16's size, whose spread sets the tolerances.
+const PERTURBED_RUNS: u64 = 8;
+/// Tolerance of a logged number: this many times its spread over the perturbed runs, plus
+/// a floor of one bf16 rounding of the log-probs behind it. See `sdpo_demo_two_steps`.
+const SPREAD_FACTOR: f64 = 6.0;
+/// Tolerance of the weight changes M_t − M_0: this many times their spread.
+const WEIGHT_SPREAD_FACTOR: f64 = 2.0;
+
+/// `w` with every weight scaled by 1 + u·2^-8, u uniform in [−1, 1], from draw `draw`.
+fn perturbed(w: &LlamaWeights, draw: u64) -> LlamaWeights {
+    let mut rng = SplitMix64(1000 + draw);
+    let mut moved = w.clone();
+    for t in moved.tensors_mut() {
+        t.iter_mut().for_each(|x| *x *= 1.0 + (2.0 * rng.uniform() as f32 - 1.0) * BF16_ROUNDING as f32);
+    }
+    moved
+}
+
+/// Per update, in order: the (policy, reference) log-probs of every pair it trained on.
+type Noted = std::rc::Rc<std::cell::RefCell<Vec<Vec<(PairLogps, PairLogps)>>>>;
+
+/// The CPU engine, noting what each update trained on: metrics.jsonl holds means, and
+/// whether a reward accuracy may differ depends on the pairs' margins.
+struct Noting {
+    inner: CpuEngine,
+    pending: Vec<(PairLogps, PairLogps)>,
+    noted: Noted,
+}
+
+impl Engine for Noting {
+    fn config(&self) -> &LlamaConfig {
+        self.inner.config()
+    }
+    fn device_name(&self) -> String {
+        self.inner.device_name()
+    }
+    fn sequence_logps(&mut self, batch: &PairBatch) -> sdpo::Result<Vec<PairLogps>> {
+        self.inner.sequence_logps(batch)
+    }
+    fn train_step(
+        &mut self,
+        batch: &PairBatch,
+        reference: &[PairLogps],
+        loss: &LossConfig,
+        loss_scale: f64,
+    ) -> sdpo::Result<Vec<PairLogps>> {
+        let policy = self.inner.train_step(batch, reference, loss, loss_scale)?;
+        self.pending.extend(policy.iter().copied().zip(reference.iter().copied()));
+        Ok(policy)
+    }
+    fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> sdpo::Result<f64> {
+        self.noted.borrow_mut().push(std::mem::take(&mut self.pending));
+        self.inner.optimizer_step(opt, lr)
+    }
+    fn zero_grads(&mut self) {
+        self.inner.zero_grads()
+    }
+    fn grads(&self) -> sdpo::Result<LlamaWeights> {
+        self.inner.grads()
+    }
+    fn weights(&self) -> sdpo::Result<LlamaWeights> {
+        self.inner.weights()
+    }
+    fn set_weights(&mut self, w: &LlamaWeights) -> sdpo::Result<()> {
+        self.inner.set_weights(w)
+    }
+    fn optimizer_state(&self) -> sdpo::Result<Option<sdpo::engine::AdamState>> {
+        self.inner.optimizer_state()
+    }
+    fn set_optimizer_state(&mut self, state: Option<sdpo::engine::AdamState>) -> sdpo::Result<()> {
+        self.inner.set_optimizer_state(state)
+    }
+}
+
+/// One sDPO run: its summary, metrics.jsonl's lines, its models M_1 and M_2 and, on the
+/// CPU engine, what its updates trained on.
+struct DemoRun {
+    summary: sdpo::sdpo::RunSummary,
+    lines: Vec<serde_json::Value>,
+    steps: Vec<LlamaWeights>,
+    noted: Vec<Vec<(PairLogps, PairLogps)>>,
+}
+
+impl DemoRun {
+    /// metrics.jsonl's lines that have `key` (update lines, eval lines).
+    fn lines_with(&self, key: &str) -> Vec<&serde_json::Value> {
+        self.lines.iter().filter(|v| v.get(key).is_some()).collect()
+    }
+}
+
+/// Runs sDPO into `out`, on the CUDA engine `open` makes or, without one, on the CPU engine.
+fn demo_run(
+    opts: &sdpo::sdpo::SdpoOptions,
+    out: &Path,
+    m0: &LlamaWeights,
+    data: &sdpo::demo::DemoData,
+    cuda: Option<&dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngine>,
+) -> DemoRun {
+    let noted = Noted::default();
+    let factory = |c: &LlamaConfig, w: LlamaWeights| -> sdpo::Result<Box<dyn Engine>> {
+        Ok(match cuda {
+            Some(open) => {
+                let engine = open(c.clone(), w);
+                println!("CUDA engine on {}", engine.device_name());
+                Box::new(engine)
+            }
+            None => {
+                let inner = CpuEngine::new(c.clone(), w)?;
+                Box::new(Noting { inner, pending: Vec::new(), noted: noted.clone() })
+            }
+        })
+    };
+    let opts = sdpo::sdpo::SdpoOptions { out: out.to_path_buf(), ..opts.clone() };
+    let cfg = LlamaConfig::from_json(serde_json::from_str(sdpo::demo::CONFIG_JSON).unwrap()).unwrap();
+    let t0 = std::time::Instant::now();
+    let summary = sdpo::sdpo::run(&opts, &cfg, m0.clone(), &data.train, &data.eval, &factory)
+        .unwrap_or_else(|e| panic!("sDPO run into {}: {e}", out.display()));
+    let seconds = t0.elapsed().as_secs_f64();
+    let path = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let step = |t: usize| LlamaWeights::load(&out.join(format!("step-{t}")), &cfg).unwrap();
+    let steps = vec![step(1), step(2)];
+    assert_eq!(summary.final_weights, *steps.last().unwrap(), "{}: the final weights are M_2", out.display());
+    if cuda.is_some() {
+        println!("CUDA run: {seconds:.2}s");
+    }
+    let lines = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    DemoRun { summary, lines, steps, noted: noted.take() }
+}
+
+/// ‖(a − m0) − (b − m0)‖ / ‖b − m0‖: how far two trainings from `m0` ended apart, as a
+/// share of how far `b` moved.
+fn change_rel_err(a: &LlamaWeights, b: &LlamaWeights, m0: &LlamaWeights) -> f64 {
+    let flat = |w: &LlamaWeights| -> Vec<f32> {
+        w.tensors().iter().zip(m0.tensors()).flat_map(|(t, z)| t.iter().zip(z.iter()).map(|(x, y)| x - y)).collect()
+    };
+    rel_err("weight change", &flat(a), &flat(b))
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    s / n.max(1) as f64
+}
+
+/// How far `others` lie from `main` at most.
+fn spread(main: f64, others: impl Iterator<Item = f64>) -> f64 {
+    others.map(|x| (x - main).abs()).fold(0.0, f64::max)
+}
+
+/// |cuda − cpu| ≤ `SPREAD_FACTOR` · spread + floor.
+fn within(what: &str, cuda: f64, cpu: f64, spread: f64, floor: f64) {
+    let (d, tol) = ((cuda - cpu).abs(), SPREAD_FACTOR * spread + floor);
+    println!("{what:<42} cpu {cpu:>10.5} cuda {cuda:>10.5} |Δ| {d:.2e} spread {spread:.2e} tol {tol:.2e}");
+    assert!(d <= tol, "{what}: CUDA {cuda} vs CPU {cpu}: |Δ| = {d:.3e} > {tol:.3e}");
+}
+
+/// A share of pairs with a positive value (reward accuracy, γ > 0), given per pair the CPU
+/// run's value and its tolerance: the runs may count differently the pairs whose value is
+/// within its tolerance of zero. Returns the share's tolerance.
+fn share_within(what: &str, cuda: f64, cpu: f64, values_and_tols: &[(f64, f64)]) -> f64 {
+    let unsure = values_and_tols.iter().filter(|(v, t)| v.abs() <= *t).count();
+    let tol = unsure as f64 / values_and_tols.len() as f64;
+    let d = (cuda - cpu).abs();
+    println!("{what:<42} cpu {cpu:>10.5} cuda {cuda:>10.5} |Δ| {d:.2e} tol {tol:.2e} ({unsure} pairs near 0)");
+    assert!(d <= tol + 1e-9, "{what}: CUDA {cuda} vs CPU {cpu}: |Δ| = {d:.3e} > {tol:.3e}");
+    tol
+}
+
+/// One bf16 rounding of a pair's two log-probs: the floor of its γ's tolerance.
+fn gamma_floor(l: &PairLogps) -> f64 {
+    BF16_ROUNDING * (l.chosen.abs() + l.rejected.abs())
+}
+
+/// A pair's margin β[(π − ref)_chosen − (π − ref)_rejected].
+fn margin(beta: f64, pol: &PairLogps, reference: &PairLogps) -> f64 {
+    beta * ((pol.chosen - reference.chosen) - (pol.rejected - reference.rejected))
+}
+
+/// A pair's margin on the CPU run and its tolerance, from the same pair's margins on the
+/// perturbed runs (`others`) and a floor of one bf16 rounding of its four log-probs.
+fn margin_and_tol(
+    beta: f64,
+    (pol, reference): (&PairLogps, &PairLogps),
+    others: impl Iterator<Item = (PairLogps, PairLogps)>,
+) -> (f64, f64) {
+    let m = margin(beta, pol, reference);
+    let size = pol.chosen.abs() + pol.rejected.abs() + reference.chosen.abs() + reference.rejected.abs();
+    let s = spread(m, others.map(|(p, r)| margin(beta, &p, &r)));
+    (m, SPREAD_FACTOR * s + beta * BF16_ROUNDING * size)
+}
+
+/// The built-in demo — its SFT model, its addition pairs, its recipe, its easy-to-hard
+/// partition (one chunk per source, ordered by M_0's share of pairs with γ > 0) — shrunk
+/// to two sources of 24 pairs (2-digit, then 3-digit sums: two sDPO steps) and 24 eval
+/// pairs, run by `sdpo::sdpo::run` on the CPU engine and on the CUDA engine `open` makes.
+/// Compared: M_0's γ per pair, the ranking by it (what `--partition difficulty` would
+/// cut), the chunks and their order; every update's training metrics; every step's eval
+/// numbers; the weights M_1 and M_2.
+///
+/// Tolerances come from the CPU engine itself: `PERTURBED_RUNS` more CPU runs from M_0 with
+/// every weight scaled by 1 + u·2^-8 (u uniform in [−1, 1]: up to bf16's largest rounding
+/// error, standing in for the bf16 engine's rounding). How far a number moves over those
+/// runs — its spread — is how well bf16 precision determines it, and that varies a lot:
+/// M_0's γ of most pairs moves by hundredths of a nat, but that of 87+40 = 127 over the
+/// rejected 227 (γ 17.4, resting on one logit gap the hidden state barely resolves) by 1.7,
+/// and the bf16 engine gives 19.0 (simulator) and 19.4 (host emulation). Training then
+/// amplifies differences: AdamW's first updates are about lr·sign(gradient) per weight, so
+/// a weight whose gradient is near zero moves either way; the perturbed runs' weight
+/// changes M_t − M_0 end up to 0.19 apart (relative) from the CPU run's, their gradient
+/// norms up to 40 %. On the simulator and the host emulation, CUDA − CPU was a median 1.1
+/// and at most 3.7 times a logged number's spread: `SPREAD_FACTOR` 6, plus a floor of one
+/// bf16 rounding of the log-probs behind the number, which matters only where policy =
+/// reference at a step's start (the CPU runs give exactly zero rewards there, the bf16
+/// engine its rounding of two packings of one batch). A share (reward accuracy, γ > 0) may
+/// differ by the pairs whose value is within its tolerance, by the same rule, of zero. The
+/// weight changes, a norm over all weights and so a steady spread, were 0.05–0.19 apart on
+/// the bf16 engine: `WEIGHT_SPREAD_FACTOR` 2 (an untrained run is 1 apart, an unrelated
+/// change √2).
+///
+/// Batches of 8 pairs, 2 epochs: 6 updates per step, the first at the warmup's lr 0. lr
+/// 1e-3 instead of the demo's 1e-4: with 5 moving updates per step instead of the demo's
+/// 32, the model must still move well beyond bf16's resolution (checked).
+pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngine) {
+    use sdpo::sdpo::{PartitionKind, ReferenceMode, SdpoOptions};
+    let tmp = std::env::temp_dir().join(format!("sdpo-demo-two-steps-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let base = tmp.join("base");
+    sdpo::demo::write_model_folder(&base).unwrap();
+    let cfg = LlamaConfig::from_path(&base).unwrap();
+    if let Some(why) = sdpo::engine::cuda::model::unsupported(&cfg) {
+        panic!("the demo model does not fit the CUDA engine: {why}");
+    }
+    // M_0: the demo model rounded to bf16, what the CUDA engine computes with (its fp32
+    // masters keep these values), so both runs start from the same model.
+    let mut m0 = LlamaWeights::load(&base, &cfg).unwrap();
+    for t in m0.tensors_mut() {
+        t.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    }
+    // Two of the demo's three sources, so two steps (the eval set keeps all three).
+    let mut data = sdpo::demo::demo_data(0, 24, 8, 0);
+    data.train.retain(|p| p.source != "1-digit");
+    let mut train = sdpo::demo::demo_train_options(0);
+    (train.batch_pairs, train.epochs, train.lr) = (8, 2, 1e-3);
+    let (beta, budget) = (train.loss.beta, train.micro_batch_tokens);
+    assert_eq!(train.layout, Layout::Shared);
+    let opts = SdpoOptions {
+        train,
+        partition: PartitionKind::Sources,
+        steps: Some(2),
+        length_normalize: false,
+        reference: ReferenceMode::Precomputed,
+        carry_optimizer: false,
+        carry_schedule: false,
+        save_every: 0,
+        out: PathBuf::new(),
+        resume: false,
+        tokenizer_from: None,
+        quiet: true,
+        inject_nan_at: None,
+        debug_sleep_ms: 0,
+    };
+    let t0 = std::time::Instant::now();
+    let cpu = demo_run(&opts, &tmp.join("cpu"), &m0, &data, None);
+    let runs: Vec<DemoRun> = (0..PERTURBED_RUNS)
+        .map(|k| demo_run(&opts, &tmp.join(format!("cpu-perturbed-{k}")), &perturbed(&m0, k), &data, None))
+        .collect();
+    println!("{} CPU runs: {:.2}s", 1 + runs.len(), t0.elapsed().as_secs_f64());
+    let gpu = demo_run(&opts, &tmp.join("cuda"), &m0, &data, Some(open));
+
+    // --- the partition: M_0's γ per pair, the ranking by it, the chunks and their order
+    let (train_refs, eval_refs): (Vec<&PairExample>, Vec<&PairExample>) =
+        (data.train.iter().collect(), data.eval.iter().collect());
+    let logps_of = |w: &LlamaWeights, pairs: &[&PairExample]| {
+        let mut e = CpuEngine::new(cfg.clone(), w.clone()).unwrap();
+        sdpo::train::sequence_logps_all(&mut e, pairs, budget, Layout::Shared).unwrap()
+    };
+    let m0_train = logps_of(&m0, &train_refs);
+    let scores = |r: &DemoRun| r.summary.partition.scores.clone().expect("M_0's scores");
+    let (sc, sg, others) = (scores(&cpu), scores(&gpu), runs.iter().map(scores).collect::<Vec<_>>());
+    let n = data.train.len();
+    for i in 0..n {
+        assert!((m0_train[i].gamma() - sc[i]).abs() <= 1e-9 * sc[i].abs().max(1.0), "pair {i}: the CPU run's M_0");
+    }
+    let score_tol: Vec<f64> = (0..n)
+        .map(|i| SPREAD_FACTOR * spread(sc[i], others.iter().map(|s| s[i])) + gamma_floor(&m0_train[i]))
+        .collect();
+    let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    let worst = (0..n).map(|i| (sg[i] - sc[i]).abs() / score_tol[i]).fold(0.0, f64::max);
+    println!(
+        "M_0's γ per pair (partition scores): ‖Δ‖/‖cpu‖ {:.2e}; the worst pair at {worst:.2} of its tolerance",
+        rel_err("partition scores", &to32(&sg), &to32(&sc))
+    );
+    let i = (0..n).max_by(|&a, &b| score_tol[a].total_cmp(&score_tol[b])).unwrap();
+    let (p, text) = (&data.train[i], sdpo::demo::decode);
+    println!(
+        "the least determined: pair {i} ({} {} over {}), M_0's γ CPU {:.3} (spread {:.3}), CUDA {:.3}",
+        text(&p.prompt),
+        text(&p.chosen),
+        text(&p.rejected),
+        sc[i],
+        spread(sc[i], others.iter().map(|s| s[i])),
+        sg[i]
+    );
+    for i in 0..n {
+        let (d, tol) = ((sg[i] - sc[i]).abs(), score_tol[i]);
+        assert!(d <= tol, "pair {i}: M_0's γ CUDA {} vs CPU {}: |Δ| {d:.3e} > {tol:.3e}", sg[i], sc[i]);
+    }
+    // Two pairs may swap ranks only when their CPU γ are within their tolerances.
+    let rank = |s: &[f64]| {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        let mut r = vec![0usize; n];
+        order.iter().enumerate().for_each(|(k, &i)| r[i] = k);
+        r
+    };
+    let (rc, rg) = (rank(&sc), rank(&sg));
+    let mut swaps = 0;
+    for i in 0..n {
+        for j in 0..n {
+            if rc[i] < rc[j] && rg[i] > rg[j] {
+                swaps += 1;
+                let gap = sc[i] - sc[j];
+                assert!(gap <= score_tol[i] + score_tol[j], "pairs {i}, {j} swapped ranks, CPU γ {gap:.4} apart");
+            }
+        }
+    }
+    println!("ranking by M_0's γ: {swaps} pairs of pairs swapped, each within tolerance");
+    // The chunks: one per source, pairs in the data's order, ordered by M_0's share of
+    // γ > 0. The order must be the CPU run's, and the CPU run must leave it no room:
+    // chunk shares apart by more than their tolerances (or tied with names in order).
+    let (pc, pg) = (&cpu.summary.partition, &gpu.summary.partition);
+    let names = |p: &sdpo::sdpo::Partition| p.chunks.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    assert!(
+        runs.iter().all(|r| names(&r.summary.partition) == names(pc)),
+        "perturbed CPU runs order the chunks otherwise"
+    );
+    assert_eq!(pc.chunks.len(), 2);
+    let mut ranges = Vec::new();
+    for (k, (a, b)) in pc.chunks.iter().zip(&pg.chunks).enumerate() {
+        assert_eq!((&a.name, &a.pairs), (&b.name, &b.pairs), "chunk {}", k + 1);
+        let tag = format!("chunk {} ({})", k + 1, a.name);
+        let gammas: Vec<(f64, f64)> = a.pairs.iter().map(|&i| (sc[i], score_tol[i])).collect();
+        let acc = a.accuracy.expect("M_0's share");
+        let tol = share_within(&format!("{tag} M_0 share γ > 0"), b.accuracy.unwrap(), acc, &gammas);
+        ranges.push(((acc - tol).max(0.0), (acc + tol).min(1.0)));
+        let gamma = a.mean_gamma.expect("M_0's mean γ");
+        let s = spread(gamma, runs.iter().map(|r| r.summary.partition.chunks[k].mean_gamma.unwrap()));
+        let floor = mean(a.pairs.iter().map(|&i| gamma_floor(&m0_train[i])));
+        within(&format!("{tag} M_0 mean γ"), b.mean_gamma.unwrap(), gamma, s, floor);
+    }
+    let (first, second) = (&pc.chunks[0].name, &pc.chunks[1].name);
+    let (lo, hi) = (ranges[0].0, ranges[1].1);
+    assert!(lo > hi || (lo == hi && first < second), "the chunk order is within rounding: choose other data");
+
+    // --- every update's training metrics
+    let numbers = |r: &DemoRun, key: &str| -> Vec<f64> {
+        r.lines_with("sdpo/update").iter().map(|v| v[key].as_f64().unwrap()).collect()
+    };
+    let (uc, ug) = (cpu.lines_with("sdpo/update"), gpu.lines_with("sdpo/update"));
+    assert_eq!((uc.len(), ug.len(), cpu.noted.len()), (12, 12, 12), "2 steps × 6 updates, logged and noted");
+    for (u, ((c, g), pairs)) in uc.iter().zip(&ug).zip(&cpu.noted).enumerate() {
+        for key in ["sdpo/step", "sdpo/update", "sdpo/chunk", "n_pairs", "epoch", "train/learning_rate"] {
+            assert_eq!(c[key], g[key], "{key}");
+        }
+        let (pol, reference): (Vec<PairLogps>, Vec<PairLogps>) = pairs.iter().copied().unzip();
+        let again = sdpo::dpo::Metrics::from_pairs(&pol, &reference, &opts.train.loss);
+        assert!((again.loss - c["loss"].as_f64().unwrap()).abs() < 1e-12, "the noted pairs are the logged update's");
+        let tag = format!("step {} update {}", c["sdpo/step"], c["sdpo/update"]);
+        let f = |key: &str| c[key].as_f64().unwrap();
+        let compare = |key: &str, floor: f64| {
+            let s = spread(f(key), runs.iter().map(|r| numbers(r, key)[u]));
+            within(&format!("{tag} {key}"), g[key].as_f64().unwrap(), f(key), s, floor)
+        };
+        // Floors: one bf16 rounding of the log-probs behind each number (the reference's
+        // means from the rewards: ref = π − r/β).
+        let (lc, lr) = (f("logps/chosen").abs(), f("logps/rejected").abs());
+        let refc = (f("logps/chosen") - f("rewards/chosen") / beta).abs();
+        let refr = (f("logps/rejected") - f("rewards/rejected") / beta).abs();
+        compare("logps/chosen", BF16_ROUNDING * lc);
+        compare("logps/rejected", BF16_ROUNDING * lr);
+        compare("rewards/chosen", beta * BF16_ROUNDING * (lc + refc));
+        compare("rewards/rejected", beta * BF16_ROUNDING * (lr + refr));
+        compare("rewards/margins", beta * BF16_ROUNDING * (lc + refc + lr + refr));
+        compare("loss", beta * BF16_ROUNDING * (lc + refc + lr + refr)); // |d(−log σ(m))/dm| ≤ 1
+        compare("train/grad_norm", BF16_ROUNDING * f("train/grad_norm"));
+        let margins: Vec<(f64, f64)> = (0..pairs.len())
+            .map(|p| margin_and_tol(beta, (&pairs[p].0, &pairs[p].1), runs.iter().map(|r| r.noted[u][p])))
+            .collect();
+        let key = "rewards/accuracies";
+        share_within(&format!("{tag} {key}"), g[key].as_f64().unwrap(), f(key), &margins);
+    }
+
+    // --- every step's eval, with the CPU run's per-pair eval log-probs of M_0, M_1, M_2
+    let eval_numbers = |r: &DemoRun, key: &str| -> Vec<f64> {
+        // M_0's line has no rewards (NaN here, never read)
+        r.lines_with("eval/mean_gamma").iter().map(|v| v[key].as_f64().unwrap_or(f64::NAN)).collect()
+    };
+    let (ec, eg) = (cpu.lines_with("eval/mean_gamma"), gpu.lines_with("eval/mean_gamma"));
+    assert_eq!((ec.len(), eg.len()), (3, 3), "eval of M_0, M_1, M_2");
+    // Per run (the CPU run, then the perturbed ones), per model, per pair.
+    let eval_logps = |m0: &LlamaWeights, r: &DemoRun| -> Vec<Vec<PairLogps>> {
+        [m0, &r.steps[0], &r.steps[1]].iter().map(|w| logps_of(w, &eval_refs)).collect()
+    };
+    let ev = eval_logps(&m0, &cpu);
+    let ev_runs: Vec<Vec<Vec<PairLogps>>> =
+        runs.iter().enumerate().map(|(k, r)| eval_logps(&perturbed(&m0, k as u64), r)).collect();
+    for (t, (c, g)) in ec.iter().zip(&eg).enumerate() {
+        assert_eq!((&c["sdpo/step"], &c["eval/n_pairs"]), (&g["sdpo/step"], &g["eval/n_pairs"]));
+        let f = |key: &str| c[key].as_f64().unwrap();
+        let recomputed = mean(ev[t].iter().map(PairLogps::gamma));
+        assert!((recomputed - f("eval/mean_gamma")).abs() < 1e-9, "M_{t}'s eval log-probs recomputed");
+        let tag = format!("eval M_{t}");
+        let s = |key: &str| spread(f(key), runs.iter().map(|r| eval_numbers(r, key)[t]));
+        let compare =
+            |key: &str, floor: f64| within(&format!("{tag} {key}"), g[key].as_f64().unwrap(), f(key), s(key), floor);
+        let (lc, lr) = (f("eval/logps/chosen").abs(), f("eval/logps/rejected").abs());
+        compare("eval/mean_gamma", BF16_ROUNDING * (lc + lr));
+        compare("eval/logps/chosen", BF16_ROUNDING * lc);
+        compare("eval/logps/rejected", BF16_ROUNDING * lr);
+        let gammas: Vec<(f64, f64)> = (0..ev[t].len())
+            .map(|j| {
+                let (p, s) = (&ev[t][j], spread(ev[t][j].gamma(), ev_runs.iter().map(|e| e[t][j].gamma())));
+                (p.gamma(), SPREAD_FACTOR * s + gamma_floor(p))
+            })
+            .collect();
+        let key = "eval/gamma_accuracy";
+        share_within(&format!("{tag} {key}"), g[key].as_f64().unwrap(), f(key), &gammas);
+        if t == 0 {
+            continue;
+        }
+        for (r, suffix) in [(0, ""), (t - 1, "_vs_prev")] {
+            let floor = mean(ev[t].iter().zip(&ev[r]).map(|(p, q)| {
+                beta * BF16_ROUNDING * (p.chosen.abs() + p.rejected.abs() + q.chosen.abs() + q.rejected.abs())
+            }));
+            compare(&format!("eval/rewards/margins{suffix}"), floor);
+            let margins: Vec<(f64, f64)> = (0..ev[t].len())
+                .map(|j| margin_and_tol(beta, (&ev[t][j], &ev[r][j]), ev_runs.iter().map(|e| (e[t][j], e[r][j]))))
+                .collect();
+            let key = format!("eval/rewards/accuracies{suffix}");
+            share_within(&format!("{tag} {key}"), g[&key].as_f64().unwrap(), f(&key), &margins);
+        }
+    }
+
+    // --- the weights M_1 and M_2: what training changed, which must be well beyond bf16's
+    // resolution, or none of the above compared trained models
+    for t in 0..2 {
+        let (wc, wg) = (&cpu.steps[t], &gpu.steps[t]);
+        let e = change_rel_err(wg, wc, &m0);
+        let s = runs.iter().map(|r| change_rel_err(&r.steps[t], wc, &m0)).fold(0.0, f64::max);
+        let moved = change_rel_err(wc, &m0, &LlamaWeights::zeros(&cfg));
+        let tol = WEIGHT_SPREAD_FACTOR * s;
+        println!(
+            "M_{} − M_0 (‖·‖ {moved:.2e} of ‖M_0‖): CUDA vs CPU rel err {e:.3e} spread {s:.3e} tol {tol:.3e}",
+            t + 1
+        );
+        assert!(
+            moved > 2.0 * BF16_ROUNDING,
+            "M_{}: training moved the weights by only {moved:.2e} of their norm",
+            t + 1
+        );
+        assert!(e <= tol, "M_{}: the weight changes are {e:.3} apart (relative) > {tol:.3}", t + 1);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
