@@ -10,7 +10,7 @@
 //! The counters are global (one per process): profile one engine at a time. The CUDA
 //! engine, whose kernels run asynchronously, does not use them: it cuts its stream into
 //! sections with CUDA events, reads them after each step synchronises, and reports
-//! through the same `Profile` struct (wall-clock sections under its host emulation; see
+//! through the same `Profile` struct (wall-clock sections on the kernel simulator; see
 //! `Profiler` in `engine/cuda/model.rs`).
 
 use std::cell::Cell;

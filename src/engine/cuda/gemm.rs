@@ -95,7 +95,7 @@ fn lt_err(what: &str) -> impl Fn(lt::CublasError) -> Error + '_ {
 /// Owns a cuBLASLt handle, the workspace and the algorithm cache.
 pub struct Gemm {
     handle: sys::cublasLtHandle_t,
-    /// `None` (with no workspace): host emulation, `host::gemm`.
+    /// `None` (with no workspace): on the host, `host::gemm` (the kernel simulator).
     stream: Option<Arc<CudaStream>>,
     workspace: Option<CudaSlice<u8>>,
     algos: HashMap<(GemmShape, OutType), sys::cublasLtMatmulAlgo_t>,
@@ -148,7 +148,7 @@ impl Gemm {
         Ok(Gemm { handle, stream: Some(stream), workspace: Some(workspace), algos: HashMap::new() })
     }
 
-    /// Host emulation: the same checks, then `host::gemm`.
+    /// On the host (the kernel simulator): the same checks, then `host::gemm`.
     pub fn host() -> Self {
         Gemm { handle: std::ptr::null_mut(), stream: None, workspace: None, algos: HashMap::new() }
     }

@@ -164,8 +164,7 @@ pub fn attention_backward_smem(head_dim: usize) -> u32 {
 
 /// The loaded kernels of one device, or their stand-in on the CPU.
 pub struct Kernels {
-    /// `None`: no device; the kernels run on the simulator (`sim`) when there is one, else
-    /// on the host emulation (`host.rs`).
+    /// `None`: no device; the kernels run on the simulator (`sim`).
     pub stream: Option<Arc<CudaStream>>,
     sim: Option<KernelSim>,
     pub arch: String,
@@ -212,20 +211,8 @@ impl Kernels {
         Ok(Kernels { stream: Some(stream), sim: None, arch, sm_count, funcs, _modules: modules })
     }
 
-    /// Every launcher checks its arguments, then runs `host.rs`'s emulation instead of a kernel.
-    pub fn host() -> Self {
-        Kernels {
-            stream: None,
-            sim: None,
-            arch: "host".into(),
-            sm_count: 4,
-            funcs: HashMap::new(),
-            _modules: Vec::new(),
-        }
-    }
-
     /// Every launcher checks its arguments, then runs the kernel's own source on the CPU
-    /// (`sim.rs`); buffers live in host memory as under `host()`.
+    /// (`sim.rs`); buffers live in host memory (`host.rs`).
     pub fn sim(sim: KernelSim) -> Self {
         Kernels {
             stream: None,
@@ -237,12 +224,7 @@ impl Kernels {
         }
     }
 
-    /// Whether launches run `host.rs`'s emulation.
-    pub fn is_host(&self) -> bool {
-        self.stream.is_none() && self.sim.is_none()
-    }
-
-    /// Whether there is a device behind the kernels (not the host emulation or the simulator).
+    /// Whether there is a device behind the kernels (not the simulator).
     pub fn on_device(&self) -> bool {
         self.stream.is_some()
     }
@@ -258,7 +240,7 @@ impl Kernels {
     /// Zeroes `p` on the stream.
     pub fn zero<T>(&self, p: DPtr<T>) -> Result<()> {
         let Some(stream) = &self.stream else {
-            // SAFETY: a host-mode DPtr addresses `len` host elements.
+            // SAFETY: without a device a DPtr addresses `len` host elements.
             unsafe { host::zero(p) };
             return Ok(());
         };
@@ -338,11 +320,6 @@ impl Kernels {
         for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("o", &o)] {
             need_vec(&format!("attention: {name}"), p)?;
         }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::attention_forward(o, lse, q, k, v, mask, d) };
-            return Ok(());
-        }
         let name = format!("attention_forward_hd{}", d.head_dim);
         let cfg = Self::cfg((blocks(n, 64), d.n_heads as u32), 128, 0);
         let scale = 1.0f32 / (d.head_dim as f32).sqrt();
@@ -369,11 +346,6 @@ impl Kernels {
         need_len("attention_backward_delta: O", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
         need_vec("attention_backward_delta: dO", &dout)?;
         need_vec("attention_backward_delta: O", &o)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::attention_backward_delta(delta, dout, o, d) };
-            return Ok(());
-        }
         let cfg = Self::cfg((blocks(n * d.n_heads, 256), 1), 256, 0);
         launch!(self, "attention_backward_delta", cfg; delta.ptr, dout.ptr, o.ptr, to_i32("n_tokens", n)?,
             d.n_heads as i32, d.head_dim as i32, d.o_stride as i32, d.o_stride as i32);
@@ -422,11 +394,6 @@ impl Kernels {
         need(dk.ptr.is_multiple_of(8) && dv.ptr.is_multiple_of(8), || {
             "attention_backward: dk/dv must be 8-byte aligned".into()
         })?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::attention_backward(dq, dk, dv, dq_stride, dkv_stride, dout, q, k, v, lse, delta, mask, d) };
-            return Ok(());
-        }
         self.zero(dq.slice(0, n * dq_stride)?)?;
         let name = format!("attention_backward_hd{}", d.head_dim);
         let cfg = Self::cfg((blocks(n, 64), d.n_kv_heads as u32), 128, attention_backward_smem(d.head_dim));
@@ -459,11 +426,6 @@ impl Kernels {
         for (name, ok) in [("y", y.aligned16()), ("x", x.aligned16()), ("w", w.aligned16())] {
             need(ok, || format!("rmsnorm: {name} is not 16-byte aligned"))?;
         }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::rmsnorm_forward(y, rstd, x, w, n, hidden, eps) };
-            return Ok(());
-        }
         let cfg = Self::cfg((blocks(n, 8), 1), 256, 0);
         launch!(self, "rmsnorm_forward", cfg; y.ptr, rstd.ptr, x.ptr, w.ptr, to_i32("n", n)?, hidden as i32, eps);
         Ok(())
@@ -494,11 +456,6 @@ impl Kernels {
         need_len("rmsnorm_backward: w", &w, hidden)?;
         need_vec("rmsnorm_backward: w", &w)?;
         need_len("rmsnorm_backward: rstd", &rstd, n)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::rmsnorm_backward(dx, dw, dy, x, w, rstd, n, hidden, accumulate) };
-            return Ok(());
-        }
         // A few blocks per SM: each adds its partial dw once.
         let grid = blocks(n, 8).min(self.sm_count * 2);
         let cfg = Self::cfg((grid, 1), 256, (hidden * 4) as u32);
@@ -548,11 +505,6 @@ impl Kernels {
                 "rope: x must be 16-byte aligned with stride % 8 == 0".into()
             })?;
         }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::rope_forward(x, positions, inv_freq, n, n_heads, head_dim, stride) };
-            return Ok(());
-        }
         let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
         launch!(self, "rope_forward", cfg; x.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?, n_heads as i32,
             head_dim as i32, stride as i32);
@@ -582,11 +534,6 @@ impl Kernels {
                 || "rope_backward: dx/dy must be 16-byte aligned with strides % 8 / % 4 == 0".into(),
             )?;
         }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::rope_backward(dx, dy, positions, inv_freq, n, n_heads, head_dim, out_stride, in_stride) };
-            return Ok(());
-        }
         let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
         launch!(self, "rope_backward", cfg; dx.ptr, dy.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?,
             n_heads as i32, head_dim as i32, out_stride as i32, in_stride as i32);
@@ -615,11 +562,6 @@ impl Kernels {
         need_len("logprobs: lse", &lse, rows)?;
         if ld.is_multiple_of(4) {
             need_vec("logprobs: logits", &logits)?;
-        }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::logprobs_forward(logp, lse, logits, targets, rows, vocab, ld) };
-            return Ok(());
         }
         let cfg = Self::cfg((rows as u32, 1), 512, 0);
         launch!(self, "logprobs_forward", cfg; logp.ptr, lse.ptr, logits.ptr, targets.ptr, to_i32("rows", rows)?,
@@ -652,11 +594,6 @@ impl Kernels {
         if ld.is_multiple_of(4) && ld_out.is_multiple_of(4) {
             need_vec("logprobs_backward: logits", &logits)?;
             need(dlogits.ptr.is_multiple_of(8), || "logprobs_backward: dlogits must be 8-byte aligned".into())?;
-        }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::logprobs_backward(dlogits, logits, lse, targets, dlogp, rows, vocab, ld, ld_out) };
-            return Ok(());
         }
         let cfg = Self::cfg((rows as u32, 1), 512, 0);
         launch!(self, "logprobs_backward", cfg; dlogits.ptr, logits.ptr, lse.ptr, targets.ptr, dlogp.ptr,
@@ -695,13 +632,6 @@ impl Kernels {
             need(ok, || format!("adamw: {name} is not 16-byte aligned"))?;
         }
         need(p_bf16.ptr.is_multiple_of(8), || "adamw: the bf16 copy must be 8-byte aligned".into())?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe {
-                host::adamw_update(p, m, v, p_bf16, g, grad_scale, lr, beta1, beta2, eps, weight_decay, step, zero_grad)
-            };
-            return Ok(());
-        }
         let decay = (1.0 - lr * weight_decay) as f32;
         let (w1, b2, w2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
         let bc1 = 1.0 - beta1.powi(step as i32);
@@ -720,11 +650,6 @@ impl Kernels {
         need_len("grad_norm: partial", &partial, grid)?;
         need_len("grad_norm: out", &out, 1)?;
         need_vec("grad_norm: g", &g)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::grad_norm(out, g, accumulate) };
-            return Ok(());
-        }
         launch!(self, "grad_norm_forward", Self::cfg((grid as u32, 1), 256, 0); partial.ptr, g.ptr, g.len as i64);
         launch!(self, "grad_norm_forward_reduce", Self::cfg((1, 1), 256, 0); out.ptr, partial.ptr, grid as i32,
             accumulate as i32);
@@ -747,11 +672,6 @@ impl Kernels {
             need_len(&format!("swiglu: {name}"), p, count)?;
             need_vec(&format!("swiglu: {name}"), p)?;
         }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::swiglu_forward(out, gate, up, count) };
-            return Ok(());
-        }
         launch!(self, "swiglu_forward", Self::flat_cfg(count); out.ptr, gate.ptr, up.ptr, count as i64);
         Ok(())
     }
@@ -769,11 +689,6 @@ impl Kernels {
             need_len(&format!("swiglu_backward: {name}"), p, count)?;
             need_vec(&format!("swiglu_backward: {name}"), p)?;
         }
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::swiglu_backward(dgate, dup, dout, gate, up, count) };
-            return Ok(());
-        }
         launch!(self, "swiglu_backward", Self::flat_cfg(count); dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr,
             count as i64);
         Ok(())
@@ -788,11 +703,6 @@ impl Kernels {
         need(table.len.is_multiple_of(hidden), || "embedding: table length is not a multiple of hidden".into())?;
         need_vec("embedding: out", &out)?;
         need_vec("embedding: table", &table)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::embedding_forward(out, table, tokens, hidden) };
-            return Ok(());
-        }
         let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
         launch!(self, "embedding_forward", cfg; out.ptr, table.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
         Ok(())
@@ -813,11 +723,6 @@ impl Kernels {
             "embedding_backward: table length is not a multiple of hidden".into()
         })?;
         need_vec("embedding_backward: dout", &dout)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::embedding_backward(dtable, dout, tokens, hidden) };
-            return Ok(());
-        }
         let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
         launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
         Ok(())
@@ -829,11 +734,6 @@ impl Kernels {
         need_len("residual: y", &y, count)?;
         need_vec("residual: x", &x)?;
         need_vec("residual: y", &y)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::residual_forward(x, y, count) };
-            return Ok(());
-        }
         launch!(self, "residual_forward", Self::flat_cfg(count); x.ptr, y.ptr, count as i64);
         Ok(())
     }
@@ -843,11 +743,6 @@ impl Kernels {
         need_len("cast: in", &input, count)?;
         need_vec("cast: out", &out)?;
         need_vec("cast: in", &input)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::cast_f32_bf16(out, input, count) };
-            return Ok(());
-        }
         launch!(self, "cast_forward_f32_bf16", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
         Ok(())
     }
@@ -857,11 +752,6 @@ impl Kernels {
         need_len("cast: in", &input, count)?;
         need_vec("cast: out", &out)?;
         need_vec("cast: in", &input)?;
-        if self.is_host() {
-            // SAFETY: host-mode pointers; lengths checked above.
-            unsafe { host::cast_bf16_f32(out, input, count) };
-            return Ok(());
-        }
         launch!(self, "cast_forward_bf16_f32", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
         Ok(())
     }

@@ -5,10 +5,9 @@
 //! - `kernels`: one launcher per kernel, in the order of the .cu files;
 //! - `gemm`: cuBLASLt bf16 × bf16 → fp32/bf16 with fp32 compute;
 //! - `model`: `CudaEngine`, the `Engine` on one GPU;
-//! - `host`: the kernels and the GEMM emulated on the CPU (`Gpu::host()`), so the engine's
-//!   bookkeeping is tested where there is no GPU;
 //! - `sim`: the kernels' own source compiled for the CPU and run thread by thread
-//!   (`Gpu::sim`), so the kernels themselves are tested where there is no GPU.
+//!   (`Gpu::sim`), so the kernels and the engine are tested where there is no GPU;
+//! - `host`: the simulator's host memory and its stand-in for cuBLASLt.
 //!
 //! Kernel images: the fatbins nvcc made at build time when it was available, else the
 //! sources compiled by NVRTC for the device's arch at first use and cached in
@@ -132,7 +131,7 @@ pub fn gpu_unavailable() -> Option<String> {
     }
 }
 
-/// A buffer on the device, or in host memory under host emulation.
+/// A buffer on the device, or in host memory under the kernel simulator.
 pub enum DBuf<T> {
     Dev(CudaSlice<T>),
     Host(HostMem<T>),
@@ -151,7 +150,7 @@ impl<T> DBuf<T> {
 }
 
 /// One GPU: context, the stream everything runs on, the loaded kernels and cuBLASLt; or,
-/// from `Gpu::host()`, the same interface emulated on the CPU (`ctx` and `stream` `None`).
+/// from `Gpu::sim`, the same interface on the CPU (`ctx` and `stream` `None`).
 pub struct Gpu {
     pub ctx: Option<Arc<CudaContext>>,
     pub stream: Option<Arc<CudaStream>>,
@@ -183,13 +182,8 @@ impl Gpu {
         Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, name })
     }
 
-    /// The host emulation (see `host.rs`).
-    pub fn host() -> Self {
-        Gpu { ctx: None, stream: None, k: Kernels::host(), gemm: gemm::Gemm::host(), name: "host emulation".into() }
-    }
-
     /// The kernel simulator (see `sim.rs`): host memory, the kernels' own code, the GEMM
-    /// on the host emulation.
+    /// computed on the host (`host.rs`).
     pub fn sim(sim: sim::KernelSim) -> Self {
         Gpu { ctx: None, stream: None, k: Kernels::sim(sim), gemm: gemm::Gemm::host(), name: "kernel simulator".into() }
     }
@@ -273,7 +267,7 @@ impl Gpu {
         }
     }
 
-    /// (used, total) device memory in bytes; `None` under host emulation.
+    /// (used, total) device memory in bytes; `None` on the simulator.
     pub fn mem_used(&self) -> Option<(u64, u64)> {
         let (free, total) = self.ctx.as_ref()?.mem_get_info().ok()?;
         Some(((total - free) as u64, total as u64))

@@ -179,13 +179,7 @@ impl CudaEngine {
         Self::with_gpu(cfg, weights, Gpu::open(ordinal)?)
     }
 
-    /// The engine on the host emulation of its kernels (`host.rs`): slow, for tests of the
-    /// engine's bookkeeping on machines without a GPU.
-    pub fn new_host(cfg: LlamaConfig, weights: LlamaWeights) -> Result<Self> {
-        Self::with_gpu(cfg, weights, Gpu::host())
-    }
-
-    /// The engine on a given `Gpu`: a device, the host emulation, or the kernel simulator
+    /// The engine on a given `Gpu`: a device or the kernel simulator
     /// (`Gpu::sim`, the kernels' own source run on the CPU).
     pub fn with_gpu(cfg: LlamaConfig, weights: LlamaWeights, gpu: Gpu) -> Result<Self> {
         if let Some(why) = unsupported(&cfg) {
@@ -874,8 +868,8 @@ impl Engine for CudaEngine {
         Ok(())
     }
 
-    /// Sections of the step timed by CUDA events on the stream (wall clock under host
-    /// emulation); see `Profiler`.
+    /// Sections of the step timed by CUDA events on the stream (wall clock on the
+    /// simulator); see `Profiler`.
     fn set_profiling(&mut self, on: bool) -> bool {
         self.prof = Profiler { on, ..Profiler::default() };
         true
@@ -904,8 +898,8 @@ impl Engine for CudaEngine {
 
 // --- profiling
 
-/// A cut on the engine's timeline: a CUDA event recorded on its stream, or, under host
-/// emulation (where every launch has finished when it returns), the wall clock.
+/// A cut on the engine's timeline: a CUDA event recorded on its stream, or, on the kernel
+/// simulator (where every launch has finished when it returns), the wall clock.
 enum Cut {
     Event(CudaEvent),
     Wall(Instant),

@@ -5,11 +5,11 @@
 //! fragment layouts, masking, tile skipping, shared-memory use and reductions are the
 //! kernels' real ones. Not simulated: timing, memory coalescing, bank conflicts, the
 //! device's fast-math rounding, and concurrency between blocks (they run one at a time, so
-//! atomics are exact and ordered). The GEMMs still run on the host emulation (`host.rs`):
+//! atomics are exact and ordered). The GEMMs are computed on the host (`host.rs`):
 //! they are cuBLASLt's, not ours.
 //!
 //! Used by tests/kernel_sim.rs on machines without a GPU. Needs `$CXX` or `c++` (g++ or
-//! clang++ with C++17 and <ucontext.h>); the library is built once per source hash into the
+//! clang++ with C++17); the library is built once per source hash into the
 //! directory the caller gives.
 
 use std::ffi::c_void;
