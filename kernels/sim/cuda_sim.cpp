@@ -254,15 +254,17 @@ int run_grid(Launch* l, void (*body)(void*), void* ctx) {
     S.body = body;
     S.ctx = ctx;
     S.failed = false;
-    for (unsigned z = 0; z < gridDim.z; z++)
-        for (unsigned y = 0; y < gridDim.y; y++)
-            for (unsigned x = 0; x < gridDim.x; x++) {
-                blockIdx = {x, y, z};
-                if (!run_block(n_threads, l->reverse != 0)) {
-                    snprintf(l->error, sizeof l->error, "block (%u,%u,%u), %s", x, y, z, S.error);
-                    return 1;
-                }
-            }
+    // Blocks in order, or (reverse) in reverse order: a kernel whose blocks read what other
+    // blocks of the same launch write depends on the order and fails one of the two.
+    const unsigned n_blocks = gridDim.x * gridDim.y * gridDim.z;
+    for (unsigned j = 0; j < n_blocks; j++) {
+        const unsigned b = l->reverse ? n_blocks - 1 - j : j;
+        blockIdx = {b % gridDim.x, b / gridDim.x % gridDim.y, b / (gridDim.x * gridDim.y)};
+        if (!run_block(n_threads, l->reverse != 0)) {
+            snprintf(l->error, sizeof l->error, "block (%u,%u,%u), %s", blockIdx.x, blockIdx.y, blockIdx.z, S.error);
+            return 1;
+        }
+    }
     return 0;
 }
 

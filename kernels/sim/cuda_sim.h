@@ -3,15 +3,16 @@
 // every kernel and the whole engine on it). common.cuh includes this file instead of
 // <cuda_bf16.h> when SDPO_SIM is defined; nothing here is compiled for a GPU.
 //
-// Model: each thread of a block is a fiber (its own stack, ucontext); the blocks of a grid
-// run one after another. A fiber runs until it reaches a rendezvous — __syncthreads, a warp
-// shuffle, mma.sync — and waits there until every live thread of its block (or lane of its
-// warp) has arrived. Fibers run one at a time: warp by warp, each warp as far as it can go
-// (to a __syncthreads) before the next, in thread order or in reverse (`Launch::reverse`),
-// so warps drift as far apart as the barriers allow: a kernel that reads shared memory
-// another warp writes without a barrier between them gives wrong results in one order. A warp whose
-// lanes reach different collectives, a collective with exited lanes, and a barrier that can
-// never complete are reported as errors instead of hanging.
+// Model: each thread of a block is a fiber (its own stack and context); the blocks of a
+// grid run one after another. A fiber runs until it reaches a rendezvous — __syncthreads,
+// a warp shuffle, mma.sync — and waits there until every live thread of its block (or lane
+// of its warp) has arrived. Fibers run one at a time: warp by warp, each warp as far as it
+// can go (to a __syncthreads) before the next, so warps drift as far apart as the barriers
+// allow. `Launch::reverse` reverses the order of blocks, warps and lanes: a kernel that
+// reads shared memory another warp writes with no barrier in between, or global memory
+// another block of the same launch writes, gives wrong results in one of the two orders.
+// A warp whose lanes reach different collectives, a collective with exited lanes, and a
+// barrier that can never complete are reported as errors instead of hanging.
 //
 // Arithmetic: bf16 conversions round to nearest even as on the device; mma.sync sums the
 // exact bf16 products in f32; __expf and friends are the C library's (more exact than the
