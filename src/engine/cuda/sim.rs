@@ -45,32 +45,6 @@ pub struct KernelSim {
     reverse: bool,
 }
 
-/// A kernel argument as the 8-byte slot `kernelParams[i]` points at (little-endian: the
-/// kernel reads its parameter's size from the slot's start).
-pub trait SimArg {
-    fn slot(self) -> u64;
-}
-impl SimArg for u64 {
-    fn slot(self) -> u64 {
-        self
-    }
-}
-impl SimArg for i64 {
-    fn slot(self) -> u64 {
-        self as u64
-    }
-}
-impl SimArg for i32 {
-    fn slot(self) -> u64 {
-        self as u32 as u64
-    }
-}
-impl SimArg for f32 {
-    fn slot(self) -> u64 {
-        self.to_bits() as u64
-    }
-}
-
 impl KernelSim {
     /// Compiles (or reuses from `dir`) the simulator library and loads it.
     pub fn build(dir: &Path) -> Result<Self> {
@@ -92,11 +66,13 @@ impl KernelSim {
         KernelSim { lib: self.lib.clone(), reverse: true }
     }
 
-    /// Runs kernel `name` over the grid of `cfg`; `args` in the kernel's parameter order.
+    /// Runs kernel `name` over the grid of `cfg`; `args` in the kernel's parameter order,
+    /// one 8-byte slot each (`KernelArg::slot`).
     ///
     /// # Safety
-    /// Every pointer argument must address host memory of the extent the kernel uses (the
-    /// launchers check this), and the argument types must match the kernel's signature.
+    /// Every pointer argument must address host memory of the extent the kernel uses, and
+    /// there must be one argument of the right kind per kernel parameter (the launchers
+    /// check both: `kernels::check_kernel_args`).
     pub unsafe fn launch(&self, name: &str, cfg: &LaunchConfig, args: &[u64]) -> Result<()> {
         let symbol = format!("sdpo_sim_{name}\0");
         let entry: libloading::Symbol<EntryPoint> = self
