@@ -9,7 +9,8 @@
 //!   forward  y = x·Wᵀ        gemm(y, x, W, m = n_tok, n = out, k = in, trans_b)
 //!   backward dx = dy·W       gemm(dx, dy, W, m = n_tok, n = in, k = out)
 //!   backward dW += dyᵀ·x     gemm(dW, dy, x, m = out, n = in, k = n_tok, trans_a, β = 1)
-//! Algorithms come from cuBLASLt's heuristic once per shape and are cached; the workspace
+//! Algorithms come from cuBLASLt's heuristic once per shape and operand alignment (told to
+//! the heuristic: it assumes 256-byte aligned pointers otherwise) and are cached; the workspace
 //! (32 MiB on Hopper, 4 MiB before, as NVIDIA recommends) is allocated once.
 
 use std::collections::HashMap;
@@ -98,7 +99,19 @@ pub struct Gemm {
     /// `None` (with no workspace): on the host, `host::gemm` (the kernel simulator).
     stream: Option<Arc<CudaStream>>,
     workspace: Option<CudaSlice<u8>>,
-    algos: HashMap<(GemmShape, OutType), sys::cublasLtMatmulAlgo_t>,
+    /// Keyed by shape, output type and the operands' alignments (`AlignKey`).
+    algos: HashMap<(GemmShape, OutType, AlignKey), sys::cublasLtMatmulAlgo_t>,
+}
+
+/// The alignments (bytes) of cuBLAS's A, B and C = D pointers (our b, a and c).
+type AlignKey = [u32; 3];
+
+/// The alignment cuBLASLt may rely on for `addr`: its largest power-of-two divisor, up to
+/// 256 bytes. The heuristic assumes 256 unless told, and an algorithm chosen that way can
+/// fail on (or fault at) a less aligned view — a weight slice of the flat buffers is only
+/// 16-byte aligned when a small tensor (a norm of a narrow model) sits before it.
+pub fn alignment(addr: u64) -> u32 {
+    1 << addr.trailing_zeros().min(8)
 }
 
 impl Drop for Gemm {
@@ -210,38 +223,14 @@ impl Gemm {
         };
         let ws_len = workspace.len();
         let d = self.descs(s, out)?;
-        let key = (*s, out);
+        let align = [alignment(b.ptr), alignment(a.ptr), alignment(c)];
+        let key = (*s, out, align);
         let algo = match self.algos.get(&key) {
             Some(a) => *a,
             None => {
-                let pref = lt::create_matmul_pref().map_err(lt_err("preference"))?;
-                let ws = ws_len as u64;
-                // SAFETY: live preference; the attribute is a u64 byte count.
-                let r = unsafe {
-                    lt::set_matmul_pref_attribute(
-                        pref,
-                        sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                        &ws as *const u64 as *const c_void,
-                        8,
-                    )
-                    .and_then(|_| {
-                        lt::get_matmul_algo_heuristic(
-                            self.handle,
-                            d.desc,
-                            d.layouts[0],
-                            d.layouts[1],
-                            d.layouts[2],
-                            d.layouts[2],
-                            pref,
-                        )
-                    })
-                };
-                // SAFETY: created above, destroyed once.
-                unsafe {
-                    let _ = lt::destroy_matmul_pref(pref);
-                }
-                let algo =
-                    r.map_err(|e| Error::Cuda(format!("cuBLASLt has no algorithm for {s:?} → {out:?}: {e:?}")))?.algo;
+                let algo = self.heuristic(&d, align, ws_len).map_err(|e| {
+                    Error::Cuda(format!("cuBLASLt has no algorithm for {s:?} → {out:?} (alignments {align:?}): {e:?}"))
+                })?;
                 self.algos.insert(key, algo);
                 algo
             }
@@ -269,6 +258,53 @@ impl Gemm {
             )
         }
         .map_err(|e| Error::Cuda(format!("cuBLASLt matmul {s:?}: {e:?}")))
+    }
+
+    /// cuBLASLt's first choice for the call described by `d`, with operands aligned as
+    /// `align` says and at most `ws_len` bytes of workspace.
+    fn heuristic(
+        &self,
+        d: &Descs,
+        align: AlignKey,
+        ws_len: usize,
+    ) -> std::result::Result<sys::cublasLtMatmulAlgo_t, lt::CublasError> {
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let pref = lt::create_matmul_pref()?;
+        let ws = ws_len as u64;
+        let r = (|| {
+            // SAFETY: a live preference; each attribute gets a value of its documented
+            // type (u64 byte count, u32 alignments).
+            unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as _,
+                    8,
+                )?;
+                for (attr, bytes) in [
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2]),
+                ] {
+                    lt::set_matmul_pref_attribute(pref, attr, bytes as *const u32 as _, 4)?;
+                }
+                lt::get_matmul_algo_heuristic(
+                    self.handle,
+                    d.desc,
+                    d.layouts[0],
+                    d.layouts[1],
+                    d.layouts[2],
+                    d.layouts[2],
+                    pref,
+                )
+            }
+        })();
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        Ok(r?.algo)
     }
 
     /// `c (f32) = alpha·op(a)·op(b) + beta·c`.
@@ -323,6 +359,15 @@ mod tests {
                 *d = s + beta * *d;
             }
         }
+    }
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_divisor_up_to_256() {
+        assert_eq!(alignment(0x7f00_0000_0000), 256);
+        assert_eq!(alignment(0x7f00_0000_0180), 128);
+        assert_eq!(alignment(0x7f00_0000_0010), 16);
+        assert_eq!(alignment(0x7f00_0000_0002), 2);
+        assert_eq!(alignment(0), 256);
     }
 
     /// The row-major contract of `GemmShape` against the column-major call it becomes, for
