@@ -60,6 +60,26 @@ pub struct Nvrtc {
     error_string: unsafe extern "C" fn(Status) -> *const c_char,
     // Keeps the function pointers above valid.
     _lib: libloading::Library,
+    /// `libnvrtc-builtins` from beside a library loaded by path (see `builtins_beside`).
+    _builtins: Vec<libloading::Library>,
+}
+
+/// Loads the `libnvrtc-builtins.so.*` found beside `lib_path`. NVRTC opens its builtins
+/// by name at compile time, which finds them only on the loader path or through a
+/// `$ORIGIN` run path — the CUDA 12 wheel has one, the CUDA 13 wheel (and a toolkit
+/// outside ld.so.conf) does not, and every compile then fails with "failed to open
+/// libnvrtc-builtins.so.13.0". An object already loaded under that name is used instead.
+fn builtins_beside(lib_path: &Path) -> Vec<libloading::Library> {
+    let Some(dir) = lib_path.parent().filter(|d| !d.as_os_str().is_empty()) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc-builtins.so.")))
+        .collect();
+    paths.sort();
+    // SAFETY: the builtins library has no initialisers with preconditions; one that does
+    // not load is skipped (NVRTC then reports what it could not open).
+    paths.into_iter().filter_map(|p| unsafe { libloading::Library::new(&p) }.ok()).collect()
 }
 
 impl Nvrtc {
@@ -88,14 +108,17 @@ impl Nvrtc {
         for path in candidates {
             // SAFETY: loading NVRTC runs no initialisers with preconditions.
             match unsafe { libloading::Library::new(&path) } {
-                Ok(lib) => return Self::from_lib(lib, path),
+                Ok(lib) => {
+                    let builtins = if path.contains('/') { builtins_beside(Path::new(&path)) } else { Vec::new() };
+                    return Self::from_lib(lib, path, builtins);
+                }
                 Err(e) => tried.push(format!("{path} ({e})")),
             }
         }
         Err(Error::Cuda(format!("the NVRTC library was not found (tried {}); {INSTALL_HINT}", tried.join(", "))))
     }
 
-    fn from_lib(lib: libloading::Library, path: String) -> Result<Self> {
+    fn from_lib(lib: libloading::Library, path: String, builtins: Vec<libloading::Library>) -> Result<Self> {
         macro_rules! sym {
             ($name:literal) => {
                 // SAFETY: the signature is NVRTC's, stable since CUDA 11.
@@ -119,6 +142,7 @@ impl Nvrtc {
             error_string: sym!(b"nvrtcGetErrorString\0"),
             path,
             _lib: lib,
+            _builtins: builtins,
         };
         let (mut major, mut minor) = (0, 0);
         // SAFETY: two valid out-pointers.
