@@ -683,9 +683,14 @@ impl CudaEngine {
     }
 
     /// Times a large bf16 GEMM (8192³, f32 accumulate, bf16 out): the compute ceiling.
+    /// The operand is random (`gemm_peak_operand`), not zeros: on zeros the tensor cores
+    /// draw less power and clock higher, which would overstate the ceiling (benches/kernels.rs
+    /// fills its operands for the same reason).
     fn measure_gemm_peak(&mut self) -> Result<f64> {
         let s = 8192usize;
-        let a = self.gpu.alloc::<u16>(s * s)?;
+        let host = gemm_peak_operand(s * s);
+        let a = self.gpu.upload(&host)?;
+        drop(host);
         let c = self.gpu.alloc::<u16>(s * s)?;
         let (ap, cp) = (self.gpu.ptr(&a), self.gpu.ptr(&c));
         let shape = GemmShape::new(s, s, s, false, true);
@@ -896,6 +901,21 @@ impl Engine for CudaEngine {
     }
 }
 
+/// `len` random bf16 values (bits) with |v| in [0.5, 1): sign and 7 mantissa bits from
+/// xorshift64, exponent 126. Products of such values summed over k = 8192 stay far from
+/// bf16's range limits.
+fn gemm_peak_operand(len: usize) -> Vec<Bf16> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as u16 & 0x807f) | 0x3f00
+        })
+        .collect()
+}
+
 // --- profiling
 
 /// A cut on the engine's timeline: a CUDA event recorded on its stream, or, on the kernel
@@ -1012,5 +1032,22 @@ impl Profiler {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_peak_operand_is_random_and_in_range() {
+        let v = super::super::from_bf16(&gemm_peak_operand(1 << 16));
+        assert!(v.iter().all(|x| (0.5..1.0).contains(&x.abs())), "a value outside ±[0.5, 1)");
+        let neg = v.iter().filter(|x| **x < 0.0).count() as f64 / v.len() as f64;
+        assert!((0.45..0.55).contains(&neg), "negative share {neg}"); // 65536 fair signs: σ ≈ 0.002
+        let mut distinct: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 256, "every sign × 7-bit mantissa appears");
     }
 }
