@@ -162,6 +162,20 @@ pub fn attention_backward_smem(head_dim: usize) -> u32 {
     ((2 * bn * (head_dim + pad) + 2 * bm * (head_dim + pad) + bm * (bn + pad)) * 2 + (3 * bm + bn) * 4) as u32
 }
 
+/// Dynamic shared memory a launch may ask for without opting in.
+pub const DEFAULT_DYNAMIC_SMEM: u32 = 48 << 10;
+
+/// The dynamic shared memory a launch of `kernel` may ask for: 48 KB, or for the kernels
+/// that need more, what `Kernels::load` opts them into before any launch
+/// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; above 48 KB a launch fails without it).
+pub fn dynamic_smem_limit(kernel: &str) -> u32 {
+    let hd = kernel.strip_prefix("attention_backward_hd").and_then(|d| d.parse::<usize>().ok());
+    match hd {
+        Some(d) if ATTENTION_HEAD_DIMS.contains(&d) => attention_backward_smem(d).max(DEFAULT_DYNAMIC_SMEM),
+        _ => DEFAULT_DYNAMIC_SMEM,
+    }
+}
+
 /// The loaded kernels of one device, or their stand-in on the CPU.
 pub struct Kernels {
     /// `None`: no device; the kernels run on the simulator (`sim`).
@@ -200,13 +214,12 @@ impl Kernels {
             }
             modules.push(module);
         }
-        for &d in ATTENTION_HEAD_DIMS {
-            let f = &funcs[format!("attention_backward_hd{d}").as_str()];
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                attention_backward_smem(d) as i32,
-            )
-            .map_err(|e| Error::Cuda(format!("attention_backward_hd{d}: shared memory limit: {e}")))?;
+        for (name, f) in &funcs {
+            let limit = dynamic_smem_limit(name);
+            if limit > DEFAULT_DYNAMIC_SMEM {
+                f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit as i32)
+                    .map_err(|e| Error::Cuda(format!("{name}: opting into {limit} bytes of shared memory: {e}")))?;
+            }
         }
         Ok(Kernels { stream: Some(stream), sim: None, arch, sm_count, funcs, _modules: modules })
     }
@@ -312,6 +325,8 @@ pub struct KernelSignature {
     pub file: &'static str,
     pub name: String,
     pub params: Vec<ArgKind>,
+    /// `__launch_bounds__`' first value: a larger block fails to launch on a device.
+    pub max_threads: Option<u32>,
 }
 
 impl KernelSignature {
@@ -372,8 +387,11 @@ pub fn parse_kernel_signatures(file: &'static str, src: &str) -> Result<Vec<Kern
         let Some(decl) = decl.trim_start().strip_prefix("__global__") else { continue };
         let mut decl = decl.trim_start().strip_prefix("void").ok_or_else(|| bad("a kernel that is not void".into()))?;
         decl = decl.trim_start();
+        let mut max_threads = None;
         if let Some(r) = decl.strip_prefix("__launch_bounds__") {
             let close = r.find(')').ok_or_else(|| bad("unclosed __launch_bounds__".into()))?;
+            let first = r[..close].trim_start().trim_start_matches('(').split(',').next().unwrap_or("").trim();
+            max_threads = Some(first.parse().map_err(|_| bad(format!("__launch_bounds__ `{first}` is not a number")))?);
             decl = r[close + 1..].trim_start();
         }
         let open = decl.find('(').ok_or_else(|| bad("a kernel without a parameter list".into()))?;
@@ -390,7 +408,7 @@ pub fn parse_kernel_signatures(file: &'static str, src: &str) -> Result<Vec<Kern
                 .map(|p| param_kind(p.trim()).map_err(|e| bad(format!("{name}: {e}"))))
                 .collect::<Result<_>>()?
         };
-        out.push(KernelSignature { file, name, params });
+        out.push(KernelSignature { file, name, params, max_threads });
     }
     Ok(out)
 }
@@ -408,9 +426,11 @@ pub fn kernel_signatures() -> Result<&'static [KernelSignature]> {
     parsed.as_deref().map_err(|e| Error::Cuda(e.clone()))
 }
 
-/// Refuses a launch whose arguments do not match `kernel`'s declared parameters in count
-/// and kind (checked on the simulator and on a device alike, before launching).
-pub fn check_kernel_args(kernel: &str, args: &[ArgKind]) -> Result<()> {
+/// Refuses a launch that a device would refuse or run wrong, and the simulator would not
+/// notice: arguments that differ from `kernel`'s declared parameters in count or kind, a
+/// block larger than its `__launch_bounds__`, more dynamic shared memory than
+/// `dynamic_smem_limit`. Checked on the simulator and on a device alike, before launching.
+pub fn check_launch(kernel: &str, cfg: &LaunchConfig, args: &[ArgKind]) -> Result<()> {
     let sig = kernel_signatures()?.iter().find(|s| s.names(kernel)).ok_or_else(|| {
         Error::Cuda(format!("kernel {kernel}: no `extern \"C\" __global__` declaration in kernels/*.cu"))
     })?;
@@ -420,18 +440,33 @@ pub fn check_kernel_args(kernel: &str, args: &[ArgKind]) -> Result<()> {
             sig.file, sig.params
         )));
     }
+    let (x, y, z) = cfg.block_dim;
+    let threads = x * y * z;
+    if let Some(max) = sig.max_threads.filter(|&m| threads > m) {
+        return Err(Error::Cuda(format!(
+            "kernel {kernel}: a block of {threads} threads, kernels/{} bounds it to {max}",
+            sig.file
+        )));
+    }
+    let limit = dynamic_smem_limit(kernel);
+    if cfg.shared_mem_bytes > limit {
+        return Err(Error::Cuda(format!(
+            "kernel {kernel}: {} bytes of dynamic shared memory, more than the {limit} it may use",
+            cfg.shared_mem_bytes
+        )));
+    }
     Ok(())
 }
 
-/// Launches `$name` with the given config, after checking the arguments' kinds against
-/// the kernel's declaration. On a device each argument is bound to a local that lives
+/// Launches `$name` with the given config, after checking the arguments' kinds, the block
+/// size and the shared memory against the kernel's declaration (`check_launch`). On a device each argument is bound to a local that lives
 /// until the launch is queued (the builder keeps references); on the simulator the
 /// arguments go as 8-byte slots.
 macro_rules! launch {
     ($k:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         if let Some(sim) = &$k.sim {
             let args = [$( { let a = $arg; (kind_of(&a), KernelArg::slot(a)) } ),*];
-            check_kernel_args($name, &args.map(|a| a.0))?;
+            check_launch($name, &$cfg, &args.map(|a| a.0))?;
             // SAFETY: as for the device launch below; host-mode pointers address host memory.
             unsafe { sim.launch($name, &$cfg, &args.map(|a| a.1)) }?;
         } else {
@@ -440,9 +475,9 @@ macro_rules! launch {
             let mut b = stream.launch_builder(f);
             let mut kinds = Vec::with_capacity(24);
             $( let a = $arg; kinds.push(kind_of(&a)); b.arg(&a); )*
-            check_kernel_args($name, &kinds)?;
+            check_launch($name, &$cfg, &kinds)?;
             // SAFETY: the launcher checked every length and alignment the kernel relies on,
-            // and the argument kinds match the kernel's declaration (checked above).
+            // and the arguments and config match the kernel's declaration (checked above).
             unsafe { b.launch($cfg) }.map_err(|e| Error::Cuda(format!("{}: {e}", $name)))?;
         }
     }};
@@ -951,6 +986,7 @@ mod tests {
         assert_eq!(sigs.len(), 2, "{sigs:?}");
         assert_eq!((sigs[0].name.as_str(), sigs[0].params.clone()), ("plain", vec![Ptr, Ptr, I32, I32, I64, F32]));
         assert_eq!((sigs[1].name.as_str(), sigs[1].params.clone()), ("stamped_hd##D", vec![Ptr, I64]));
+        assert_eq!((sigs[0].max_threads, sigs[1].max_threads), (Some(256), Some(128)));
         assert!(sigs[1].names("stamped_hd128") && !sigs[1].names("stamped_hd") && !sigs[1].names("stamped_hdx"));
 
         let err = parse_kernel_signatures("t.cu", "extern \"C\" __global__ void k(half h) {}").unwrap_err();
@@ -967,6 +1003,11 @@ mod tests {
         assert_eq!(sig("grad_norm_forward_reduce"), vec![Ptr, Ptr, I32, I32]);
         assert_eq!(sig("attention_backward_hd128"), [vec![Ptr; 12], vec![I32; 8], vec![F32]].concat());
         assert_eq!(sig("swiglu_forward"), vec![Ptr, Ptr, Ptr, I64]);
+        let bound = |name: &str| kernel_signatures().unwrap().iter().find(|s| s.names(name)).unwrap().max_threads;
+        assert_eq!(
+            [bound("logprobs_forward"), bound("attention_forward_hd16"), bound("rmsnorm_forward")],
+            [Some(512), Some(128), Some(256)]
+        );
         for (file, name) in KERNEL_NAMES {
             let found: Vec<_> = kernel_signatures().unwrap().iter().filter(|s| s.names(name)).collect();
             assert_eq!(found.len(), 1, "{name}: {found:?}");
@@ -976,12 +1017,30 @@ mod tests {
 
     #[test]
     fn refuses_arguments_of_the_wrong_kind_or_count() {
-        assert!(check_kernel_args("swiglu_forward", &[Ptr, Ptr, Ptr, I64]).is_ok());
+        let cfg = Kernels::cfg((4, 1), 256, 0);
+        assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I64]).is_ok());
         // An i32 count for `long long count`: correct on the simulator, garbage on a device.
-        let err = check_kernel_args("swiglu_forward", &[Ptr, Ptr, Ptr, I32]).unwrap_err();
+        let err = check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I32]).unwrap_err();
         assert!(err.to_string().contains("kernels/elementwise.cu declares"), "{err}");
-        assert!(check_kernel_args("swiglu_forward", &[Ptr, Ptr, Ptr, I64, I32]).is_err());
-        assert!(check_kernel_args("attention_forward_hd48", &[Ptr]).is_err());
-        assert!(check_kernel_args("no_such_kernel", &[]).is_err());
+        assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I64, I32]).is_err());
+        assert!(check_launch("attention_forward_hd48", &cfg, &[Ptr]).is_err());
+        assert!(check_launch("no_such_kernel", &cfg, &[]).is_err());
+    }
+
+    #[test]
+    fn refuses_blocks_past_the_launch_bounds_and_unopted_shared_memory() {
+        let swiglu = [Ptr, Ptr, Ptr, I64];
+        let err = check_launch("swiglu_forward", &Kernels::cfg((1, 1), 512, 0), &swiglu).unwrap_err();
+        assert!(err.to_string().contains("a block of 512 threads, kernels/elementwise.cu bounds it to 256"), "{err}");
+        let err = check_launch("swiglu_forward", &Kernels::cfg((1, 1), 256, 48 << 10 | 4), &swiglu).unwrap_err();
+        assert!(err.to_string().contains("dynamic shared memory"), "{err}");
+
+        // attention backward at head dim 128 needs more than 48 KB: opted in, up to its size.
+        let bwd = [vec![Ptr; 12], vec![I32; 8], vec![F32]].concat();
+        let need = attention_backward_smem(128);
+        assert!(need > DEFAULT_DYNAMIC_SMEM, "{need}");
+        assert!(check_launch("attention_backward_hd128", &Kernels::cfg((1, 1), 128, need), &bwd).is_ok());
+        assert!(check_launch("attention_backward_hd128", &Kernels::cfg((1, 1), 128, need + 4), &bwd).is_err());
+        assert!(check_launch("attention_backward_hd64", &Kernels::cfg((1, 1), 128, need), &bwd).is_err());
     }
 }
