@@ -374,6 +374,10 @@ fn open_engine(opts: &BenchOptions) -> Result<(Shape, Box<dyn Engine>)> {
         Device::Auto => cfg!(feature = "cuda") && gpu_present(),
     };
     if cuda_wanted {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda, Some(why)) = (opts.device, crate::engine::cuda::gpu_unavailable()) {
+            return Err(Error::NoGpu(why)); // before minutes of building random weights
+        }
         let shape = opts.shape.unwrap_or(Shape::Llama1b);
         let cfg = shape.config();
         match engine::open(Device::Cuda, cfg.clone(), LlamaWeights::random(&cfg, opts.seed)) {

@@ -97,9 +97,10 @@ fi
 # (2) ceilings (also compiles every kernel with NVRTC once, filling the cache)
 step ceilings 120 'CEILING' "$BIN/gpu-tests" --ignored --exact gpu_ceilings --nocapture
 
-# (3) parity: every kernel against its CPU op, then whole engine against the CPU engine
-step kernels-parity 240 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture --skip engine_ --skip gpu_ceilings
-step engine-parity 180 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture engine_
+# (3) parity: every kernel against its CPU op, then whole engine steps and a 2-step sDPO
+# run against the CPU engine
+step kernels-parity 240 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture --skip engine_ --skip sdpo_ --skip gpu_ceilings
+step engine-parity 180 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture engine_ sdpo_
 
 # (4) benchmarks: every CUDA kernel and the engine's GEMMs on Llama 3.2 1B / Llama 3 8B
 # layer shapes (criterion, CUDA side only), then end-to-end training

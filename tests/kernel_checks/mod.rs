@@ -537,11 +537,11 @@ fn engines_agree(
     // usual eps = 1e-8 is lr·sign(g) — a gradient element near zero whose bf16 rounding
     // flips its sign moves its weight by 2·lr, and the log-probs after the step differ by
     // far more than the gradients do (4.9e-2 measured on the llama3 fixture). With eps = 1
-    // (≫ |g|) the update is ≈ lr·g, so the gradient tolerance carries over; lr = 1 makes the
-    // step big enough that the log-probs move well beyond the tolerance (checked below).
+    // (≫ |g|) the update is ≈ lr·g, so the gradient tolerance carries over; lr = 2 makes the
+    // step big enough that the log-probs move beyond the tolerance (checked below).
     // AdamW's own arithmetic is checked exactly by `adamw`.
     let opt = AdamWConfig { weight_decay: 0.01, eps: 1.0, max_grad_norm: None, ..Default::default() };
-    let (nc, ng) = (cpu.optimizer_step(&opt, 1.0).unwrap(), gpu.optimizer_step(&opt, 1.0).unwrap());
+    let (nc, ng) = (cpu.optimizer_step(&opt, 2.0).unwrap(), gpu.optimizer_step(&opt, 2.0).unwrap());
     println!("{tag} {layout:?} grad norm gpu {ng} cpu {nc}");
     assert!(((ng - nc) / nc).abs() <= TOL, "{tag}: grad norm {ng} vs {nc}");
     assert!(gpu.grads().unwrap().tensors().iter().all(|t| t.iter().all(|&x| x == 0.0)), "gradients not zeroed");
@@ -556,7 +556,10 @@ fn engines_agree(
     let after = cpu.sequence_logps(&batch).unwrap();
     let flat = |v: &[PairLogps]| v.iter().flat_map(|p| [p.chosen as f32, p.rejected as f32]).collect::<Vec<_>>();
     let moved = rel_err("log-probs moved by the step", &flat(&after), &flat(&want));
-    assert!(moved > 5.0 * TOL, "{tag}: the AdamW step moved the log-probs by only {moved:.2e}");
+    println!("{tag} {layout:?} log-probs moved by the AdamW step: {moved:.2e}");
+    // At least twice the tolerance (measured 3.3e-2 to 3.4e-1; the engines then differ by
+    // 2e-4 to 2.2e-3).
+    assert!(moved > 2.0 * TOL, "{tag}: the AdamW step moved the log-probs by only {moved:.2e}");
     check_logps(&format!("{tag} {layout:?} logps after AdamW"), &gpu.sequence_logps(&batch).unwrap(), &after);
     println!("{tag}: peak device memory {:?} bytes", gpu.peak_memory_bytes());
 }
