@@ -100,10 +100,16 @@ pub fn kernel_image(file: &str, arch: &str) -> Result<Vec<u8>> {
     }
     let out = nv.compile(file, src, KERNEL_HEADERS, &opts, nvrtc::Output::Cubin)?;
     if let Some(p) = cached {
-        // A cache that cannot be written only costs a recompile next time.
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        if p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && std::fs::write(&tmp, &out.image).is_ok() {
-            let _ = std::fs::rename(&tmp, &p);
+        // A cache that cannot be written only costs a recompile next time. The temporary
+        // name is unique per call: threads of one process (parallel tests, each opening a
+        // GPU on a cold cache) must not write into one file while another renames it.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = p.with_extension(format!("tmp{}-{n}", std::process::id()));
+        let written =
+            p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && std::fs::write(&tmp, &out.image).is_ok();
+        if written && std::fs::rename(&tmp, &p).is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
     Ok(out.image)
