@@ -459,9 +459,9 @@ pub fn check_launch(kernel: &str, cfg: &LaunchConfig, args: &[ArgKind]) -> Resul
 }
 
 /// Launches `$name` with the given config, after checking the arguments' kinds, the block
-/// size and the shared memory against the kernel's declaration (`check_launch`). On a device each argument is bound to a local that lives
-/// until the launch is queued (the builder keeps references); on the simulator the
-/// arguments go as 8-byte slots.
+/// size and the shared memory against the kernel's declaration (`check_launch`). On a
+/// device each argument is bound to a local that lives until the launch is queued (the
+/// builder keeps references); on the simulator the arguments go as 8-byte slots.
 macro_rules! launch {
     ($k:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         if let Some(sim) = &$k.sim {

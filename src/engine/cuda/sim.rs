@@ -38,7 +38,7 @@ struct Launch {
 
 type EntryPoint = unsafe extern "C" fn(*mut Launch, *mut *mut c_void) -> i32;
 
-/// The compiled kernels, and the order fibers run in between rendezvous.
+/// The compiled kernels, and the order blocks, warps and lanes run in (cuda_sim.h).
 #[derive(Clone)]
 pub struct KernelSim {
     lib: Arc<libloading::Library>,
@@ -61,7 +61,7 @@ impl KernelSim {
         Ok(KernelSim { lib: Arc::new(lib), reverse: false })
     }
 
-    /// The same library, running each block's threads in reverse order between rendezvous.
+    /// The same library, running blocks, warps and lanes in reverse order.
     pub fn reversed(&self) -> Self {
         KernelSim { lib: self.lib.clone(), reverse: true }
     }
@@ -72,7 +72,7 @@ impl KernelSim {
     /// # Safety
     /// Every pointer argument must address host memory of the extent the kernel uses, and
     /// there must be one argument of the right kind per kernel parameter (the launchers
-    /// check both: `kernels::check_kernel_args`).
+    /// check both: `kernels::check_launch`).
     pub unsafe fn launch(&self, name: &str, cfg: &LaunchConfig, args: &[u64]) -> Result<()> {
         let symbol = format!("sdpo_sim_{name}\0");
         let entry: libloading::Symbol<EntryPoint> = self
