@@ -171,7 +171,25 @@ def main():
     import torch
     import torch.nn.functional as F
     import transformers
-    from trl.trainer.utils import selective_log_softmax
+
+    try:
+        from trl.trainer.utils import selective_log_softmax
+    except ImportError:  # the GPU host's image has no trl (nor its `datasets` dependency)
+
+        def selective_log_softmax(logits, index):
+            """TRL's helper, same arithmetic: log-probs of `index` under `logits`; fp32 and
+            fp64 as gather minus a per-row logsumexp, other dtypes row by row through
+            log_softmax, so full-vocabulary log-probs never exist for the whole batch."""
+            if logits.dtype in (torch.float32, torch.float64):
+                picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+                return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+            rows = [
+                torch.gather(F.log_softmax(row, dim=-1), -1, ix.unsqueeze(-1)).squeeze(-1)
+                for row, ix in zip(logits, index)
+            ]
+            return torch.stack(rows)
+
+        print("compare_torch.py: trl not installed; its selective_log_softmax re-stated here", file=sys.stderr)
 
     device = args.device
     if device == "auto":

@@ -10,12 +10,13 @@
 #   tools/gpu-check.sh               # on the GPU host, from the repository root
 #
 # It (1) prints the environment, (2) measures the copy and bf16-GEMM ceilings, (3) runs
-# every GPU parity test (tests/gpu.rs, `--ignored`), (4) runs the kernel benchmarks and the
-# end-to-end training benchmark, (5) runs the PyTorch side-by-side when
-# tools/compare_torch.py exists. Full logs go to $GPU_LOG_DIR (default
-# runs/gpu-check-<time>/); a short table is printed last. Each step has a time limit; the
-# whole run stays under 10 minutes on an H200. The kernels are compiled by the host's
-# NVRTC at first use and cached in ~/.cache/sdpo (SDPO_CACHE overrides).
+# every GPU parity test (tests/gpu.rs, `--ignored`), (4) runs the end-to-end training
+# benchmark, the PyTorch side-by-side (tools/compare_torch.py) and the kernel benchmarks. Full logs go to $GPU_LOG_DIR (default $OUT/gpu-check when
+# the device runner sets $OUT, else runs/gpu-check-<time>/); each step's row is printed as
+# it ends and the table again last. Each step has a time limit and the whole run a budget
+# ($GPU_CHECK_BUDGET, 560 s), so it ends inside the runner's 10 minutes. The kernels are
+# compiled by the host's NVRTC at first use and cached in ~/.cache/sdpo (SDPO_CACHE
+# overrides).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu
@@ -45,15 +46,34 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
 
-LOG=${GPU_LOG_DIR:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
+# Logs: $GPU_LOG_DIR, else under $OUT (the device runner returns what is written there),
+# else runs/gpu-check-<time>/.
+if [ -n "${GPU_LOG_DIR:-}" ]; then
+  LOG=$GPU_LOG_DIR
+elif [ -n "${OUT:-}" ]; then
+  LOG=$OUT/gpu-check
+else
+  LOG=runs/gpu-check-$(date +%Y%m%d-%H%M%S)
+fi
 mkdir -p "$LOG"
 ROWS=()
+# Whole-run budget in seconds (the device runner stops a command at 600 s): each step's
+# limit is cut to what is left, a step with under 20 s left is skipped, so the table
+# always prints.
+BUDGET=${GPU_CHECK_BUDGET:-560}
 
 # step NAME LIMIT_SECONDS SUMMARY_REGEX COMMAND...: runs COMMAND with a time limit, logs
-# to $LOG/NAME.log, and records a table row with the last line matching SUMMARY_REGEX.
+# to $LOG/NAME.log, and records a table row (also printed at once) with the last line
+# matching SUMMARY_REGEX.
 step() {
   local name=$1 limit=$2 pattern=$3
   shift 3
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    skip "$name" "out of the ${BUDGET}s budget"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name: $*" | tee -a "$LOG/steps.txt"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1
@@ -64,10 +84,12 @@ step() {
   summary=$(grep -E "$pattern" "$LOG/$name.log" | tail -1 | cut -c1-110)
   ROWS+=("$(printf '%-14s %-14s %5ss  %s' "$name" "$status" "$((SECONDS - t0))" "$summary")")
   tail -5 "$LOG/$name.log"
+  echo "ROW ${ROWS[-1]}" | tee -a "$LOG/table.txt"
 }
 
 skip() {
   ROWS+=("$(printf '%-14s %-14s %5s   %s' "$1" "skipped" "-" "$2")")
+  echo "ROW ${ROWS[-1]}" | tee -a "$LOG/table.txt"
 }
 
 # (1) environment
@@ -102,26 +124,25 @@ step ceilings 120 'CEILING' "$BIN/gpu-tests" --ignored --exact gpu_ceilings --no
 step kernels-parity 240 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture --skip engine_ --skip sdpo_ --skip gpu_ceilings
 step engine-parity 180 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture engine_ sdpo_
 
-# (4) benchmarks: every CUDA kernel and the engine's GEMMs on Llama 3.2 1B / Llama 3 8B
-# layer shapes (criterion, CUDA side only), then end-to-end training
-if [ -x "$BIN/kernels-bench" ]; then
-  step kernels-bench 180 'time:' "$BIN/kernels-bench" --bench --warm-up-time 0.5 --measurement-time 1 cuda/
-else
-  skip kernels-bench "no $BIN/kernels-bench"
-fi
+# (4) end-to-end training (the headline number), then the PyTorch anchor on the same
+# sizes and the ratios, then every CUDA kernel and the engine's GEMMs on Llama 3.2 1B /
+# Llama 3 8B layer shapes (criterion, CUDA side only) with what the budget leaves
 if [ -x "$BIN/sdpo-run" ]; then
   step train-bench 150 'tokens|MFU|mfu' "$BIN/sdpo-run" bench --device cuda --shape llama-1b --steps 5 --warmup 1
 else
   skip train-bench "no $BIN/sdpo-run"
 fi
-
-# (5) PyTorch side-by-side
 if [ -f tools/compare_torch.py ]; then
   # Same shape and sizes as train-bench; JSON keys and the ratio print: top of compare_torch.py.
   step torch 180 'tokens|step|MFU' python3 tools/compare_torch.py --device cuda --shape llama-1b --steps 5 --warmup 1
   step ratios 20 'RATIO' python3 tools/compare_torch.py --ratios "$LOG/train-bench.log" "$LOG/torch.log"
 else
   skip torch "tools/compare_torch.py not in this tree"
+fi
+if [ -x "$BIN/kernels-bench" ]; then
+  step kernels-bench 180 'time:' "$BIN/kernels-bench" --bench --warm-up-time 0.5 --measurement-time 1 cuda/
+else
+  skip kernels-bench "no $BIN/kernels-bench"
 fi
 
 # The benchmark's closing table: fastest call per kernel, GB/s or TFLOP/s.
