@@ -178,42 +178,17 @@ pub fn flops(cfg: &LlamaConfig, batch: &PairBatch) -> Flops {
 
 // --- ceilings and memory
 
-/// fp32 FLOP/s of the best of `reps` `n×n×n` GEMMs by the `gemm` crate (the CPU engine's
-/// GEMM) on rayon's threads, after one untimed run.
+/// fp32 FLOP/s of the best of `reps` `n×n×n` GEMMs through the CPU engine's own linear
+/// layer (`ops::linear_forward`: the gemm crate on rayon's threads), after one untimed run.
 pub fn cpu_gemm_flops(n: usize, reps: usize) -> f64 {
     let mut rng = SplitMix64(7);
     let a: Vec<f32> = (0..n * n).map(|_| rng.normal()).collect();
     let b: Vec<f32> = (0..n * n).map(|_| rng.normal()).collect();
     let mut c = vec![0f32; n * n];
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let mut best = f64::INFINITY;
     for rep in 0..=reps {
         let t0 = Instant::now();
-        // SAFETY: a, b, c are n×n row-major and distinct.
-        unsafe {
-            gemm::gemm(
-                n,
-                n,
-                n,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.as_ptr(),
-                1,
-                n as isize,
-                b.as_ptr(),
-                1,
-                n as isize,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
+        crate::engine::cpu::ops::linear_forward(&mut c, &a, &b, n, n, n);
         if rep > 0 {
             best = best.min(t0.elapsed().as_secs_f64());
         }

@@ -315,40 +315,29 @@ fn parquet_with_the_wrong_columns() {
 fn prepare_writes_pretokenized_pairs_and_refuses_to_overwrite() {
     let dir = scratch("cli");
     let out = dir.join("pairs.jsonl");
-    let files = [fixtures().join("records/standard.jsonl"), fixtures().join("records/orca.parquet")];
-    let run = |extra: &[&str]| {
+    // `sdpo-run prepare` on `files` into `out`, with `extra` flags.
+    let run = |files: &[std::path::PathBuf], extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_sdpo-run"))
             .args(["prepare", "--model"])
             .arg(fixtures().join("spm"))
             .arg("--data")
-            .args(&files)
-            .args(["--prompt-field", "instruction", "--out"])
-            .arg(&out)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    // no record has an `instruction` field: the first file's first record is named
-    let r = run(&[]);
-    assert!(!r.status.success());
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert_has(&err, &["standard.jsonl:1:", "missing field `instruction`", "--prompt-field"]);
-    assert!(!out.exists(), "nothing is written on error");
-
-    let files = [fixtures().join("records/standard.jsonl"), fixtures().join("records/conversational.json")];
-    let run = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sdpo-run"))
-            .args(["prepare", "--model"])
-            .arg(fixtures().join("spm"))
-            .arg("--data")
-            .args(&files)
+            .args(files)
             .arg("--out")
             .arg(&out)
             .args(extra)
             .output()
             .unwrap()
     };
-    let r = run(&["--max-length", "1000"]);
+    // no record has an `instruction` field: the first file's first record is named
+    let bad = [fixtures().join("records/standard.jsonl"), fixtures().join("records/orca.parquet")];
+    let r = run(&bad, &["--prompt-field", "instruction"]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_has(&err, &["standard.jsonl:1:", "missing field `instruction`", "--prompt-field"]);
+    assert!(!out.exists(), "nothing is written on error");
+
+    let files = [fixtures().join("records/standard.jsonl"), fixtures().join("records/conversational.json")];
+    let r = run(&files, &["--max-length", "1000"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_has(&String::from_utf8_lossy(&r.stderr), &["pairs read 8, kept 8", "chosen == rejected (kept) 2"]);
     let written = sdpo::data::pretokenized::read_pairs(&out, 600).unwrap();
@@ -356,11 +345,11 @@ fn prepare_writes_pretokenized_pairs_and_refuses_to_overwrite() {
     assert_eq!(written, want);
     // a second run must not clobber it
     std::fs::write(&out, "keep me\n").unwrap();
-    let r = run(&[]);
+    let r = run(&files, &[]);
     assert!(!r.status.success());
     assert_has(&String::from_utf8_lossy(&r.stderr), &["exists", "--overwrite"]);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "keep me\n");
-    let r = run(&["--overwrite"]);
+    let r = run(&files, &["--overwrite"]);
     assert!(r.status.success());
     assert_eq!(sdpo::data::pretokenized::read_pairs(&out, 600).unwrap(), want);
     let _ = std::fs::remove_dir_all(&dir);

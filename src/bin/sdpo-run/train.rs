@@ -333,18 +333,11 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
         reference,
         device
     );
-    if args.model.is_some() {
-        c.model = args.model.clone();
+    // Optional settings: a flag that is given replaces the file's value.
+    macro_rules! set_given {
+        ($src:expr; $($f:ident),*) => { $( if $src.$f.is_some() { c.$f = $src.$f.clone(); } )* };
     }
-    if args.out.is_some() {
-        c.out = args.out.clone();
-    }
-    if args.steps.is_some() {
-        c.steps = args.steps;
-    }
-    if args.random_init.is_some() {
-        c.random_init = args.random_init;
-    }
+    set_given!(args; model, out, steps, random_init);
     if !args.data.is_empty() {
         c.data = args.data.clone();
     }
@@ -364,18 +357,7 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
             now.clone_from(flag);
         }
     }
-    if given.chat_template.is_some() {
-        c.chat_template = given.chat_template.clone();
-    }
-    if given.max_length.is_some() {
-        c.max_length = given.max_length;
-    }
-    if given.max_prompt_length.is_some() {
-        c.max_prompt_length = given.max_prompt_length;
-    }
-    if given.system_field.is_some() {
-        c.system_field = given.system_field.clone();
-    }
+    set_given!(given; chat_template, max_length, max_prompt_length, system_field);
     c.length_normalize |= args.length_normalize;
     c.carry_optimizer |= args.carry_optimizer;
     c.carry_schedule |= args.carry_schedule;

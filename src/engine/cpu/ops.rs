@@ -1094,6 +1094,11 @@ mod tests {
         out
     }
 
+    /// Random q, k, v for `n` tokens of shape `s`.
+    fn random_qkv(rng: &mut SplitMix64, n: usize, s: AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (randn(rng, n * s.q_dim(), 1.0), randn(rng, n * s.kv_dim(), 1.0), randn(rng, n * s.kv_dim(), 1.0))
+    }
+
     #[test]
     fn attention_matches_naive_mask_for_gqa_1_2_4_and_both_layouts() {
         let mut rng = SplitMix64(5);
@@ -1102,11 +1107,7 @@ mod tests {
             let s = AttnShape { n_heads: 4, n_kv_heads: n_kv, head_dim: 6 };
             let b = batch(&mut rng, 3, layout);
             let n = b.n_tokens();
-            let (q, k, v) = (
-                randn(&mut rng, n * s.q_dim(), 1.0),
-                randn(&mut rng, n * s.kv_dim(), 1.0),
-                randn(&mut rng, n * s.kv_dim(), 1.0),
-            );
+            let (q, k, v) = random_qkv(&mut rng, n, s);
             let (mut out, mut lse) = (vec![9f32; q.len()], vec![9f32; n * s.n_heads]);
             attention_forward(&mut out, &mut lse, &q, &k, &v, AttnMask::of(&b), s);
             let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
@@ -1143,11 +1144,7 @@ mod tests {
             let b = PairBatch::new(&pairs.iter().collect::<Vec<_>>(), layout).unwrap();
             let s = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 4 };
             let n = b.n_tokens();
-            let (q, k, v) = (
-                randn(&mut rng, n * s.q_dim(), 1.0),
-                randn(&mut rng, n * s.kv_dim(), 1.0),
-                randn(&mut rng, n * s.kv_dim(), 1.0),
-            );
+            let (q, k, v) = random_qkv(&mut rng, n, s);
             let (mut out, mut lse) = (vec![9f32; q.len()], vec![9f32; n * s.n_heads]);
             attention_forward(&mut out, &mut lse, &q, &k, &v, AttnMask::of(&b), s);
             let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
