@@ -1,18 +1,51 @@
 //! Every CUDA kernel compiles with NVRTC to sm_80 and sm_90a cubins, no GPU needed.
 //!
 //! Runs in CI (which installs the NVRTC pip wheels; see .ci/run). Prints each kernel's
-//! registers, stack frame and spills, and fails on a compile error, on a missing kernel
-//! that a launcher in src/engine/cuda/kernels.rs expects, or on any spill or stack frame
-//! in the attention, logprobs, rmsnorm and adamw kernels (local memory there would cost
-//! more than the whole kernel should). Without NVRTC the test fails, saying how to get it.
+//! registers, stack frame, spills, static and dynamic shared memory, block size and its
+//! theoretical occupancy (blocks per SM, % of the SM's warps, the resource that limits
+//! it; `engine::cuda::occupancy`). Fails on a compile error, on a missing kernel that a
+//! launcher in src/engine/cuda/kernels.rs expects, on a kernel without
+//! `__launch_bounds__`, on any spill or stack frame in the attention, logprobs, rmsnorm
+//! and adamw kernels (local memory there would cost more than the whole kernel should),
+//! and on a kernel of which not one block fits on an H100/H200 SM (too many registers ×
+//! threads, or too much shared memory: the launch would fail). Without NVRTC the test
+//! fails, saying how to get it.
 #![cfg(feature = "cuda")]
 
-use sdpo::engine::cuda::kernels::KERNEL_NAMES;
+use sdpo::engine::cuda::kernels::{attention_backward_smem, kernel_signatures, KernelSignature, KERNEL_NAMES};
 use sdpo::engine::cuda::nvrtc::{self, Nvrtc, Output, INSTALL_HINT};
+use sdpo::engine::cuda::occupancy::{occupancy, KernelUse, SmLimits};
 use sdpo::engine::cuda::{KERNEL_HEADERS, KERNEL_SOURCES};
 
 /// Files whose kernels must run entirely from registers and shared memory.
 const NO_LOCAL_MEMORY: &[&str] = &["attention.cu", "logprobs.cu", "rmsnorm.cu", "adamw.cu"];
+
+/// Hidden size for the shared memory of `rmsnorm_backward`, which its launcher sizes as
+/// hidden × 4 bytes: Llama 3 8B's 4096 (16 KB). At the launcher's maximum, 12288, it is
+/// 48 KB, still 4 blocks per SM on sm_90.
+const RMSNORM_HIDDEN: u32 = 4096;
+
+/// The dynamic shared memory the launchers in src/engine/cuda/kernels.rs pass to `kernel`
+/// (every other kernel has none).
+fn dynamic_smem(kernel: &str) -> u32 {
+    if let Some(d) = kernel.strip_prefix("attention_backward_hd").and_then(|d| d.parse().ok()) {
+        return attention_backward_smem(d);
+    }
+    match kernel {
+        "rmsnorm_backward" => RMSNORM_HIDDEN * 4,
+        _ => 0,
+    }
+}
+
+/// The declaration of `kernel`; a name ending in `##X` stands for its prefix + digits.
+fn signature<'a>(sigs: &'a [KernelSignature], kernel: &str) -> Option<&'a KernelSignature> {
+    sigs.iter().find(|s| match s.name.split_once("##") {
+        None => s.name == kernel,
+        Some((prefix, _)) => {
+            kernel.strip_prefix(prefix).is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+        }
+    })
+}
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
@@ -21,11 +54,18 @@ fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
     let missing = nvrtc::missing_headers(&include);
     assert!(missing.is_empty(), "CUDA headers {missing:?} not found in {include:?}; {INSTALL_HINT}");
     assert!(!KERNEL_SOURCES.is_empty(), "no kernels/*.cu embedded: build.rs did not run?");
+    let sigs = kernel_signatures().unwrap_or_else(|e| panic!("{e}"));
     println!("NVRTC {}.{} from {}", nv.version.0, nv.version.1, nv.path);
+    // Block = the kernel's __launch_bounds__, the block size every launcher uses (a larger
+    // one is refused by check_launch); occupancy is theoretical, not measured.
+    println!(
+        "{:<7} {:<15} {:<25} {:>4} {:>5} {:>6} {:>6} {:>6} {:>5} {:>6} {:>5}  limiter",
+        "arch", "file", "kernel", "regs", "stack", "spills", "smem", "dyn", "block", "blk/SM", "occ%"
+    );
 
     let mut failures = Vec::new();
-    println!("{:<8} {:<16} {:<34} {:>5} {:>6} {:>7}", "arch", "file", "kernel", "regs", "stack", "spills");
     for arch in ["sm_80", "sm_90a"] {
+        let sm = SmLimits::for_arch(arch).expect("limits for every arch compiled here");
         for (file, src) in KERNEL_SOURCES {
             let opts = nvrtc::options(arch, &include, true);
             let compiled = match nv.compile(file, src, KERNEL_HEADERS, &opts, Output::Cubin) {
@@ -38,11 +78,42 @@ fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
             let report = nvrtc::ptxas_report(&compiled.log);
             for k in &report {
                 let spills = k.spill_stores + k.spill_loads;
-                println!("{arch:<8} {file:<16} {:<34} {:>5} {:>6} {:>7}", k.name, k.registers, k.stack_bytes, spills);
                 if NO_LOCAL_MEMORY.contains(file) && (k.stack_bytes > 0 || spills > 0) {
                     failures.push(format!(
                         "{arch} {file}: {} uses local memory ({} bytes stack, {} spill stores, {} spill loads)",
                         k.name, k.stack_bytes, k.spill_stores, k.spill_loads
+                    ));
+                }
+                let Some(block) = signature(sigs, &k.name).and_then(|s| s.max_threads) else {
+                    failures.push(format!("{arch} {file}: {} has no __launch_bounds__ (block size unknown)", k.name));
+                    continue;
+                };
+                let used = KernelUse {
+                    registers: k.registers,
+                    threads_per_block: block,
+                    static_smem: k.static_smem,
+                    dynamic_smem: dynamic_smem(&k.name),
+                    barriers: k.barriers,
+                };
+                let occ = occupancy(sm, &used);
+                println!(
+                    "{arch:<7} {file:<15} {:<25} {:>4} {:>5} {:>6} {:>6} {:>6} {:>5} {:>6} {:>5.1}  {}",
+                    k.name,
+                    k.registers,
+                    k.stack_bytes,
+                    spills,
+                    k.static_smem,
+                    used.dynamic_smem,
+                    block,
+                    occ.blocks_per_sm,
+                    occ.percent(),
+                    occ.limiter_text()
+                );
+                if sm.name == "sm_90" && occ.blocks_per_sm == 0 {
+                    failures.push(format!(
+                        "{arch} {file}: {} cannot launch on an H100/H200 SM: {used:?} fits 0 blocks ({})",
+                        k.name,
+                        occ.limiter_text()
                     ));
                 }
             }

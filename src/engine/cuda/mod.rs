@@ -19,6 +19,7 @@ pub mod host;
 pub mod kernels;
 pub mod model;
 pub mod nvrtc;
+pub mod occupancy;
 pub mod sim;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

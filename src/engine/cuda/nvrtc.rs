@@ -290,10 +290,16 @@ pub struct KernelResources {
     pub stack_bytes: u32,
     pub spill_stores: u32,
     pub spill_loads: u32,
+    /// Static `__shared__` bytes ("N bytes smem"; absent from the line when 0). Dynamic
+    /// shared memory is a launch parameter and does not appear here.
+    pub static_smem: u32,
+    /// Named barriers ("used N barriers"): on sm_90 they can cap blocks per SM.
+    pub barriers: u32,
 }
 
 /// Parses ptxas's verbose report: the "Function properties for NAME" block (stack frame
-/// and spills) and the "Used N registers" line of each entry function.
+/// and spills) and the "Used N registers, used B barriers, S bytes smem, …" line of each
+/// entry function.
 pub fn ptxas_report(log: &str) -> Vec<KernelResources> {
     let mut out: Vec<KernelResources> = Vec::new();
     let mut props_of: Option<String> = None;
@@ -321,6 +327,8 @@ pub fn ptxas_report(log: &str) -> Vec<KernelResources> {
         } else if line.contains("Used ") && line.contains(" registers") {
             if let Some(k) = entry.as_ref().and_then(|e| out.iter_mut().find(|k| &k.name == e)) {
                 k.registers = number_before(line, "registers");
+                k.barriers = number_before(line, "barriers");
+                k.static_smem = number_before(line, "bytes smem");
             }
         }
     }
@@ -346,9 +354,47 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(
             r[0],
-            KernelResources { name: "k".into(), registers: 20, stack_bytes: 16, spill_stores: 8, spill_loads: 4 }
+            KernelResources {
+                name: "k".into(),
+                registers: 20,
+                stack_bytes: 16,
+                spill_stores: 8,
+                spill_loads: 4,
+                static_smem: 0,
+                barriers: 0,
+            }
         );
-        assert_eq!((r[1].registers, r[1].stack_bytes, r[1].spill_stores), (255, 0, 0));
+        assert_eq!((r[1].registers, r[1].stack_bytes, r[1].spill_stores, r[1].barriers), (255, 0, 0, 1));
+    }
+
+    /// Lines copied from NVRTC 12.9's log for kernels/attention.cu and kernels/rope.cu
+    /// (sm_80 prints cmem after smem, sm_90a omits cmem; rope's "cumulative stack size"
+    /// must not be read as shared memory).
+    #[test]
+    fn parses_static_shared_memory_and_barriers() {
+        let log = "ptxas info    : Compiling entry function 'attention_forward_hd128' for 'sm_80'\n\
+            ptxas info    : Function properties for attention_forward_hd128\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 171 registers, used 1 barriers, 35328 bytes smem, 444 bytes cmem[0], 24 bytes cmem[2]\n\
+            ptxas info    : Compiling entry function 'logprobs_forward' for 'sm_90a'\n\
+            ptxas info    : Function properties for logprobs_forward\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 17 registers, used 1 barriers, 256 bytes smem\n\
+            ptxas info    : Compiling entry function 'rope_forward' for 'sm_90a'\n\
+            ptxas info    : Function properties for rope_forward\n\
+            ptxas         .     32 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 38 registers, used 0 barriers, 32 bytes cumulative stack size\n";
+        let r = ptxas_report(log);
+        let got: Vec<(&str, u32, u32, u32, u32)> =
+            r.iter().map(|k| (k.name.as_str(), k.registers, k.barriers, k.static_smem, k.stack_bytes)).collect();
+        assert_eq!(
+            got,
+            [
+                ("attention_forward_hd128", 171, 1, 35328, 0),
+                ("logprobs_forward", 17, 1, 256, 0),
+                ("rope_forward", 38, 0, 0, 32)
+            ]
+        );
     }
 
     #[test]
