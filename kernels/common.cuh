@@ -128,3 +128,79 @@ SDPO_DEVICE void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
+
+// --- shared-memory fragment loads and asynchronous copies (sm_80+)
+
+// ldmatrix.m8n8.x4 (.trans): four 8×8 bf16 matrices from shared memory, a warp collective
+// (every lane must call it, with the same variant). Lanes 8j..8j+7 pass the addresses of
+// rows 0..7 of matrix j (16 bytes each, 16-byte aligned); lane l gets in r[j] matrix j's
+// (row l/4, columns 2(l%4)..+1), i.e. the layout of an mma A or B fragment register; with
+// .trans it gets (rows 2(l%4)..+1, column l/4), the fragment of the transposed matrix.
+SDPO_DEVICE void ldmatrix_x4(u32 (&r)[4], const __nv_bfloat16* row) {
+#ifdef SDPO_SIM
+    sdpo_sim_ldmatrix(r, 4, 0, row);
+#else
+    const u32 a = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+SDPO_DEVICE void ldmatrix_x4_trans(u32 (&r)[4], const __nv_bfloat16* row) {
+#ifdef SDPO_SIM
+    sdpo_sim_ldmatrix(r, 4, 1, row);
+#else
+    const u32 a = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+// Two matrices: only lanes 0..15's addresses are read (the others' are ignored).
+SDPO_DEVICE void ldmatrix_x2_trans(u32 (&r)[2], const __nv_bfloat16* row) {
+#ifdef SDPO_SIM
+    sdpo_sim_ldmatrix(r, 2, 1, row);
+#else
+    const u32 a = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+#endif
+}
+
+// 16 bytes global -> shared without passing through registers (cp.async.cg: cached in L2
+// only); with valid = false the destination is zero-filled and nothing is read (src_size
+// 0), so rows past the end need no branch around the instruction, only an in-range
+// pointer. Both addresses 16-byte aligned. The copy lands some time before the
+// cp_async_wait that retires its group; other threads see it only after a barrier that
+// follows that wait.
+SDPO_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+#ifdef SDPO_SIM
+    sdpo_sim_cp_async16(smem_dst, gmem_src, valid);
+#else
+    const u32 d = (u32)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gmem_src), "r"(valid ? 16 : 0)
+                 : "memory");
+#endif
+}
+
+// Closes the group of this thread's cp.async issued since the last commit (possibly empty).
+SDPO_DEVICE void cp_async_commit() {
+#ifdef SDPO_SIM
+    sdpo_sim_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+SDPO_DEVICE void cp_async_wait() {
+#ifdef SDPO_SIM
+    sdpo_sim_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}

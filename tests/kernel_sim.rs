@@ -16,6 +16,8 @@ mod kernel_checks;
 
 use std::sync::OnceLock;
 
+use cudarc::driver::LaunchConfig;
+
 use sdpo::config::LlamaConfig;
 use sdpo::engine::cuda::model::CudaEngine;
 use sdpo::engine::cuda::sim::KernelSim;
@@ -74,6 +76,98 @@ fn grad_norm_matches_cpu() {
 #[test]
 fn elementwise_matches_cpu() {
     both_orders(kernel_checks::elementwise);
+}
+
+// --- the simulator's ldmatrix and cp.async, pinned by kernels/sim/selftest.cu
+
+/// Launches one of the simulator's self-test kernels on a single warp; the error text on
+/// failure.
+fn selftest(s: &KernelSim, name: &str, smem: u32, args: &[u64]) -> Result<(), String> {
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: smem };
+    // SAFETY: every pointer argument addresses a live host buffer of the extent the kernel
+    // reads or writes (32 rows of the sizes below); the argument kinds match its declaration.
+    unsafe { s.launch(name, &cfg, args) }.map_err(|e| e.to_string())
+}
+
+/// ldmatrix against the PTX ISA's layout, written out here rather than taken from
+/// cuda_sim.cpp: lane l receives, of matrix j (rows 8j..8j+7 of a 32×8 tile whose row r
+/// lane r addressed), elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) in the low and high
+/// half of register j, or with .trans (2(l%4), l/4) and (2(l%4)+1, l/4). A row address
+/// off 16-byte alignment and lanes at different ldmatrix variants are errors.
+#[test]
+fn simulator_ldmatrix_has_the_ptx_fragment_layout() {
+    let m: Vec<u16> = (1..=256).collect(); // distinct bit patterns: element (r, c) = 8r + c + 1
+    let at = |r: usize, c: usize| m[8 * r + c] as u32;
+    let run = |variant: i32, skew: i32| -> Result<Vec<u32>, String> {
+        let mut out = vec![0u32; 128];
+        let args = [out.as_mut_ptr() as u64, m.as_ptr() as u64, variant as u32 as u64, skew as u32 as u64];
+        selftest(sim(), "sim_selftest_ldmatrix", 32 * 16 * 2, &args).map(|()| out)
+    };
+    for (variant, trans, num) in [(0, false, 4), (1, true, 4), (2, true, 2)] {
+        let out = run(variant, 0).unwrap();
+        for l in 0..32 {
+            for j in 0..num {
+                let (lo, hi) = if trans {
+                    (at(8 * j + 2 * (l % 4), l / 4), at(8 * j + 2 * (l % 4) + 1, l / 4))
+                } else {
+                    (at(8 * j + l / 4, 2 * (l % 4)), at(8 * j + l / 4, 2 * (l % 4) + 1))
+                };
+                assert_eq!(out[4 * l + j], lo | hi << 16, "variant {variant}, lane {l}, register {j}");
+            }
+        }
+    }
+    let err = run(0, 4).unwrap_err(); // every row 8 bytes past a 16-byte boundary
+    assert!(err.contains("ldmatrix row address not 16-byte aligned"), "{err}");
+    let err = run(3, 0).unwrap_err(); // even lanes x4, odd lanes x4.trans
+    assert!(err.contains("different collectives"), "{err}");
+}
+
+/// cp.async: 16-byte copies, zero-filled past `n_valid`, land when a wait_group retires
+/// their group and are visible to other threads after the barrier that follows; a read
+/// of a copy still in flight sees the poison (NaN); exiting with copies pending and a
+/// misaligned destination are errors.
+#[test]
+fn simulator_cp_async_lands_only_when_waited_for() {
+    let src: Vec<f32> = (0..128).map(|i| i as f32 + 0.5).collect();
+    let n_valid = 20;
+    let run = |s: &KernelSim, mode: i32| -> Result<Vec<f32>, String> {
+        let mut out = vec![0f32; 128];
+        let args = [out.as_mut_ptr() as u64, src.as_ptr() as u64, n_valid as u64, mode as u32 as u64];
+        selftest(s, "sim_selftest_cp_async", 32 * 16, &args).map(|()| out)
+    };
+    // Thread t reads row 31 − t, which thread 31 − t copied.
+    let row = |out: &[f32], t: usize| out[4 * t..4 * t + 4].to_vec();
+    let want = |t: usize| {
+        let r = 31 - t;
+        if r < n_valid {
+            src[4 * r..4 * r + 4].to_vec()
+        } else {
+            vec![0.0; 4]
+        }
+    };
+    for s in [sim().clone(), sim().reversed()] {
+        let out = run(&s, 0).unwrap();
+        (0..32).for_each(|t| assert_eq!(row(&out, t), want(t), "thread {t}"));
+    }
+    // Only the first group (rows 0..15) waited for; thread t reads its own row t.
+    for s in [sim().clone(), sim().reversed()] {
+        let out = run(&s, 1).unwrap();
+        for t in 0..32 {
+            if t < 16 {
+                assert_eq!(row(&out, t), src[4 * t..4 * t + 4], "thread {t}");
+            } else {
+                assert!(
+                    row(&out, t).iter().all(|x| x.is_nan()),
+                    "thread {t} read its copy in flight: {:?}",
+                    row(&out, t)
+                );
+            }
+        }
+    }
+    let err = run(sim(), 2).unwrap_err();
+    assert!(err.contains("exited with cp.async copies never retired"), "{err}");
+    let err = run(sim(), 3).unwrap_err();
+    assert!(err.contains("cp.async of 16 bytes with an address not 16-byte aligned"), "{err}");
 }
 
 // The engine checks compose kernels already checked in both orders: forward order only.

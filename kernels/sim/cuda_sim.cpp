@@ -1,5 +1,6 @@
 // The fiber scheduler behind cuda_sim.h: blocks one after another, each thread of a block a
-// fiber, rendezvous at barriers, shuffles and mma.sync. See cuda_sim.h for the model.
+// fiber, rendezvous at barriers, shuffles, mma.sync and ldmatrix; cp.async queued per
+// thread. See cuda_sim.h for the model.
 #include "cuda_sim.h"
 
 #include <stdio.h>
@@ -83,7 +84,15 @@ namespace {
 constexpr size_t STACK_BYTES = 256 * 1024;
 
 // What a warp's lanes are doing together; lanes at different collectives is an error.
-enum Op { NONE, SHFL, MMA };
+// ldmatrix carries its variant: LDMATRIX + 2·num + trans.
+enum Op { NONE, SHFL, MMA, LDMATRIX };
+
+// One cp.async of 16 bytes, waiting for its group to be retired.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    bool valid;
+};
 
 struct Fiber {
     Context ctx;
@@ -93,11 +102,15 @@ struct Fiber {
     bool done = false;
     const unsigned* wait_on = nullptr;  // a generation counter this fiber waits to change
     unsigned wait_gen = 0;
+    // cp.async copies not yet performed, in issue order; group_end[i] = copies in groups
+    // 0..i (committed groups, oldest first); copies past the last end are uncommitted.
+    std::vector<AsyncCopy> copies;
+    std::vector<size_t> group_end;
 };
 
 struct Warp {
     unsigned gen = 0, arrived = 0, live = 0;
-    Op op = NONE;
+    int op = NONE;
     uint64_t slot[32];
     unsigned a[32][4], b[32][2];
 };
@@ -155,11 +168,11 @@ void block_barrier(int predicate) {
     if (S.block_gen == g) wait_while(&S.block_gen, g);
 }
 
-void warp_barrier(Op op) {
+void warp_barrier(int op) {
     Warp& w = S.warps[S.cur->warp];
-    if (w.live != 32) fail("warp collective (shuffle or mma) with exited or missing lanes");
+    if (w.live != 32) fail("warp collective (shuffle, mma or ldmatrix) with exited or missing lanes");
     if (w.arrived == 0) w.op = op;
-    if (w.op != op) fail("the lanes of a warp reached different collectives (shuffle vs mma)");
+    if (w.op != op) fail("the lanes of a warp reached different collectives (shuffle, mma, ldmatrix variants)");
     const unsigned g = w.gen;
     if (++w.arrived == w.live) {
         w.arrived = 0;
@@ -173,6 +186,7 @@ void warp_barrier(Op op) {
 void fiber_main() {
     S.body(S.ctx);
     Fiber* f = S.cur;
+    if (!f->copies.empty()) fail("exited with cp.async copies never retired by cp.async.wait_group");
     f->done = true;
     S.live--;
     S.warps[f->warp].live--;
@@ -202,6 +216,8 @@ bool run_block(unsigned n_threads, bool reverse) {
         f.lane = i % 32;
         f.done = false;
         f.wait_on = nullptr;
+        f.copies.clear();
+        f.group_end.clear();
         make_context(f.ctx, f.stack, fiber_main);
     }
     // Warp by warp (forward or reverse), each run as far as it can go before the next: the
@@ -317,3 +333,56 @@ void sdpo_sim_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsign
 }
 
 unsigned char* sdpo_sim_dynamic_smem() { return S.dyn_smem.data(); }
+
+// PTX ISA, "Warp-level matrix load instruction: ldmatrix" (.m8n8 .b16): lanes 8j..8j+7
+// give the addresses of rows 0..7 of matrix j (16 bytes each, 16-byte aligned); lane l
+// receives in r[j] the elements (row l/4, columns 2(l%4) and 2(l%4)+1) of matrix j, low
+// half first, or with .trans those of the transposed matrix: (rows 2(l%4) and 2(l%4)+1,
+// column l/4).
+void sdpo_sim_ldmatrix(unsigned* r, int num, int trans, const void* row) {
+    sdpo_sim::Warp& w = S.warps[S.cur->warp];
+    const int lane = S.cur->lane;
+    if (lane < 8 * num && (uintptr_t)row % 16 != 0) sdpo_sim::fail("ldmatrix row address not 16-byte aligned");
+    w.slot[lane] = (uint64_t)(uintptr_t)row;
+    const int op = sdpo_sim::LDMATRIX + 2 * num + (trans != 0);
+    sdpo_sim::warp_barrier(op);
+    for (int j = 0; j < num; j++) {
+        unsigned short e[2];
+        for (int h = 0; h < 2; h++) {
+            const int rr = trans ? 2 * (lane & 3) + h : lane >> 2;  // row of the stored matrix
+            const int cc = trans ? lane >> 2 : 2 * (lane & 3) + h;  // its column
+            memcpy(&e[h], (const unsigned char*)(uintptr_t)w.slot[8 * j + rr] + 2 * cc, 2);
+        }
+        r[j] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+    }
+    sdpo_sim::warp_barrier(op);
+}
+
+void sdpo_sim_cp_async16(void* smem_dst, const void* gmem_src, int valid) {
+    if ((uintptr_t)smem_dst % 16 != 0 || (valid && (uintptr_t)gmem_src % 16 != 0))
+        sdpo_sim::fail("cp.async of 16 bytes with an address not 16-byte aligned");
+    memset(smem_dst, 0xff, 16);  // undefined until retired: NaN for any early reader
+    S.cur->copies.push_back({smem_dst, gmem_src, valid != 0});
+}
+
+void sdpo_sim_cp_async_commit() {
+    sdpo_sim::Fiber* f = S.cur;
+    f->group_end.push_back(f->copies.size());
+}
+
+// Retires every committed group but the newest n: performs their copies, in issue order.
+void sdpo_sim_cp_async_wait(int n) {
+    sdpo_sim::Fiber* f = S.cur;
+    if ((int)f->group_end.size() <= n) return;
+    const size_t n_retire = f->group_end.size() - n, done = f->group_end[n_retire - 1];
+    for (size_t i = 0; i < done; i++) {
+        const sdpo_sim::AsyncCopy& c = f->copies[i];
+        if (c.valid)
+            memcpy(c.dst, c.src, 16);
+        else
+            memset(c.dst, 0, 16);
+    }
+    f->copies.erase(f->copies.begin(), f->copies.begin() + done);
+    f->group_end.erase(f->group_end.begin(), f->group_end.begin() + n_retire);
+    for (size_t& e : f->group_end) e -= done;
+}

@@ -14,6 +14,11 @@
 // A warp whose lanes reach different collectives, a collective with exited lanes, and a
 // barrier that can never complete are reported as errors instead of hanging.
 //
+// ldmatrix is a warp rendezvous like mma.sync (every lane gives a row address, then reads
+// its fragment); cp.async copies are queued per thread and performed only when a
+// wait_group retires them, which is a schedule the device may also choose, so a missing
+// wait (or a missing barrier after it) reads the poisoned destination.
+//
 // Arithmetic: bf16 conversions round to nearest even as on the device; mma.sync sums the
 // exact bf16 products in f32; __expf and friends are the C library's (more exact than the
 // device's fast paths, which the tolerances allow for).
@@ -119,6 +124,18 @@ uint64_t sdpo_sim_shfl_xor(uint64_t v, int lane_mask);
 void sdpo_sim_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]);
 // The launch's dynamic shared memory, filled with 0xff (NaN in bf16 and f32) per block.
 unsigned char* sdpo_sim_dynamic_smem();
+// ldmatrix.sync.aligned.m8n8.x{num}{.trans}.shared.b16: `row` is this lane's row address
+// (lanes 8j..8j+7 give rows 0..7 of matrix j; only the first 8·num lanes' are read, and
+// each must be 16-byte aligned); r[j] receives matrix j's elements as the PTX ISA lays
+// them out (see cuda_sim.cpp).
+void sdpo_sim_ldmatrix(unsigned* r, int num, int trans, const void* row);
+// cp.async.cg 16 bytes (zeros when !valid), commit_group, wait_group n. A copy poisons its
+// destination (0xff) when issued and writes it only when a wait_group retires its group:
+// a read before the wait, or a write of the old contents' readers racing the copy, sees
+// NaN. A thread that exits with copies pending is an error.
+void sdpo_sim_cp_async16(void* smem_dst, const void* gmem_src, int valid);
+void sdpo_sim_cp_async_commit();
+void sdpo_sim_cp_async_wait(int n);
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {

@@ -1,9 +1,10 @@
 //! The kernel simulator: the kernels' own source (kernels/*.cu, unchanged) compiled for
 //! the CPU with a C++ compiler against kernels/sim/cuda_sim.h, and launched through the
 //! same launchers as on a GPU (`Gpu::sim`). Each CUDA thread runs as a fiber; barriers,
-//! warp shuffles and mma.sync are rendezvous of the block's or warp's fibers, so indexing,
-//! fragment layouts, masking, tile skipping, shared-memory use and reductions are the
-//! kernels' real ones. Not simulated: timing, memory coalescing, bank conflicts, the
+//! warp shuffles, mma.sync and ldmatrix are rendezvous of the block's or warp's fibers,
+//! and cp.async copies land only when a wait_group retires them, so indexing, fragment
+//! layouts, masking, tile skipping, shared-memory use, copy pipelines and reductions are
+//! the kernels' real ones. Not simulated: timing, memory coalescing, bank conflicts, the
 //! device's fast-math rounding, and concurrency between blocks (they run one at a time, so
 //! atomics are exact and ordered). The GEMMs are computed on the host (`host.rs`):
 //! they are cuBLASLt's, not ours.
@@ -25,6 +26,11 @@ use crate::error::{Error, Result};
 
 const SIM_HEADER: &str = include_str!("../../../kernels/sim/cuda_sim.h");
 const SIM_RUNTIME: &str = include_str!("../../../kernels/sim/cuda_sim.cpp");
+/// Kernels that pin the simulator's ldmatrix and cp.async (tests/kernel_sim.rs); built
+/// into the simulator only, never for a device.
+const SIM_SELFTEST: &str = include_str!("../../../kernels/sim/selftest.cu");
+/// The entry points of `SIM_SELFTEST`, launched by name like the real kernels.
+pub const SELFTEST_KERNELS: &[&str] = &["sim_selftest_ldmatrix", "sim_selftest_cp_async"];
 
 /// `sdpo_sim::Launch` in cuda_sim.h.
 #[repr(C)]
@@ -48,7 +54,7 @@ pub struct KernelSim {
 impl KernelSim {
     /// Compiles (or reuses from `dir`) the simulator library and loads it.
     pub fn build(dir: &Path) -> Result<Self> {
-        let mut parts: Vec<&[u8]> = vec![SIM_HEADER.as_bytes(), SIM_RUNTIME.as_bytes()];
+        let mut parts: Vec<&[u8]> = vec![SIM_HEADER.as_bytes(), SIM_RUNTIME.as_bytes(), SIM_SELFTEST.as_bytes()];
         KERNEL_SOURCES.iter().chain(KERNEL_HEADERS).for_each(|(n, s)| parts.extend([n.as_bytes(), s.as_bytes()]));
         let lib_path = dir.join(format!("libsdpo_kernel_sim-{:016x}.so", fnv1a(&parts)));
         if !lib_path.exists() {
@@ -106,7 +112,11 @@ fn compile(dir: &Path, lib_path: &Path) -> Result<()> {
     };
     write(src.join("sim/cuda_sim.h"), SIM_HEADER)?;
     write(src.join("sim/cuda_sim.cpp"), SIM_RUNTIME)?;
-    let mut units = vec![src.join("sim/cuda_sim.cpp")];
+    write(src.join("sim/selftest.cu"), SIM_SELFTEST)?;
+    let mut selftest = "#include \"selftest.cu\"\n".to_string();
+    SELFTEST_KERNELS.iter().for_each(|k| selftest += &format!("SDPO_SIM_EXPORT({k})\n"));
+    write(src.join("sim/selftest.sim.cpp"), &selftest)?;
+    let mut units = vec![src.join("sim/cuda_sim.cpp"), src.join("sim/selftest.sim.cpp")];
     for (file, text) in KERNEL_SOURCES.iter().chain(KERNEL_HEADERS) {
         write(src.join(file), text)?;
     }
