@@ -58,7 +58,22 @@ SDPO_DEVICE void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int str
     }
 }
 
-SDPO_DEVICE u32 lds32(const __nv_bfloat16* p) { return *reinterpret_cast<const u32*>(p); }
+// Fragments come out of shared memory by ldmatrix (common.cuh), one x4 per A fragment or
+// per pair of B fragments. Two lane-to-row-address patterns cover every use here:
+// - "A" (lane_row16, lane_col8): matrices (rows 0-7 | 8-15) × (columns 0-7 | 8-15), in the
+//   order of the A fragment's registers; with .trans on a [k][n] tile it gives the B
+//   fragments of two adjacent n8 tiles (registers {0,1} and {2,3});
+// - "B" (lane_row8x2, lane_col8x2): rows 0-7 with columns 0-7 and 8-15, then rows 8-15
+//   likewise: on an [n][k] tile, the B fragments of two adjacent n8 tiles without .trans.
+// Rows are D + PAD elements apart, 2D + 16 bytes: a multiple of 16, so every row address is
+// 16-byte aligned, and 4 mod 8 words past a multiple of 32 banks, so the eight rows one
+// 8×8 matrix reads start in eight different 4-bank groups (r·(D/2 + 4) mod 32 over
+// r = 0..7 is 4·r·odd mod 32: all distinct): each matrix is one conflict-free wavefront.
+// The dS tile's 72-element rows (144 bytes, 36 words) satisfy the same argument.
+SDPO_DEVICE int lane_row16(int lane) { return lane & 15; }
+SDPO_DEVICE int lane_col8(int lane) { return (lane >> 4) * 8; }
+SDPO_DEVICE int lane_row8x2(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
+SDPO_DEVICE int lane_col8x2(int lane) { return ((lane >> 3) & 1) * 8; }
 
 // --- forward
 
@@ -85,15 +100,10 @@ SDPO_DEVICE void attention_forward_impl(
     load_rows<D, FWD_BM>(Ks, q + (size_t)h * D, q_stride, q0, n);
     if (threadIdx.x < FWD_BM) qmeta[threadIdx.x] = token_meta(group, branch, q0 + threadIdx.x, n);
     __syncthreads();
+    const int ar = lane_row16(lane), ac = lane_col8(lane), br = lane_row8x2(lane), bc = lane_col8x2(lane);
     u32 qf[D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        const __nv_bfloat16* base = Ks + (wr + g) * LD + kk * 16 + 2 * t4;
-        qf[kk][0] = lds32(base);
-        qf[kk][1] = lds32(base + 8 * LD);
-        qf[kk][2] = lds32(base + 8);
-        qf[kk][3] = lds32(base + 8 * LD + 8);
-    }
+    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], Ks + (wr + ar) * LD + kk * 16 + ac);
     const int qm0 = qmeta[wr + g], qm1 = qmeta[wr + g + 8];
     __syncthreads();
 
@@ -122,13 +132,16 @@ SDPO_DEVICE void attention_forward_impl(
         // S = Q·Kᵀ for this warp's 16 rows × 64 keys.
         float s[FWD_BN / 8][4];
 #pragma unroll
-        for (int j = 0; j < FWD_BN / 8; j++) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        for (int j = 0; j < FWD_BN / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int j = 0; j < FWD_BN / 8; j += 2) {
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                const __nv_bfloat16* base = Ks + (j * 8 + g) * LD + kk * 16 + 2 * t4;
-                const u32 b[2] = {lds32(base), lds32(base + 8)};
-                mma_bf16_16816(s[j], qf[kk], b);
+                u32 b[4];  // keys j·8.. and (j+1)·8.., dims kk·16..: two B fragments
+                ldmatrix_x4(b, Ks + (j * 8 + br) * LD + kk * 16 + bc);
+                const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+                mma_bf16_16816(s[j], qf[kk], b0);
+                mma_bf16_16816(s[j + 1], qf[kk], b1);
             }
         }
         // Mask, scale into the log2 domain, running max.
@@ -181,12 +194,13 @@ SDPO_DEVICE void attention_forward_impl(
             const u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const __nv_bfloat16* vb = Vs + (kk * 16 + 2 * t4) * LD + g;
 #pragma unroll
-            for (int j = 0; j < D / 8; j++) {
-                const __nv_bfloat16* p = vb + j * 8;
-                const u32 b[2] = {pack_raw(p[0], p[LD]), pack_raw(p[8 * LD], p[9 * LD])};
-                mma_bf16_16816(acc[j], a, b);
+            for (int j = 0; j < D / 8; j += 2) {
+                u32 b[4];  // keys kk·16.., dims j·8.. and (j+1)·8.., transposed: two B fragments
+                ldmatrix_x4_trans(b, Vs + (kk * 16 + ar) * LD + j * 8 + ac);
+                const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+                mma_bf16_16816(acc[j], a, b0);
+                mma_bf16_16816(acc[j + 1], a, b1);
             }
         }
         __syncthreads();
@@ -245,6 +259,7 @@ SDPO_DEVICE void attention_backward_impl(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int wk = warp * 16;  // this warp's first key in the tile
     const float sl2 = scale * LOG2E;
+    const int ar = lane_row16(lane), ac = lane_col8(lane), br = lane_row8x2(lane), bc = lane_col8x2(lane);
 
     load_rows<D, BWD_BN>(Ks, k + (size_t)kvh * D, kv_stride, k0, n);
     load_rows<D, BWD_BN>(Vs, v + (size_t)kvh * D, kv_stride, k0, n);
@@ -292,18 +307,20 @@ SDPO_DEVICE void attention_backward_impl(
             }
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                const __nv_bfloat16* ka = Ks + (wk + g) * LD + kk * 16 + 2 * t4;
-                const __nv_bfloat16* va = Vs + (wk + g) * LD + kk * 16 + 2 * t4;
-                const u32 af[4] = {lds32(ka), lds32(ka + 8 * LD), lds32(ka + 8), lds32(ka + 8 * LD + 8)};
-                const u32 vf[4] = {lds32(va), lds32(va + 8 * LD), lds32(va + 8), lds32(va + 8 * LD + 8)};
+                u32 af[4], vf[4];
+                ldmatrix_x4(af, Ks + (wk + ar) * LD + kk * 16 + ac);
+                ldmatrix_x4(vf, Vs + (wk + ar) * LD + kk * 16 + ac);
 #pragma unroll
-                for (int j = 0; j < BWD_BM / 8; j++) {
-                    const __nv_bfloat16* qb = Qs + (j * 8 + g) * LD + kk * 16 + 2 * t4;
-                    const __nv_bfloat16* db = dOs + (j * 8 + g) * LD + kk * 16 + 2 * t4;
-                    const u32 bq[2] = {lds32(qb), lds32(qb + 8)};
-                    const u32 bd[2] = {lds32(db), lds32(db + 8)};
-                    mma_bf16_16816(s[j], af, bq);
-                    mma_bf16_16816(dp[j], vf, bd);
+                for (int j = 0; j < BWD_BM / 8; j += 2) {
+                    u32 bq[4], bd[4];  // queries j·8.. and (j+1)·8..: two B fragments each
+                    ldmatrix_x4(bq, Qs + (j * 8 + br) * LD + kk * 16 + bc);
+                    ldmatrix_x4(bd, dOs + (j * 8 + br) * LD + kk * 16 + bc);
+                    const u32 bq0[2] = {bq[0], bq[1]}, bq1[2] = {bq[2], bq[3]};
+                    const u32 bd0[2] = {bd[0], bd[1]}, bd1[2] = {bd[2], bd[3]};
+                    mma_bf16_16816(s[j], af, bq0);
+                    mma_bf16_16816(s[j + 1], af, bq1);
+                    mma_bf16_16816(dp[j], vf, bd0);
+                    mma_bf16_16816(dp[j + 1], vf, bd1);
                 }
             }
             // Pᵀ and dSᵀ = Pᵀ∘(dPᵀ − D); element e of tile j: key row g (+8 for e ≥ 2),
@@ -329,16 +346,17 @@ SDPO_DEVICE void attention_backward_impl(
                                         pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
                                         pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
                                         pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-                const __nv_bfloat16* dob = dOs + (kk * 16 + 2 * t4) * LD + g;
-                const __nv_bfloat16* qb = Qs + (kk * 16 + 2 * t4) * LD + g;
 #pragma unroll
-                for (int j = 0; j < D / 8; j++) {
-                    const __nv_bfloat16* p = dob + j * 8;
-                    const u32 bd[2] = {pack_raw(p[0], p[LD]), pack_raw(p[8 * LD], p[9 * LD])};
-                    mma_bf16_16816(dv_acc[j], ap, bd);
-                    const __nv_bfloat16* r = qb + j * 8;
-                    const u32 bq[2] = {pack_raw(r[0], r[LD]), pack_raw(r[8 * LD], r[9 * LD])};
-                    mma_bf16_16816(dk_acc[j], as, bq);
+                for (int j = 0; j < D / 8; j += 2) {
+                    u32 bd[4], bq[4];  // queries kk·16.., dims j·8.. and (j+1)·8.., transposed
+                    ldmatrix_x4_trans(bd, dOs + (kk * 16 + ar) * LD + j * 8 + ac);
+                    ldmatrix_x4_trans(bq, Qs + (kk * 16 + ar) * LD + j * 8 + ac);
+                    const u32 bd0[2] = {bd[0], bd[1]}, bd1[2] = {bd[2], bd[3]};
+                    const u32 bq0[2] = {bq[0], bq[1]}, bq1[2] = {bq[2], bq[3]};
+                    mma_bf16_16816(dv_acc[j], ap, bd0);
+                    mma_bf16_16816(dv_acc[j + 1], ap, bd1);
+                    mma_bf16_16816(dk_acc[j], as, bq0);
+                    mma_bf16_16816(dk_acc[j + 1], as, bq1);
                 }
             }
             // dS (scaled) into shared memory as [query][key] for dQ = dS·K.
@@ -359,14 +377,21 @@ SDPO_DEVICE void attention_backward_impl(
                 for (int j = 0; j < D / 16; j++) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
 #pragma unroll
                 for (int kk = 0; kk < BWD_BN / 16; kk++) {
-                    const __nv_bfloat16* sa = dSs + (wq + g) * LDS + kk * 16 + 2 * t4;
-                    const u32 a[4] = {lds32(sa), lds32(sa + 8 * LDS), lds32(sa + 8), lds32(sa + 8 * LDS + 8)};
-                    const __nv_bfloat16* kb = Ks + (kk * 16 + 2 * t4) * LD + wd + g;
+                    u32 a[4];
+                    ldmatrix_x4(a, dSs + (wq + ar) * LDS + kk * 16 + ac);
+                    const __nv_bfloat16* kb = Ks + (kk * 16 + ar) * LD + wd;  // keys kk·16.., transposed
 #pragma unroll
-                    for (int j = 0; j < D / 16; j++) {
-                        const __nv_bfloat16* p = kb + j * 8;
-                        const u32 b[2] = {pack_raw(p[0], p[LD]), pack_raw(p[8 * LD], p[9 * LD])};
-                        mma_bf16_16816(dqa[j], a, b);
+                    for (int j = 0; j + 1 < D / 16; j += 2) {
+                        u32 b[4];
+                        ldmatrix_x4_trans(b, kb + j * 8 + ac);
+                        const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+                        mma_bf16_16816(dqa[j], a, b0);
+                        mma_bf16_16816(dqa[j + 1], a, b1);
+                    }
+                    if ((D / 16) % 2 == 1) {  // D = 16: one n8 tile per warp, an x2 load
+                        u32 b[2];
+                        ldmatrix_x2_trans(b, kb + (D / 16 - 1) * 8);
+                        mma_bf16_16816(dqa[D / 16 - 1], a, b);
                     }
                 }
                 const int qa = q0 + wq + g, qb = qa + 8;
