@@ -28,6 +28,12 @@
 //! On the CPU, shapes of a billion parameters and more are refused without `force`: their
 //! fp32 weights, gradients and AdamW moments alone need 16 bytes per parameter (20 GB for
 //! Llama 3.2 1B) and a step would take many minutes.
+//!
+//! `run_attention` (`sdpo-run bench --attention`) times attention alone, as PyTorch's
+//! `scaled_dot_product_attention(is_causal=True)` computes it (`tools/compare_torch.py
+//! --attention` times that): B causal sequences of S tokens, expressed in the pair mask
+//! (`causal_batch`), forward and backward, median of the timed calls; FLOPs by the causal
+//! count FlashAttention's benchmarks use (`AttentionSizes::flops_forward`).
 
 use std::time::Instant;
 
@@ -562,6 +568,475 @@ impl BenchReport {
     }
 }
 
+// --- attention alone: issue 6's "attention forward + backward vs PyTorch SDPA (flash)"
+
+/// Sizes of `sdpo-run bench --attention`: `batch` independent causal sequences of
+/// `seq_len` tokens, `heads` query heads sharing `kv_heads` key/value heads of `head_dim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AttentionSizes {
+    #[serde(rename = "B")]
+    pub batch: usize,
+    #[serde(rename = "S")]
+    pub seq_len: usize,
+    #[serde(rename = "H")]
+    pub heads: usize,
+    #[serde(rename = "Hkv")]
+    pub kv_heads: usize,
+    #[serde(rename = "D")]
+    pub head_dim: usize,
+}
+
+impl AttentionSizes {
+    /// Issue 6's aim: head dim 128, sequence 2048, causal (4 sequences of 32 heads, so the
+    /// GPU is full, as in FlashAttention's own benchmarks).
+    pub const CUDA_DEFAULT: AttentionSizes =
+        AttentionSizes { batch: 4, seq_len: 2048, heads: 32, kv_heads: 32, head_dim: 128 };
+    /// The same heads on a quarter of the sequence, one of them: a few seconds on two cores.
+    pub const CPU_DEFAULT: AttentionSizes =
+        AttentionSizes { batch: 1, seq_len: 512, heads: 32, kv_heads: 32, head_dim: 128 };
+
+    pub fn n_tokens(&self) -> usize {
+        self.batch * self.seq_len
+    }
+
+    /// (query, key) pairs a causal mask lets through, per head: `B·S(S+1)/2`.
+    pub fn attended(&self) -> u64 {
+        let s = self.seq_len as u64;
+        self.batch as u64 * s * (s + 1) / 2
+    }
+
+    /// Forward FLOPs: `4·D` per attended (query, key) pair and head (q·k and p·v), the
+    /// causal count FlashAttention's benchmarks and ours both use.
+    pub fn flops_forward(&self) -> f64 {
+        4.0 * (self.head_dim * self.heads) as f64 * self.attended() as f64
+    }
+
+    /// Backward FLOPs: 2.5× forward (FlashAttention's convention: q·k recomputed, dP, dQ,
+    /// dK, dV are five GEMMs to forward's two).
+    pub fn flops_backward(&self) -> f64 {
+        2.5 * self.flops_forward()
+    }
+
+    /// Refuses sizes the op (or, with `cuda`, the kernels) cannot run, naming the flag.
+    pub fn check(&self, cuda: bool) -> Result<()> {
+        for (flag, v) in [
+            ("--batch", self.batch),
+            ("--seq-len", self.seq_len),
+            ("--heads", self.heads),
+            ("--kv-heads", self.kv_heads),
+            ("--head-dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(format!("bench --attention: {flag} must be at least 1")));
+            }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::invalid(format!(
+                "bench --attention: --heads {} is not a multiple of --kv-heads {} (each kv head serves the same \
+                 number of query heads); use --kv-heads {} or a divisor of it",
+                self.heads, self.kv_heads, self.heads
+            )));
+        }
+        if cuda {
+            #[cfg(feature = "cuda")]
+            {
+                let dims = crate::engine::cuda::kernels::ATTENTION_HEAD_DIMS;
+                if !dims.contains(&self.head_dim) {
+                    return Err(Error::invalid(format!(
+                        "bench --attention: --head-dim {} on CUDA: the attention kernels are compiled for head dims \
+                         {dims:?}; pick one of those, or --device cpu",
+                        self.head_dim
+                    )));
+                }
+            }
+            // The kernels index rows and elements with 32-bit integers.
+            let elems = self.n_tokens() as u128 * (self.heads * self.head_dim) as u128;
+            if elems >= 1 << 31 {
+                return Err(Error::invalid(format!(
+                    "bench --attention: {} tokens x {} heads x {} dims = {elems} elements per tensor; the CUDA \
+                     kernels index with 32 bits (under 2^31): lower --batch or --seq-len",
+                    self.n_tokens(),
+                    self.heads,
+                    self.head_dim
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `batch` causal sequences of `seq_len` tokens in the engine's pair mask: each sequence is
+/// its own group and every token is a prompt token (branch 0). The mask's rule (see
+/// `PairBatch::attends`) then reduces to `same sequence && k <= q`: exactly causal. No
+/// completion tokens, so no log-prob targets.
+pub fn causal_batch(batch: usize, seq_len: usize) -> PairBatch {
+    let n = batch * seq_len;
+    PairBatch {
+        layout: Layout::Shared,
+        n_pairs: 0,
+        tokens: vec![0; n],
+        positions: (0..n).map(|r| (r % seq_len) as u32).collect(),
+        group: (0..n).map(|r| (r / seq_len) as u32).collect(),
+        branch: vec![PROMPT; n],
+        group_start: (0..=batch).map(|g| (g * seq_len) as u32).collect(),
+        targets: Vec::new(),
+    }
+}
+
+/// `len` normal values: a random block of 65537 (a prime) repeated, so that 100M-element
+/// operands are cheap to fill and no row (of fewer than 65537 elements) repeats within itself.
+fn tiled_normal(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64(seed);
+    let block: Vec<f32> = (0..65537.min(len)).map(|_| rng.normal()).collect();
+    block.iter().copied().cycle().take(len).collect()
+}
+
+/// q, k, v, dO of the attention benchmark (both tools draw standard normals, as torch.randn).
+struct AttentionInputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+impl AttentionInputs {
+    fn new(z: &AttentionSizes, seed: u64) -> Self {
+        let (n, qd, kvd) = (z.n_tokens(), z.heads * z.head_dim, z.kv_heads * z.head_dim);
+        AttentionInputs {
+            q: tiled_normal(n * qd, seed),
+            k: tiled_normal(n * kvd, seed + 1),
+            v: tiled_normal(n * kvd, seed + 2),
+            dout: tiled_normal(n * qd, seed + 3),
+        }
+    }
+
+    /// The same values rounded to bf16, as the CUDA kernels see them.
+    #[cfg(feature = "cuda")]
+    fn rounded_to_bf16(mut self) -> Self {
+        for x in [&mut self.q, &mut self.k, &mut self.v, &mut self.dout] {
+            x.iter_mut().for_each(|e| *e = half::bf16::from_f32(*e).to_f32());
+        }
+        self
+    }
+}
+
+/// Relative L2 error of attention outputs against plain causal softmax attention in f64,
+/// written from the definition (not through the pair mask): query rows 0, 1, 2, a quarter,
+/// half, three quarters and the last two of the first sequence at head 0 and of the last
+/// sequence at the last head. `o_row(token, head)` reads one output row of `head_dim`.
+fn attention_check(
+    z: &AttentionSizes,
+    x: &AttentionInputs,
+    mut o_row: impl FnMut(usize, usize) -> Result<Vec<f32>>,
+) -> Result<f64> {
+    let (s, d) = (z.seq_len, z.head_dim);
+    let (qd, kvd, scale) = (z.heads * d, z.kv_heads * d, 1.0 / (d as f64).sqrt());
+    let mut rows = vec![0, 1, 2, s / 4, s / 2, 3 * s / 4, s.saturating_sub(2), s - 1];
+    rows.retain(|&t| t < s);
+    rows.sort_unstable();
+    rows.dedup();
+    let (mut err2, mut ref2) = (0.0f64, 0.0f64);
+    for (seq, h) in [(0, 0), (z.batch - 1, z.heads - 1)] {
+        let g = h / (z.heads / z.kv_heads);
+        for &t in &rows {
+            let row = seq * s + t;
+            let qv = &x.q[row * qd + h * d..][..d];
+            let keys = seq * s..=row;
+            let scores: Vec<f64> = keys
+                .clone()
+                .map(|k| {
+                    scale * qv.iter().zip(&x.k[k * kvd + g * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|sc| (sc - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            let got = o_row(row, h)?;
+            for (e, &got) in got.iter().enumerate().take(d) {
+                let want: f64 =
+                    keys.clone().zip(&w).map(|(k, wk)| wk * x.v[k * kvd + g * d + e] as f64).sum::<f64>() / sum;
+                err2 += (got as f64 - want).powi(2);
+                ref2 += want * want;
+            }
+        }
+    }
+    Ok((err2 / ref2.max(1e-300)).sqrt())
+}
+
+/// Median seconds of `steps` calls of `f`, after `warmup` untimed ones; `sync` waits for
+/// the device before and after each timed call (a no-op on the CPU).
+fn median_secs(
+    steps: usize,
+    warmup: usize,
+    sync: &dyn Fn() -> Result<()>,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut t = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        sync()?;
+        let t0 = Instant::now();
+        f()?;
+        sync()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    let m = t.len() / 2;
+    Ok(if t.len() % 2 == 1 { t[m] } else { 0.5 * (t[m - 1] + t[m]) })
+}
+
+/// What one attention benchmark measured: median seconds, and the check of its output.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionTimes {
+    pub fwd_s: f64,
+    /// Backward alone, on the forward's saved output and log-sum-exp.
+    pub bwd_s: f64,
+    /// Forward then backward, timed as one region.
+    pub fwd_bwd_s: f64,
+    /// `attention_check`'s relative error of the forward output.
+    pub check_rel_err: f64,
+}
+
+/// The CPU op (`ops::attention_forward` / `attention_backward`, fp32) on `causal_batch`.
+pub fn attention_cpu(z: &AttentionSizes, steps: usize, warmup: usize, seed: u64) -> Result<AttentionTimes> {
+    use crate::engine::cpu::ops::{self, AttnMask, AttnShape};
+    z.check(false)?;
+    let batch = causal_batch(z.batch, z.seq_len);
+    let mask = AttnMask::of(&batch);
+    let shape = AttnShape { n_heads: z.heads, n_kv_heads: z.kv_heads, head_dim: z.head_dim };
+    let (n, qd, kvd) = (z.n_tokens(), z.heads * z.head_dim, z.kv_heads * z.head_dim);
+    let x = AttentionInputs::new(z, seed);
+    let (mut out, mut lse) = (vec![0f32; n * qd], vec![0f32; n * z.heads]);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+    ops::attention_forward(&mut out, &mut lse, &x.q, &x.k, &x.v, mask, shape);
+    let check_rel_err = attention_check(z, &x, |row, h| Ok(out[row * qd + h * z.head_dim..][..z.head_dim].to_vec()))?;
+    // fp32 throughout, against f64: a reordered sum over ≤ S keys, far under 1e-4.
+    if check_rel_err > 1e-4 {
+        return Err(Error::invalid(format!(
+            "the CPU attention op differs from plain causal attention by {check_rel_err:.2e} (relative): its \
+             timing would not mean anything"
+        )));
+    }
+    let no_sync = || Ok(());
+    let fwd_s = median_secs(steps, warmup, &no_sync, || {
+        ops::attention_forward(&mut out, &mut lse, &x.q, &x.k, &x.v, mask, shape);
+        Ok(())
+    })?;
+    let bwd_s = median_secs(steps, warmup, &no_sync, || {
+        ops::attention_backward(&mut dq, &mut dk, &mut dv, &x.dout, &x.q, &x.k, &x.v, &out, &lse, mask, shape);
+        Ok(())
+    })?;
+    let mut fwd_bwd = || {
+        ops::attention_forward(&mut out, &mut lse, &x.q, &x.k, &x.v, mask, shape);
+        ops::attention_backward(&mut dq, &mut dk, &mut dv, &x.dout, &x.q, &x.k, &x.v, &out, &lse, mask, shape);
+        Ok(())
+    };
+    let fwd_bwd_s = median_secs(steps, warmup, &no_sync, &mut fwd_bwd)?;
+    std::hint::black_box((&dq, &dk, &dv));
+    Ok(AttentionTimes { fwd_s, bwd_s, fwd_bwd_s, check_rel_err })
+}
+
+/// The CUDA kernels (`Kernels::attention_forward`; backward = `attention_backward_delta` +
+/// `attention_backward`, which zeroes dq first) on `causal_batch`, in bf16 with separate
+/// contiguous q, k, v, o, dO (`[tokens, heads·D]`) and f32 dq, dk, dv, as the engine keeps
+/// them. On `Gpu::sim` it runs the kernels' code on the CPU (the times then mean nothing).
+#[cfg(feature = "cuda")]
+pub fn attention_cuda(
+    gpu: &crate::engine::cuda::Gpu,
+    z: &AttentionSizes,
+    steps: usize,
+    warmup: usize,
+    seed: u64,
+) -> Result<AttentionTimes> {
+    use crate::engine::cuda::kernels::{AttnDims, AttnMaskDev};
+    use crate::engine::cuda::{from_bf16, to_bf16};
+    z.check(true)?;
+    let batch = causal_batch(z.batch, z.seq_len);
+    let (n, qd, kvd) = (z.n_tokens(), z.heads * z.head_dim, z.kv_heads * z.head_dim);
+    let x = AttentionInputs::new(z, seed).rounded_to_bf16();
+    let (q, k, v, dout) = (
+        gpu.upload(&to_bf16(&x.q))?,
+        gpu.upload(&to_bf16(&x.k))?,
+        gpu.upload(&to_bf16(&x.v))?,
+        gpu.upload(&to_bf16(&x.dout))?,
+    );
+    let (group, branch, start) =
+        (gpu.upload(&batch.group)?, gpu.upload(&batch.branch)?, gpu.upload(&batch.group_start)?);
+    let mask = AttnMaskDev { group: gpu.ptr(&group), branch: gpu.ptr(&branch), group_start: gpu.ptr(&start) };
+    let d = AttnDims {
+        n_tokens: n,
+        n_heads: z.heads,
+        n_kv_heads: z.kv_heads,
+        head_dim: z.head_dim,
+        q_stride: qd,
+        kv_stride: kvd,
+        o_stride: qd,
+    };
+    let (o, lse, delta) = (gpu.alloc::<u16>(n * qd)?, gpu.alloc::<f32>(n * z.heads)?, gpu.alloc::<f32>(n * z.heads)?);
+    let (dq, dk, dv) = (gpu.alloc::<f32>(n * qd)?, gpu.alloc::<f32>(n * kvd)?, gpu.alloc::<f32>(n * kvd)?);
+    let (qp, kp, vp, dop) = (gpu.ptr(&q), gpu.ptr(&k), gpu.ptr(&v), gpu.ptr(&dout));
+    let (op, lp, delp) = (gpu.ptr(&o), gpu.ptr(&lse), gpu.ptr(&delta));
+    let (dqp, dkp, dvp) = (gpu.ptr(&dq), gpu.ptr(&dk), gpu.ptr(&dv));
+    let forward = || gpu.k.attention_forward(op, lp, qp, kp, vp, &mask, &d);
+    let backward = || {
+        gpu.k.attention_backward_delta(delp, dop, op, &d)?;
+        gpu.k.attention_backward(dqp, dkp, dvp, qd, kvd, dop, qp, kp, vp, lp, delp, &mask, &d)
+    };
+    forward()?;
+    let check_rel_err = attention_check(z, &x, |row, h| {
+        Ok(from_bf16(&gpu.download(op.slice(row * qd + h * z.head_dim, z.head_dim)?)?))
+    })?;
+    // bf16 output (2^-9 relative rounding) and P rounded to bf16 for P·V (2^-9 per weight,
+    // partly cancelling): a few 1e-3. A wrong mask or head mapping is O(1) on early rows.
+    if check_rel_err > 2e-2 {
+        return Err(Error::Cuda(format!(
+            "attention_forward_hd{} differs from plain causal attention by {check_rel_err:.2e} (relative, \
+             tolerance 2e-2): its timing would not mean anything",
+            z.head_dim
+        )));
+    }
+    let sync = || gpu.sync();
+    let fwd_s = median_secs(steps, warmup, &sync, forward)?;
+    let bwd_s = median_secs(steps, warmup, &sync, backward)?;
+    let fwd_bwd_s = median_secs(steps, warmup, &sync, || {
+        forward()?;
+        backward()
+    })?;
+    Ok(AttentionTimes { fwd_s, bwd_s, fwd_bwd_s, check_rel_err })
+}
+
+#[derive(Clone, Debug)]
+pub struct AttentionOptions {
+    pub device: Device,
+    /// Each `None`: `AttentionSizes::CUDA_DEFAULT` or `CPU_DEFAULT`'s value for the device.
+    pub batch: Option<usize>,
+    pub seq_len: Option<usize>,
+    pub heads: Option<usize>,
+    /// `None`: as many as `heads`.
+    pub kv_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub steps: usize,
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+/// One JSON line of `sdpo-run bench --attention`; `tools/compare_torch.py --attention`
+/// prints the same keys (tool "pytorch-sdpa-flash" / "pytorch-sdpa").
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionReport {
+    /// "attention" (the training benchmark's lines have no `kind`).
+    pub kind: String,
+    pub tool: String,
+    pub device: String,
+    /// "fp32" (CPU op) or "bf16" (CUDA kernels: bf16 q, k, v, o, dO; f32 dq, dk, dv).
+    pub dtype: String,
+    pub causal: bool,
+    #[serde(flatten)]
+    pub sizes: AttentionSizes,
+    pub threads: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Median milliseconds of the forward, the backward alone, and forward + backward.
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub fwd_bwd_ms: f64,
+    pub flops_fwd: f64,
+    pub flops_bwd: f64,
+    pub flops_fwd_bwd: f64,
+    pub tflops_fwd: f64,
+    pub tflops_bwd: f64,
+    pub tflops_fwd_bwd: f64,
+    /// How FLOPs are counted and times taken, in words.
+    pub flop_count: String,
+    pub timing: String,
+    /// Relative L2 error of sampled output rows against plain causal attention in f64.
+    pub check_rel_err: f64,
+}
+
+pub fn run_attention(opts: &AttentionOptions) -> Result<AttentionReport> {
+    if opts.steps == 0 {
+        return Err(Error::invalid("--steps must be at least 1"));
+    }
+    let cuda = match opts.device {
+        Device::Cuda => true,
+        Device::Cpu => false,
+        Device::Auto => cfg!(feature = "cuda") && gpu_present(),
+    };
+    let base = if cuda { AttentionSizes::CUDA_DEFAULT } else { AttentionSizes::CPU_DEFAULT };
+    let heads = opts.heads.unwrap_or(base.heads);
+    let z = AttentionSizes {
+        batch: opts.batch.unwrap_or(base.batch),
+        seq_len: opts.seq_len.unwrap_or(base.seq_len),
+        heads,
+        kv_heads: opts.kv_heads.unwrap_or(heads),
+        head_dim: opts.head_dim.unwrap_or(base.head_dim),
+    };
+    z.check(cuda)?;
+    let (device, dtype, threads, t) = if cuda {
+        #[cfg(not(feature = "cuda"))]
+        return Err(Error::NoGpu("this build has no CUDA engine (feature `cuda` is off)".into()));
+        #[cfg(feature = "cuda")]
+        {
+            let gpu = crate::engine::cuda::Gpu::open(0)?;
+            let t = attention_cuda(&gpu, &z, opts.steps, opts.warmup, opts.seed)?;
+            (gpu.name.clone(), "bf16", 0, t)
+        }
+    } else {
+        let threads = rayon::current_num_threads();
+        let t = attention_cpu(&z, opts.steps, opts.warmup, opts.seed)?;
+        (format!("cpu ({threads} threads)"), "fp32", threads, t)
+    };
+    let (f_fwd, f_bwd) = (z.flops_forward(), z.flops_backward());
+    Ok(AttentionReport {
+        kind: "attention".into(),
+        tool: "sdpo-run".into(),
+        device,
+        dtype: dtype.into(),
+        causal: true,
+        sizes: z,
+        threads,
+        steps: opts.steps,
+        warmup: opts.warmup,
+        fwd_ms: t.fwd_s * 1e3,
+        bwd_ms: t.bwd_s * 1e3,
+        fwd_bwd_ms: t.fwd_bwd_s * 1e3,
+        flops_fwd: f_fwd,
+        flops_bwd: f_bwd,
+        flops_fwd_bwd: f_fwd + f_bwd,
+        tflops_fwd: f_fwd / t.fwd_s / 1e12,
+        tflops_bwd: f_bwd / t.bwd_s / 1e12,
+        tflops_fwd_bwd: (f_fwd + f_bwd) / t.fwd_bwd_s / 1e12,
+        flop_count: "forward 4*D*H per attended (query, key), B*S*(S+1)/2 of them; backward 2.5x forward".into(),
+        timing: format!(
+            "median of {} calls after {} untimed, wall clock{}",
+            opts.steps,
+            opts.warmup,
+            if cuda { ", stream synchronised before and after each" } else { "" }
+        ),
+        check_rel_err: t.check_rel_err,
+    })
+}
+
+impl AttentionReport {
+    pub fn table(&self) -> String {
+        let z = &self.sizes;
+        let mut s = format!(
+            "causal attention on {} ({}): B {} x S {}, {} heads / {} kv of {}, median of {} calls (output check: rel err {:.1e})\n",
+            self.device, self.dtype, z.batch, z.seq_len, z.heads, z.kv_heads, z.head_dim, self.steps, self.check_rel_err
+        );
+        for (name, ms, tf) in [
+            ("forward", self.fwd_ms, self.tflops_fwd),
+            ("backward", self.bwd_ms, self.tflops_bwd),
+            ("forward + backward", self.fwd_bwd_ms, self.tflops_fwd_bwd),
+        ] {
+            s += &format!("  {name:<19} {ms:>10.3} ms  {tf:>9.3} TFLOP/s\n");
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,6 +1113,82 @@ mod tests {
         assert_eq!(datasheet_peak("NVIDIA H200"), Some(989.4e12));
         assert_eq!(datasheet_peak("NVIDIA H100 PCIe"), Some(756.0e12));
         assert_eq!(datasheet_peak("cpu (2 threads)"), None);
+    }
+
+    #[test]
+    fn causal_batch_is_exactly_causal() {
+        // The pair mask's rule on `causal_batch` against the definition: same sequence, k ≤ q.
+        let (nb, s) = (3, 7);
+        let b = causal_batch(nb, s);
+        for q in 0..nb * s {
+            for k in 0..nb * s {
+                assert_eq!(b.attends(q, k), q / s == k / s && k <= q, "query {q}, key {k}");
+            }
+        }
+        let z = AttentionSizes { batch: nb, seq_len: s, heads: 1, kv_heads: 1, head_dim: 1 };
+        assert_eq!((attended_pairs(&b), z.attended()), (3 * 28, 3 * 28));
+
+        // The CPU op under `AttnMask::of` that batch against softmax attention written from the
+        // definition, every row and head, 2 query heads per kv head; 70 rows per sequence
+        // cross the op's 64-row tiles.
+        use crate::engine::cpu::ops::{attention_forward, AttnMask, AttnShape};
+        let z = AttentionSizes { batch: 3, seq_len: 70, heads: 4, kv_heads: 2, head_dim: 8 };
+        let (n, qd, kvd, d) = (z.n_tokens(), 32, 16, 8);
+        let x = AttentionInputs::new(&z, 5);
+        let b = causal_batch(z.batch, z.seq_len);
+        let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: d };
+        let (mut out, mut lse) = (vec![0f32; n * qd], vec![0f32; n * 4]);
+        attention_forward(&mut out, &mut lse, &x.q, &x.k, &x.v, AttnMask::of(&b), shape);
+        let mut worst = 0f64;
+        for row in 0..n {
+            let seq_start = row / z.seq_len * z.seq_len;
+            for h in 0..4 {
+                let g = h / 2;
+                let dotqk = |k: usize| {
+                    (0..d).map(|e| x.q[row * qd + h * d + e] as f64 * x.k[k * kvd + g * d + e] as f64).sum::<f64>()
+                };
+                let w: Vec<f64> = (seq_start..=row).map(|k| (dotqk(k) / (d as f64).sqrt()).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                for e in 0..d {
+                    let want =
+                        (seq_start..=row).zip(&w).map(|(k, wk)| wk * x.v[k * kvd + g * d + e] as f64).sum::<f64>()
+                            / sum;
+                    worst = worst.max((out[row * qd + h * d + e] as f64 - want).abs());
+                }
+            }
+        }
+        // fp32 sums of ≤ 70 terms of |v| ~ 1 against f64: ~1e-6.
+        assert!(worst < 1e-5, "CPU op on the causal batch vs the definition: max abs error {worst}");
+
+        // `attention_check` agrees, and sees a mask that lets the sequences see each other
+        // (one sequence of 210 rows: the last sequence's rows then average over more keys).
+        fn rows(o: &[f32], qd: usize, d: usize) -> impl FnMut(usize, usize) -> Result<Vec<f32>> + '_ {
+            move |row, h| Ok(o[row * qd + h * d..][..d].to_vec())
+        }
+        assert!(attention_check(&z, &x, rows(&out, qd, d)).unwrap() < 1e-5);
+        let leaky = causal_batch(1, n);
+        attention_forward(&mut out, &mut lse, &x.q, &x.k, &x.v, AttnMask::of(&leaky), shape);
+        let err = attention_check(&z, &x, rows(&out, qd, d)).unwrap();
+        assert!(err > 0.1, "the check must see sequences attending to each other: {err}");
+    }
+
+    #[test]
+    fn attention_flops_and_sizes() {
+        // B 2, S 3: 2·(1+2+3) = 12 attended pairs per head; forward 4·D·H·12 with D 16, H 4.
+        let z = AttentionSizes { batch: 2, seq_len: 3, heads: 4, kv_heads: 2, head_dim: 16 };
+        assert_eq!(z.attended(), 12);
+        assert_eq!((z.flops_forward(), z.flops_backward()), (3072.0, 7680.0));
+        // The aim's sizes: 4·128·32 · 4·2048·2049/2 = 137.5 GFLOP forward.
+        assert_eq!(AttentionSizes::CUDA_DEFAULT.flops_forward(), 137_506_062_336.0);
+        assert!(z.check(false).is_ok() && z.check(true).is_ok());
+        let err = |z: AttentionSizes, cuda: bool| z.check(cuda).unwrap_err().to_string();
+        assert!(err(AttentionSizes { seq_len: 0, ..z }, false).contains("--seq-len"));
+        assert!(err(AttentionSizes { heads: 3, kv_heads: 2, ..z }, false).contains("--kv-heads 2"));
+        assert!(AttentionSizes { head_dim: 96, ..z }.check(false).is_ok(), "the CPU op takes any head dim");
+        #[cfg(feature = "cuda")]
+        assert!(err(AttentionSizes { head_dim: 96, ..z }, true).contains("--head-dim 96"));
+        let huge = AttentionSizes { batch: 64, seq_len: 8192, heads: 32, kv_heads: 8, head_dim: 128 };
+        assert!(err(huge, true).contains("32 bits"));
     }
 
     #[test]

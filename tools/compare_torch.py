@@ -44,12 +44,41 @@ Every key below is also printed by `sdpo-run bench` with the same meaning:
 Ratios: `compare_torch.py --ratios SDPO_LOG TORCH_LOG` reads the JSON lines of both
 outputs (other lines are ignored) and prints one line per PyTorch mode, starting "RATIO":
 sdpo-run's train tokens/s, reference tokens/s and DPO pairs/s over PyTorch's (>1: sdpo-run
-is faster), peak memory (<1: sdpo-run uses less), and both MFUs.
+is faster), peak memory (<1: sdpo-run uses less), and both MFUs. Attention lines (below)
+give "RATIO attention fwd_bwd xR (fwd x.., bwd x..) ...": PyTorch's time over sdpo-run's,
+i.e. sdpo-run's throughput over PyTorch's (>1: sdpo-run is faster).
+
+Attention alone (issue 6's aim), against `sdpo-run bench --attention`:
+
+    python tools/compare_torch.py --attention --device cpu --batch 1 --seq-len 512
+    python tools/compare_torch.py --attention --device cuda      # B 4, S 2048, 32 heads of 128
+
+`torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)` on [B, H, S, D]
+standard-normal inputs (k, v with Hkv heads): on CUDA in bf16 under
+`sdpa_kernel(SDPBackend.FLASH_ATTENTION)` (it exits with the reason when the flash backend
+refuses the sizes), on the CPU in fp32 with the default backend. Hkv < H: `enable_gqa=True`
+where torch has it, else k and v repeated to H heads ("gqa": "repeat_kv" in the JSON; the
+repeat and the backward's sum over the copies are then timed too). Timed, each the median
+of --steps calls after --warmup untimed ones, the device synchronised before and after
+each: the forward (inputs requiring grad, as in training), the backward alone
+(torch.autograd.grad of the forward's output with dO, the graph retained), and forward +
+backward. Defaults as sdpo-run's: B 4, S 2048 on CUDA; B 1, S 512 on the CPU; H 32,
+Hkv = H, D 128. One JSON line, the keys of sdpo-run's (src/bench.rs `AttentionReport`):
+  kind "attention"; tool "pytorch-sdpa-flash" (CUDA) | "pytorch-sdpa" (CPU); device, dtype,
+  causal, B, S, H, Hkv, D, threads, steps, warmup;
+  fwd_ms, bwd_ms, fwd_bwd_ms    medians, milliseconds
+  flops_fwd                     4*D*H per attended (query, key), B*S*(S+1)/2 of them
+  flops_bwd = 2.5 * flops_fwd   (FlashAttention's convention), flops_fwd_bwd the sum
+  tflops_fwd, tflops_bwd, tflops_fwd_bwd
+  check_rel_err                 sampled output rows against causal attention in float64
+and besides: torch (version), backend, gqa.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -124,12 +153,38 @@ def json_lines(path):
 
 
 def print_ratios(ours_path, torch_path):
-    ours = [j for j in json_lines(ours_path) if j.get("tool") == "sdpo-run"]
-    anchors = [j for j in json_lines(torch_path) if str(j.get("tool", "")).startswith("pytorch")]
-    if not ours or not anchors:
+    ours_all = [j for j in json_lines(ours_path) if j.get("tool") == "sdpo-run"]
+    anchors_all = [j for j in json_lines(torch_path) if str(j.get("tool", "")).startswith("pytorch")]
+    is_attn = lambda j: j.get("kind") == "attention"
+    printed = False
+    for attention in (False, True):
+        ours = [j for j in ours_all if is_attn(j) == attention]
+        anchors = [j for j in anchors_all if is_attn(j) == attention]
+        if ours and anchors:
+            (print_attention_ratios if attention else print_train_ratios)(ours[-1], anchors)
+            printed = True
+        elif ours or anchors:
+            what = "attention" if attention else "training"
+            print(f"RATIO n/a: {what} lines in only one of {ours_path} ({len(ours)}) and {torch_path} ({len(anchors)})")
+            printed = True
+    if not printed:
         print(f"RATIO n/a: no sdpo-run JSON line in {ours_path} or no PyTorch line in {torch_path}")
-        return
-    o = ours[-1]
+
+
+def print_attention_ratios(o, anchors):
+    """Throughput ratios: PyTorch's median time over sdpo-run's (>1: sdpo-run is faster)."""
+    keys = ("B", "S", "H", "Hkv", "D")
+    for t in anchors:
+        same = all(o.get(k) == t.get(k) for k in keys)
+        r = lambda k: t[k] / o[k] if o.get(k) and t.get(k) else float("nan")
+        sizes = "B{} S{} H{}/{} D{}".format(*(o.get(k) for k in keys))
+        print(f"RATIO attention fwd_bwd x{r('fwd_bwd_ms'):.2f} (fwd x{r('fwd_ms'):.2f}, bwd x{r('bwd_ms'):.2f}) "
+              f"sdpo-run/{t['tool']} {sizes}{'' if same else ' SIZES DIFFER'} on {o['device']}: "
+              f"fwd+bwd {o['fwd_bwd_ms']:.3f} vs {t['fwd_bwd_ms']:.3f} ms, "
+              f"{o['tflops_fwd_bwd']:.3g} vs {t['tflops_fwd_bwd']:.3g} TFLOP/s")
+
+
+def print_train_ratios(o, anchors):
     for t in anchors:
         same = all(o.get(k) == t.get(k) for k in ("shape", "tokens_per_step", "prompt_len", "answer_len"))
         r = lambda k: o[k] / t[k] if o.get(k) and t.get(k) else float("nan")
@@ -138,6 +193,134 @@ def print_ratios(ours_path, torch_path):
               f"{'' if same else ', SIZES DIFFER'}): train tokens/s x{r('train_tokens_per_s'):.2f}, "
               f"reference x{r('ref_tokens_per_s'):.2f}, DPO pairs/s x{r('dpo_pairs_per_s'):.2f}, "
               f"peak memory x{r('peak_mem_bytes'):.2f}, MFU {pct(o)} vs {pct(t)}")
+
+
+def attention_check(torch, q, k, v, o):
+    """Relative L2 error of `o` against causal softmax attention in float64, written from
+    the definition, at the rows sdpo-run checks (src/bench.rs `attention_check`): rows 0,
+    1, 2, S/4, S/2, 3S/4, S-2, S-1 of the first sequence at head 0 and of the last sequence
+    at the last head. [B, heads, S, D] tensors; k and v may have fewer heads."""
+    B, H, S, D = q.shape
+    rows = sorted({t for t in (0, 1, 2, S // 4, S // 2, 3 * S // 4, S - 2, S - 1) if 0 <= t < S})
+    err2 = ref2 = 0.0
+    for b, h in ((0, 0), (B - 1, H - 1)):
+        g = h // (H // k.shape[1])
+        qq, kk, vv = (x.detach().double().cpu() for x in (q[b, h], k[b, g], v[b, g]))
+        oo = o[b, h].detach().double().cpu()
+        for t in rows:
+            w = torch.softmax((kk[: t + 1] @ qq[t]) / D**0.5, dim=0)
+            want = w @ vv[: t + 1]
+            err2 += float(((oo[t] - want) ** 2).sum())
+            ref2 += float((want**2).sum())
+    return (err2 / max(ref2, 1e-300)) ** 0.5
+
+
+def run_attention(args):
+    """`--attention`: see the top of this file."""
+    import torch
+    import torch.nn.functional as F
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare_torch.py: --device cuda, but torch sees no CUDA device")
+    cuda = device == "cuda"
+    B = args.batch if args.batch is not None else (4 if cuda else 1)
+    S = args.seq_len if args.seq_len is not None else (2048 if cuda else 512)
+    H = args.heads if args.heads is not None else 32
+    Hkv = args.kv_heads if args.kv_heads is not None else H
+    D = args.head_dim if args.head_dim is not None else 128
+    for flag, val in (("--batch", B), ("--seq-len", S), ("--heads", H), ("--kv-heads", Hkv), ("--head-dim", D),
+                      ("--steps", args.steps)):
+        if val < 1:
+            sys.exit(f"compare_torch.py --attention: {flag} must be at least 1")
+    if H % Hkv:
+        sys.exit(f"compare_torch.py --attention: --heads {H} is not a multiple of --kv-heads {Hkv}")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    gen = torch.Generator().manual_seed(args.seed)
+    randn = lambda heads, grad: torch.randn(B, heads, S, D, generator=gen).to(device, dtype).requires_grad_(grad)
+    q, k, v, dout = randn(H, True), randn(Hkv, True), randn(Hkv, True), randn(H, False)
+
+    if cuda:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend, ctx = "flash", lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+        except ImportError:  # torch < 2.3
+            backend = "flash"
+            ctx = lambda: torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False)
+    else:
+        backend, ctx = "default", contextlib.nullcontext
+    gqa = "none"
+    if Hkv < H:
+        try:
+            tiny = torch.zeros(1, 2, 1, 8)
+            F.scaled_dot_product_attention(tiny, tiny[:, :1], tiny[:, :1], enable_gqa=True)
+            gqa = "enable_gqa"
+        except TypeError:  # torch < 2.5
+            gqa = "repeat_kv"
+
+    def attn():
+        if gqa == "repeat_kv":
+            kk, vv = (x.repeat_interleave(H // Hkv, dim=1) for x in (k, v))
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        extra = {"enable_gqa": True} if gqa == "enable_gqa" else {}
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+
+    def median_secs(fn):
+        for _ in range(args.warmup):
+            fn()
+        ts = []
+        for _ in range(args.steps):
+            sync(torch, device)
+            t0 = time.perf_counter()
+            fn()
+            sync(torch, device)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    with ctx():
+        try:
+            o = attn()
+            torch.autograd.grad(o, (q, k, v), dout, retain_graph=True)
+            sync(torch, device)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            sys.exit(f"compare_torch.py --attention: the {backend} SDPA backend refused B {B}, S {S}, H {H}, "
+                     f"Hkv {Hkv}, D {D}, {str(dtype)[6:]} (gqa: {gqa}): {first}")
+        check = attention_check(torch, q, k, v, o)
+        fwd_s = median_secs(attn)
+        bwd_s = median_secs(lambda: torch.autograd.grad(o, (q, k, v), dout, retain_graph=True))
+        fwd_bwd_s = median_secs(lambda: torch.autograd.grad(attn(), (q, k, v), dout))
+
+    # Same count as src/bench.rs `AttentionSizes`.
+    f_fwd = 4.0 * D * H * B * S * (S + 1) / 2
+    f_bwd = 2.5 * f_fwd
+    out = {
+        "kind": "attention", "tool": "pytorch-sdpa-flash" if cuda else "pytorch-sdpa",
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({args.threads} threads)",
+        "dtype": "bf16" if cuda else "fp32", "causal": True,
+        "B": B, "S": S, "H": H, "Hkv": Hkv, "D": D, "threads": 0 if cuda else args.threads,
+        "steps": args.steps, "warmup": args.warmup,
+        "fwd_ms": fwd_s * 1e3, "bwd_ms": bwd_s * 1e3, "fwd_bwd_ms": fwd_bwd_s * 1e3,
+        "flops_fwd": f_fwd, "flops_bwd": f_bwd, "flops_fwd_bwd": f_fwd + f_bwd,
+        "tflops_fwd": f_fwd / fwd_s / 1e12, "tflops_bwd": f_bwd / bwd_s / 1e12,
+        "tflops_fwd_bwd": (f_fwd + f_bwd) / fwd_bwd_s / 1e12,
+        "flop_count": "forward 4*D*H per attended (query, key), B*S*(S+1)/2 of them; backward 2.5x forward",
+        "timing": f"median of {args.steps} calls after {args.warmup} untimed, wall clock"
+                  + (", torch.cuda.synchronize() before and after each" if cuda else ""),
+        "check_rel_err": check, "torch": torch.__version__, "backend": backend, "gqa": gqa,
+    }
+    print(json.dumps(out), flush=True)
+    print(f"{out['tool']}: causal attention on {out['device']} ({out['dtype']}): B {B} x S {S}, {H} heads / {Hkv} kv "
+          f"of {D}, median of {args.steps} calls (output check: rel err {check:.1e})", file=sys.stderr)
+    for name, ms, tf in (("forward", out["fwd_ms"], out["tflops_fwd"]), ("backward", out["bwd_ms"], out["tflops_bwd"]),
+                         ("forward + backward", out["fwd_bwd_ms"], out["tflops_fwd_bwd"])):
+        print(f"  {name:<19} {ms:>10.3f} ms  {tf:>9.3f} TFLOP/s", file=sys.stderr)
 
 
 def main():
@@ -155,7 +338,19 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--attention", action="store_true", help="time causal SDPA alone (see the top of this file)")
+    ap.add_argument("--batch", type=int, default=None, help="--attention: sequences (default 4 on CUDA, 1 on the CPU)")
+    ap.add_argument("--seq-len", type=int, default=None, help="--attention: tokens per sequence (2048 / 512)")
+    ap.add_argument("--heads", type=int, default=None, help="--attention: query heads (32)")
+    ap.add_argument("--kv-heads", type=int, default=None, help="--attention: key/value heads (as many as --heads)")
+    ap.add_argument("--head-dim", type=int, default=None, help="--attention: head dimension (128)")
     args = ap.parse_args()
+    attention_flags = [f for f in ("batch", "seq_len", "heads", "kv_heads", "head_dim") if getattr(args, f) is not None]
+    if args.attention:
+        run_attention(args)
+        return
+    if attention_flags:
+        ap.error(f"--{attention_flags[0].replace('_', '-')} needs --attention")
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if len(modes) > 1:

@@ -11,9 +11,12 @@
 #
 # It (1) prints the environment, (2) measures the copy and bf16-GEMM ceilings, (3) runs
 # every GPU parity test (tests/gpu.rs, `--ignored`), (4) runs the end-to-end training
-# benchmark, the PyTorch side-by-side (tools/compare_torch.py) and the kernel benchmarks. Full logs go to $GPU_LOG_DIR (default $OUT/gpu-check when
-# the device runner sets $OUT, else runs/gpu-check-<time>/); each step's row is printed as
-# it ends and the table again last. Each step has a time limit and the whole run a budget
+# benchmark, then `attention`: causal attention alone, `sdpo-run bench --attention` and
+# `tools/compare_torch.py --attention` (PyTorch SDPA, flash backend) at B 4 x S 2048, 32
+# heads of 128 (issue 6's aim) and their ratio, then the PyTorch training side-by-side
+# (tools/compare_torch.py) and the kernel benchmarks. Full logs go to $GPU_LOG_DIR
+# (default $OUT/gpu-check when the device runner sets $OUT, else runs/gpu-check-<time>/);
+# each step's row is printed as it ends and the table again last. Each step has a time limit and the whole run a budget
 # ($GPU_CHECK_BUDGET, 560 s), so it ends inside the runner's 10 minutes. The kernels are
 # compiled by the host's NVRTC at first use and cached in ~/.cache/sdpo (SDPO_CACHE
 # overrides).
@@ -124,13 +127,28 @@ step ceilings 120 'CEILING' "$BIN/gpu-tests" --ignored --exact gpu_ceilings --no
 step kernels-parity 240 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture --skip engine_ --skip sdpo_ --skip gpu_ceilings
 step engine-parity 180 'test result' "$BIN/gpu-tests" --ignored --test-threads=1 --nocapture engine_ sdpo_
 
-# (4) end-to-end training (the headline number), then the PyTorch anchor on the same
-# sizes and the ratios, then every CUDA kernel and the engine's GEMMs on Llama 3.2 1B /
-# Llama 3 8B layer shapes (criterion, CUDA side only) with what the budget leaves
+# (4) end-to-end training (the headline number); attention alone against PyTorch SDPA's
+# flash backend (the other headline aim, ~30 s); the PyTorch training anchor on the same
+# sizes as train-bench and the ratios; then every CUDA kernel and the engine's GEMMs on
+# Llama 3.2 1B / Llama 3 8B layer shapes (criterion, CUDA side only) with what the budget
+# leaves
 if [ -x "$BIN/sdpo-run" ]; then
   step train-bench 150 'tokens|MFU|mfu' "$BIN/sdpo-run" bench --device cuda --shape llama-1b --steps 5 --warmup 1
 else
   skip train-bench "no $BIN/sdpo-run"
+fi
+if [ -x "$BIN/sdpo-run" ] && [ -f tools/compare_torch.py ]; then
+  # Both tools at their CUDA defaults (B 4, S 2048, H = Hkv = 32, D 128, causal), each
+  # log beside ($LOG/attention-{sdpo,torch}.log); the row is the RATIO line (PyTorch's
+  # time over ours: >1 means ours is faster). Fails when either tool failed.
+  step attention 120 'RATIO' bash -c '
+    "$1" bench --attention --device cuda --steps 50 --warmup 5 >"$2/attention-sdpo.log" 2>&1; a=$?
+    python3 tools/compare_torch.py --attention --device cuda --steps 50 --warmup 5 >"$2/attention-torch.log" 2>&1; b=$?
+    cat "$2/attention-sdpo.log" "$2/attention-torch.log"
+    python3 tools/compare_torch.py --ratios "$2/attention-sdpo.log" "$2/attention-torch.log"
+    [ "$a" -eq 0 ] && [ "$b" -eq 0 ]' attention "$BIN/sdpo-run" "$LOG"
+else
+  skip attention "no $BIN/sdpo-run or tools/compare_torch.py"
 fi
 if [ -f tools/compare_torch.py ]; then
   # Same shape and sizes as train-bench; JSON keys and the ratio print: top of compare_torch.py.
