@@ -328,6 +328,61 @@ pub fn logprobs(g: &Gpu) {
         check(&format!("{tag} dx (via dlogits)"), &dx_got, &dx);
         check(&format!("{tag} dw (via dlogits)"), &dw_got, &dw);
     }
+    logprobs_padded_rows(g);
+}
+
+/// The kernels' 16-byte path with rows padded past V (ld, ld_out > V, multiples of 4) and
+/// every tail at once: V = 2·(4·512)·4 + 600·4 + 3 has two full groups of 4 float4 per
+/// thread, 600 float4 left over and 3 scalar columns. The padding holds NaN (a read past V
+/// poisons lse) and dlogits' padding must stay poisoned (a write past V). Reference in f64
+/// straight from the formulas in logprobs.cu; targets: a repeated tail column, one in the
+/// left-over float4s with no second target, and no first target.
+fn logprobs_padded_rows(g: &Gpu) {
+    let (rows, vocab, ld, ld_out) = (3usize, 18787usize, 18792usize, 18796usize);
+    let mut rng = SplitMix64(4);
+    let mut logits = vec![f32::NAN; rows * ld];
+    for r in 0..rows {
+        logits[r * ld..r * ld + vocab].copy_from_slice(&randn(&mut rng, vocab, 2.0));
+    }
+    let tgt = [vocab as i32 - 1, vocab as i32 - 1, 16401, -1, -1, 0];
+    let dl = randn(&mut rng, 2 * rows, 1.0);
+    let (mut logp, mut lse, mut dz) = (vec![0f32; 2 * rows], vec![0f32; rows], vec![0f32; rows * vocab]);
+    for r in 0..rows {
+        let z = &logits[r * ld..r * ld + vocab];
+        let l = z.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        lse[r] = l as f32;
+        let mut gsum = 0f64;
+        for j in 0..2 {
+            let t = tgt[2 * r + j];
+            if t >= 0 {
+                logp[2 * r + j] = (z[t as usize] as f64 - l) as f32;
+                gsum += dl[2 * r + j] as f64;
+            }
+        }
+        for (v, d) in dz[r * vocab..(r + 1) * vocab].iter_mut().enumerate() {
+            let hit: f64 = (0..2).filter(|&j| tgt[2 * r + j] == v as i32).map(|j| dl[2 * r + j] as f64).sum();
+            *d = (hit - gsum * (z[v] as f64 - l).exp()) as f32;
+        }
+    }
+    let (logits_d, tgt_d, dl_d) = (g.upload(&logits).unwrap(), g.upload(&tgt).unwrap(), g.upload(&dl).unwrap());
+    let (logp_d, lse_d) = (g.alloc::<f32>(2 * rows).unwrap(), g.alloc::<f32>(rows).unwrap());
+    let dlogits_d = g.alloc::<Bf16>(rows * ld_out).unwrap();
+    poison_f32(g, g.ptr(&logp_d));
+    poison_f32(g, g.ptr(&lse_d));
+    poison_bf16(g, g.ptr(&dlogits_d));
+    let tag = format!("logprobs rows={rows} V={vocab} ld={ld} ld_out={ld_out}");
+    g.k.logprobs_forward(g.ptr(&logp_d), g.ptr(&lse_d), g.ptr(&logits_d), g.ptr(&tgt_d), rows, vocab, ld).unwrap();
+    check(&format!("{tag} logp"), &g.download(g.ptr(&logp_d)).unwrap(), &logp);
+    check(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse);
+    let a = (g.ptr(&dlogits_d), g.ptr(&logits_d), g.ptr(&lse_d), g.ptr(&tgt_d), g.ptr(&dl_d));
+    g.k.logprobs_backward(a.0, a.1, a.2, a.3, a.4, rows, vocab, ld, ld_out).unwrap();
+    let got = down_bf16(g, g.ptr(&dlogits_d));
+    assert!(
+        (0..rows).all(|r| got[r * ld_out + vocab..(r + 1) * ld_out].iter().all(|x| x.is_nan())),
+        "{tag}: wrote past V"
+    );
+    let got: Vec<f32> = (0..rows).flat_map(|r| got[r * ld_out..r * ld_out + vocab].to_vec()).collect();
+    check(&format!("{tag} dlogits"), &got, &dz);
 }
 
 // --- adamw + grad norm
