@@ -15,20 +15,31 @@
 // branch [n] u8, group_start [n_groups + 1] u32. D ∈ {16, 32, 64, 128} (one kernel each).
 // Work split:
 // - forward: a block of 4 warps per (64-query tile, head); each warp owns 16 query rows,
-//   Q fragments in registers; 64-key tiles of K and V staged in shared memory, from the
-//   first key of the tile's first group up to its last query; online softmax in the
-//   exp2 domain; a key tile no query of the block can see is skipped after its metadata
-//   is read (rejected queries skip the chosen answer's tiles).
+//   Q fragments in registers; 64-key tiles of K and V, from the first key of the tile's
+//   first group up to its last query, double-buffered in dynamic shared memory: cp.async
+//   brings tile i+1 into one stage while the warps compute on tile i in the other (two
+//   stages: 68.5 KB at D = 128, which does not lower occupancy: registers already limit
+//   it to 2 blocks per SM on sm_80 and sm_90). Online softmax in the exp2 domain; a key
+//   tile no query of the block can see is skipped after its metadata is read (rejected
+//   queries skip the chosen answer's tiles); its copy is not saved, it was issued while
+//   the previous tile was computed.
 // - backward: a block of 4 warps per (64-key tile, kv head); each warp owns 16 keys and
 //   keeps their dK and dV in registers while it walks every query head of the kv group
 //   and every 32-query tile that can see the keys (from the tile itself to the end of
 //   its last key's group). dQ goes through a bf16 dS tile in shared memory and an mma
-//   with K, then f32 atomics.
+//   with K, then f32 atomics. Q/dO tiles are loaded synchronously (only other resident
+//   blocks hide that latency).
+// - every mma operand comes from shared memory by ldmatrix (x4: one A fragment or two B
+//   fragments; .trans where the operand is stored [k][n]: V, dO and Q in dV/dK, K in dQ).
 // Cost per call, with A = visible (query, key) pairs per head: forward 4·A·D FLOPs per
 // head, backward 10·A·D; bytes ≈ the q/k/v/o/dO tensors once each plus K/V (forward) or
 // Q/dO (backward) re-read per tile from L2.
 // Checked without a GPU by the kernel simulator (src/engine/cuda/sim.rs, tests/kernel_sim.rs).
-// Next steps (not yet done): ldmatrix and cp.async double buffering, wgmma on sm_90a.
+// None of this has been timed on a GPU: ldmatrix (fewer shared-memory instructions per
+// mma) and the forward's copy/compute overlap are expected to help, unmeasured.
+// Next steps (not yet done): cp.async double buffering of the backward's Q/dO tiles (at
+// D = 128 it needs 73.1 KB of shared memory and the kernel is at 236-239 registers);
+// wgmma with TMA loads on sm_90a; the dS tile is still written with scalar bf16 stores.
 #include "common.cuh"
 
 namespace {
@@ -75,9 +86,26 @@ SDPO_DEVICE int lane_col8(int lane) { return (lane >> 4) * 8; }
 SDPO_DEVICE int lane_row8x2(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
 SDPO_DEVICE int lane_col8x2(int lane) { return ((lane >> 3) & 1) * 8; }
 
+// The same rows by cp.async (common.cuh): issued here, landed once the caller's
+// cp_async_wait retires the group it commits them in. Rows ≥ n are zero-filled; their
+// source pointer is row 0's, in range but not read.
+template <int D, int ROWS>
+SDPO_DEVICE void load_rows_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int stride, int row0, int n) {
+    constexpr int VPR = D / 8;
+    for (int i = threadIdx.x; i < ROWS * VPR; i += blockDim.x) {
+        const int r = i / VPR, c = (i % VPR) * 8;
+        const bool in = row0 + r < n;
+        cp_async16(dst + r * (D + PAD) + c, src + (size_t)(in ? row0 + r : 0) * stride + c, in);
+    }
+}
+
 // --- forward
 
 constexpr int FWD_BM = 64, FWD_BN = 64;
+
+// Dynamic shared memory of the forward kernel (the launcher computes the same): two stages
+// of the K and V tiles and the query and key metadata, 2·2·64·(D+8)·2 + (64 + 64)·4 bytes;
+// 68.5 KB for D = 128, so the launcher raises the kernel's limit above the default 48 KB.
 
 template <int D>
 SDPO_DEVICE void attention_forward_impl(
@@ -85,10 +113,13 @@ SDPO_DEVICE void attention_forward_impl(
     const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v, const unsigned int* __restrict__ group,
     const unsigned char* __restrict__ branch, const unsigned int* __restrict__ group_start, int n, int n_heads,
     int n_kv_heads, int q_stride, int kv_stride, int o_stride, float scale) {
-    constexpr int LD = D + PAD;
-    __shared__ __align__(16) __nv_bfloat16 Ks[FWD_BN * LD];
-    __shared__ __align__(16) __nv_bfloat16 Vs[FWD_BN * LD];
-    __shared__ int qmeta[FWD_BM], kmeta[FWD_BN];
+    constexpr int LD = D + PAD, TILE = FWD_BN * LD;
+    static_assert(FWD_BM <= FWD_BN, "the Q tile is staged in a K stage");
+    SDPO_DYNAMIC_SMEM(smem);
+    __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][FWD_BN keys][LD]
+    __nv_bfloat16* Vs = Ks + 2 * TILE;                            // [2 stages][FWD_BN keys][LD]
+    int* qmeta = reinterpret_cast<int*>(Vs + 2 * TILE);
+    int* kmeta = qmeta + FWD_BM;
 
     const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
     const int q0 = blockIdx.x * FWD_BM;
@@ -96,16 +127,30 @@ SDPO_DEVICE void attention_forward_impl(
     const int wr = warp * 16;  // this warp's first row in the tile
     const int r0 = q0 + wr + g, r1 = r0 + 8;
 
-    // Q tile through shared memory (Ks doubles as staging) into A fragments.
-    load_rows<D, FWD_BM>(Ks, q + (size_t)h * D, q_stride, q0, n);
+    // Key tiles from the first key of the tile's first group up to its last query (keys
+    // after it are never seen); there is at least one, since that group starts ≤ q0.
+    const int k_end = min(q0 + FWD_BM, n);
+    const int kb0 = (int)group_start[group[q0]] / FWD_BN * FWD_BN;
+    const __nv_bfloat16* k_head = k + (size_t)kvh * D;
+    const __nv_bfloat16* v_head = v + (size_t)kvh * D;
+
+    // Copy groups, oldest first: the Q tile (staged in K stage 1), the first K/V tile
+    // (stage 0), then one per iteration for the tile after it. Q goes into A fragments as
+    // soon as it lands, while the first K/V tile is still on its way.
+    load_rows_async<D, FWD_BM>(Ks + TILE, q + (size_t)h * D, q_stride, q0, n);
+    cp_async_commit();
+    load_rows_async<D, FWD_BN>(Ks, k_head, kv_stride, kb0, n);
+    load_rows_async<D, FWD_BN>(Vs, v_head, kv_stride, kb0, n);
+    cp_async_commit();
     if (threadIdx.x < FWD_BM) qmeta[threadIdx.x] = token_meta(group, branch, q0 + threadIdx.x, n);
-    __syncthreads();
+    cp_async_wait<1>();  // this thread's share of the Q tile has landed ...
+    __syncthreads();     // ... and everyone's is visible
     const int ar = lane_row16(lane), ac = lane_col8(lane), br = lane_row8x2(lane), bc = lane_col8x2(lane);
     u32 qf[D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], Ks + (wr + ar) * LD + kk * 16 + ac);
+    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], Ks + TILE + (wr + ar) * LD + kk * 16 + ac);
     const int qm0 = qmeta[wr + g], qm1 = qmeta[wr + g + 8];
-    __syncthreads();
+    __syncthreads();  // stage 1 is free for the first prefetch
 
     float acc[D / 8][4];
 #pragma unroll
@@ -113,13 +158,21 @@ SDPO_DEVICE void attention_forward_impl(
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     const float sl2 = scale * LOG2E;
 
-    const int k_begin = (int)group_start[group[q0]];
-    const int k_end = min(q0 + FWD_BM, n);  // keys after the last query are never seen
-    for (int kb = k_begin / FWD_BN * FWD_BN; kb < k_end; kb += FWD_BN) {
-        load_rows<D, FWD_BN>(Ks, k + (size_t)kvh * D, kv_stride, kb, n);
-        load_rows<D, FWD_BN>(Vs, v + (size_t)kvh * D, kv_stride, kb, n);
+    for (int kb = kb0, st = 0; kb < k_end; kb += FWD_BN, st ^= 1) {
+        // Prefetch the next tile into the other stage, which no thread reads any more (the
+        // barrier that ended the previous iteration, or its skip's __syncthreads_or, came
+        // after the last read); the group is empty after the last tile, so the wait below
+        // always leaves exactly the prefetch in flight.
+        if (kb + FWD_BN < k_end) {
+            load_rows_async<D, FWD_BN>(Ks + (st ^ 1) * TILE, k_head, kv_stride, kb + FWD_BN, n);
+            load_rows_async<D, FWD_BN>(Vs + (st ^ 1) * TILE, v_head, kv_stride, kb + FWD_BN, n);
+        }
+        cp_async_commit();
         if (threadIdx.x < FWD_BN) kmeta[threadIdx.x] = token_meta(group, branch, kb + threadIdx.x, n);
-        __syncthreads();
+        cp_async_wait<1>();  // this thread's share of tile kb has landed ...
+        __syncthreads();     // ... and everyone's is visible, with kmeta
+        const __nv_bfloat16* Kt = Ks + st * TILE;
+        const __nv_bfloat16* Vt = Vs + st * TILE;
         // Does any query of the block see any key of the tile? (each thread checks 32 pairs)
         int any = 0;
         {
@@ -138,7 +191,7 @@ SDPO_DEVICE void attention_forward_impl(
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 u32 b[4];  // keys j·8.. and (j+1)·8.., dims kk·16..: two B fragments
-                ldmatrix_x4(b, Ks + (j * 8 + br) * LD + kk * 16 + bc);
+                ldmatrix_x4(b, Kt + (j * 8 + br) * LD + kk * 16 + bc);
                 const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
                 mma_bf16_16816(s[j], qf[kk], b0);
                 mma_bf16_16816(s[j + 1], qf[kk], b1);
@@ -197,7 +250,7 @@ SDPO_DEVICE void attention_forward_impl(
 #pragma unroll
             for (int j = 0; j < D / 8; j += 2) {
                 u32 b[4];  // keys kk·16.., dims j·8.. and (j+1)·8.., transposed: two B fragments
-                ldmatrix_x4_trans(b, Vs + (kk * 16 + ar) * LD + j * 8 + ac);
+                ldmatrix_x4_trans(b, Vt + (kk * 16 + ar) * LD + j * 8 + ac);
                 const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
                 mma_bf16_16816(acc[j], a, b0);
                 mma_bf16_16816(acc[j + 1], a, b1);
@@ -232,7 +285,7 @@ SDPO_DEVICE void attention_forward_impl(
 constexpr int BWD_BN = 64, BWD_BM = 32;
 
 // Dynamic shared memory of the backward kernel (the launcher computes the same):
-// (2·64·(D+8) + 2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes; 56.7 KB for D = 128, so the
+// (2·64·(D+8) + 2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes; 56.1 KB for D = 128, so the
 // launcher raises the kernel's dynamic shared-memory limit above the default 48 KB.
 
 template <int D>

@@ -156,6 +156,13 @@ pub struct AttnMaskDev {
     pub group_start: DPtr<u32>,
 }
 
+/// Dynamic shared memory of `attention_forward_hd{D}` (kernels/attention.cu): two stages
+/// of the 64-key K and V tiles, and the query and key metadata.
+pub fn attention_forward_smem(head_dim: usize) -> u32 {
+    let (bm, bn, pad, stages) = (64, 64, 8, 2);
+    (stages * 2 * bn * (head_dim + pad) * 2 + (bm + bn) * 4) as u32
+}
+
 /// Dynamic shared memory of `attention_backward_hd{D}` (kernels/attention.cu).
 pub fn attention_backward_smem(head_dim: usize) -> u32 {
     let (bn, bm, pad) = (64, 32, 8);
@@ -169,11 +176,13 @@ pub const DEFAULT_DYNAMIC_SMEM: u32 = 48 << 10;
 /// that need more, what `Kernels::load` opts them into before any launch
 /// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; above 48 KB a launch fails without it).
 pub fn dynamic_smem_limit(kernel: &str) -> u32 {
-    let hd = kernel.strip_prefix("attention_backward_hd").and_then(|d| d.parse::<usize>().ok());
-    match hd {
-        Some(d) if ATTENTION_HEAD_DIMS.contains(&d) => attention_backward_smem(d).max(DEFAULT_DYNAMIC_SMEM),
-        _ => DEFAULT_DYNAMIC_SMEM,
-    }
+    let attention = |prefix: &str, smem: fn(usize) -> u32| {
+        let hd = kernel.strip_prefix(prefix).and_then(|d| d.parse::<usize>().ok());
+        hd.filter(|d| ATTENTION_HEAD_DIMS.contains(d)).map(smem)
+    };
+    attention("attention_forward_hd", attention_forward_smem)
+        .or_else(|| attention("attention_backward_hd", attention_backward_smem))
+        .map_or(DEFAULT_DYNAMIC_SMEM, |need| need.max(DEFAULT_DYNAMIC_SMEM))
 }
 
 /// The loaded kernels of one device, or their stand-in on the CPU.
@@ -532,7 +541,7 @@ impl Kernels {
             need_vec(&format!("attention: {name}"), p)?;
         }
         let name = format!("attention_forward_hd{}", d.head_dim);
-        let cfg = Self::cfg((blocks(n, 64), d.n_heads as u32), 128, 0);
+        let cfg = Self::cfg((blocks(n, 64), d.n_heads as u32), 128, attention_forward_smem(d.head_dim));
         let scale = 1.0f32 / (d.head_dim as f32).sqrt();
         launch!(self, &name, cfg; o.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, mask.group.ptr, mask.branch.ptr,
             mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32, d.n_kv_heads as i32,
