@@ -1,5 +1,6 @@
 // Shared helpers for every kernel file: bf16 <-> f32 in 16-byte vectors, warp and block
-// reductions, and the tensor-core mma wrapper used by attention.
+// reductions, and the tensor-core wrappers attention uses (mma.sync, ldmatrix, cp.async),
+// each inline PTX on the device and a call into the kernel simulator under SDPO_SIM.
 //
 // Conventions (all kernels):
 // - activations are row-major, one row per token; `*_stride` arguments count elements;
