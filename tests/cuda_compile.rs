@@ -12,7 +12,9 @@
 //! fails, saying how to get it.
 #![cfg(feature = "cuda")]
 
-use sdpo::engine::cuda::kernels::{attention_backward_smem, kernel_signatures, KernelSignature, KERNEL_NAMES};
+use sdpo::engine::cuda::kernels::{
+    attention_backward_smem, attention_forward_smem, kernel_signatures, KernelSignature, KERNEL_NAMES,
+};
 use sdpo::engine::cuda::nvrtc::{self, Nvrtc, Output, INSTALL_HINT};
 use sdpo::engine::cuda::occupancy::{occupancy, KernelUse, SmLimits};
 use sdpo::engine::cuda::{KERNEL_HEADERS, KERNEL_SOURCES};
@@ -28,6 +30,9 @@ const RMSNORM_HIDDEN: u32 = 4096;
 /// The dynamic shared memory the launchers in src/engine/cuda/kernels.rs pass to `kernel`
 /// (every other kernel has none).
 fn dynamic_smem(kernel: &str) -> u32 {
+    if let Some(d) = kernel.strip_prefix("attention_forward_hd").and_then(|d| d.parse().ok()) {
+        return attention_forward_smem(d);
+    }
     if let Some(d) = kernel.strip_prefix("attention_backward_hd").and_then(|d| d.parse().ok()) {
         return attention_backward_smem(d);
     }
