@@ -9,8 +9,9 @@
 // [vocab, H] bf16, its gradient [vocab, H] f32, rows [n, H] f32 (the residual stream).
 // Work split: one thread per 8 consecutive elements (16-byte accesses); a tail shorter
 // than 8 goes element by element. Embedding: one thread per (token, 8 columns).
-// Bytes per call (count c): swiglu fwd 6c, bwd 10c; residual 8c+... ; casts 6c;
-// embedding fwd 6nH (+4n), bwd 8nH read-modify-write through L2 atomics.
+// Bytes per call (count c): swiglu fwd 6c, bwd 10c; residual 10c (reads x 4c and y 2c,
+// writes x 4c); casts 6c; embedding fwd 6nH (+4n), bwd 8nH read-modify-write through L2
+// atomics.
 #include "common.cuh"
 
 SDPO_DEVICE float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
