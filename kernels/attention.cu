@@ -14,15 +14,32 @@
 // with atomics: the launcher zeroes it), dk and dv [n, dkv_stride] f32 (=). group [n] u32,
 // branch [n] u8, group_start [n_groups + 1] u32. D ∈ {16, 32, 64, 128} (one kernel each).
 // Work split:
-// - forward: a block of 4 warps per (64-query tile, head); each warp owns 16 query rows,
-//   Q fragments in registers; 64-key tiles of K and V, from the first key of the tile's
-//   first group up to its last query, double-buffered in dynamic shared memory: cp.async
-//   brings tile i+1 into one stage while the warps compute on tile i in the other (two
-//   stages: 68.5 KB at D = 128, which does not lower occupancy: registers already limit
-//   it to 2 blocks per SM on sm_80 and sm_90). Online softmax in the exp2 domain; a key
-//   tile no query of the block can see is skipped after its metadata is read (rejected
-//   queries skip the chosen answer's tiles); its copy is not saved, it was issued while
-//   the previous tile was computed.
+// - forward: a block of 4 warps per (128-query tile, head); each warp owns 32 query rows
+//   as two m16 row blocks, so every K or V B-fragment load (ldmatrix.x4: two n8 fragments,
+//   512 bytes per warp) feeds 4 mmas, not 2. 64-key tiles of K and V, from the first key
+//   of the tile's first group up to its last query, double-buffered in dynamic shared
+//   memory: cp.async brings tile i+1 into one stage while the warps compute on tile i in
+//   the other. Each tile is worked on in two 32-key steps (S = Q·Kᵀ, mask, online softmax
+//   in the exp2 domain, O += P·V): with 64-key steps the D = 128 kernel spilled. For
+//   D ≤ 64 Q's A fragments are loaded once into registers (the Q tile staged in K/V stage
+//   1); at D = 128 they do not fit next to the 128 O accumulators, so the Q tile stays in
+//   shared memory and its fragments are loaded in the S loop (as FlashAttention-2 does).
+//   Shared memory: 2·2·64·(D+8)·2 bytes of K/V stages, + 128·(D+8)·2 for Q at D = 128,
+//   + metadata: 102.75 KB at D = 128, 36.75 KB at D = 64.
+//   Shared-memory bytes per mma (an expectation, unmeasured on a GPU): 128 in both
+//   products for D ≤ 64 (256 with 16 rows per warp); at D = 128, 256 in S (a Q and a K
+//   load per 4 mmas each) and 128 in P·V, 192 on average. At mma.sync rates an H100/H200
+//   SM does one m16n8k16 (4096 FLOPs) per ~1-1.5 clocks and shared memory delivers 128
+//   bytes per clock, so 256 B/mma held the inner loops to about half the tensor-core rate.
+//   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/4 blocks per SM at D = 128/64/32/16
+//   (was 2/4/4/6 with 64-query blocks: as many queries in flight, half the warps at D ≤ 64);
+//   sm_80 1/2/3/4 (was 2/3/4/6; D = 128 is limited by shared memory: 102.75 KB per block).
+//   Skipping: each thread's 64 mask bits are computed once per tile; a tile no query of the
+//   block sees is skipped by all warps after its metadata is read (its copy was issued a
+//   tile earlier and is not saved), and a warp none of whose 32 rows sees it only waits at
+//   the barrier. For one pair of prompt 256 + answers 512 + 512 in the shared layout the
+//   computed area is 1/0.933 of the visible pairs, as with 64-query blocks (skipping whole
+//   128-query blocks only: 1/0.873).
 // - backward: a block of 4 warps per (64-key tile, kv head); each warp owns 16 keys and
 //   keeps their dK and dV in registers while it walks every query head of the kv group
 //   and every 32-query tile that can see the keys (from the tile itself to the end of
@@ -36,10 +53,15 @@
 // Q/dO (backward) re-read per tile from L2.
 // Checked without a GPU by the kernel simulator (src/engine/cuda/sim.rs, tests/kernel_sim.rs).
 // None of this has been timed on a GPU: ldmatrix (fewer shared-memory instructions per
-// mma) and the forward's copy/compute overlap are expected to help, unmeasured.
+// mma), the forward's copy/compute overlap and its 32-row warps are expected to help,
+// unmeasured.
 // Next steps (not yet done): cp.async double buffering of the backward's Q/dO tiles (at
-// D = 128 it needs 73.1 KB of shared memory and the kernel is at 236-239 registers);
-// wgmma with TMA loads on sm_90a; the dS tile is still written with scalar bf16 stores.
+// D = 128 it needs 73.1 KB of shared memory and the kernel is at 236-239 registers), and
+// two 16-key blocks per warp there too; wgmma with TMA loads on sm_90a; 64-key score steps at
+// D = 128 (S at 128 B/mma) need fewer registers than the pair mask leaves; at D = 128 on
+// sm_80 a single-buffered K/V schedule (K's copy under P·V, V's under S, as in
+// FlashAttention-2) would fit 2 blocks per SM; the dS tile is still written with scalar
+// bf16 stores.
 #include "common.cuh"
 
 namespace {
@@ -101,11 +123,24 @@ SDPO_DEVICE void load_rows_async(__nv_bfloat16* dst, const __nv_bfloat16* src, i
 
 // --- forward
 
-constexpr int FWD_BM = 64, FWD_BN = 64;
+constexpr int FWD_BM = 128, FWD_BN = 64, FWD_WM = FWD_BM / 4;  // FWD_WM: query rows per warp
+
+// From this head dim on, the Q tile stays in shared memory and its A fragments are loaded
+// (ldmatrix) in the S = Q·Kᵀ loop: at D = 128 the O accumulators of a warp's 32 rows take
+// 128 registers and Q's fragments would take 64 more. Below it, Q's fragments are loaded
+// once into registers (the Q tile staged in K/V stage 1).
+constexpr int FWD_Q_SMEM_MIN_D = 128;
+// Keys per score / softmax / P·V step: half a tile. With 64-key steps the scores of 32 rows
+// take 64 registers, and the D = 128 kernel spilled (ptxas 12.9: 255 registers and 16-192
+// bytes of stack, depending on how the mask was written), the D = 64 one used 220-255
+// registers. With Q's fragments in registers, smaller steps cost no extra shared-memory
+// traffic, only a second rescale of the accumulators per tile.
+constexpr int FWD_KSTEP = 32;
 
 // Dynamic shared memory of the forward kernel (the launcher computes the same): two stages
-// of the K and V tiles and the query and key metadata, 2·2·64·(D+8)·2 + (64 + 64)·4 bytes;
-// 68.5 KB for D = 128, so the launcher raises the kernel's limit above the default 48 KB.
+// of the K and V tiles, 2·2·64·(D+8)·2 bytes, the Q tile where it stays in shared memory
+// (D = 128: 128·(D+8)·2), and the query and key metadata, (128 + 64)·4; 102.75 KB for
+// D = 128, so the launcher raises the kernel's limit above the default 48 KB.
 
 template <int D>
 SDPO_DEVICE void attention_forward_impl(
@@ -114,18 +149,23 @@ SDPO_DEVICE void attention_forward_impl(
     const unsigned char* __restrict__ branch, const unsigned int* __restrict__ group_start, int n, int n_heads,
     int n_kv_heads, int q_stride, int kv_stride, int o_stride, float scale) {
     constexpr int LD = D + PAD, TILE = FWD_BN * LD;
-    static_assert(FWD_BM <= FWD_BN, "the Q tile is staged in a K stage");
+    constexpr bool Q_SMEM = D >= FWD_Q_SMEM_MIN_D;
+    constexpr int KSTEP = FWD_KSTEP;
+    static_assert(FWD_BN % KSTEP == 0 && KSTEP % 16 == 0, "whole k16 steps in a tile");
+    static_assert(FWD_BM <= 2 * FWD_BN, "the Q tile is staged in K/V stage 1 when it does not stay in shared memory");
     SDPO_DYNAMIC_SMEM(smem);
-    __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][FWD_BN keys][LD]
-    __nv_bfloat16* Vs = Ks + 2 * TILE;                            // [2 stages][FWD_BN keys][LD]
-    int* qmeta = reinterpret_cast<int*>(Vs + 2 * TILE);
+    // Stage s: K at stages + 2·s·TILE, V right after it ([FWD_BN keys][LD] each), so one
+    // stage is 2·FWD_BN contiguous rows.
+    __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* Qs = Q_SMEM ? stages + 4 * TILE : stages + 2 * TILE;  // [FWD_BM queries][LD]
+    int* qmeta = reinterpret_cast<int*>(stages + 4 * TILE + (Q_SMEM ? FWD_BM * LD : 0));
     int* kmeta = qmeta + FWD_BM;
 
     const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
     const int q0 = blockIdx.x * FWD_BM;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int wr = warp * 16;  // this warp's first row in the tile
-    const int r0 = q0 + wr + g, r1 = r0 + 8;
+    const int wr = warp * FWD_WM;  // this warp's first row in the tile; row block rb: rows wr + 16·rb ..
+    const int ar = lane_row16(lane), ac = lane_col8(lane), br = lane_row8x2(lane), bc = lane_col8x2(lane);
 
     // Key tiles from the first key of the tile's first group up to its last query (keys
     // after it are never seen); there is at least one, since that group starts ≤ q0.
@@ -134,28 +174,39 @@ SDPO_DEVICE void attention_forward_impl(
     const __nv_bfloat16* k_head = k + (size_t)kvh * D;
     const __nv_bfloat16* v_head = v + (size_t)kvh * D;
 
-    // Copy groups, oldest first: the Q tile (staged in K stage 1), the first K/V tile
-    // (stage 0), then one per iteration for the tile after it. Q goes into A fragments as
-    // soon as it lands, while the first K/V tile is still on its way.
-    load_rows_async<D, FWD_BM>(Ks + TILE, q + (size_t)h * D, q_stride, q0, n);
+    // Copy groups, oldest first: the Q tile, the first K/V tile (stage 0), then one per
+    // iteration for the tile after it. Where Q goes into registers it does so as soon as it
+    // lands, while the first K/V tile is still on its way.
+    load_rows_async<D, FWD_BM>(Qs, q + (size_t)h * D, q_stride, q0, n);
     cp_async_commit();
-    load_rows_async<D, FWD_BN>(Ks, k_head, kv_stride, kb0, n);
-    load_rows_async<D, FWD_BN>(Vs, v_head, kv_stride, kb0, n);
+    load_rows_async<D, FWD_BN>(stages, k_head, kv_stride, kb0, n);
+    load_rows_async<D, FWD_BN>(stages + TILE, v_head, kv_stride, kb0, n);
     cp_async_commit();
     if (threadIdx.x < FWD_BM) qmeta[threadIdx.x] = token_meta(group, branch, q0 + threadIdx.x, n);
     cp_async_wait<1>();  // this thread's share of the Q tile has landed ...
-    __syncthreads();     // ... and everyone's is visible
-    const int ar = lane_row16(lane), ac = lane_col8(lane), br = lane_row8x2(lane), bc = lane_col8x2(lane);
-    u32 qf[D / 16][4];
+    __syncthreads();     // ... and everyone's is visible, with qmeta
+    u32 qf[Q_SMEM ? 1 : 2][Q_SMEM ? 1 : D / 16][4];
+    if constexpr (!Q_SMEM) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], Ks + TILE + (wr + ar) * LD + kk * 16 + ac);
-    const int qm0 = qmeta[wr + g], qm1 = qmeta[wr + g + 8];
-    __syncthreads();  // stage 1 is free for the first prefetch
+        for (int rb = 0; rb < 2; rb++) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[rb][kk], Qs + (wr + 16 * rb + ar) * LD + kk * 16 + ac);
+        }
+        __syncthreads();  // stage 1 is free for the first prefetch
+    }
 
-    float acc[D / 8][4];
+    // This thread's rows: row block rb, half i (fragment rows g and g + 8) is tile row
+    // wr + 16·rb + 8·i + g. Their metadata is re-read from qmeta when needed: kept in
+    // registers it pushed the D = 128 kernel into spilling.
+    float acc[2][D / 8][4];
 #pragma unroll
-    for (int j = 0; j < D / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    for (int rb = 0; rb < 2; rb++) {
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) acc[rb][j][0] = acc[rb][j][1] = acc[rb][j][2] = acc[rb][j][3] = 0.f;
+    }
+    float m[2][2], l[2][2];
+#pragma unroll
+    for (int rb = 0; rb < 2; rb++) m[rb][0] = m[rb][1] = -INFINITY, l[rb][0] = l[rb][1] = 0.f;
     const float sl2 = scale * LOG2E;
 
     for (int kb = kb0, st = 0; kb < k_end; kb += FWD_BN, st ^= 1) {
@@ -164,119 +215,171 @@ SDPO_DEVICE void attention_forward_impl(
         // after the last read); the group is empty after the last tile, so the wait below
         // always leaves exactly the prefetch in flight.
         if (kb + FWD_BN < k_end) {
-            load_rows_async<D, FWD_BN>(Ks + (st ^ 1) * TILE, k_head, kv_stride, kb + FWD_BN, n);
-            load_rows_async<D, FWD_BN>(Vs + (st ^ 1) * TILE, v_head, kv_stride, kb + FWD_BN, n);
+            __nv_bfloat16* next = stages + (st ^ 1) * 2 * TILE;
+            load_rows_async<D, FWD_BN>(next, k_head, kv_stride, kb + FWD_BN, n);
+            load_rows_async<D, FWD_BN>(next + TILE, v_head, kv_stride, kb + FWD_BN, n);
         }
         cp_async_commit();
         if (threadIdx.x < FWD_BN) kmeta[threadIdx.x] = token_meta(group, branch, kb + threadIdx.x, n);
         cp_async_wait<1>();  // this thread's share of tile kb has landed ...
         __syncthreads();     // ... and everyone's is visible, with kmeta
-        const __nv_bfloat16* Kt = Ks + st * TILE;
-        const __nv_bfloat16* Vt = Vs + st * TILE;
-        // Does any query of the block see any key of the tile? (each thread checks 32 pairs)
-        int any = 0;
-        {
-            const int qi = threadIdx.x & (FWD_BM - 1), kh = (threadIdx.x / FWD_BM) * 32;
-            const int qm = qmeta[qi];
-            for (int j = 0; j < 32 && !any; j++) any = visible(qm, kmeta[kh + j], q0 + qi, kb + kh + j);
-        }
-        if (!__syncthreads_or(any)) continue;
+        const __nv_bfloat16* Kt = stages + st * 2 * TILE;
+        const __nv_bfloat16* Vt = Kt + TILE;
 
-        // S = Q·Kᵀ for this warp's 16 rows × 64 keys.
-        float s[FWD_BN / 8][4];
-#pragma unroll
-        for (int j = 0; j < FWD_BN / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int j = 0; j < FWD_BN / 8; j += 2) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                u32 b[4];  // keys j·8.. and (j+1)·8.., dims kk·16..: two B fragments
-                ldmatrix_x4(b, Kt + (j * 8 + br) * LD + kk * 16 + bc);
-                const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-                mma_bf16_16816(s[j], qf[kk], b0);
-                mma_bf16_16816(s[j + 1], qf[kk], b1);
-            }
-        }
-        // Mask, scale into the log2 domain, running max.
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        // The mask as bits: bit 16·i + 2·j + c of vis[rb] is (row wr + 16·rb + 8·i + g, key
+        // j·8 + 2·t4 + c), the positions of this thread's score elements. The warp's lanes
+        // cover its 32 rows × 64 keys between them, so the warp sees the tile iff a lane has
+        // a bit set. A tile no warp sees is skipped by all; otherwise a warp that sees none
+        // of it only waits at the closing barrier (on the causal diagonal, across branches).
+        u32 vis[2] = {0u, 0u};
 #pragma unroll
         for (int j = 0; j < FWD_BN / 8; j++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int kc = j * 8 + 2 * t4 + (e & 1);
-                const bool vis = e < 2 ? visible(qm0, kmeta[kc], r0, kb + kc) : visible(qm1, kmeta[kc], r1, kb + kc);
-                s[j][e] = vis ? s[j][e] * sl2 : -INFINITY;
+            for (int c = 0; c < 2; c++) {
+                const int kc = j * 8 + 2 * t4 + c, km = kmeta[kc];
+#pragma unroll
+                for (int rb = 0; rb < 2; rb++) {
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        const int qr = wr + 16 * rb + 8 * i + g;
+                        vis[rb] |= (u32)visible(qmeta[qr], km, q0 + qr, kb + kc) << (16 * i + 2 * j + c);
+                    }
+                }
             }
-            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        // A row with nothing visible yet keeps base 0 so that exp2(−inf − base) = 0, not NaN.
-        const float b0 = mn0 == -INFINITY ? 0.f : mn0, b1 = mn1 == -INFINITY ? 0.f : mn1;
-        const float al0 = exp2f(m0 - b0), al1 = exp2f(m1 - b1);
-        m0 = mn0;
-        m1 = mn1;
-        float ps0 = 0.f, ps1 = 0.f;
+        u32 sees = vis[0] | vis[1];
 #pragma unroll
-        for (int j = 0; j < FWD_BN / 8; j++) {
-            s[j][0] = exp2f(s[j][0] - b0);
-            s[j][1] = exp2f(s[j][1] - b0);
-            s[j][2] = exp2f(s[j][2] - b1);
-            s[j][3] = exp2f(s[j][3] - b1);
-            ps0 += s[j][0] + s[j][1];
-            ps1 += s[j][2] + s[j][3];
-        }
-        // Per-thread partial row sums: the quad's lanes share the row's scale factors, so
-        // the sum over the quad is taken once at the end.
-        l0 = l0 * al0 + ps0;
-        l1 = l1 * al1 + ps1;
+        for (int off = 1; off < 32; off <<= 1) sees |= __shfl_xor_sync(0xffffffffu, sees, off);
+        if (!__syncthreads_or(sees != 0u)) continue;
+
+        if (sees) {
+            // Two steps of KSTEP keys, not unrolled, so that the compiler does not
+            // interleave their registers.
+#pragma unroll 1
+            for (int j0 = 0; j0 < FWD_BN / 8; j0 += KSTEP / 8) {
+                // S = Q·Kᵀ for this warp's 2 × 16 rows × KSTEP keys: each pair of K B
+                // fragments feeds both row blocks (4 mmas per ldmatrix).
+                float s[2][KSTEP / 8][4];
 #pragma unroll
-        for (int j = 0; j < D / 8; j++) {
-            acc[j][0] *= al0;
-            acc[j][1] *= al0;
-            acc[j][2] *= al1;
-            acc[j][3] *= al1;
-        }
-        // O += P·V: P from the score accumulators (two n8 tiles form one k16 A fragment).
+                for (int rb = 0; rb < 2; rb++) {
 #pragma unroll
-        for (int kk = 0; kk < FWD_BN / 16; kk++) {
-            const u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                    for (int j = 0; j < KSTEP / 8; j++) s[rb][j][0] = s[rb][j][1] = s[rb][j][2] = s[rb][j][3] = 0.f;
+                }
 #pragma unroll
-            for (int j = 0; j < D / 8; j += 2) {
-                u32 b[4];  // keys kk·16.., dims j·8.. and (j+1)·8.., transposed: two B fragments
-                ldmatrix_x4_trans(b, Vt + (kk * 16 + ar) * LD + j * 8 + ac);
-                const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-                mma_bf16_16816(acc[j], a, b0);
-                mma_bf16_16816(acc[j + 1], a, b1);
+                for (int kk = 0; kk < D / 16; kk++) {
+                    u32 qa[2][4];
+#pragma unroll
+                    for (int rb = 0; rb < 2; rb++) {
+                        if constexpr (Q_SMEM) {
+                            ldmatrix_x4(qa[rb], Qs + (wr + 16 * rb + ar) * LD + kk * 16 + ac);
+                        } else {
+#pragma unroll
+                            for (int c = 0; c < 4; c++) qa[rb][c] = qf[rb][kk][c];
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < KSTEP / 8; j += 2) {
+                        u32 b[4];  // keys (j0+j)·8.. and (j0+j+1)·8.., dims kk·16..: two B fragments
+                        ldmatrix_x4(b, Kt + ((j0 + j) * 8 + br) * LD + kk * 16 + bc);
+                        const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+                        for (int rb = 0; rb < 2; rb++) {
+                            mma_bf16_16816(s[rb][j], qa[rb], b0);
+                            mma_bf16_16816(s[rb][j + 1], qa[rb], b1);
+                        }
+                    }
+                }
+                // Per row block: mask, scale into the log2 domain, online softmax; then P
+                // packed into A fragments (two n8 score tiles form one k16 fragment).
+                u32 pa[2][KSTEP / 16][4];
+#pragma unroll
+                for (int rb = 0; rb < 2; rb++) {
+                    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+                    for (int j = 0; j < KSTEP / 8; j++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const bool seen = (vis[rb] >> (16 * (e >> 1) + 2 * (j0 + j) + (e & 1))) & 1u;
+                            s[rb][j][e] = seen ? s[rb][j][e] * sl2 : -INFINITY;
+                        }
+                        mx[0] = fmaxf(mx[0], fmaxf(s[rb][j][0], s[rb][j][1]));
+                        mx[1] = fmaxf(mx[1], fmaxf(s[rb][j][2], s[rb][j][3]));
+                    }
+                    float base[2], al[2], ps[2] = {0.f, 0.f};
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                        const float mn = fmaxf(m[rb][i], mx[i]);
+                        // A row with nothing visible yet keeps base 0 so that exp2(−inf − base) = 0, not NaN.
+                        base[i] = mn == -INFINITY ? 0.f : mn;
+                        al[i] = exp2f(m[rb][i] - base[i]);
+                        m[rb][i] = mn;
+                    }
+#pragma unroll
+                    for (int j = 0; j < KSTEP / 8; j++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            s[rb][j][e] = exp2f(s[rb][j][e] - base[e >> 1]);
+                            ps[e >> 1] += s[rb][j][e];
+                        }
+                    }
+                    // Per-thread partial row sums: the quad's lanes share the row's scale
+                    // factors, so the sum over the quad is taken once at the end.
+#pragma unroll
+                    for (int i = 0; i < 2; i++) l[rb][i] = l[rb][i] * al[i] + ps[i];
+#pragma unroll
+                    for (int j = 0; j < D / 8; j++) {
+                        acc[rb][j][0] *= al[0];
+                        acc[rb][j][1] *= al[0];
+                        acc[rb][j][2] *= al[1];
+                        acc[rb][j][3] *= al[1];
+                    }
+#pragma unroll
+                    for (int kk = 0; kk < KSTEP / 16; kk++) {
+                        pa[rb][kk][0] = pack_bf16(s[rb][2 * kk][0], s[rb][2 * kk][1]);
+                        pa[rb][kk][1] = pack_bf16(s[rb][2 * kk][2], s[rb][2 * kk][3]);
+                        pa[rb][kk][2] = pack_bf16(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
+                        pa[rb][kk][3] = pack_bf16(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
+                    }
+                }
+                // O += P·V: each pair of V B fragments feeds both row blocks.
+#pragma unroll
+                for (int kk = 0; kk < KSTEP / 16; kk++) {
+#pragma unroll
+                    for (int j = 0; j < D / 8; j += 2) {
+                        u32 b[4];  // keys j0·8 + kk·16.., dims j·8.. and (j+1)·8.., transposed: two B fragments
+                        ldmatrix_x4_trans(b, Vt + (j0 * 8 + kk * 16 + ar) * LD + j * 8 + ac);
+                        const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+                        for (int rb = 0; rb < 2; rb++) {
+                            mma_bf16_16816(acc[rb][j], pa[rb][kk], b0);
+                            mma_bf16_16816(acc[rb][j + 1], pa[rb][kk], b1);
+                        }
+                    }
+                }
             }
         }
         __syncthreads();
     }
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    if (r0 < n) {
-        __nv_bfloat16* orow = o + (size_t)r0 * o_stride + (size_t)h * D + 2 * t4;
 #pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<u32*>(orow + j * 8) = pack_bf16(acc[j][0] * inv0, acc[j][1] * inv0);
-        if (t4 == 0) lse[(size_t)r0 * n_heads + h] = (m0 + log2f(l0)) * LN2;
-    }
-    if (r1 < n) {
-        __nv_bfloat16* orow = o + (size_t)r1 * o_stride + (size_t)h * D + 2 * t4;
+    for (int rb = 0; rb < 2; rb++) {
 #pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<u32*>(orow + j * 8) = pack_bf16(acc[j][2] * inv1, acc[j][3] * inv1);
-        if (t4 == 0) lse[(size_t)r1 * n_heads + h] = (m1 + log2f(l1)) * LN2;
+        for (int i = 0; i < 2; i++) {
+            float sum = l[rb][i];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int r = q0 + wr + 16 * rb + 8 * i + g;
+            if (r < n) {
+                __nv_bfloat16* orow = o + (size_t)r * o_stride + (size_t)h * D + 2 * t4;
+#pragma unroll
+                for (int j = 0; j < D / 8; j++)
+                    *reinterpret_cast<u32*>(orow + j * 8) = pack_bf16(acc[rb][j][2 * i] * inv, acc[rb][j][2 * i + 1] * inv);
+                if (t4 == 0) lse[(size_t)r * n_heads + h] = (m[rb][i] + log2f(sum)) * LN2;
+            }
+        }
     }
 }
 

@@ -156,11 +156,17 @@ pub struct AttnMaskDev {
     pub group_start: DPtr<u32>,
 }
 
+/// Queries per block of `attention_forward_hd{D}` (kernels/attention.cu: FWD_BM).
+const ATTENTION_FORWARD_BLOCK_QUERIES: usize = 128;
+
 /// Dynamic shared memory of `attention_forward_hd{D}` (kernels/attention.cu): two stages
-/// of the 64-key K and V tiles, and the query and key metadata.
+/// of the 64-key K and V tiles, the 128-query Q tile where it stays in shared memory
+/// (D ≥ 128, FWD_Q_SMEM_MIN_D; smaller D stage it in K/V stage 1), and the query and key
+/// metadata.
 pub fn attention_forward_smem(head_dim: usize) -> u32 {
-    let (bm, bn, pad, stages) = (64, 64, 8, 2);
-    (stages * 2 * bn * (head_dim + pad) * 2 + (bm + bn) * 4) as u32
+    let (bm, bn, pad, stages) = (ATTENTION_FORWARD_BLOCK_QUERIES, 64, 8, 2);
+    let q_tile = if head_dim >= 128 { bm * (head_dim + pad) } else { 0 };
+    ((stages * 2 * bn * (head_dim + pad) + q_tile) * 2 + (bm + bn) * 4) as u32
 }
 
 /// Dynamic shared memory of `attention_backward_hd{D}` (kernels/attention.cu).
@@ -541,7 +547,8 @@ impl Kernels {
             need_vec(&format!("attention: {name}"), p)?;
         }
         let name = format!("attention_forward_hd{}", d.head_dim);
-        let cfg = Self::cfg((blocks(n, 64), d.n_heads as u32), 128, attention_forward_smem(d.head_dim));
+        let grid = (blocks(n, ATTENTION_FORWARD_BLOCK_QUERIES), d.n_heads as u32);
+        let cfg = Self::cfg(grid, 128, attention_forward_smem(d.head_dim));
         let scale = 1.0f32 / (d.head_dim as f32).sqrt();
         launch!(self, &name, cfg; o.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, mask.group.ptr, mask.branch.ptr,
             mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32, d.n_kv_heads as i32,
