@@ -198,6 +198,10 @@ pub struct Kernels {
     sim: Option<KernelSim>,
     pub arch: String,
     pub sm_count: u32,
+    /// Blocks of 256 threads of `adamw_update` and `grad_norm_forward` that fit on one SM
+    /// at once (the driver's occupancy query): their grid-stride grids are one full wave.
+    adamw_resident: u32,
+    grad_norm_resident: u32,
     funcs: HashMap<&'static str, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
 }
@@ -236,7 +240,23 @@ impl Kernels {
                     .map_err(|e| Error::Cuda(format!("{name}: opting into {limit} bytes of shared memory: {e}")))?;
             }
         }
-        Ok(Kernels { stream: Some(stream), sim: None, arch, sm_count, funcs, _modules: modules })
+        let resident = |name: &str| {
+            funcs[name]
+                .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+                .map_err(|e| Error::Cuda(format!("{name}: occupancy query: {e}")))
+                .map(|b| b.max(1))
+        };
+        let (adamw_resident, grad_norm_resident) = (resident("adamw_update")?, resident("grad_norm_forward")?);
+        Ok(Kernels {
+            stream: Some(stream),
+            sim: None,
+            arch,
+            sm_count,
+            adamw_resident,
+            grad_norm_resident,
+            funcs,
+            _modules: modules,
+        })
     }
 
     /// Every launcher checks its arguments, then runs the kernel's own source on the CPU
@@ -247,6 +267,8 @@ impl Kernels {
             sim: Some(sim),
             arch: "sim".into(),
             sm_count: 4,
+            adamw_resident: 2,
+            grad_norm_resident: 2,
             funcs: HashMap::new(),
             _modules: Vec::new(),
         }
@@ -864,7 +886,7 @@ impl Kernels {
         let bc1 = 1.0 - beta1.powi(step as i32);
         let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt() as f32;
         let step_size = (lr / bc1) as f32;
-        let grid = blocks(n.div_ceil(4), 256).min(self.sm_count * 8);
+        let grid = blocks(n.div_ceil(4), 256).min(self.sm_count * self.adamw_resident);
         let cfg = Self::cfg((grid, 1), 256, 0);
         launch!(self, "adamw_update", cfg; p.ptr, m.ptr, v.ptr, p_bf16.ptr, g.ptr, n as i64, grad_scale, decay, w1,
             b2, w2, step_size, bc2_sqrt, eps as f32, zero_grad as i32);
@@ -883,8 +905,9 @@ impl Kernels {
         Ok(())
     }
 
+    /// Blocks of `grad_norm_forward` (one wave: every SM full) and so f64 partial sums.
     pub fn grad_norm_blocks(&self) -> usize {
-        (self.sm_count * 4) as usize
+        (self.sm_count * self.grad_norm_resident) as usize
     }
 
     // --- elementwise.cu
