@@ -189,7 +189,10 @@ pub fn attention(g: &Gpu) {
 // --- rmsnorm
 
 pub fn rmsnorm(g: &Gpu) {
-    for (seed, n, hidden) in [(1u64, 1usize, 64usize), (2, 37, 264), (3, 130, 1024), (4, 7, 4096)] {
+    // (5, 300, 1032): backward batches of 8 rows, ~5 per block on the simulator's grid of 8,
+    // the last batch half full, and a second float4 column sweep only threads 0-1 take part in.
+    let cases = [(1u64, 1usize, 64usize), (2, 37, 264), (3, 130, 1024), (4, 7, 4096), (5, 300, 1032)];
+    for (seed, n, hidden) in cases {
         let mut rng = SplitMix64(seed);
         let x = randn(&mut rng, n * hidden, 1.0);
         let w = bf(&randn(&mut rng, hidden, 1.0));
