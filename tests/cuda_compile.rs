@@ -23,8 +23,8 @@ use sdpo::engine::cuda::{KERNEL_HEADERS, KERNEL_SOURCES};
 const NO_LOCAL_MEMORY: &[&str] = &["attention.cu", "logprobs.cu", "rmsnorm.cu", "adamw.cu"];
 
 /// Hidden size for the shared memory of `rmsnorm_backward`, which its launcher sizes as
-/// hidden × 4 bytes: Llama 3 8B's 4096 (16 KB). At the launcher's maximum, 12288, it is
-/// 48 KB, still 4 blocks per SM on sm_90.
+/// hidden × 4 bytes: Llama 3 8B's 4096 (16 KB). Registers (96) limit it to 2 blocks per
+/// SM either way, as many as its launcher's grid places per SM.
 const RMSNORM_HIDDEN: u32 = 4096;
 
 /// The dynamic shared memory the launchers in src/engine/cuda/kernels.rs pass to `kernel`
