@@ -169,10 +169,13 @@ pub fn attention_forward_smem(head_dim: usize) -> u32 {
     ((stages * 2 * bn * (head_dim + pad) + q_tile) * 2 + (bm + bn) * 4) as u32
 }
 
-/// Dynamic shared memory of `attention_backward_hd{D}` (kernels/attention.cu).
+/// Dynamic shared memory of `attention_backward_hd{D}` (kernels/attention.cu): the 64-key
+/// K and V tiles, two stages of the 32-query Q and dO tiles (cp.async double buffering),
+/// the dS tile, and the query (lse, D, mask) and key metadata.
 pub fn attention_backward_smem(head_dim: usize) -> u32 {
-    let (bn, bm, pad) = (64, 32, 8);
-    ((2 * bn * (head_dim + pad) + 2 * bm * (head_dim + pad) + bm * (bn + pad)) * 2 + (3 * bm + bn) * 4) as u32
+    let (bn, bm, pad, stages) = (64, 32, 8, 2);
+    let tiles = 2 * bn * (head_dim + pad) + stages * 2 * bm * (head_dim + pad) + bm * (bn + pad);
+    (tiles * 2 + (3 * bm + bn) * 4) as u32
 }
 
 /// Dynamic shared memory a launch may ask for without opting in.
