@@ -27,19 +27,18 @@
 //   Shared memory: 2·2·64·(D+8)·2 bytes of K/V stages, + 128·(D+8)·2 for Q at D = 128,
 //   + metadata: 102.75 KB at D = 128, 36.75 KB at D = 64.
 //   Shared-memory bytes per mma (an expectation, unmeasured on a GPU): 128 in both
-//   products for D ≤ 64 (256 with 16 rows per warp); at D = 128, 256 in S (a Q and a K
+//   products for D ≤ 64 (it would be 256 with 16 rows per warp); at D = 128, 256 in S (a Q and a K
 //   load per 4 mmas each) and 128 in P·V, 192 on average. At mma.sync rates an H100/H200
 //   SM does one m16n8k16 (4096 FLOPs) per ~1-1.5 clocks and shared memory delivers 128
 //   bytes per clock, so 256 B/mma held the inner loops to about half the tensor-core rate.
-//   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/4 blocks per SM at D = 128/64/32/16
-//   (was 2/4/4/6 with 64-query blocks: as many queries in flight, half the warps at D ≤ 64);
-//   sm_80 1/2/3/4 (was 2/3/4/6; D = 128 is limited by shared memory: 102.75 KB per block).
+//   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/4 blocks per SM at D = 128/64/32/16;
+//   sm_80 1/2/3/4 (D = 128 limited by shared memory: 102.75 KB per block).
 //   Skipping: each thread's 64 mask bits are computed once per tile; a tile no query of the
 //   block sees is skipped by all warps after its metadata is read (its copy was issued a
 //   tile earlier and is not saved), and a warp none of whose 32 rows sees it only waits at
 //   the barrier. For one pair of prompt 256 + answers 512 + 512 in the shared layout the
-//   computed area is 1/0.933 of the visible pairs, as with 64-query blocks (skipping whole
-//   128-query blocks only: 1/0.873).
+//   computed area is 1/0.933 of the visible pairs (skipping whole 128-query blocks only
+//   would give 1/0.873).
 // - backward: a block of 4 warps per (64-key tile, kv head); each warp owns 16 keys and
 //   keeps their dK and dV in registers while it walks every query head of the kv group
 //   and every 32-query tile that can see the keys (from the tile itself to the end of
@@ -51,11 +50,10 @@
 //   during step i and stored to shared memory at the top of step i+1. A step no key of
 //   the block sees is skipped after its metadata is read; its tiles were copied a step
 //   earlier, like the forward's. Shared memory: K, V, 2 stages of Q and dO, dS, metadata,
-//   (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes: 73.1 KB at D = 128 (was
-//   56.1 KB single-buffered). Occupancy (cuda_compile, theoretical) unchanged on sm_90:
-//   2/3/5/5 blocks per SM at D = 128/64/32/16 (registers; D ≤ 32 held there by
-//   __launch_bounds__' second value, see ATTENTION_BACKWARD); sm_80 2/3/5/5 (was
-//   2/3/4/5), D = 128 limited by registers and shared memory.
+//   (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes: 73.1 KB at D = 128.
+//   Occupancy (cuda_compile, theoretical): 2/3/5/5 blocks per SM at D = 128/64/32/16 on
+//   sm_90 and sm_80 (registers; D ≤ 32 held there by __launch_bounds__' second value, see
+//   ATTENTION_BACKWARD).
 // - every mma operand comes from shared memory by ldmatrix (x4: one A fragment or two B
 //   fragments; .trans where the operand is stored [k][n]: V, dO and Q in dV/dK, K in dQ).
 // Cost per call, with A = visible (query, key) pairs per head: forward 4·A·D FLOPs per
@@ -65,8 +63,8 @@
 // None of this has been timed on a GPU: ldmatrix (fewer shared-memory instructions per
 // mma), the copy/compute overlap of the forward's K/V and the backward's Q/dO tiles and
 // the forward's 32-row warps are expected to help, unmeasured.
-// Next steps (not yet done): two 16-key blocks per warp in the backward (at D = 128 it is
-// at 236-239 registers); wgmma with TMA loads on sm_90a; 64-key score steps at
+// Next steps (not yet done): two 16-key blocks per warp in the backward (at D = 128 it
+// uses 236-239 registers); wgmma with TMA loads on sm_90a; 64-key score steps at
 // D = 128 (S at 128 B/mma) need fewer registers than the pair mask leaves; at D = 128 on
 // sm_80 a single-buffered K/V schedule (K's copy under P·V, V's under S, as in
 // FlashAttention-2) would fit 2 blocks per SM; the dS tile is still written with scalar
