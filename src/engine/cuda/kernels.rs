@@ -178,7 +178,7 @@ pub fn attention_backward_smem(head_dim: usize) -> u32 {
     (tiles * 2 + (3 * bm + bn) * 4) as u32
 }
 
-/// Dynamic shared memory a launch may ask for without opting in.
+/// Shared memory, static and dynamic together, a block may use without opting in.
 pub const DEFAULT_DYNAMIC_SMEM: u32 = 48 << 10;
 
 /// The dynamic shared memory a launch of `kernel` may ask for: 48 KB, or for the kernels
@@ -206,6 +206,9 @@ pub struct Kernels {
     adamw_resident: u32,
     grad_norm_resident: u32,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// Kernels this device cannot run, with why (more shared memory per block than it has):
+    /// only a launch of one of them fails, not the whole load.
+    unavailable: HashMap<&'static str, String>,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -236,13 +239,32 @@ impl Kernels {
             }
             modules.push(module);
         }
+        // Without an opt-in a block gets 48 KB of shared memory, static and dynamic together
+        // (rmsnorm_backward: up to 48 KB dynamic plus 128 bytes static); with it, up to the
+        // device's per-block maximum (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89,
+        // where the D = 128 attention forward's 102.75 KB does not fit).
+        let smem_max = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(cuda)? as u32;
+        let mut unavailable = HashMap::new();
         for (name, f) in &funcs {
             let limit = dynamic_smem_limit(name);
-            if limit > DEFAULT_DYNAMIC_SMEM {
+            let static_smem = f.shared_size_bytes().map_err(|e| Error::Cuda(format!("{name}: {e}")))? as u32;
+            if limit + static_smem > smem_max {
+                unavailable.insert(
+                    *name,
+                    format!(
+                        "kernel {name} needs {} bytes of shared memory per block ({static_smem} static); this \
+                         GPU ({arch}) allows {smem_max}",
+                        limit + static_smem
+                    ),
+                );
+            } else if limit + static_smem > DEFAULT_DYNAMIC_SMEM {
                 f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit as i32)
                     .map_err(|e| Error::Cuda(format!("{name}: opting into {limit} bytes of shared memory: {e}")))?;
             }
         }
+        funcs.retain(|name, _| !unavailable.contains_key(name));
         let resident = |name: &str| {
             funcs[name]
                 .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
@@ -258,6 +280,7 @@ impl Kernels {
             adamw_resident,
             grad_norm_resident,
             funcs,
+            unavailable,
             _modules: modules,
         })
     }
@@ -273,6 +296,7 @@ impl Kernels {
             adamw_resident: 2,
             grad_norm_resident: 2,
             funcs: HashMap::new(),
+            unavailable: HashMap::new(),
             _modules: Vec::new(),
         }
     }
@@ -283,7 +307,10 @@ impl Kernels {
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction> {
-        self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not loaded")))
+        self.funcs.get(name).ok_or_else(|| match self.unavailable.get(name) {
+            Some(why) => Error::Cuda(why.clone()),
+            None => Error::Cuda(format!("kernel {name} is not loaded")),
+        })
     }
 
     fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
