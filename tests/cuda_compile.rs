@@ -1,7 +1,8 @@
 //! Every CUDA kernel compiles with NVRTC to sm_80 and sm_90a cubins, no GPU needed.
 //!
 //! Runs in CI (which installs the NVRTC pip wheels; see .ci/run). Prints each kernel's
-//! registers, stack frame, spills, static and dynamic shared memory, block size and its
+//! registers, stack frame, spills, static and the most dynamic shared memory a launch asks
+//! for (`dynamic_smem_limit`), block size and its
 //! theoretical occupancy (blocks per SM, % of the SM's warps, the resource that limits
 //! it; `engine::cuda::occupancy`). Fails on a compile error, on a missing kernel that a
 //! launcher in src/engine/cuda/kernels.rs expects, on a kernel without
@@ -12,35 +13,13 @@
 //! fails, saying how to get it.
 #![cfg(feature = "cuda")]
 
-use sdpo::engine::cuda::kernels::{
-    attention_backward_smem, attention_forward_smem, kernel_signatures, KernelSignature, KERNEL_NAMES,
-};
+use sdpo::engine::cuda::kernels::{dynamic_smem_limit, kernel_signatures, KernelSignature, KERNEL_NAMES};
 use sdpo::engine::cuda::nvrtc::{self, Nvrtc, Output, INSTALL_HINT};
 use sdpo::engine::cuda::occupancy::{occupancy, KernelUse, SmLimits};
 use sdpo::engine::cuda::{KERNEL_HEADERS, KERNEL_SOURCES};
 
 /// Files whose kernels must run entirely from registers and shared memory.
 const NO_LOCAL_MEMORY: &[&str] = &["attention.cu", "logprobs.cu", "rmsnorm.cu", "adamw.cu"];
-
-/// Hidden size for the shared memory of `rmsnorm_backward`, which its launcher sizes as
-/// hidden × 4 bytes: Llama 3 8B's 4096 (16 KB). Registers (96) limit it to 2 blocks per
-/// SM either way, as many as its launcher's grid places per SM.
-const RMSNORM_HIDDEN: u32 = 4096;
-
-/// The dynamic shared memory the launchers in src/engine/cuda/kernels.rs pass to `kernel`
-/// (every other kernel has none).
-fn dynamic_smem(kernel: &str) -> u32 {
-    if let Some(d) = kernel.strip_prefix("attention_forward_hd").and_then(|d| d.parse().ok()) {
-        return attention_forward_smem(d);
-    }
-    if let Some(d) = kernel.strip_prefix("attention_backward_hd").and_then(|d| d.parse().ok()) {
-        return attention_backward_smem(d);
-    }
-    match kernel {
-        "rmsnorm_backward" => RMSNORM_HIDDEN * 4,
-        _ => 0,
-    }
-}
 
 /// The declaration of `kernel`; a name ending in `##X` stands for its prefix + digits.
 fn signature<'a>(sigs: &'a [KernelSignature], kernel: &str) -> Option<&'a KernelSignature> {
@@ -97,7 +76,7 @@ fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
                     registers: k.registers,
                     threads_per_block: block,
                     static_smem: k.static_smem,
-                    dynamic_smem: dynamic_smem(&k.name),
+                    dynamic_smem: dynamic_smem_limit(&k.name),
                     barriers: k.barriers,
                 };
                 let occ = occupancy(sm, &used);

@@ -178,12 +178,22 @@ pub fn attention_backward_smem(head_dim: usize) -> u32 {
     (tiles * 2 + (3 * bm + bn) * 4) as u32
 }
 
+/// Largest hidden size `rmsnorm_backward` takes: its dw columns (one f32 each) live in
+/// dynamic shared memory, 48 KB at most.
+pub const RMSNORM_MAX_HIDDEN: usize = 12288;
+
+/// Dynamic shared memory of `rmsnorm_backward` (kernels/rmsnorm.cu): one f32 per column.
+pub fn rmsnorm_backward_smem(hidden: usize) -> u32 {
+    (hidden * 4) as u32
+}
+
 /// Shared memory, static and dynamic together, a block may use without opting in.
 pub const DEFAULT_DYNAMIC_SMEM: u32 = 48 << 10;
 
-/// The dynamic shared memory a launch of `kernel` may ask for: 48 KB, or for the kernels
-/// that need more, what `Kernels::load` opts them into before any launch
-/// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; above 48 KB a launch fails without it).
+/// The most dynamic shared memory a launch of `kernel` asks for (0 for kernels without
+/// any). `Kernels::load` opts a kernel in when this plus its static shared memory passes
+/// 48 KB (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; without it such a launch fails),
+/// and `check_launch` refuses a launch asking for more.
 pub fn dynamic_smem_limit(kernel: &str) -> u32 {
     let attention = |prefix: &str, smem: fn(usize) -> u32| {
         let hd = kernel.strip_prefix(prefix).and_then(|d| d.parse::<usize>().ok());
@@ -191,7 +201,10 @@ pub fn dynamic_smem_limit(kernel: &str) -> u32 {
     };
     attention("attention_forward_hd", attention_forward_smem)
         .or_else(|| attention("attention_backward_hd", attention_backward_smem))
-        .map_or(DEFAULT_DYNAMIC_SMEM, |need| need.max(DEFAULT_DYNAMIC_SMEM))
+        .unwrap_or(match kernel {
+            "rmsnorm_backward" => rmsnorm_backward_smem(RMSNORM_MAX_HIDDEN),
+            _ => 0,
+        })
 }
 
 /// The loaded kernels of one device, or their stand-in on the CPU.
@@ -724,8 +737,8 @@ impl Kernels {
         hidden: usize,
         accumulate: bool,
     ) -> Result<()> {
-        need(hidden.is_multiple_of(8) && hidden <= 12288, || {
-            format!("rmsnorm_backward: hidden {hidden} must be a multiple of 8 and ≤ 12288 (48 KB of shared memory)")
+        need(hidden.is_multiple_of(8) && hidden <= RMSNORM_MAX_HIDDEN, || {
+            format!("rmsnorm_backward: hidden {hidden} must be a multiple of 8 and ≤ {RMSNORM_MAX_HIDDEN} (its shared memory)")
         })?;
         for (name, p) in [("dx", &dx), ("dy", &dy), ("x", &x)] {
             need_len(&format!("rmsnorm_backward: {name}"), p, n * hidden)?;
@@ -737,7 +750,7 @@ impl Kernels {
         need_len("rmsnorm_backward: rstd", &rstd, n)?;
         // A few blocks per SM: each adds its partial dw once.
         let grid = blocks(n, 8).min(self.sm_count * 2);
-        let cfg = Self::cfg((grid, 1), 256, (hidden * 4) as u32);
+        let cfg = Self::cfg((grid, 1), 256, rmsnorm_backward_smem(hidden));
         launch!(self, "rmsnorm_backward", cfg; dx.ptr, dw.ptr, dy.ptr, x.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
             hidden as i32, accumulate as i32);
         Ok(())
@@ -1102,7 +1115,7 @@ mod tests {
         let swiglu = [Ptr, Ptr, Ptr, I64];
         let err = check_launch("swiglu_forward", &Kernels::cfg((1, 1), 512, 0), &swiglu).unwrap_err();
         assert!(err.to_string().contains("a block of 512 threads, kernels/elementwise.cu bounds it to 256"), "{err}");
-        let err = check_launch("swiglu_forward", &Kernels::cfg((1, 1), 256, 48 << 10 | 4), &swiglu).unwrap_err();
+        let err = check_launch("swiglu_forward", &Kernels::cfg((1, 1), 256, 16), &swiglu).unwrap_err();
         assert!(err.to_string().contains("dynamic shared memory"), "{err}");
 
         // attention backward at head dim 128 needs more than 48 KB: opted in, up to its size.

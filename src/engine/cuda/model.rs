@@ -26,7 +26,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
 
 use super::gemm::GemmShape;
-use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
+use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
 use super::{to_bf16, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
@@ -147,9 +147,9 @@ pub struct CudaEngine {
 /// Why the CUDA engine cannot run a model of this config (`None`: it can).
 pub fn unsupported(cfg: &LlamaConfig) -> Option<String> {
     let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-    if h % 8 != 0 || i % 8 != 0 || h > 12288 {
+    if h % 8 != 0 || i % 8 != 0 || h > RMSNORM_MAX_HIDDEN {
         return Some(format!(
-            "the CUDA engine needs hidden_size ({h}) and intermediate_size ({i}) to be multiples of 8, hidden_size ≤ 12288"
+            "the CUDA engine needs hidden_size ({h}) and intermediate_size ({i}) to be multiples of 8, hidden_size ≤ {RMSNORM_MAX_HIDDEN}"
         ));
     }
     if !super::kernels::ATTENTION_HEAD_DIMS.contains(&hd) {
