@@ -58,8 +58,7 @@ const HEAD_PAIR: (usize, usize, usize) = (2, 2, 3);
 const GEMM_ROWS: usize = 64;
 
 fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut rng = SplitMix64(seed);
-    (0..n).map(|_| scale * rng.normal()).collect()
+    SplitMix64(seed).normals(n, scale)
 }
 
 const F32: u64 = 4;

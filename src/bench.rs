@@ -686,8 +686,7 @@ pub fn causal_batch(batch: usize, seq_len: usize) -> PairBatch {
 /// `len` normal values: a random block of 65537 (a prime) repeated, so that 100M-element
 /// operands are cheap to fill and no row (of fewer than 65537 elements) repeats within itself.
 fn tiled_normal(len: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix64(seed);
-    let block: Vec<f32> = (0..65537.min(len)).map(|_| rng.normal()).collect();
+    let block = SplitMix64(seed).normals(65537.min(len), 1.0);
     block.iter().copied().cycle().take(len).collect()
 }
 
@@ -710,13 +709,15 @@ impl AttentionInputs {
         }
     }
 
-    /// The same values rounded to bf16, as the CUDA kernels see them.
+    /// The values as bf16 bits for the device (q, k, v, dO), each tensor replaced by its
+    /// bf16 rounding so that the output check sees what the kernels see.
     #[cfg(feature = "cuda")]
-    fn rounded_to_bf16(mut self) -> Self {
-        for x in [&mut self.q, &mut self.k, &mut self.v, &mut self.dout] {
-            x.iter_mut().for_each(|e| *e = half::bf16::from_f32(*e).to_f32());
-        }
-        self
+    fn round_to_bf16(&mut self) -> [Vec<crate::engine::cuda::kernels::Bf16>; 4] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.dout].map(|x| {
+            let bits = crate::engine::cuda::to_bf16(x);
+            *x = crate::engine::cuda::from_bf16(&bits);
+            bits
+        })
     }
 }
 
@@ -850,18 +851,14 @@ pub fn attention_cuda(
     warmup: usize,
     seed: u64,
 ) -> Result<AttentionTimes> {
+    use crate::engine::cuda::from_bf16;
     use crate::engine::cuda::kernels::{AttnDims, AttnMaskDev};
-    use crate::engine::cuda::{from_bf16, to_bf16};
     z.check(true)?;
     let batch = causal_batch(z.batch, z.seq_len);
     let (n, qd, kvd) = (z.n_tokens(), z.heads * z.head_dim, z.kv_heads * z.head_dim);
-    let x = AttentionInputs::new(z, seed).rounded_to_bf16();
-    let (q, k, v, dout) = (
-        gpu.upload(&to_bf16(&x.q))?,
-        gpu.upload(&to_bf16(&x.k))?,
-        gpu.upload(&to_bf16(&x.v))?,
-        gpu.upload(&to_bf16(&x.dout))?,
-    );
+    let mut x = AttentionInputs::new(z, seed);
+    let [q, k, v, dout] = x.round_to_bf16();
+    let (q, k, v, dout) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?, gpu.upload(&dout)?);
     let (group, branch, start) =
         (gpu.upload(&batch.group)?, gpu.upload(&batch.branch)?, gpu.upload(&batch.group_start)?);
     let mask = AttnMaskDev { group: gpu.ptr(&group), branch: gpu.ptr(&branch), group_start: gpu.ptr(&start) };

@@ -190,6 +190,10 @@ impl SplitMix64 {
         let u2 = self.uniform();
         ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
     }
+    /// `n` normal values of standard deviation `std`.
+    pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| std * self.normal()).collect()
+    }
 }
 
 // --- loading and saving Hugging Face checkpoints ---------------------------------------

@@ -29,10 +29,6 @@ use sdpo::{AdamWConfig, Engine, LlamaWeights, PairLogps};
 
 pub const TOL: f64 = 1e-2;
 
-pub fn randn(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<f32> {
-    (0..n).map(|_| std * rng.normal()).collect()
-}
-
 /// Values as the device stores them (bf16), back in f32: the CPU reference's inputs.
 pub fn bf(x: &[f32]) -> Vec<f32> {
     from_bf16(&to_bf16(x))
@@ -103,10 +99,10 @@ fn attention_case(
     let batch = random_batch(&mut rng, n_pairs, max_len, layout);
     let n = batch.n_tokens();
     let (qd, kvd) = (nh * hd, nkv * hd);
-    let q = bf(&randn(&mut rng, n * qd, 1.0));
-    let k = bf(&randn(&mut rng, n * kvd, 1.0));
-    let v = bf(&randn(&mut rng, n * kvd, 1.0));
-    let dout = bf(&randn(&mut rng, n * qd, 1.0));
+    let q = bf(&rng.normals(n * qd, 1.0));
+    let k = bf(&rng.normals(n * kvd, 1.0));
+    let v = bf(&rng.normals(n * kvd, 1.0));
+    let dout = bf(&rng.normals(n * qd, 1.0));
     let shape = ops::AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
     let mask = ops::AttnMask::of(&batch);
     let (mut out, mut lse) = (vec![0f32; n * qd], vec![0f32; n * nh]);
@@ -194,9 +190,9 @@ pub fn rmsnorm(g: &Gpu) {
     let cases = [(1u64, 1usize, 64usize), (2, 37, 264), (3, 130, 1024), (4, 7, 4096), (5, 300, 1032)];
     for (seed, n, hidden) in cases {
         let mut rng = SplitMix64(seed);
-        let x = randn(&mut rng, n * hidden, 1.0);
-        let w = bf(&randn(&mut rng, hidden, 1.0));
-        let dy = randn(&mut rng, n * hidden, 1.0);
+        let x = rng.normals(n * hidden, 1.0);
+        let w = bf(&rng.normals(hidden, 1.0));
+        let dy = rng.normals(n * hidden, 1.0);
         let eps = 1e-5;
         let (mut y, mut rstd) = (vec![0f32; n * hidden], vec![0f32; n]);
         ops::rmsnorm_forward(&mut y, &mut rstd, &x, &w, hidden, eps);
@@ -238,8 +234,8 @@ pub fn rope(g: &Gpu) {
         let stride = nh * hd + extra;
         let positions: Vec<u32> = (0..n as u32).map(|i| i * 37 % 5000).collect();
         let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32)).collect();
-        let x = bf(&randn(&mut rng, n * stride, 1.0));
-        let dy = randn(&mut rng, n * stride, 1.0);
+        let x = bf(&rng.normals(n * stride, 1.0));
+        let dy = rng.normals(n * stride, 1.0);
         let compact = |v: &[f32]| -> Vec<f32> { v.chunks(stride).flat_map(|r| r[..nh * hd].to_vec()).collect() };
         let mut want = compact(&x);
         ops::rope_forward(&mut want, &positions, &inv_freq, nh, hd);
@@ -274,9 +270,9 @@ pub fn logprobs(g: &Gpu) {
         }
         let plan = ops::LogpPlan::new(&targets);
         let n = batch.n_tokens();
-        let x = bf(&randn(&mut rng, n * hidden, 1.0));
-        let w = bf(&randn(&mut rng, vocab * hidden, 0.5));
-        let dlogp = randn(&mut rng, targets.len(), 1.0);
+        let x = bf(&rng.normals(n * hidden, 1.0));
+        let w = bf(&rng.normals(vocab * hidden, 0.5));
+        let dlogp = rng.normals(targets.len(), 1.0);
         let (mut logp, mut lse) = (vec![0f32; targets.len()], vec![0f32; plan.rows.len()]);
         ops::logprobs_forward(&mut logp, &mut lse, &x, &w, &plan, hidden, vocab);
         let (mut dx, mut dw) = (vec![0f32; n * hidden], vec![0f32; vocab * hidden]);
@@ -345,10 +341,10 @@ fn logprobs_padded_rows(g: &Gpu) {
     let mut rng = SplitMix64(4);
     let mut logits = vec![f32::NAN; rows * ld];
     for r in 0..rows {
-        logits[r * ld..r * ld + vocab].copy_from_slice(&randn(&mut rng, vocab, 2.0));
+        logits[r * ld..r * ld + vocab].copy_from_slice(&rng.normals(vocab, 2.0));
     }
     let tgt = [vocab as i32 - 1, vocab as i32 - 1, 16401, -1, -1, 0];
-    let dl = randn(&mut rng, 2 * rows, 1.0);
+    let dl = rng.normals(2 * rows, 1.0);
     let (mut logp, mut lse, mut dz) = (vec![0f32; 2 * rows], vec![0f32; rows], vec![0f32; rows * vocab]);
     for r in 0..rows {
         let z = &logits[r * ld..r * ld + vocab];
@@ -393,7 +389,7 @@ fn logprobs_padded_rows(g: &Gpu) {
 pub fn adamw(g: &Gpu) {
     for (seed, n, wd, scale) in [(1u64, 1001usize, 0.0f64, 1.0f32), (2, 4096, 0.1, 0.37)] {
         let mut rng = SplitMix64(seed);
-        let mut p = randn(&mut rng, n, 0.02);
+        let mut p = rng.normals(n, 0.02);
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
         let p_d = g.upload(&p).unwrap();
         let m_d = g.upload(&m).unwrap();
@@ -402,7 +398,7 @@ pub fn adamw(g: &Gpu) {
         let pb_d = g.alloc::<Bf16>(n).unwrap();
         let (lr, b1, b2, eps) = (1e-3, 0.9, 0.999, 1e-8);
         for step in 1..=3u64 {
-            let grad = randn(&mut rng, n, 1e-3);
+            let grad = rng.normals(n, 1e-3);
             let scaled: Vec<f32> = grad.iter().map(|x| x * scale).collect();
             ops::adamw_update(&mut p, &mut m, &mut v, &scaled, lr, b1, b2, eps, wd, step);
             g.write(g.ptr(&g_d), &grad).unwrap();
@@ -421,8 +417,8 @@ pub fn adamw(g: &Gpu) {
 
 pub fn grad_norm(g: &Gpu) {
     let mut rng = SplitMix64(9);
-    let a = randn(&mut rng, 100_003, 1.0);
-    let b = randn(&mut rng, 17, 3.0);
+    let a = rng.normals(100_003, 1.0);
+    let b = rng.normals(17, 3.0);
     let want = ops::grad_norm(&[&a, &b]);
     let (a_d, b_d) = (g.upload(&a).unwrap(), g.upload(&b).unwrap());
     let out = g.alloc::<f64>(1).unwrap();
@@ -440,9 +436,9 @@ pub fn grad_norm(g: &Gpu) {
 pub fn elementwise(g: &Gpu) {
     let mut rng = SplitMix64(3);
     for count in [8usize, 1003, 65536 + 5] {
-        let gate = bf(&randn(&mut rng, count, 2.0));
-        let up = bf(&randn(&mut rng, count, 1.0));
-        let dout = bf(&randn(&mut rng, count, 1.0));
+        let gate = bf(&rng.normals(count, 2.0));
+        let up = bf(&rng.normals(count, 1.0));
+        let dout = bf(&rng.normals(count, 1.0));
         let mut out = vec![0f32; count];
         ops::swiglu_forward(&mut out, &gate, &up);
         let (mut dg, mut du) = (vec![0f32; count], vec![0f32; count]);
@@ -461,7 +457,7 @@ pub fn elementwise(g: &Gpu) {
         check(&format!("swiglu n={count} dup"), &down_bf16(g, g.ptr(&du_d)), &du);
 
         // residual add and the casts on the same sizes
-        let x = randn(&mut rng, count, 1.0);
+        let x = rng.normals(count, 1.0);
         let x_d = g.upload(&x).unwrap();
         g.k.residual_forward(g.ptr(&x_d), g.ptr(&u_d), count).unwrap();
         let want: Vec<f32> = x.iter().zip(&up).map(|(a, b)| a + b).collect();
@@ -479,8 +475,8 @@ pub fn elementwise(g: &Gpu) {
 
     let (vocab, hidden) = (50usize, 64usize);
     let tokens: Vec<u32> = (0..77u32).map(|i| (i * 7 + i / 3) % vocab as u32).collect(); // repeats
-    let table = bf(&randn(&mut rng, vocab * hidden, 1.0));
-    let dout = randn(&mut rng, tokens.len() * hidden, 1.0);
+    let table = bf(&rng.normals(vocab * hidden, 1.0));
+    let dout = rng.normals(tokens.len() * hidden, 1.0);
     let mut out = vec![0f32; tokens.len() * hidden];
     ops::embedding_forward(&mut out, &tokens, &table, hidden);
     let mut dtable = vec![0f32; vocab * hidden];
@@ -502,9 +498,9 @@ pub fn elementwise(g: &Gpu) {
 pub fn gemm(g: &mut Gpu) {
     let mut rng = SplitMix64(5);
     for (n, din, dout) in [(1usize, 64usize, 96usize), (37, 128, 200), (300, 512, 1000)] {
-        let x = bf(&randn(&mut rng, n * din, 1.0));
-        let w = bf(&randn(&mut rng, dout * din, 0.1));
-        let dy = bf(&randn(&mut rng, n * dout, 1.0));
+        let x = bf(&rng.normals(n * din, 1.0));
+        let w = bf(&rng.normals(dout * din, 0.1));
+        let dy = bf(&rng.normals(n * dout, 1.0));
         let mut y = vec![0f32; n * dout];
         ops::linear_forward(&mut y, &x, &w, n, din, dout);
         let (mut dx, mut dw) = (vec![0f32; n * din], vec![1f32; dout * din]);

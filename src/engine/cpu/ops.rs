@@ -887,10 +887,6 @@ mod tests {
 
     const TOL: f64 = 1e-5;
 
-    fn randn(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<f32> {
-        (0..n).map(|_| std * rng.normal()).collect()
-    }
-
     fn f64s(x: &[f32]) -> Vec<f64> {
         x.iter().map(|&v| v as f64).collect()
     }
@@ -957,14 +953,14 @@ mod tests {
     fn linear_matches_naive_and_accumulates() {
         let mut rng = SplitMix64(1);
         let (n, i, o) = (7, 19, 11);
-        let (x, w, dy) = (randn(&mut rng, n * i, 1.0), randn(&mut rng, o * i, 1.0), randn(&mut rng, n * o, 1.0));
+        let (x, w, dy) = (rng.normals(n * i, 1.0), rng.normals(o * i, 1.0), rng.normals(n * o, 1.0));
         let mut y = vec![0f32; n * o];
         linear_forward(&mut y, &x, &w, n, i, o);
         let yr: Vec<f64> =
             (0..n * o).map(|e| (0..i).map(|kk| x[e / o * i + kk] as f64 * w[e % o * i + kk] as f64).sum()).collect();
         assert!(rel(&y, &yr) < TOL);
         // dx = dY·W, overwriting, then accumulating; dw += dYᵀ·X on top of what is there
-        let (dx0, dw0) = (randn(&mut rng, n * i, 1.0), randn(&mut rng, o * i, 1.0));
+        let (dx0, dw0) = (rng.normals(n * i, 1.0), rng.normals(o * i, 1.0));
         for dx_add in [false, true] {
             let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
             linear_backward(&mut dx, &mut dw, &dy, &x, &w, n, i, o, dx_add);
@@ -987,12 +983,12 @@ mod tests {
     fn embedding_scatter_adds_repeated_tokens() {
         let mut rng = SplitMix64(2);
         let (v, h) = (9, 5);
-        let embed = randn(&mut rng, v * h, 1.0);
+        let embed = rng.normals(v * h, 1.0);
         let tokens = [3u32, 0, 3, 8, 3];
         let mut out = vec![0f32; tokens.len() * h];
         embedding_forward(&mut out, &tokens, &embed, h);
         assert_eq!(&out[2 * h..3 * h], &embed[3 * h..4 * h]);
-        let dout = randn(&mut rng, tokens.len() * h, 1.0);
+        let dout = rng.normals(tokens.len() * h, 1.0);
         let mut de = vec![1f32; v * h];
         embedding_backward(&mut de, &dout, &tokens, h);
         for j in 0..h {
@@ -1015,9 +1011,9 @@ mod tests {
     fn rmsnorm_backward_matches_finite_differences() {
         let mut rng = SplitMix64(3);
         let (n, h, eps) = (5, 37, 1e-5f32);
-        let x = randn(&mut rng, n * h, 1.5);
+        let x = rng.normals(n * h, 1.5);
         let w: Vec<f32> = (0..h).map(|_| 1.0 + 0.3 * rng.normal()).collect();
-        let dy = randn(&mut rng, n * h, 1.0);
+        let dy = rng.normals(n * h, 1.0);
         let (mut y, mut rstd) = (vec![0f32; n * h], vec![0f32; n]);
         rmsnorm_forward(&mut y, &mut rstd, &x, &w, h, eps);
         assert!(rel(&y, &rmsnorm_ref(&f64s(&x), &f64s(&w), h, eps as f64)) < TOL);
@@ -1055,13 +1051,13 @@ mod tests {
         let (nh, hd) = (3, 10);
         let pos = [0u32, 1, 2, 7, 3, 1000];
         let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
-        let x = randn(&mut rng, pos.len() * nh * hd, 1.0);
+        let x = rng.normals(pos.len() * nh * hd, 1.0);
         let mut y = x.clone();
         rope_forward(&mut y, &pos, &inv_freq, nh, hd);
         assert!(rel(&y, &rope_ref(&f64s(&x), &pos, &inv_freq, nh, hd)) < TOL);
         // position 0 is the identity
         assert_eq!(&y[..nh * hd], &x[..nh * hd]);
-        let dy = randn(&mut rng, y.len(), 1.0);
+        let dy = rng.normals(y.len(), 1.0);
         let mut dx = dy.clone();
         rope_backward(&mut dx, &pos, &inv_freq, nh, hd);
         let dxr = fd(|xx| dotf64(&rope_ref(xx, &pos, &inv_freq, nh, hd), &f64s(&dy)), &f64s(&x));
@@ -1096,7 +1092,7 @@ mod tests {
 
     /// Random q, k, v for `n` tokens of shape `s`.
     fn random_qkv(rng: &mut SplitMix64, n: usize, s: AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        (randn(rng, n * s.q_dim(), 1.0), randn(rng, n * s.kv_dim(), 1.0), randn(rng, n * s.kv_dim(), 1.0))
+        (rng.normals(n * s.q_dim(), 1.0), rng.normals(n * s.kv_dim(), 1.0), rng.normals(n * s.kv_dim(), 1.0))
     }
 
     #[test]
@@ -1113,7 +1109,7 @@ mod tests {
             let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
             assert!(rel(&out, &attention_ref(&qd, &kd, &vd, &b, s)) < TOL, "forward n_kv {n_kv} {layout:?}");
 
-            let dout = randn(&mut rng, q.len(), 1.0);
+            let dout = rng.normals(q.len(), 1.0);
             let dod = f64s(&dout);
             let (mut dq, mut dk, mut dv) = (vec![9f32; q.len()], vec![9f32; k.len()], vec![9f32; v.len()]);
             attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, AttnMask::of(&b), s);
@@ -1150,7 +1146,7 @@ mod tests {
             let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
             assert!(rel(&out, &attention_ref(&qd, &kd, &vd, &b, s)) < TOL, "forward {layout:?}");
 
-            let dout = randn(&mut rng, q.len(), 1.0);
+            let dout = rng.normals(q.len(), 1.0);
             let dod = f64s(&dout);
             let (mut dq, mut dk, mut dv) = (vec![9f32; q.len()], vec![9f32; k.len()], vec![9f32; v.len()]);
             attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, AttnMask::of(&b), s);
@@ -1181,8 +1177,7 @@ mod tests {
         let (n_k, n_q) = (11, 3);
         let (gs, grp, br) = (vec![0, n_k as u32], vec![0u32; n_k], vec![0u8; n_k]);
         let mask = AttnMask { group_start: &gs, group: &grp, branch: &br };
-        let (q, k, v) =
-            (randn(&mut rng, n_k * 32, 1.0), randn(&mut rng, n_k * 16, 1.0), randn(&mut rng, n_k * 16, 1.0));
+        let (q, k, v) = (rng.normals(n_k * 32, 1.0), rng.normals(n_k * 16, 1.0), rng.normals(n_k * 16, 1.0));
         let (mut full, mut lf) = (vec![0f32; n_k * 32], vec![0f32; n_k * 4]);
         attention_forward(&mut full, &mut lf, &q, &k, &v, mask, s);
         let (mut part, mut lp) = (vec![0f32; n_q * 32], vec![0f32; n_q * 4]);
@@ -1198,7 +1193,7 @@ mod tests {
     fn swiglu_backward_matches_finite_differences() {
         let mut rng = SplitMix64(7);
         let n = 5000; // more than one parallel chunk
-        let (g, u, dy) = (randn(&mut rng, n, 3.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+        let (g, u, dy) = (rng.normals(n, 3.0), rng.normals(n, 1.0), rng.normals(n, 1.0));
         let mut y = vec![0f32; n];
         swiglu_forward(&mut y, &g, &u);
         let (gd, ud, dyd) = (f64s(&g), f64s(&u), f64s(&dy));
@@ -1234,13 +1229,13 @@ mod tests {
             b.targets.iter().map(|t| LogpTarget { token: (t.token * 5 + t.row) % v as u32, ..*t }).collect();
         let plan = LogpPlan::new(&targets);
         assert!(plan.rows.len() < targets.len(), "the last prompt row carries two targets");
-        let (x, w) = (randn(&mut rng, n * h, 1.0), randn(&mut rng, v * h, 1.0));
+        let (x, w) = (rng.normals(n * h, 1.0), rng.normals(v * h, 1.0));
         let (mut logp, mut lse) = (vec![0f32; targets.len()], vec![0f32; plan.rows.len()]);
         logprobs_forward(&mut logp, &mut lse, &x, &w, &plan, h, v);
         let (xd, wd) = (f64s(&x), f64s(&w));
         assert!(rel(&logp, &logprobs_ref(&xd, &wd, &targets, h, v)) < TOL);
 
-        let dlogp = randn(&mut rng, targets.len(), 1.0);
+        let dlogp = rng.normals(targets.len(), 1.0);
         let dl = f64s(&dlogp);
         let (mut dx, mut dw) = (vec![3f32; n * h], vec![0.25f32; v * h]);
         logprobs_backward(&mut dx, &mut dw, &dlogp, &x, &w, &lse, &plan, h, v);
@@ -1256,11 +1251,11 @@ mod tests {
         let mut rng = SplitMix64(9);
         let n = 40000; // several parallel chunks
         let (lr, b1, b2, eps, wd) = (3e-3, 0.9, 0.95, 1e-8, 0.1);
-        let mut p = randn(&mut rng, n, 1.0);
+        let mut p = rng.normals(n, 1.0);
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
         let (mut pr, mut mr, mut vr) = (f64s(&p), vec![0f64; n], vec![0f64; n]);
         for step in 1..=3u64 {
-            let g = randn(&mut rng, n, 0.1);
+            let g = rng.normals(n, 0.1);
             adamw_update(&mut p, &mut m, &mut v, &g, lr, b1, b2, eps, wd, step);
             let (bc1, bc2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
             for i in 0..n {
