@@ -367,7 +367,7 @@ fn bench_shape(c: &mut Criterion, sum: &mut Summary, shape: Shape) {
 mod cuda {
     use super::*;
     use sdpo::engine::cuda::gemm::{GemmShape, OutType};
-    use sdpo::engine::cuda::kernels::{AttnDims, AttnMaskDev, Bf16};
+    use sdpo::engine::cuda::kernels::{null, AttnDims, AttnMaskDev, Bf16};
     use sdpo::engine::cuda::{to_bf16, DBuf, Gpu};
 
     /// The micro-batch: 8 pairs of prompt 256 and answers 128 + 128, 4096 rows shared.
@@ -607,17 +607,22 @@ mod cuda {
             let tg = g.upload(&targets).unwrap();
             let (logp, lse) = (g.alloc::<f32>(2 * rows).unwrap(), g.alloc::<f32>(rows).unwrap());
             let dlogp = rand32(g, 2 * rows, 19, 1.0);
-            let dlogits = g.alloc::<Bf16>(rows * v).unwrap();
-            let (lgp, tgp, lpp, lsp, dlp, dlgp) =
-                (g.ptr(&logits), g.ptr(&tg), g.ptr(&logp), g.ptr(&lse), g.ptr(&dlogp), g.ptr(&dlogits));
+            let probs = g.alloc::<Bf16>(rows * v).unwrap();
+            let (lgp, tgp, lpp, lsp, dlp, pp) =
+                (g.ptr(&logits), g.ptr(&tg), g.ptr(&logp), g.ptr(&lse), g.ptr(&dlogp), g.ptr(&probs));
             // logits read; per row targets, log-probs, lse (and dlogp) besides
             let per_row = F32 * u(5 * rows);
             gr.run("forward", Work::Bytes(F32 * u(rows * v) + per_row), || {
-                g.k.logprobs_forward(lpp, lsp, lgp, tgp, rows, v, v).unwrap()
+                g.k.logprobs_forward(lpp, lsp, null(), lgp, tgp, rows, v, v, v).unwrap()
             });
-            // logits read (f32), dlogits written (bf16)
-            gr.run("backward", Work::Bytes((F32 + BF16) * u(rows * v) + per_row + F32 * u(2 * rows)), || {
-                g.k.logprobs_backward(dlgp, lgp, lsp, tgp, dlp, rows, v, v, v).unwrap()
+            // training: logits read twice (f32), probs written (bf16)
+            gr.run("forward + probs", Work::Bytes((2 * F32 + BF16) * u(rows * v) + per_row), || {
+                g.k.logprobs_forward(lpp, lsp, pp, lgp, tgp, rows, v, v, v).unwrap()
+            });
+            // probs read, dlogits written in their place (bf16; the values drift from call
+            // to call, the work does not)
+            gr.run("backward", Work::Bytes(2 * BF16 * u(rows * v) + per_row), || {
+                g.k.logprobs_backward(pp, lpp, tgp, dlp, rows, v, v).unwrap()
             });
         }
 

@@ -1,31 +1,35 @@
-// Fused log-softmax + gather over the vocabulary, forward and backward, for the rows of one
-// LM-head chunk (only rows that predict completion tokens reach it; see PairBatch).
+// Fused log-softmax + gather over the vocabulary for the LM-head rows (only rows that
+// predict completion tokens reach it; see PairBatch), and its backward.
 //
 // Math, per row r with logits z (length V) and up to two targets t_0, t_1 (the last
 // prompt row predicts both the first chosen and the first rejected token):
-//   lse_r = log Σ_v exp(z_v)                logp_{r,j} = z_{t_j} − lse_r
-//   backward, with G_r = Σ_j dlogp_{r,j}:   dz_v = Σ_{j: t_j = v} dlogp_{r,j} − G_r·exp(z_v − lse_r)
-// Layouts: logits [rows, ld] f32 (the LM-head GEMM's fp32 output, ld ≥ V); targets
-// [rows, 2] i32 token ids (−1 = no target); logp [rows, 2] f32 (0 where no target);
-// lse [rows] f32; dlogp [rows, 2] f32; dlogits [rows, ld_out] bf16 (it feeds the two
-// backward GEMMs). The target columns are handled by the thread that owns them, so a row
-// whose two targets are the same token gets both contributions without a race.
+//   lse_r = log Σ_v exp(z_v)     logp_{r,j} = z_{t_j} − lse_r     p_v = exp(z_v − lse_r)
+//   backward, with G_r = Σ_j dlogp_{r,j}:   dz_v = Σ_{j: t_j = v} dlogp_{r,j} − G_r·p_v
+// The forward runs chunk by chunk over the LM-head GEMM's fp32 logits; in training it
+// also writes p in bf16 for every row (probs, null otherwise), and the backward turns
+// probs into dlogits in place once the loss has given dlogp: the backward needs neither
+// the logits again (no second LM-head GEMM) nor the chunks (one pair of head GEMMs over
+// all rows instead of one per chunk, each re-reading and re-writing the fp32 head
+// gradient). At the target columns the backward uses p = exp(logp) in f32, so 1 − p stays
+// accurate for a confident model (bf16 p near 1 is only 2^-9-accurate). Elsewhere p is
+// rounded to bf16 twice (probs, then dlogits): ≤ 2^-8 relative per element.
+// Layouts: logits [rows, ld] f32; targets [rows, 2] i32 token ids (−1 = no target); logp
+// [rows, 2] f32 (0 where no target); lse [rows] f32; probs / dlogits [rows, ld_p] bf16;
+// dlogp [rows, 2] f32. The target columns are handled by the thread that owns them, so a
+// row whose two targets are the same token gets both contributions without a race.
 // Work split: one 512-thread block per row; each thread keeps a running (max, sum) over
 // its columns (one pass, online softmax), merged across the block. Each thread loads
-// UNROLL = 4 float4 (float4 columns c, c+512, c+1024, c+1536: every load stays coalesced
-// across the warp) before using any, then, in the forward, takes their max and rescales
-// its sum once per 16 values (one exp per value plus one, no data-dependent branch per
-// value). In flight: up to 64 bytes per thread, 32 KB per block, ~64 KB per H200 SM at
-// the ~2 blocks/SM a ~261-row chunk gives (was 16 KB; Little's law at 4.8 TB/s and
-// ~650 ns asks ~25 KB). ptxas 12.9 (sm_90a, 32 registers) keeps all four loads ahead of
-// their use in the forward; in the backward it issues two ahead and the other two as the
-// first two are consumed (its register target; the driver's JIT makes the final schedule
-// from our PTX). Expected to move these kernels closer to copy bandwidth: not measured on
-// a GPU. Tails: float4 columns past the last full group of 4·512 go one float4 at a time;
-// the V % 4 columns after the last float4, and every column when ld (or ld_out) is not a
-// multiple of 4, go as scalars, 4 loads per thread at a time.
-// Bytes per call: forward 4·rows·V read; backward 4·rows·V read + 2·rows·V written.
-// FLOPs: ~3·rows·V (exp dominates) each way.
+// UNROLL = 4 vectors (float4 columns c, c+512, c+1024, c+1536 in the forward's first pass;
+// 8-column groups in the probs pass and the backward: every load stays coalesced across
+// the warp) before using any, then, in the first pass, takes their max and rescales its
+// sum once per 16 values (one exp per value plus one, no data-dependent branch per value).
+// In flight: up to 64 bytes per thread, 32 KB per block, ~64 KB per H200 SM at 2
+// blocks/SM (Little's law at 4.8 TB/s and ~650 ns asks ~25 KB). Expected to move these
+// kernels close to copy bandwidth: not measured on a GPU. Tails: vectors past the last
+// full group of 4·512 go one at a time; the columns after the last vector, and every
+// column when ld (or ld_p) is not a multiple of 4 (8 for the bf16 passes), go as scalars.
+// Bytes per row: forward 4·V read, plus 4·V read + 2·V written with probs; backward 2·V
+// read + 2·V written. FLOPs: ~3·V (exp dominates) per pass.
 #include "common.cuh"
 
 // Merges a running (max, sum of exp(z − max)) pair with another.
@@ -88,8 +92,8 @@ SDPO_DEVICE void online_add_n(float& m, float& s, const float (&z)[N]) {
 constexpr int UNROLL = 4;
 
 extern "C" __global__ void __launch_bounds__(512) logprobs_forward(
-    float* __restrict__ logp, float* __restrict__ lse, const float* __restrict__ logits, const int* __restrict__ targets,
-    int rows, int vocab, int ld) {
+    float* __restrict__ logp, float* __restrict__ lse, __nv_bfloat16* __restrict__ probs,
+    const float* __restrict__ logits, const int* __restrict__ targets, int rows, int vocab, int ld, int ld_p) {
     const int r = blockIdx.x;
     if (r >= rows) return;
     const float* z = logits + (size_t)r * ld;
@@ -128,53 +132,83 @@ extern "C" __global__ void __launch_bounds__(512) logprobs_forward(
         logp[2 * r + threadIdx.x] = t >= 0 ? z[t] - l : 0.f;
     }
     if (threadIdx.x == 0) lse[r] = l;
+    if (probs == nullptr) return;
+    // Second pass (training): the row's softmax in bf16, for the backward.
+    __nv_bfloat16* p = probs + (size_t)r * ld_p;
+    c = threadIdx.x;  // an 8-column group, then a column
+    if ((ld & 7) == 0 && (ld_p & 7) == 0) {
+        const int n8 = vocab / 8;
+        for (; c + (UNROLL - 1) * step < n8; c += UNROLL * step) {
+            float v[UNROLL][8];
+#pragma unroll
+            for (int k = 0; k < UNROLL; k++) load8(z + 8 * (c + k * step), v[k]);
+#pragma unroll
+            for (int k = 0; k < UNROLL; k++) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[k][e] = __expf(v[k][e] - l);
+                store8(p + 8 * (c + k * step), v[k]);
+            }
+        }
+#pragma unroll 1
+        for (; c < n8; c += step) {  // at most UNROLL − 1 times
+            float v[8];
+            load8(z + 8 * c, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = __expf(v[e] - l);
+            store8(p + 8 * c, v);
+        }
+        c = 8 * n8 + threadIdx.x;
+    }
+#pragma unroll 1
+    for (; c < vocab; c += step) p[c] = __float2bfloat16(__expf(z[c] - l));
 }
 
+// In place: probs (the forward's bf16 softmax) in, dlogits out.
 extern "C" __global__ void __launch_bounds__(512) logprobs_backward(
-    __nv_bfloat16* __restrict__ dlogits, const float* __restrict__ logits, const float* __restrict__ lse,
-    const int* __restrict__ targets, const float* __restrict__ dlogp, int rows, int vocab, int ld, int ld_out) {
+    __nv_bfloat16* __restrict__ dz_rows, const float* __restrict__ logp, const int* __restrict__ targets,
+    const float* __restrict__ dlogp, int rows, int vocab, int ld) {
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const float* z = logits + (size_t)r * ld;
-    __nv_bfloat16* dz = dlogits + (size_t)r * ld_out;
+    __nv_bfloat16* dz = dz_rows + (size_t)r * ld;
     const int t0 = targets[2 * r], t1 = targets[2 * r + 1];
     const float g0 = t0 >= 0 ? dlogp[2 * r] : 0.f, g1 = t1 >= 0 ? dlogp[2 * r + 1] : 0.f;
-    const float G = g0 + g1, l = lse[r];
-    auto grad = [&](int c, float zc) {
-        float d = -G * __expf(zc - l);
+    // The target columns' probabilities in f32 from their log-probs (1 − p must not come
+    // from a bf16 p near 1).
+    const float p0 = t0 >= 0 ? expf(logp[2 * r]) : 0.f, p1 = t1 >= 0 ? expf(logp[2 * r + 1]) : 0.f;
+    const float G = g0 + g1;
+    auto grad = [&](int c, float p) {
+        if (c == t0) p = p0;
+        else if (c == t1) p = p1;
+        float d = -G * p;
         if (c == t0) d += g0;
         if (c == t1) d += g1;
         return d;
     };
-    // Columns 4·c4 .. 4·c4+3 from one float4 of logits, stored as one 8-byte bf16 group.
-    auto grad4 = [&](int c4, float4 v) {
-        const int b = 4 * c4;
-        uint2 out;
-        out.x = pack_bf16(grad(b, v.x), grad(b + 1, v.y));
-        out.y = pack_bf16(grad(b + 2, v.z), grad(b + 3, v.w));
-        *reinterpret_cast<uint2*>(dz + b) = out;
-    };
     const int step = blockDim.x;
-    int c = threadIdx.x;  // a float4 index, then a column index
-    if ((ld & 3) == 0 && (ld_out & 3) == 0) {
-        const float4* z4 = reinterpret_cast<const float4*>(z);
-        const int n4 = vocab / 4;
-        for (; c + (UNROLL - 1) * step < n4; c += UNROLL * step) {
-            float4 v[UNROLL];
+    int c = threadIdx.x;  // an 8-column group, then a column
+    if ((ld & 7) == 0) {
+        const int n8 = vocab / 8;
+        for (; c + (UNROLL - 1) * step < n8; c += UNROLL * step) {
+            float v[UNROLL][8];
 #pragma unroll
-            for (int k = 0; k < UNROLL; k++) v[k] = z4[c + k * step];
+            for (int k = 0; k < UNROLL; k++) load8(dz + 8 * (c + k * step), v[k]);
 #pragma unroll
-            for (int k = 0; k < UNROLL; k++) grad4(c + k * step, v[k]);
+            for (int k = 0; k < UNROLL; k++) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[k][e] = grad(8 * (c + k * step) + e, v[k][e]);
+                store8(dz + 8 * (c + k * step), v[k]);
+            }
         }
 #pragma unroll 1
-        for (; c < n4; c += step) grad4(c, z4[c]);  // at most UNROLL − 1 times
-        c = 4 * n4 + threadIdx.x;
-    }
-    for (; c + 3 * step < vocab; c += 4 * step) {
-        const float v[4] = {z[c], z[c + step], z[c + 2 * step], z[c + 3 * step]};
+        for (; c < n8; c += step) {  // at most UNROLL − 1 times
+            float v[8];
+            load8(dz + 8 * c, v);
 #pragma unroll
-        for (int k = 0; k < 4; k++) dz[c + k * step] = __float2bfloat16(grad(c + k * step, v[k]));
+            for (int e = 0; e < 8; e++) v[e] = grad(8 * c + e, v[e]);
+            store8(dz + 8 * c, v);
+        }
+        c = 8 * n8 + threadIdx.x;
     }
 #pragma unroll 1
-    for (; c < vocab; c += step) dz[c] = __float2bfloat16(grad(c, z[c]));  // at most 3 times
+    for (; c < vocab; c += step) dz[c] = __float2bfloat16(grad(c, __bfloat162float(dz[c])));
 }

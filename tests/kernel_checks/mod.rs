@@ -21,7 +21,7 @@ use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::cpu::ops;
 use sdpo::engine::cpu::CpuEngine;
 use sdpo::engine::cuda::gemm::GemmShape;
-use sdpo::engine::cuda::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr};
+use sdpo::engine::cuda::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr};
 use sdpo::engine::cuda::model::CudaEngine;
 use sdpo::engine::cuda::{from_bf16, to_bf16, Gpu};
 use sdpo::weights::SplitMix64;
@@ -297,26 +297,34 @@ pub fn logprobs(g: &Gpu) {
         let dl_d = g.upload(&dl).unwrap();
         let logp_d = g.alloc::<f32>(2 * rows).unwrap();
         let lse_d = g.alloc::<f32>(rows).unwrap();
-        let dlogits_d = g.alloc::<Bf16>(rows * vocab).unwrap();
-        poison_f32(g, g.ptr(&logp_d));
-        poison_f32(g, g.ptr(&lse_d));
-        g.k.logprobs_forward(g.ptr(&logp_d), g.ptr(&lse_d), g.ptr(&logits_d), g.ptr(&tgt_d), rows, vocab, vocab)
-            .unwrap();
-        let row_logp = g.download(g.ptr(&logp_d)).unwrap();
-        let mut got = vec![0f32; targets.len()];
-        for (r, rt) in plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate().filter(|(_, &ti)| ti != u32::MAX) {
-                got[ti as usize] = row_logp[2 * r + j];
-            }
-        }
+        let probs_d = g.alloc::<Bf16>(rows * vocab).unwrap();
         let tag = format!("logprobs rows={rows} V={vocab}");
-        check(&format!("{tag} logp"), &got, &logp);
-        check(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse);
+        // Without probs (the reference and eval passes), then with them (training).
+        for with_probs in [false, true] {
+            poison_f32(g, g.ptr(&logp_d));
+            poison_f32(g, g.ptr(&lse_d));
+            poison_bf16(g, g.ptr(&probs_d));
+            let p = if with_probs { g.ptr(&probs_d) } else { null() };
+            let (lp, ls, z, tg) = (g.ptr(&logp_d), g.ptr(&lse_d), g.ptr(&logits_d), g.ptr(&tgt_d));
+            g.k.logprobs_forward(lp, ls, p, z, tg, rows, vocab, vocab, vocab).unwrap();
+            let row_logp = g.download(g.ptr(&logp_d)).unwrap();
+            let mut got = vec![0f32; targets.len()];
+            for (r, rt) in plan.row_targets.iter().enumerate() {
+                for (j, &ti) in rt.iter().enumerate().filter(|(_, &ti)| ti != u32::MAX) {
+                    got[ti as usize] = row_logp[2 * r + j];
+                }
+            }
+            check(&format!("{tag} logp"), &got, &logp);
+            check(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse);
+        }
+        // probs against the CPU op's lse.
+        let want: Vec<f32> =
+            logits.chunks(vocab).zip(&lse).flat_map(|(z, &l)| z.iter().map(move |&x| (x - l).exp())).collect();
+        check(&format!("{tag} probs"), &down_bf16(g, g.ptr(&probs_d)), &want);
 
-        poison_bf16(g, g.ptr(&dlogits_d));
-        let a = (g.ptr(&dlogits_d), g.ptr(&logits_d), g.ptr(&lse_d), g.ptr(&tgt_d), g.ptr(&dl_d));
-        g.k.logprobs_backward(a.0, a.1, a.2, a.3, a.4, rows, vocab, vocab, vocab).unwrap();
-        let dlogits = down_bf16(g, g.ptr(&dlogits_d));
+        let a = (g.ptr(&probs_d), g.ptr(&logp_d), g.ptr(&tgt_d), g.ptr(&dl_d));
+        g.k.logprobs_backward(a.0, a.1, a.2, a.3, rows, vocab, vocab).unwrap();
+        let dlogits = down_bf16(g, g.ptr(&probs_d));
         // Back through the head on the host, to land on the CPU op's outputs.
         let (mut dxr, mut dw_got) = (vec![0f32; rows * hidden], vec![0f32; vocab * hidden]);
         ops::linear_backward(&mut dxr, &mut dw_got, &dlogits, &xr, &w, rows, hidden, vocab, false);
@@ -330,22 +338,29 @@ pub fn logprobs(g: &Gpu) {
     logprobs_padded_rows(g);
 }
 
-/// The kernels' 16-byte path with rows padded past V (ld, ld_out > V, multiples of 4) and
+/// The kernels' 16-byte paths with rows padded past V (ld, ld_p > V, multiples of 8) and
 /// every tail at once: V = 2·(4·512)·4 + 600·4 + 3 has two full groups of 4 float4 per
-/// thread, 600 float4 left over and 3 scalar columns. The padding holds NaN (a read past V
-/// poisons lse) and dlogits' padding must stay poisoned (a write past V). Reference in f64
-/// straight from the formulas in logprobs.cu; targets: a repeated tail column, one in the
-/// left-over float4s with no second target, and no first target.
+/// thread, 600 float4 left over and 3 scalar columns (for the bf16 passes: one full group
+/// of 4 8-column vectors, 300 left over, 3 scalar columns). The padding holds NaN (a read
+/// past V poisons lse) and the probs/dlogits padding must stay poisoned (a write past V).
+/// Reference in f64 straight from the formulas in logprobs.cu; targets: a repeated tail
+/// column, one in the left-over float4s with no second target, and no first target.
 fn logprobs_padded_rows(g: &Gpu) {
-    let (rows, vocab, ld, ld_out) = (3usize, 18787usize, 18792usize, 18796usize);
+    let (rows, vocab, ld, ld_p) = (3usize, 18787usize, 18792usize, 18800usize);
     let mut rng = SplitMix64(4);
     let mut logits = vec![f32::NAN; rows * ld];
     for r in 0..rows {
         logits[r * ld..r * ld + vocab].copy_from_slice(&rng.normals(vocab, 2.0));
     }
     let tgt = [vocab as i32 - 1, vocab as i32 - 1, 16401, -1, -1, 0];
+    // Row 1's model is confident: p ≈ 0.99 on its target, where bf16 p (spacing 2^-8 near
+    // 1) would put 1 − p off by up to 20%; the backward must use the f32 log-prob there.
+    let (z1, t1) = (&mut logits[ld..ld + vocab], 16401);
+    let others: f64 = z1.iter().enumerate().filter(|&(v, _)| v != t1).map(|(_, &x)| (x as f64).exp()).sum();
+    z1[t1] = (99.0 * others).ln() as f32;
     let dl = rng.normals(2 * rows, 1.0);
-    let (mut logp, mut lse, mut dz) = (vec![0f32; 2 * rows], vec![0f32; rows], vec![0f32; rows * vocab]);
+    let (mut logp, mut lse) = (vec![0f32; 2 * rows], vec![0f32; rows]);
+    let (mut p, mut dz) = (vec![0f32; rows * vocab], vec![0f32; rows * vocab]);
     for r in 0..rows {
         let z = &logits[r * ld..r * ld + vocab];
         let l = z.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
@@ -358,30 +373,39 @@ fn logprobs_padded_rows(g: &Gpu) {
                 gsum += dl[2 * r + j] as f64;
             }
         }
-        for (v, d) in dz[r * vocab..(r + 1) * vocab].iter_mut().enumerate() {
+        for v in 0..vocab {
             let hit: f64 = (0..2).filter(|&j| tgt[2 * r + j] == v as i32).map(|j| dl[2 * r + j] as f64).sum();
-            *d = (hit - gsum * (z[v] as f64 - l).exp()) as f32;
+            p[r * vocab + v] = (z[v] as f64 - l).exp() as f32;
+            dz[r * vocab + v] = (hit - gsum * (z[v] as f64 - l).exp()) as f32;
         }
     }
     let (logits_d, tgt_d, dl_d) = (g.upload(&logits).unwrap(), g.upload(&tgt).unwrap(), g.upload(&dl).unwrap());
     let (logp_d, lse_d) = (g.alloc::<f32>(2 * rows).unwrap(), g.alloc::<f32>(rows).unwrap());
-    let dlogits_d = g.alloc::<Bf16>(rows * ld_out).unwrap();
+    let probs_d = g.alloc::<Bf16>(rows * ld_p).unwrap();
     poison_f32(g, g.ptr(&logp_d));
     poison_f32(g, g.ptr(&lse_d));
-    poison_bf16(g, g.ptr(&dlogits_d));
-    let tag = format!("logprobs rows={rows} V={vocab} ld={ld} ld_out={ld_out}");
-    g.k.logprobs_forward(g.ptr(&logp_d), g.ptr(&lse_d), g.ptr(&logits_d), g.ptr(&tgt_d), rows, vocab, ld).unwrap();
-    check(&format!("{tag} logp"), &g.download(g.ptr(&logp_d)).unwrap(), &logp);
-    check(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse);
-    let a = (g.ptr(&dlogits_d), g.ptr(&logits_d), g.ptr(&lse_d), g.ptr(&tgt_d), g.ptr(&dl_d));
-    g.k.logprobs_backward(a.0, a.1, a.2, a.3, a.4, rows, vocab, ld, ld_out).unwrap();
-    let got = down_bf16(g, g.ptr(&dlogits_d));
-    assert!(
-        (0..rows).all(|r| got[r * ld_out + vocab..(r + 1) * ld_out].iter().all(|x| x.is_nan())),
-        "{tag}: wrote past V"
-    );
-    let got: Vec<f32> = (0..rows).flat_map(|r| got[r * ld_out..r * ld_out + vocab].to_vec()).collect();
+    poison_bf16(g, g.ptr(&probs_d));
+    let tag = format!("logprobs rows={rows} V={vocab} ld={ld} ld_p={ld_p}");
+    let (lp, ls, pp, tg) = (g.ptr(&logp_d), g.ptr(&lse_d), g.ptr(&probs_d), g.ptr(&tgt_d));
+    g.k.logprobs_forward(lp, ls, pp, g.ptr(&logits_d), tg, rows, vocab, ld, ld_p).unwrap();
+    check(&format!("{tag} logp"), &g.download(lp).unwrap(), &logp);
+    check(&format!("{tag} lse"), &g.download(ls).unwrap(), &lse);
+    // Row r's first vocab columns; asserts the padding after them is still poisoned.
+    let unpadded = |all: Vec<f32>, what: &str| -> Vec<f32> {
+        assert!(
+            (0..rows).all(|r| all[r * ld_p + vocab..(r + 1) * ld_p].iter().all(|x| x.is_nan())),
+            "{tag}: {what} wrote past V"
+        );
+        (0..rows).flat_map(|r| all[r * ld_p..r * ld_p + vocab].to_vec()).collect()
+    };
+    check(&format!("{tag} probs"), &unpadded(down_bf16(g, pp), "probs"), &p);
+    g.k.logprobs_backward(pp, lp, tg, g.ptr(&dl_d), rows, vocab, ld_p).unwrap();
+    let got = unpadded(down_bf16(g, pp), "dlogits");
     check(&format!("{tag} dlogits"), &got, &dz);
+    let i = vocab + t1;
+    let e = ((got[i] - dz[i]) as f64 / dz[i] as f64).abs();
+    println!("{tag} confident target's dlogit: {} vs {} (rel err {e:.1e})", got[i], dz[i]);
+    assert!(e <= TOL, "{tag}: confident target's dlogit {} vs {}", got[i], dz[i]);
 }
 
 // --- adamw + grad norm

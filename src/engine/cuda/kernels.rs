@@ -835,19 +835,24 @@ impl Kernels {
     // --- logprobs.cu
 
     /// Per row: `lse`, and `logp[2r + j] = logits[r, t_j] − lse` for targets `[rows, 2]`
-    /// (−1 = none); logits f32 `[rows, ld]`.
+    /// (−1 = none); logits f32 `[rows, ld]`. Training passes `probs` (bf16 `[rows, ld_p]`,
+    /// the row's softmax, for `logprobs_backward`); `null()` skips it.
     #[allow(clippy::too_many_arguments)]
     pub fn logprobs_forward(
         &self,
         logp: DPtr<f32>,
         lse: DPtr<f32>,
+        probs: DPtr<Bf16>,
         logits: DPtr<f32>,
         targets: DPtr<i32>,
         rows: usize,
         vocab: usize,
         ld: usize,
+        ld_p: usize,
     ) -> Result<()> {
-        need(ld >= vocab && rows > 0, || format!("logprobs: ld {ld} < vocab {vocab}, or no rows"))?;
+        need(ld >= vocab && ld_p >= vocab && rows > 0, || {
+            format!("logprobs: ld {ld} / ld_p {ld_p} < vocab {vocab}, or no rows")
+        })?;
         need_len("logprobs: logits", &logits, (rows - 1) * ld + vocab)?;
         need_len("logprobs: targets", &targets, 2 * rows)?;
         need_len("logprobs: logp", &logp, 2 * rows)?;
@@ -855,41 +860,42 @@ impl Kernels {
         if ld.is_multiple_of(4) {
             need_vec("logprobs: logits", &logits)?;
         }
+        if probs.ptr != 0 {
+            need_len("logprobs: probs", &probs, (rows - 1) * ld_p + vocab)?;
+            if ld.is_multiple_of(8) && ld_p.is_multiple_of(8) {
+                need_vec("logprobs: probs", &probs)?;
+            }
+        }
         let cfg = Self::cfg((rows as u32, 1), 512, 0);
-        launch!(self, "logprobs_forward", cfg; logp.ptr, lse.ptr, logits.ptr, targets.ptr, to_i32("rows", rows)?,
-            to_i32("vocab", vocab)?, to_i32("ld", ld)?);
+        launch!(self, "logprobs_forward", cfg; logp.ptr, lse.ptr, probs.ptr, logits.ptr, targets.ptr,
+            to_i32("rows", rows)?, to_i32("vocab", vocab)?, to_i32("ld", ld)?, to_i32("ld_p", ld_p)?);
         Ok(())
     }
 
-    /// `dlogits [rows, ld_out]` (bf16) from the saved `lse` and `dlogp [rows, 2]`.
+    /// In place: the forward's `probs [rows, ld]` (bf16) become `dlogits`, from the
+    /// forward's `logp [rows, 2]` and the loss's `dlogp [rows, 2]`.
     #[allow(clippy::too_many_arguments)]
     pub fn logprobs_backward(
         &self,
-        dlogits: DPtr<Bf16>,
-        logits: DPtr<f32>,
-        lse: DPtr<f32>,
+        probs_to_dlogits: DPtr<Bf16>,
+        logp: DPtr<f32>,
         targets: DPtr<i32>,
         dlogp: DPtr<f32>,
         rows: usize,
         vocab: usize,
         ld: usize,
-        ld_out: usize,
     ) -> Result<()> {
-        need(ld >= vocab && ld_out >= vocab && rows > 0, || {
-            format!("logprobs_backward: ld {ld} / ld_out {ld_out} < vocab {vocab}")
-        })?;
-        need_len("logprobs_backward: logits", &logits, (rows - 1) * ld + vocab)?;
-        need_len("logprobs_backward: dlogits", &dlogits, (rows - 1) * ld_out + vocab)?;
+        need(ld >= vocab && rows > 0, || format!("logprobs_backward: ld {ld} < vocab {vocab}, or no rows"))?;
+        need_len("logprobs_backward: probs", &probs_to_dlogits, (rows - 1) * ld + vocab)?;
         need_len("logprobs_backward: targets", &targets, 2 * rows)?;
+        need_len("logprobs_backward: logp", &logp, 2 * rows)?;
         need_len("logprobs_backward: dlogp", &dlogp, 2 * rows)?;
-        need_len("logprobs_backward: lse", &lse, rows)?;
-        if ld.is_multiple_of(4) && ld_out.is_multiple_of(4) {
-            need_vec("logprobs_backward: logits", &logits)?;
-            need(dlogits.ptr.is_multiple_of(8), || "logprobs_backward: dlogits must be 8-byte aligned".into())?;
+        if ld.is_multiple_of(8) {
+            need_vec("logprobs_backward: probs", &probs_to_dlogits)?;
         }
         let cfg = Self::cfg((rows as u32, 1), 512, 0);
-        launch!(self, "logprobs_backward", cfg; dlogits.ptr, logits.ptr, lse.ptr, targets.ptr, dlogp.ptr,
-            to_i32("rows", rows)?, to_i32("vocab", vocab)?, to_i32("ld", ld)?, to_i32("ld_out", ld_out)?);
+        launch!(self, "logprobs_backward", cfg; probs_to_dlogits.ptr, logp.ptr, targets.ptr, dlogp.ptr,
+            to_i32("rows", rows)?, to_i32("vocab", vocab)?, to_i32("ld", ld)?);
         Ok(())
     }
 

@@ -9,7 +9,10 @@
 //! `LlamaWeights::specs` order (so q/k/v and gate/up of a layer are adjacent and one
 //! AdamW or grad-norm launch covers many tensors); activations are allocated for the
 //! largest micro-batch seen and reused (grow-only); the LM head runs over the target rows
-//! only, in chunks of rows, recomputing the chunk's logits in backward.
+//! only, its fp32 logits in chunks of rows; a training forward keeps every row's softmax
+//! in bf16 (2·V bytes per row), so the backward needs no second logits GEMM and runs the
+//! two head GEMMs once over all rows, not once per chunk (each re-reading and re-writing
+//! the fp32 head gradient: 1 GB at Llama 3.2 1B's vocabulary).
 //!
 //! Data flow of one layer (row-major [tokens, features]; f32 unless marked bf16):
 //!   xn1 (bf16) = rmsnorm(x)        qkv (bf16) = xn1·[Wq;Wk;Wv]ᵀ    rope(q), rope(k) in place
@@ -26,7 +29,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
 
 use super::gemm::GemmShape;
-use super::kernels::{AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
+use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
 use super::{to_bf16, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
@@ -97,14 +100,23 @@ struct Acts {
     _pool: Pool,
 }
 
-/// LM-head chunk buffers for `rows` rows (grow-only).
+/// LM-head buffers for up to `rows` rows (grow-only): the rows gathered from xf, and one
+/// chunk's fp32 logits.
 struct Head {
     rows: usize,
-    xc32: DPtr<f32>,
-    xc16: DPtr<Bf16>,
+    chunk: usize,
+    /// `[rows, h]`: the gather's f32 output in forward, dlogits·W in backward.
+    xr32: DPtr<f32>,
+    xr16: DPtr<Bf16>,
     logits: DPtr<f32>,
-    dlogits: DPtr<Bf16>,
-    dxc: DPtr<f32>,
+    _pool: Pool,
+}
+
+/// Every LM-head row's softmax (bf16 `[rows, V]`) from a training forward, turned into
+/// dlogits in place by the backward (grow-only, training only).
+struct Probs {
+    rows: usize,
+    p: DPtr<Bf16>,
     _pool: Pool,
 }
 
@@ -140,6 +152,7 @@ pub struct CudaEngine {
     norm_out: DBuf<f64>,
     acts: Option<Acts>,
     head: Option<Head>,
+    probs: Option<Probs>,
     peak_bytes: u64,
     prof: Profiler,
 }
@@ -161,9 +174,10 @@ pub fn unsupported(cfg: &LlamaConfig) -> Option<String> {
     None
 }
 
-/// Rows per LM-head chunk: about 32M fp32 logits (128 MB) at a time.
+/// Rows per LM-head logits chunk: about 32M fp32 logits (128 MB) at a time, in whole
+/// 64-row tiles of the GEMM (256 rows at a 128K vocabulary).
 fn head_chunk_rows(vocab: usize) -> usize {
-    ((32usize << 20) / vocab.max(1)).clamp(1, 8192)
+    ((32usize << 20) / vocab.max(1) / 64 * 64).clamp(64, 8192)
 }
 
 impl CudaEngine {
@@ -217,6 +231,7 @@ impl CudaEngine {
             norm_out,
             acts: None,
             head: None,
+            probs: None,
             peak_bytes: 0,
             prof: Profiler::default(),
         };
@@ -371,23 +386,34 @@ impl CudaEngine {
     }
 
     fn ensure_head(&mut self, rows: usize) -> Result<()> {
-        let rows = rows.min(head_chunk_rows(self.cfg.vocab_size)).max(1);
         if self.head.as_ref().is_some_and(|hb| hb.rows >= rows) {
             return Ok(());
         }
         self.head = None;
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let chunk = head_chunk_rows(v).min(rows.next_multiple_of(64));
         let g = &self.gpu;
         let mut p = Pool::default();
         self.head = Some(Head {
             rows,
-            xc32: p.f32(g, rows * h)?,
-            xc16: p.bf16(g, rows * h)?,
-            logits: p.f32(g, rows * v)?,
-            dlogits: p.bf16(g, rows * v)?,
-            dxc: p.f32(g, rows * h)?,
+            chunk,
+            xr32: p.f32(g, rows * h)?,
+            xr16: p.bf16(g, rows * h)?,
+            logits: p.f32(g, chunk * v)?,
             _pool: p,
         });
+        self.note_memory();
+        Ok(())
+    }
+
+    fn ensure_probs(&mut self, rows: usize) -> Result<()> {
+        if self.probs.as_ref().is_some_and(|pb| pb.rows >= rows) {
+            return Ok(());
+        }
+        self.probs = None;
+        let mut pool = Pool::default();
+        let p = pool.bf16(&self.gpu, rows * self.cfg.vocab_size)?;
+        self.probs = Some(Probs { rows, p, _pool: pool });
         self.note_memory();
         Ok(())
     }
@@ -453,10 +479,13 @@ impl CudaEngine {
 
     /// Runs the model over the batch and the LM head over its target rows; leaves the
     /// per-row log-probs and log-sum-exps in `b.row_logp` / `b.row_lse`.
-    fn forward(&mut self, b: &BatchDev, n: usize) -> Result<()> {
+    fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
         self.prof.drop_open();
         self.ensure_acts(n)?;
         self.ensure_head(b.plan.rows.len())?;
+        if train {
+            self.ensure_probs(b.plan.rows.len())?;
+        }
         let cfg = self.cfg.clone();
         let (h, i, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
         let qkvd = qd + 2 * kvd;
@@ -512,38 +541,38 @@ impl CudaEngine {
         self.prof.section(&self.gpu, Category::NormElementwise)?;
         self.gpu.k.rmsnorm_forward(xf, rstd_f, last, self.w16(self.final_norm())?, n, h, eps)?;
         self.prof.section(&self.gpu, Category::LmHead)?;
-        self.head_forward(b)?;
+        self.head_forward(b, train)?;
         // The host reads the log-probs next.
         self.prof.pause(&self.gpu)
     }
 
-    /// Gathers chunk `c`'s rows of xf and computes their logits (f32).
-    fn head_logits(&mut self, b: &BatchDev, r0: usize, rows: usize) -> Result<()> {
+    /// The LM head over the batch's head rows: gathered from xf, then chunk by chunk the
+    /// logits and their log-probs (and, in training, the softmax kept for the backward).
+    fn head_forward(&mut self, b: &BatchDev, train: bool) -> Result<()> {
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let hb = self.head.as_ref().expect("allocated in forward");
-        let (xc32, xc16, logits) = (hb.xc32.slice(0, rows * h)?, hb.xc16.slice(0, rows * h)?, hb.logits);
-        let xf = self.acts.as_ref().expect("allocated in forward").xf;
-        let row_ids = self.gpu.ptr(&b.rows).slice(r0, rows)?;
-        // A row gather is an embedding lookup into xf.
-        self.gpu.k.embedding_forward(xc32, xf, row_ids, h)?;
-        self.gpu.k.cast_f32_bf16(xc16, xc32, rows * h)?;
-        let w = self.w16(self.head_index())?;
-        self.gpu.gemm.gemm_f32(logits, xc16, w, &GemmShape::new(rows, v, h, false, true), 1.0, 0.0)
-    }
-
-    fn head_forward(&mut self, b: &BatchDev) -> Result<()> {
-        let v = self.cfg.vocab_size;
         let total = b.plan.rows.len();
-        let chunk = self.head.as_ref().expect("allocated in forward").rows;
+        let hb = self.head.as_ref().expect("allocated in forward");
+        let (xr32, xr16, logits, chunk) = (hb.xr32.slice(0, total * h)?, hb.xr16, hb.logits, hb.chunk);
+        let xf = self.acts.as_ref().expect("allocated in forward").xf;
+        let probs = if train { Some(self.probs.as_ref().expect("allocated in forward").p) } else { None };
+        let g = &self.gpu;
+        // A row gather is an embedding lookup into xf.
+        g.k.embedding_forward(xr32, xf, g.ptr(&b.rows), h)?;
+        g.k.cast_f32_bf16(xr16, xr32, total * h)?;
+        let w = self.w16(self.head_index())?;
         for r0 in (0..total).step_by(chunk) {
             let rows = chunk.min(total - r0);
-            self.head_logits(b, r0, rows)?;
+            let shape = GemmShape::new(rows, v, h, false, true);
+            self.gpu.gemm.gemm_f32(logits, xr16.slice(r0 * h, rows * h)?, w, &shape, 1.0, 0.0)?;
             let g = &self.gpu;
-            let logits = self.head.as_ref().expect("allocated").logits;
             let logp = g.ptr(&b.row_logp).slice(2 * r0, 2 * rows)?;
             let lse = g.ptr(&b.row_lse).slice(r0, rows)?;
             let tgt = g.ptr(&b.targets).slice(2 * r0, 2 * rows)?;
-            g.k.logprobs_forward(logp, lse, logits, tgt, rows, v, v)?;
+            let p = match probs {
+                Some(p) => p.slice(r0 * v, rows * v)?,
+                None => null(),
+            };
+            g.k.logprobs_forward(logp, lse, p, logits, tgt, rows, v, v, v)?;
         }
         Ok(())
     }
@@ -579,28 +608,24 @@ impl CudaEngine {
         let (datt, delta, dqkv32, dqkv16) = (a.datt, a.delta, a.dqkv32, a.dqkv16);
         let rstd_f = a.rstd_f;
 
-        // LM head, chunk by chunk: dxf rows = dlogits·W, dW_head += dlogitsᵀ·x.
+        // LM head over all its rows at once, from the forward's softmax: dlogits in place
+        // of it, the rows' dxf = dlogits·W, dW_head += dlogitsᵀ·x.
         self.prof.section(&self.gpu, Category::LmHead)?;
-        self.gpu.k.zero(dxf)?;
         let total = b.plan.rows.len();
-        let chunk = self.head.as_ref().expect("forward ran").rows;
+        let dlogits = self.probs.as_ref().expect("forward ran").p.slice(0, total * v)?;
+        let hb = self.head.as_ref().expect("forward ran");
+        let (dxr, xr16) = (hb.xr32.slice(0, total * h)?, hb.xr16.slice(0, total * h)?);
         let head_grad = self.tensor_f32(&self.grad, self.head_index())?;
         let w_head = self.w16(self.head_index())?;
-        for r0 in (0..total).step_by(chunk) {
-            let rows = chunk.min(total - r0);
-            self.head_logits(b, r0, rows)?;
-            let hb = self.head.as_ref().expect("allocated");
-            let (logits, dlogits, xc16, dxc) = (hb.logits, hb.dlogits, hb.xc16, hb.dxc.slice(0, rows * h)?);
-            let g = &self.gpu;
-            let lse = g.ptr(&b.row_lse).slice(r0, rows)?;
-            let tgt = g.ptr(&b.targets).slice(2 * r0, 2 * rows)?;
-            let dl = g.ptr(&dl_dev).slice(2 * r0, 2 * rows)?;
-            g.k.logprobs_backward(dlogits, logits, lse, tgt, dl, rows, v, v, v)?;
-            self.gpu.gemm.gemm_f32(dxc, dlogits, w_head, &GemmShape::new(rows, h, v, false, false), 1.0, 0.0)?;
-            self.gpu.gemm.gemm_f32(head_grad, dlogits, xc16, &GemmShape::new(v, h, rows, true, false), 1.0, 1.0)?;
-            let row_ids = self.gpu.ptr(&b.rows).slice(r0, rows)?;
-            self.gpu.k.embedding_backward(dxf, dxc, row_ids, h)?; // scatter back to the rows
-        }
+        let g = &self.gpu;
+        let (logp, tgt) = (g.ptr(&b.row_logp), g.ptr(&b.targets));
+        g.k.logprobs_backward(dlogits, logp, tgt, g.ptr(&dl_dev), total, v, v)?;
+        let gm = &mut self.gpu.gemm;
+        gm.gemm_f32(dxr, dlogits, w_head, &GemmShape::new(total, h, v, false, false), 1.0, 0.0)?;
+        gm.gemm_f32(head_grad, dlogits, xr16, &GemmShape::new(v, h, total, true, false), 1.0, 1.0)?;
+        let g = &self.gpu;
+        g.k.zero(dxf)?;
+        g.k.embedding_backward(dxf, dxr, g.ptr(&b.rows), h)?; // scatter back to the rows
         let fnorm = self.final_norm();
         let last = xs[cfg.n_layers].slice(0, n * h)?;
         self.prof.section(&self.gpu, Category::NormElementwise)?;
@@ -718,7 +743,7 @@ impl Engine for CudaEngine {
     fn sequence_logps(&mut self, batch: &PairBatch) -> Result<Vec<PairLogps>> {
         self.check_batch(batch)?;
         let b = self.upload_batch(batch)?;
-        self.forward(&b, batch.n_tokens())?;
+        self.forward(&b, batch.n_tokens(), false)?;
         let logp = self.target_logps(&b)?;
         self.prof.collect()?;
         self.note_memory();
@@ -742,7 +767,7 @@ impl Engine for CudaEngine {
         }
         let b = self.upload_batch(batch)?;
         let n = batch.n_tokens();
-        self.forward(&b, n)?;
+        self.forward(&b, n, true)?;
         let logp = self.target_logps(&b)?;
         let policy = PairLogps::sum_targets(batch, &logp);
         let dlogp = target_grads(batch, &policy, reference, loss, loss_scale);
