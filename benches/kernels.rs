@@ -482,8 +482,9 @@ mod cuda {
             let (gp, up_, op) = (g.ptr(&gate), g.ptr(&up), g.ptr(&out));
             gr.run("forward", Work::Bytes(3 * BF16 * u(cnt)), || g.k.swiglu_forward(op, gp, up_, cnt).unwrap());
             let (dgp, dup_, dop) = (g.ptr(&dgate), g.ptr(&dup), g.ptr(&dout));
-            gr.run("backward", Work::Bytes(5 * BF16 * u(cnt)), || {
-                g.k.swiglu_backward(dgp, dup_, dop, gp, up_, cnt).unwrap()
+            // gate, up, dout read; dgate, dup and out (again) written
+            gr.run("backward", Work::Bytes(6 * BF16 * u(cnt)), || {
+                g.k.swiglu_backward(dgp, dup_, op, dop, gp, up_, cnt).unwrap()
             });
         }
         {

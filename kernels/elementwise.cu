@@ -3,13 +3,15 @@
 // Math:
 //   swiglu:    out = silu(g)·u = g·σ(g)·u
 //              dg = dout·u·σ(g)·(1 + g·(1 − σ(g)))      du = dout·silu(g)      (both =)
+//              the backward also writes out again (bit for bit the forward's: the same
+//              expression), so the engine keeps gate and up per layer but not out
 //   embedding: out[t] = table[token[t]]                 dtable[token[t]] += dout[t]
 //   residual:  x += y                                   casts: f32 <-> bf16 (round to nearest even)
 // Layouts: flat arrays of `count` elements (swiglu, residual, casts); embedding table
 // [vocab, H] bf16, its gradient [vocab, H] f32, rows [n, H] f32 (the residual stream).
 // Work split: one thread per 8 consecutive elements (16-byte accesses); a tail shorter
 // than 8 goes element by element. Embedding: one thread per (token, 8 columns).
-// Bytes per call (count c): swiglu fwd 6c, bwd 10c; residual 10c (reads x 4c and y 2c,
+// Bytes per call (count c): swiglu fwd 6c, bwd 12c; residual 10c (reads x 4c and y 2c,
 // writes x 4c); casts 6c; embedding fwd 6nH (+4n), bwd 8nH read-modify-write through L2
 // atomics.
 #include "common.cuh"
@@ -36,27 +38,31 @@ extern "C" __global__ void __launch_bounds__(256) swiglu_forward(
 }
 
 extern "C" __global__ void __launch_bounds__(256) swiglu_backward(
-    __nv_bfloat16* __restrict__ dgate, __nv_bfloat16* __restrict__ dup, const __nv_bfloat16* __restrict__ dout,
-    const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, long long count) {
+    __nv_bfloat16* __restrict__ dgate, __nv_bfloat16* __restrict__ dup, __nv_bfloat16* __restrict__ out,
+    const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up,
+    long long count) {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i + 8 <= count) {
-        float g[8], u[8], d[8];
+        float g[8], u[8], d[8], o[8];
         load8(gate + i, g);
         load8(up + i, u);
         load8(dout + i, d);
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             const float s = sigmoidf_(g[k]);
+            o[k] = g[k] * s * u[k];  // the forward's expression
             const float dg = d[k] * u[k] * s * (1.f + g[k] * (1.f - s));
             u[k] = d[k] * g[k] * s;
             g[k] = dg;
         }
         store8(dgate + i, g);
         store8(dup + i, u);
+        store8(out + i, o);
     } else {
         for (long long k = i; k < count; k++) {
             const float g = __bfloat162float(gate[k]), u = __bfloat162float(up[k]), d = __bfloat162float(dout[k]);
             const float s = sigmoidf_(g);
+            out[k] = __float2bfloat16(g * s * u);
             dgate[k] = __float2bfloat16(d * u * s * (1.f + g * (1.f - s)));
             dup[k] = __float2bfloat16(d * g * s);
         }

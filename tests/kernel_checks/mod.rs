@@ -469,16 +469,19 @@ pub fn elementwise(g: &Gpu) {
         ops::swiglu_backward(&mut dg, &mut du, &dout, &gate, &up);
         let (g_d, u_d, d_d) =
             (g.upload(&to_bf16(&gate)).unwrap(), g.upload(&to_bf16(&up)).unwrap(), g.upload(&to_bf16(&dout)).unwrap());
-        let (o_d, dg_d, du_d) =
-            (g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(count).unwrap());
-        for p in [g.ptr(&o_d), g.ptr(&dg_d), g.ptr(&du_d)] {
+        let bufs = [(); 4].map(|_| g.alloc::<Bf16>(count).unwrap());
+        let [o, dg_p, du_p, o2] = bufs.each_ref().map(|b| g.ptr(b));
+        for p in [o, dg_p, du_p, o2] {
             poison_bf16(g, p);
         }
-        g.k.swiglu_forward(g.ptr(&o_d), g.ptr(&g_d), g.ptr(&u_d), count).unwrap();
-        g.k.swiglu_backward(g.ptr(&dg_d), g.ptr(&du_d), g.ptr(&d_d), g.ptr(&g_d), g.ptr(&u_d), count).unwrap();
-        check(&format!("swiglu n={count} out"), &down_bf16(g, g.ptr(&o_d)), &out);
-        check(&format!("swiglu n={count} dgate"), &down_bf16(g, g.ptr(&dg_d)), &dg);
-        check(&format!("swiglu n={count} dup"), &down_bf16(g, g.ptr(&du_d)), &du);
+        g.k.swiglu_forward(o, g.ptr(&g_d), g.ptr(&u_d), count).unwrap();
+        g.k.swiglu_backward(dg_p, du_p, o2, g.ptr(&d_d), g.ptr(&g_d), g.ptr(&u_d), count).unwrap();
+        let out_got = down_bf16(g, o);
+        check(&format!("swiglu n={count} out"), &out_got, &out);
+        // The backward's copy of out replaces the forward's in the engine: bit for bit.
+        assert_eq!(g.download(o2).unwrap(), g.download(o).unwrap(), "swiglu n={count}: backward's out differs");
+        check(&format!("swiglu n={count} dgate"), &down_bf16(g, dg_p), &dg);
+        check(&format!("swiglu n={count} dup"), &down_bf16(g, du_p), &du);
 
         // residual add and the casts on the same sizes
         let x = rng.normals(count, 1.0);

@@ -975,21 +975,25 @@ impl Kernels {
         Ok(())
     }
 
+    /// `dgate`, `dup`, and `out` = the forward's output again (bit for bit).
+    #[allow(clippy::too_many_arguments)]
     pub fn swiglu_backward(
         &self,
         dgate: DPtr<Bf16>,
         dup: DPtr<Bf16>,
+        out: DPtr<Bf16>,
         dout: DPtr<Bf16>,
         gate: DPtr<Bf16>,
         up: DPtr<Bf16>,
         count: usize,
     ) -> Result<()> {
-        for (name, p) in [("dgate", &dgate), ("dup", &dup), ("dout", &dout), ("gate", &gate), ("up", &up)] {
+        let all = [("dgate", &dgate), ("dup", &dup), ("out", &out), ("dout", &dout), ("gate", &gate), ("up", &up)];
+        for (name, p) in all {
             need_len(&format!("swiglu_backward: {name}"), p, count)?;
             need_vec(&format!("swiglu_backward: {name}"), p)?;
         }
-        launch!(self, "swiglu_backward", Self::flat_cfg(count); dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr,
-            count as i64);
+        launch!(self, "swiglu_backward", Self::flat_cfg(count); dgate.ptr, dup.ptr, out.ptr, dout.ptr, gate.ptr,
+            up.ptr, count as i64);
         Ok(())
     }
 
