@@ -475,10 +475,6 @@ impl CudaEngine {
         }
     }
 
-    fn copy_f32(&self, dst: DPtr<f32>, src: DPtr<f32>, len: usize) -> Result<()> {
-        self.gpu.copy(dst, src, len)
-    }
-
     // --- forward
 
     /// Runs the model over the batch and the LM head over its target rows; leaves the
@@ -503,7 +499,7 @@ impl CudaEngine {
         let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
         let d = self.dims(n);
 
-        // Sections for the profiler: the residual stream's copies count as elementwise.
+        // Sections for the profiler; the residual adds are the GEMMs' (C = x, D = the new x).
         self.prof.section(g, Category::NormElementwise)?;
         g.k.embedding_forward(xs[0].slice(0, n * h)?, self.w16(0)?, tokens, h)?;
         for (l, la) in layers.iter().enumerate() {
@@ -522,11 +518,9 @@ impl CudaEngine {
                 (la.qkv, la.qkv.slice(qd, la.qkv.len - qd)?, la.qkv.slice(qd + kvd, la.qkv.len - qd - kvd)?);
             self.prof.section(&self.gpu, Category::Attention)?;
             k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.copy_f32(la.x_mid, x, n * h)?;
             let wo = self.w16(Self::li(l, 4))?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(la.x_mid, la.att, wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?;
+            self.gpu.gemm.gemm_f32_add(la.x_mid, x, la.att, wo, &GemmShape::new(n, h, qd, false, true))?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(la.xn2, la.rstd2, la.x_mid.slice(0, n * h)?, self.w16(Self::li(l, 5))?, n, h, eps)?;
@@ -537,9 +531,8 @@ impl CudaEngine {
             self.gpu.gemm.gemm_bf16(la.up, la.xn2, wu, &up_shape, 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_forward(act, la.gate, la.up, n * i)?;
-            self.copy_f32(xs[l + 1], la.x_mid, n * h)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(xs[l + 1], act, wd, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
+            self.gpu.gemm.gemm_f32_add(xs[l + 1], la.x_mid, act, wd, &GemmShape::new(n, h, i, false, true))?;
         }
         let last = xs[cfg.n_layers].slice(0, n * h)?;
         self.prof.section(&self.gpu, Category::NormElementwise)?;
