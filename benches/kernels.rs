@@ -21,7 +21,7 @@
 //! `CUDA benchmarks skipped: <why>` and only the CPU benchmarks run.
 //!
 //! Throughput, as criterion prints it:
-//! - memory-bound ops (RMSNorm, RoPE, SwiGLU, embedding, residual, casts, log-softmax on
+//! - memory-bound ops (RMSNorm, RoPE, SwiGLU, embedding, casts, log-softmax on
 //!   given logits, AdamW, gradient norm): bytes, the least each call must read and write
 //!   once (inputs read, outputs written; in-place buffers and `+=` gradients both), so
 //!   "GiB/s" is achieved bandwidth;
@@ -433,7 +433,7 @@ mod cuda {
         let place = Place { side: Side::Cuda, shape, sync: Some(sync) };
         let u = |x: usize| x as u64;
 
-        // --- memory-bound: RMSNorm, RoPE, SwiGLU, embedding, residual, casts
+        // --- memory-bound: RMSNorm, RoPE, SwiGLU, embedding, casts
         {
             let g = &*gpu;
             let mut gr = place.group(c, sum, "rmsnorm", &rows_note);
@@ -508,15 +508,11 @@ mod cuda {
         }
         {
             let g = &*gpu;
-            let mut gr = place.group(c, sum, "residual and casts", &rows_note);
+            let mut gr = place.group(c, sum, "casts", &rows_note);
             let cnt = n * h;
             let (x, y) = (rand32(g, cnt, 11, 1.0), rand16(g, cnt, 12));
             let (x16, x32) = (g.alloc::<Bf16>(cnt).unwrap(), g.alloc::<f32>(cnt).unwrap());
             let (xp, yp, x16p, x32p) = (g.ptr(&x), g.ptr(&y), g.ptr(&x16), g.ptr(&x32));
-            // x += y: x read and written (f32), y read (bf16)
-            gr.run("residual_forward", Work::Bytes((2 * F32 + BF16) * u(cnt)), || {
-                g.k.residual_forward(xp, yp, cnt).unwrap()
-            });
             gr.run("cast_f32_bf16", Work::Bytes((F32 + BF16) * u(cnt)), || g.k.cast_f32_bf16(x16p, xp, cnt).unwrap());
             gr.run("cast_bf16_f32", Work::Bytes((F32 + BF16) * u(cnt)), || g.k.cast_bf16_f32(x32p, yp, cnt).unwrap());
         }

@@ -1,4 +1,5 @@
-// Element-wise kernels: SwiGLU, embedding gather / scatter-add, residual add, casts.
+// Element-wise kernels: SwiGLU, embedding gather / scatter-add, casts. (The residual adds
+// are the GEMMs' epilogue: cuBLASLt D = A·B + C.)
 //
 // Math:
 //   swiglu:    out = silu(g)·u = g·σ(g)·u
@@ -6,13 +7,12 @@
 //              the backward also writes out again (bit for bit the forward's: the same
 //              expression), so the engine keeps gate and up per layer but not out
 //   embedding: out[t] = table[token[t]]                 dtable[token[t]] += dout[t]
-//   residual:  x += y                                   casts: f32 <-> bf16 (round to nearest even)
-// Layouts: flat arrays of `count` elements (swiglu, residual, casts); embedding table
+//   casts:     f32 <-> bf16 (round to nearest even)
+// Layouts: flat arrays of `count` elements (swiglu, casts); embedding table
 // [vocab, H] bf16, its gradient [vocab, H] f32, rows [n, H] f32 (the residual stream).
 // Work split: one thread per 8 consecutive elements (16-byte accesses); a tail shorter
 // than 8 goes element by element. Embedding: one thread per (token, 8 columns).
-// Bytes per call (count c): swiglu fwd 6c, bwd 12c; residual 10c (reads x 4c and y 2c,
-// writes x 4c); casts 6c; embedding fwd 6nH (+4n), bwd 8nH read-modify-write through L2
+// Bytes per call (count c): swiglu fwd 6c, bwd 12c; casts 6c; embedding fwd 6nH (+4n), bwd 8nH read-modify-write through L2
 // atomics.
 #include "common.cuh"
 
@@ -95,22 +95,6 @@ extern "C" __global__ void __launch_bounds__(256) embedding_backward(
     float* dst = dtable + (size_t)tokens[t] * hidden + c;
 #pragma unroll
     for (int k = 0; k < 8; k++) atomicAdd(dst + k, v[k]);
-}
-
-// x += y (the residual stream, f32, plus a bf16 branch output).
-extern "C" __global__ void __launch_bounds__(256) residual_forward(
-    float* __restrict__ x, const __nv_bfloat16* __restrict__ y, long long count) {
-    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
-    if (i + 8 <= count) {
-        float a[8], b[8];
-        load8(x + i, a);
-        load8(y + i, b);
-#pragma unroll
-        for (int k = 0; k < 8; k++) a[k] += b[k];
-        store8(x + i, a);
-    } else {
-        for (long long k = i; k < count; k++) x[k] += __bfloat162float(y[k]);
-    }
 }
 
 extern "C" __global__ void __launch_bounds__(256) cast_forward_f32_bf16(

@@ -483,12 +483,9 @@ pub fn elementwise(g: &Gpu) {
         check(&format!("swiglu n={count} dgate"), &down_bf16(g, dg_p), &dg);
         check(&format!("swiglu n={count} dup"), &down_bf16(g, du_p), &du);
 
-        // residual add and the casts on the same sizes
-        let x = rng.normals(count, 1.0);
-        let x_d = g.upload(&x).unwrap();
-        g.k.residual_forward(g.ptr(&x_d), g.ptr(&u_d), count).unwrap();
-        let want: Vec<f32> = x.iter().zip(&up).map(|(a, b)| a + b).collect();
-        check(&format!("residual n={count}"), &g.download(g.ptr(&x_d)).unwrap(), &want);
+        // the casts on the same sizes
+        let want = rng.normals(count, 1.0);
+        let x_d = g.upload(&want).unwrap();
         let c16 = g.alloc::<Bf16>(count).unwrap();
         poison_bf16(g, g.ptr(&c16));
         g.k.cast_f32_bf16(g.ptr(&c16), g.ptr(&x_d), count).unwrap();

@@ -49,7 +49,6 @@ pub const KERNEL_NAMES: &[(&str, &str)] = &[
     ("elementwise.cu", "swiglu_backward"),
     ("elementwise.cu", "embedding_forward"),
     ("elementwise.cu", "embedding_backward"),
-    ("elementwise.cu", "residual_forward"),
     ("elementwise.cu", "cast_forward_f32_bf16"),
     ("elementwise.cu", "cast_forward_bf16_f32"),
 ];
@@ -1028,16 +1027,6 @@ impl Kernels {
         need_vec("embedding_backward: dout", &dout)?;
         let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
         launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
-        Ok(())
-    }
-
-    /// `x += y` (f32 += bf16).
-    pub fn residual_forward(&self, x: DPtr<f32>, y: DPtr<Bf16>, count: usize) -> Result<()> {
-        need_len("residual: x", &x, count)?;
-        need_len("residual: y", &y, count)?;
-        need_vec("residual: x", &x)?;
-        need_vec("residual: y", &y)?;
-        launch!(self, "residual_forward", Self::flat_cfg(count); x.ptr, y.ptr, count as i64);
         Ok(())
     }
 
