@@ -156,6 +156,8 @@ pub struct CudaEngine {
     norm_out: DBuf<f64>,
     acts: Option<Acts>,
     head: Option<Head>,
+    /// Rows per LM-head logits chunk (`head_chunk_rows` unless set).
+    head_chunk: usize,
     probs: Option<Probs>,
     peak_bytes: u64,
     prof: Profiler,
@@ -178,10 +180,12 @@ pub fn unsupported(cfg: &LlamaConfig) -> Option<String> {
     None
 }
 
-/// Rows per LM-head logits chunk: about 32M fp32 logits (128 MB) at a time, in whole
-/// 64-row tiles of the GEMM (256 rows at a 128K vocabulary).
+/// Rows per LM-head logits chunk: about 64M fp32 logits (256 MB) at a time, in whole
+/// 64-row tiles of the GEMM: 512 rows at a 128K vocabulary, where each chunk's GEMM does
+/// ~340 FLOPs per byte it moves (the bf16 head weight read, the f32 logits written; an
+/// H200 is compute-bound above ~206 (989 TFLOP/s over 4.8 TB/s), where 256-row chunks sat).
 fn head_chunk_rows(vocab: usize) -> usize {
-    ((32usize << 20) / vocab.max(1) / 64 * 64).clamp(64, 8192)
+    ((64usize << 20) / vocab.max(1) / 64 * 64).clamp(64, 8192)
 }
 
 impl CudaEngine {
@@ -219,6 +223,7 @@ impl CudaEngine {
         let zero_freq = gpu.upload(&vec![0f32; hd / 2])?;
         let norm_partial = gpu.alloc::<f64>(gpu.k.grad_norm_blocks())?;
         let norm_out = gpu.alloc::<f64>(1)?;
+        let head_chunk = head_chunk_rows(cfg.vocab_size);
         let mut e = CudaEngine {
             cfg,
             gpu,
@@ -235,6 +240,7 @@ impl CudaEngine {
             norm_out,
             acts: None,
             head: None,
+            head_chunk,
             probs: None,
             peak_bytes: 0,
             prof: Profiler::default(),
@@ -395,7 +401,7 @@ impl CudaEngine {
         }
         self.head = None;
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let chunk = head_chunk_rows(v).min(rows.next_multiple_of(64));
+        let chunk = self.head_chunk.min(rows);
         let g = &self.gpu;
         let mut p = Pool::default();
         self.head = Some(Head {
@@ -408,6 +414,13 @@ impl CudaEngine {
         });
         self.note_memory();
         Ok(())
+    }
+
+    /// Rows per LM-head logits chunk (default: ~256 MB of fp32 logits, `head_chunk_rows`):
+    /// fewer rows hold less memory and launch more, smaller GEMMs.
+    pub fn set_head_chunk_rows(&mut self, rows: usize) {
+        self.head_chunk = rows.max(1);
+        self.head = None;
     }
 
     fn ensure_probs(&mut self, rows: usize) -> Result<()> {
