@@ -209,6 +209,13 @@ pub fn rmsnorm(g: &Gpu) {
         g.k.rmsnorm_forward(g.ptr(&y_d), g.ptr(&rstd_d), g.ptr(&x_d), g.ptr(&w_d), n, hidden, eps).unwrap();
         check(&format!("rmsnorm n={n} h={hidden} y"), &down_bf16(g, g.ptr(&y_d)), &y);
         check(&format!("rmsnorm n={n} h={hidden} rstd"), &g.download(g.ptr(&rstd_d)).unwrap(), &rstd);
+        // The engine's backward runs the forward again for xn instead of keeping it: the
+        // same bits, y and rstd alike (no atomics, no launch-dependent order).
+        let (y1, r1) = (g.download(g.ptr(&y_d)).unwrap(), g.download(g.ptr(&rstd_d)).unwrap());
+        poison_bf16(g, g.ptr(&y_d));
+        g.k.rmsnorm_forward(g.ptr(&y_d), g.ptr(&rstd_d), g.ptr(&x_d), g.ptr(&w_d), n, hidden, eps).unwrap();
+        assert_eq!(g.download(g.ptr(&y_d)).unwrap(), y1, "rmsnorm n={n} h={hidden}: y differs when run again");
+        assert_eq!(g.download(g.ptr(&rstd_d)).unwrap(), r1, "rmsnorm n={n} h={hidden}: rstd differs when run again");
 
         poison_f32(g, g.ptr(&dx_d));
         g.k.zero(g.ptr(&dw_d)).unwrap();

@@ -22,8 +22,10 @@
 //! Backward walks it in reverse with the residual gradient in f32 and a bf16 copy of it
 //! as GEMM input; strided f32→bf16 copies reuse rope_backward with a zero frequency table
 //! (a rotation by 0). Every layer's activations are kept but act, which swiglu_backward
-//! writes again before the down projection's weight gradient needs it (16 of ~82 KB per
-//! token and layer at Llama 3.2 1B, for 2 more bytes written per element of act).
+//! writes again before the down projection's weight gradient needs it, and xn1, xn2,
+//! which rmsnorm_forward writes again before the weight gradients of the GEMMs after the
+//! norm (24 of ~82 KB per token and layer at Llama 3.2 1B, for 2 more bytes written per
+//! element of act and one more RMSNorm forward per norm).
 
 use std::time::Instant;
 
@@ -68,13 +70,11 @@ impl Pool {
 #[derive(Clone, Copy)]
 struct LayerActs {
     rstd1: DPtr<f32>,
-    xn1: DPtr<Bf16>,
     qkv: DPtr<Bf16>,
     att: DPtr<Bf16>,
     lse: DPtr<f32>,
     x_mid: DPtr<f32>,
     rstd2: DPtr<f32>,
-    xn2: DPtr<Bf16>,
     gate: DPtr<Bf16>,
     up: DPtr<Bf16>,
 }
@@ -85,6 +85,10 @@ struct Acts {
     /// Layer inputs; `xs[n_layers]` is the last layer's output.
     xs: Vec<DPtr<f32>>,
     layers: Vec<LayerActs>,
+    /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
+    /// the norm, the backward writes it again (the same kernel on the same x and weight:
+    /// the same bits) for their weight gradients, instead of keeping two per layer.
+    xn: DPtr<Bf16>,
     /// silu(gate)·up of the layer at hand: the forward writes it, the backward writes it
     /// again (swiglu_backward) instead of keeping one per layer.
     act: DPtr<Bf16>,
@@ -360,13 +364,11 @@ impl CudaEngine {
         for _ in 0..cfg.n_layers {
             layers.push(LayerActs {
                 rstd1: p.f32(g, cap)?,
-                xn1: p.bf16(g, cap * h)?,
                 qkv: p.bf16(g, cap * qkvd)?,
                 att: p.bf16(g, cap * qd)?,
                 lse: p.f32(g, cap * nh)?,
                 x_mid: p.f32(g, cap * h)?,
                 rstd2: p.f32(g, cap)?,
-                xn2: p.bf16(g, cap * h)?,
                 gate: p.bf16(g, cap * i)?,
                 up: p.bf16(g, cap * i)?,
             });
@@ -375,6 +377,7 @@ impl CudaEngine {
             cap,
             xs,
             layers,
+            xn: p.bf16(g, cap * h)?,
             act: p.bf16(g, cap * i)?,
             rstd_f: p.f32(g, cap)?,
             xf: p.bf16(g, cap * h)?,
@@ -504,7 +507,7 @@ impl CudaEngine {
         let qkvd = qd + 2 * kvd;
         let eps = cfg.rms_norm_eps;
         let a = self.acts.as_ref().expect("allocated above");
-        let (xs, layers, act, rstd_f, xf) = (a.xs.clone(), a.layers.clone(), a.act, a.rstd_f, a.xf);
+        let (xs, layers, xn, act, rstd_f, xf) = (a.xs.clone(), a.layers.clone(), a.xn, a.act, a.rstd_f, a.xf);
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
         let pos = g.ptr(&b.positions);
@@ -519,10 +522,10 @@ impl CudaEngine {
             let x = xs[l];
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(la.xn1, la.rstd1, x.slice(0, n * h)?, self.w16(Self::li(l, 0))?, n, h, eps)?;
+            k.rmsnorm_forward(xn, la.rstd1, x.slice(0, n * h)?, self.w16(Self::li(l, 0))?, n, h, eps)?;
             let wqkv = self.qkv16(l)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_bf16(la.qkv, la.xn1, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
+            self.gpu.gemm.gemm_bf16(la.qkv, xn, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rope_forward(la.qkv, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd)?;
@@ -536,12 +539,12 @@ impl CudaEngine {
             self.gpu.gemm.gemm_f32_add(la.x_mid, x, la.att, wo, &GemmShape::new(n, h, qd, false, true))?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(la.xn2, la.rstd2, la.x_mid.slice(0, n * h)?, self.w16(Self::li(l, 5))?, n, h, eps)?;
+            k.rmsnorm_forward(xn, la.rstd2, la.x_mid.slice(0, n * h)?, self.w16(Self::li(l, 5))?, n, h, eps)?;
             let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
             let up_shape = GemmShape::new(n, i, h, false, true);
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_bf16(la.gate, la.xn2, wg, &up_shape, 1.0, 0.0)?;
-            self.gpu.gemm.gemm_bf16(la.up, la.xn2, wu, &up_shape, 1.0, 0.0)?;
+            self.gpu.gemm.gemm_bf16(la.gate, xn, wg, &up_shape, 1.0, 0.0)?;
+            self.gpu.gemm.gemm_bf16(la.up, xn, wu, &up_shape, 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_forward(act, la.gate, la.up, n * i)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
@@ -608,14 +611,14 @@ impl CudaEngine {
     fn backward(&mut self, b: &BatchDev, n: usize, dlogp_rows: &[f32]) -> Result<()> {
         let cfg = self.cfg.clone();
         let (h, i, qd, kvd, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
-        let qkvd = qd + 2 * kvd;
+        let (qkvd, eps) = (qd + 2 * kvd, cfg.rms_norm_eps);
         let dl_dev = self.gpu.upload(dlogp_rows)?;
         let a = self.acts.as_ref().expect("forward ran");
         let (xs, layers) = (a.xs.clone(), a.layers.clone());
         let (dx, dx16, dxn, dxf) =
             (a.dx.slice(0, n * h)?, a.dx16.slice(0, n * h)?, a.dxn.slice(0, n * h)?, a.dxf.slice(0, n * h)?);
         let (dact, dgate, dup) = (a.dact.slice(0, n * i)?, a.dgate.slice(0, n * i)?, a.dup.slice(0, n * i)?);
-        let act = a.act.slice(0, n * i)?;
+        let (xn, act) = (a.xn.slice(0, n * h)?, a.act.slice(0, n * i)?);
         let (datt, delta, dqkv32, dqkv16) = (a.datt, a.delta, a.dqkv32, a.dqkv16);
         let rstd_f = a.rstd_f;
 
@@ -668,11 +671,16 @@ impl CudaEngine {
             gm.gemm_f32(gd, dx16, act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
             gm.gemm_f32(dxn, dgate, wg, &GemmShape::new(n, h, i, false, false), 1.0, 0.0)?;
             gm.gemm_f32(dxn, dup, wu, &GemmShape::new(n, h, i, false, false), 1.0, 1.0)?;
-            gm.gemm_f32(gg, dgate, la.xn2, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
-            gm.gemm_f32(gu, dup, la.xn2, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
             let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
+            let x_mid = la.x_mid.slice(0, n * h)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, gpost, dxn, la.x_mid.slice(0, n * h)?, wpost, la.rstd2, n, h, true)?;
+            self.gpu.k.rmsnorm_forward(xn, la.rstd2, x_mid, wpost, n, h, eps)?; // this layer's xn2 again
+            self.prof.section(&self.gpu, Category::Gemm)?;
+            let gm = &mut self.gpu.gemm;
+            gm.gemm_f32(gg, dgate, xn, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
+            gm.gemm_f32(gu, dup, xn, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            self.gpu.k.rmsnorm_backward(dx, gpost, dxn, x_mid, wpost, la.rstd2, n, h, true)?;
 
             // attention: x_mid = x + att·Woᵀ
             self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
@@ -701,10 +709,13 @@ impl CudaEngine {
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
-            gm.gemm_f32(gqkv, dqkv16, la.xn1, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
-            let (gin, win) = (gw(0)?, self.w16(Self::li(l, 0))?);
+            let (gin, win, x) = (gw(0)?, self.w16(Self::li(l, 0))?, xs[l].slice(0, n * h)?);
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, gin, dxn, xs[l].slice(0, n * h)?, win, la.rstd1, n, h, true)?;
+            self.gpu.k.rmsnorm_forward(xn, la.rstd1, x, win, n, h, eps)?; // this layer's xn1 again
+            self.prof.section(&self.gpu, Category::Gemm)?;
+            self.gpu.gemm.gemm_f32(gqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
+            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            self.gpu.k.rmsnorm_backward(dx, gin, dxn, x, win, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
         g.k.embedding_backward(self.tensor_f32(&self.grad, 0)?, dx, g.ptr(&b.tokens), h)?;
