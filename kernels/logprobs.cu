@@ -91,6 +91,44 @@ SDPO_DEVICE void online_add_n(float& m, float& s, const float (&z)[N]) {
 // Independent 16-byte loads issued per thread before any is used (see the top comment).
 constexpr int UNROLL = 4;
 
+SDPO_DEVICE float as_f32(float x) { return x; }
+SDPO_DEVICE float as_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// out[c] = bf16(f(c, in[c])) for the block's row, c < vocab: 8-column vectors (UNROLL of
+// them loaded per thread before any is used) when `vec`, scalars after the last vector
+// and everywhere otherwise. `in` may be `out` (each element is read, then written, by
+// the same thread).
+template <typename T, typename F>
+SDPO_DEVICE void map_row_bf16(__nv_bfloat16* out, const T* in, int vocab, bool vec, F f) {
+    const int step = blockDim.x;
+    int c = threadIdx.x;  // an 8-column group, then a column
+    if (vec) {
+        const int n8 = vocab / 8;
+        for (; c + (UNROLL - 1) * step < n8; c += UNROLL * step) {
+            float v[UNROLL][8];
+#pragma unroll
+            for (int k = 0; k < UNROLL; k++) load8(in + 8 * (c + k * step), v[k]);
+#pragma unroll
+            for (int k = 0; k < UNROLL; k++) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[k][e] = f(8 * (c + k * step) + e, v[k][e]);
+                store8(out + 8 * (c + k * step), v[k]);
+            }
+        }
+#pragma unroll 1
+        for (; c < n8; c += step) {  // at most UNROLL − 1 times
+            float v[8];
+            load8(in + 8 * c, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = f(8 * c + e, v[e]);
+            store8(out + 8 * c, v);
+        }
+        c = 8 * n8 + threadIdx.x;
+    }
+#pragma unroll 1
+    for (; c < vocab; c += step) out[c] = __float2bfloat16(f(c, as_f32(in[c])));
+}
+
 extern "C" __global__ void __launch_bounds__(512) logprobs_forward(
     float* __restrict__ logp, float* __restrict__ lse, __nv_bfloat16* __restrict__ probs,
     const float* __restrict__ logits, const int* __restrict__ targets, int rows, int vocab, int ld, int ld_p) {
@@ -134,33 +172,8 @@ extern "C" __global__ void __launch_bounds__(512) logprobs_forward(
     if (threadIdx.x == 0) lse[r] = l;
     if (probs == nullptr) return;
     // Second pass (training): the row's softmax in bf16, for the backward.
-    __nv_bfloat16* p = probs + (size_t)r * ld_p;
-    c = threadIdx.x;  // an 8-column group, then a column
-    if ((ld & 7) == 0 && (ld_p & 7) == 0) {
-        const int n8 = vocab / 8;
-        for (; c + (UNROLL - 1) * step < n8; c += UNROLL * step) {
-            float v[UNROLL][8];
-#pragma unroll
-            for (int k = 0; k < UNROLL; k++) load8(z + 8 * (c + k * step), v[k]);
-#pragma unroll
-            for (int k = 0; k < UNROLL; k++) {
-#pragma unroll
-                for (int e = 0; e < 8; e++) v[k][e] = __expf(v[k][e] - l);
-                store8(p + 8 * (c + k * step), v[k]);
-            }
-        }
-#pragma unroll 1
-        for (; c < n8; c += step) {  // at most UNROLL − 1 times
-            float v[8];
-            load8(z + 8 * c, v);
-#pragma unroll
-            for (int e = 0; e < 8; e++) v[e] = __expf(v[e] - l);
-            store8(p + 8 * c, v);
-        }
-        c = 8 * n8 + threadIdx.x;
-    }
-#pragma unroll 1
-    for (; c < vocab; c += step) p[c] = __float2bfloat16(__expf(z[c] - l));
+    const bool vec = (ld & 7) == 0 && (ld_p & 7) == 0;
+    map_row_bf16(probs + (size_t)r * ld_p, z, vocab, vec, [&](int, float x) { return __expf(x - l); });
 }
 
 // In place: probs (the forward's bf16 softmax) in, dlogits out.
@@ -184,31 +197,5 @@ extern "C" __global__ void __launch_bounds__(512) logprobs_backward(
         if (c == t1) d += g1;
         return d;
     };
-    const int step = blockDim.x;
-    int c = threadIdx.x;  // an 8-column group, then a column
-    if ((ld & 7) == 0) {
-        const int n8 = vocab / 8;
-        for (; c + (UNROLL - 1) * step < n8; c += UNROLL * step) {
-            float v[UNROLL][8];
-#pragma unroll
-            for (int k = 0; k < UNROLL; k++) load8(dz + 8 * (c + k * step), v[k]);
-#pragma unroll
-            for (int k = 0; k < UNROLL; k++) {
-#pragma unroll
-                for (int e = 0; e < 8; e++) v[k][e] = grad(8 * (c + k * step) + e, v[k][e]);
-                store8(dz + 8 * (c + k * step), v[k]);
-            }
-        }
-#pragma unroll 1
-        for (; c < n8; c += step) {  // at most UNROLL − 1 times
-            float v[8];
-            load8(dz + 8 * c, v);
-#pragma unroll
-            for (int e = 0; e < 8; e++) v[e] = grad(8 * c + e, v[e]);
-            store8(dz + 8 * c, v);
-        }
-        c = 8 * n8 + threadIdx.x;
-    }
-#pragma unroll 1
-    for (; c < vocab; c += step) dz[c] = __float2bfloat16(grad(c, __bfloat162float(dz[c])));
+    map_row_bf16(dz, dz, vocab, (ld & 7) == 0, grad);
 }
