@@ -14,7 +14,8 @@
 // accurate for a confident model (bf16 p near 1 is only 2^-9-accurate). Elsewhere p is
 // rounded to bf16 twice (probs, then dlogits): ≤ 2^-8 relative per element.
 // Layouts: logits [rows, ld] f32; targets [rows, 2] i32 token ids (−1 = no target); logp
-// [rows, 2] f32 (0 where no target); lse [rows] f32; probs / dlogits [rows, ld_p] bf16;
+// [rows, 2] f32 (0 where no target); lse [rows] f32 (optional: null skips it); probs /
+// dlogits [rows, ld_p] bf16;
 // dlogp [rows, 2] f32. The target columns are handled by the thread that owns them, so a
 // row whose two targets are the same token gets both contributions without a race.
 // Work split: one 512-thread block per row; each thread keeps a running (max, sum) over
@@ -23,8 +24,9 @@
 // 8-column groups in the probs pass and the backward: every load stays coalesced across
 // the warp) before using any, then, in the first pass, takes their max and rescales its
 // sum once per 16 values (one exp per value plus one, no data-dependent branch per value).
-// In flight: up to 64 bytes per thread, 32 KB per block, ~64 KB per H200 SM at 2
-// blocks/SM (Little's law at 4.8 TB/s and ~650 ns asks ~25 KB). Expected to move these
+// In flight per thread: 64 bytes (first pass: 4 float4), 128 (probs pass: 4 × 8 f32), 64
+// (backward: 4 × 8 bf16); 32–64 KB per block, 2–3 blocks per H200 SM (Little's law at
+// 4.8 TB/s and ~650 ns asks ~25 KB per SM). Expected to move these
 // kernels close to copy bandwidth: not measured on a GPU. Tails: vectors past the last
 // full group of 4·512 go one at a time; the columns after the last vector, and every
 // column when ld (or ld_p) is not a multiple of 4 (8 for the bf16 passes), go as scalars.
@@ -169,7 +171,7 @@ extern "C" __global__ void __launch_bounds__(512) logprobs_forward(
         const int t = targets[2 * r + threadIdx.x];
         logp[2 * r + threadIdx.x] = t >= 0 ? z[t] - l : 0.f;
     }
-    if (threadIdx.x == 0) lse[r] = l;
+    if (threadIdx.x == 0 && lse != nullptr) lse[r] = l;
     if (probs == nullptr) return;
     // Second pass (training): the row's softmax in bf16, for the backward.
     const bool vec = (ld & 7) == 0 && (ld_p & 7) == 0;

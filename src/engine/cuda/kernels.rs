@@ -833,9 +833,10 @@ impl Kernels {
 
     // --- logprobs.cu
 
-    /// Per row: `lse`, and `logp[2r + j] = logits[r, t_j] − lse` for targets `[rows, 2]`
-    /// (−1 = none); logits f32 `[rows, ld]`. Training passes `probs` (bf16 `[rows, ld_p]`,
-    /// the row's softmax, for `logprobs_backward`); `null()` skips it.
+    /// Per row: `logp[2r + j] = logits[r, t_j] − lse_r` for targets `[rows, 2]` (−1 =
+    /// none) and, unless `lse` is `null()`, `lse_r`; logits f32 `[rows, ld]`. Training
+    /// passes `probs` (bf16 `[rows, ld_p]`, the row's softmax, for `logprobs_backward`);
+    /// `null()` skips it.
     #[allow(clippy::too_many_arguments)]
     pub fn logprobs_forward(
         &self,
@@ -849,17 +850,18 @@ impl Kernels {
         ld: usize,
         ld_p: usize,
     ) -> Result<()> {
-        need(ld >= vocab && ld_p >= vocab && rows > 0, || {
-            format!("logprobs: ld {ld} / ld_p {ld_p} < vocab {vocab}, or no rows")
-        })?;
+        need(ld >= vocab && rows > 0, || format!("logprobs: ld {ld} < vocab {vocab}, or no rows"))?;
         need_len("logprobs: logits", &logits, (rows - 1) * ld + vocab)?;
         need_len("logprobs: targets", &targets, 2 * rows)?;
         need_len("logprobs: logp", &logp, 2 * rows)?;
-        need_len("logprobs: lse", &lse, rows)?;
+        if lse.ptr != 0 {
+            need_len("logprobs: lse", &lse, rows)?;
+        }
         if ld.is_multiple_of(4) {
             need_vec("logprobs: logits", &logits)?;
         }
         if probs.ptr != 0 {
+            need(ld_p >= vocab, || format!("logprobs: ld_p {ld_p} < vocab {vocab}"))?;
             need_len("logprobs: probs", &probs, (rows - 1) * ld_p + vocab)?;
             if ld.is_multiple_of(8) && ld_p.is_multiple_of(8) {
                 need_vec("logprobs: probs", &probs)?;

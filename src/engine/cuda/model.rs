@@ -89,6 +89,9 @@ struct Acts {
     /// the norm, the backward writes it again (the same kernel on the same x and weight:
     /// the same bits) for their weight gradients, instead of keeping two per layer.
     xn: DPtr<Bf16>,
+    /// The recomputing rmsnorm_forward's rstd output (the saved rstd1/rstd2 stay as the
+    /// forward wrote them).
+    rstd: DPtr<f32>,
     /// silu(gate)·up of the layer at hand: the forward writes it, the backward writes it
     /// again (swiglu_backward) instead of keeping one per layer.
     act: DPtr<Bf16>,
@@ -140,7 +143,6 @@ struct BatchDev {
     /// Per head row: its (up to) two target tokens, −1 for none.
     targets: DBuf<i32>,
     row_logp: DBuf<f32>,
-    row_lse: DBuf<f32>,
 }
 
 pub struct CudaEngine {
@@ -378,6 +380,7 @@ impl CudaEngine {
             xs,
             layers,
             xn: p.bf16(g, cap * h)?,
+            rstd: p.f32(g, cap)?,
             act: p.bf16(g, cap * i)?,
             rstd_f: p.f32(g, cap)?,
             xf: p.bf16(g, cap * h)?,
@@ -472,7 +475,6 @@ impl CudaEngine {
             rows: g.upload(&plan.rows)?,
             targets: g.upload(&targets)?,
             row_logp: g.alloc::<f32>(2 * plan.rows.len())?,
-            row_lse: g.alloc::<f32>(plan.rows.len())?,
             plan,
         })
     }
@@ -494,7 +496,7 @@ impl CudaEngine {
     // --- forward
 
     /// Runs the model over the batch and the LM head over its target rows; leaves the
-    /// per-row log-probs and log-sum-exps in `b.row_logp` / `b.row_lse`.
+    /// per-row log-probs in `b.row_logp`.
     fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
         self.prof.drop_open();
         self.ensure_acts(n)?;
@@ -579,13 +581,12 @@ impl CudaEngine {
             self.gpu.gemm.gemm_f32(logits, xr16.slice(r0 * h, rows * h)?, w, &shape, 1.0, 0.0)?;
             let g = &self.gpu;
             let logp = g.ptr(&b.row_logp).slice(2 * r0, 2 * rows)?;
-            let lse = g.ptr(&b.row_lse).slice(r0, rows)?;
             let tgt = g.ptr(&b.targets).slice(2 * r0, 2 * rows)?;
             let p = match probs {
                 Some(p) => p.slice(r0 * v, rows * v)?,
                 None => null(),
             };
-            g.k.logprobs_forward(logp, lse, p, logits, tgt, rows, v, v, v)?;
+            g.k.logprobs_forward(logp, null(), p, logits, tgt, rows, v, v, v)?;
         }
         Ok(())
     }
@@ -618,7 +619,7 @@ impl CudaEngine {
         let (dx, dx16, dxn, dxf) =
             (a.dx.slice(0, n * h)?, a.dx16.slice(0, n * h)?, a.dxn.slice(0, n * h)?, a.dxf.slice(0, n * h)?);
         let (dact, dgate, dup) = (a.dact.slice(0, n * i)?, a.dgate.slice(0, n * i)?, a.dup.slice(0, n * i)?);
-        let (xn, act) = (a.xn.slice(0, n * h)?, a.act.slice(0, n * i)?);
+        let (xn, rstd, act) = (a.xn.slice(0, n * h)?, a.rstd, a.act.slice(0, n * i)?);
         let (datt, delta, dqkv32, dqkv16) = (a.datt, a.delta, a.dqkv32, a.dqkv16);
         let rstd_f = a.rstd_f;
 
@@ -674,7 +675,7 @@ impl CudaEngine {
             let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
             let x_mid = la.x_mid.slice(0, n * h)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_forward(xn, la.rstd2, x_mid, wpost, n, h, eps)?; // this layer's xn2 again
+            self.gpu.k.rmsnorm_forward(xn, rstd, x_mid, wpost, n, h, eps)?; // this layer's xn2 again
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(gg, dgate, xn, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
@@ -711,7 +712,7 @@ impl CudaEngine {
             gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
             let (gin, win, x) = (gw(0)?, self.w16(Self::li(l, 0))?, xs[l].slice(0, n * h)?);
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_forward(xn, la.rstd1, x, win, n, h, eps)?; // this layer's xn1 again
+            self.gpu.k.rmsnorm_forward(xn, rstd, x, win, n, h, eps)?; // this layer's xn1 again
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(gqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
