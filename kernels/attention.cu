@@ -43,7 +43,7 @@
 //   keeps their dK and dV in registers while it walks every query head of the kv group
 //   and every 32-query tile that can see the keys (from the tile itself to the end of
 //   its last key's group). dQ goes through a bf16 dS tile in shared memory and an mma
-//   with K, then f32 atomics. The (head, query tile) steps are double-buffered: cp.async
+//   with K, then f32 atomics (a pair of columns per 8-byte atomic on sm_90). The (head, query tile) steps are double-buffered: cp.async
 //   brings step i+1's Q and dO tiles into one stage while the warps compute on step i's
 //   in the other (K and V land with step 0's tiles, in the first copy group), and the
 //   query metadata (mask, lse, D) of step i+1 is read into registers of threads 0-31
@@ -590,14 +590,8 @@ SDPO_DEVICE void attention_backward_impl(
 #pragma unroll
             for (int j = 0; j < D / 16; j++) {
                 const int c = h * D + wd + j * 8 + 2 * t4;
-                if (qa < n) {
-                    atomicAdd(dq + (size_t)qa * dq_stride + c, dqa[j][0]);
-                    atomicAdd(dq + (size_t)qa * dq_stride + c + 1, dqa[j][1]);
-                }
-                if (qb < n) {
-                    atomicAdd(dq + (size_t)qb * dq_stride + c, dqa[j][2]);
-                    atomicAdd(dq + (size_t)qb * dq_stride + c + 1, dqa[j][3]);
-                }
+                if (qa < n) atomic_add2(dq + (size_t)qa * dq_stride + c, dqa[j][0], dqa[j][1]);
+                if (qb < n) atomic_add2(dq + (size_t)qb * dq_stride + c, dqa[j][2], dqa[j][3]);
             }
         }
         // Redundant as far as we can tell, kept for now (the simulator passes without it): the

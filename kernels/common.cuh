@@ -75,6 +75,35 @@ SDPO_DEVICE u32 pack_raw(__nv_bfloat16 lo, __nv_bfloat16 hi) {
     return (u32)__bfloat16_as_ushort(lo) | ((u32)__bfloat16_as_ushort(hi) << 16);
 }
 
+// --- vector atomics: f32 adds into global memory
+
+// sm_90 adds 2 or 4 consecutive floats with one atomic (global memory, the address aligned
+// to 8 or 16 bytes: the launchers check); earlier GPUs take 2 or 4 scalar atomics. The
+// simulator runs the vector form and fails a launch on a misaligned address.
+#if defined(SDPO_SIM) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define SDPO_VECTOR_ATOMICS 1
+#endif
+
+SDPO_DEVICE void atomic_add2(float* dst, float a, float b) {
+#ifdef SDPO_VECTOR_ATOMICS
+    atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#endif
+}
+
+SDPO_DEVICE void atomic_add4(float* dst, float a, float b, float c, float d) {
+#ifdef SDPO_VECTOR_ATOMICS
+    atomicAdd(reinterpret_cast<float4*>(dst), make_float4(a, b, c, d));
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+    atomicAdd(dst + 2, c);
+    atomicAdd(dst + 3, d);
+#endif
+}
+
 // --- reductions
 
 SDPO_DEVICE float warp_sum(float v) {

@@ -12,8 +12,9 @@
 // [vocab, H] bf16, its gradient [vocab, H] f32, rows [n, H] f32 (the residual stream).
 // Work split: one thread per 8 consecutive elements (16-byte accesses); a tail shorter
 // than 8 goes element by element. Embedding: one thread per (token, 8 columns).
-// Bytes per call (count c): swiglu fwd 6c, bwd 12c; casts 6c; embedding fwd 6nH (+4n), bwd 8nH read-modify-write through L2
-// atomics.
+// Bytes per call (count c): swiglu fwd 6c, bwd 12c; casts 6c; embedding fwd 6nH (+4n),
+// bwd 8nH read-modify-write through L2 atomics (two 16-byte atomics per thread on sm_90,
+// eight scalar ones before).
 #include "common.cuh"
 
 SDPO_DEVICE float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -93,8 +94,8 @@ extern "C" __global__ void __launch_bounds__(256) embedding_backward(
     float v[8];
     load8(dout + (size_t)t * hidden + c, v);
     float* dst = dtable + (size_t)tokens[t] * hidden + c;
-#pragma unroll
-    for (int k = 0; k < 8; k++) atomicAdd(dst + k, v[k]);
+    atomic_add4(dst, v[0], v[1], v[2], v[3]);
+    atomic_add4(dst + 4, v[4], v[5], v[6], v[7]);
 }
 
 extern "C" __global__ void __launch_bounds__(256) cast_forward_f32_bf16(

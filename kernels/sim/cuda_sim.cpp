@@ -358,6 +358,11 @@ void sdpo_sim_ldmatrix(unsigned* r, int num, int trans, const void* row) {
     sdpo_sim::warp_barrier(op);
 }
 
+void sdpo_sim_atomic_add_f32(float* p, const float* v, int n) {
+    if ((uintptr_t)p % (4 * n) != 0) sdpo_sim::fail(n == 2 ? "float2 atomicAdd not 8-byte aligned" : "float4 atomicAdd not 16-byte aligned");
+    for (int i = 0; i < n; i++) p[i] += v[i];
+}
+
 void sdpo_sim_cp_async16(void* smem_dst, const void* gmem_src, int valid) {
     if ((uintptr_t)smem_dst % 16 != 0 || (valid && (uintptr_t)gmem_src % 16 != 0))
         sdpo_sim::fail("cp.async of 16 bytes with an address not 16-byte aligned");

@@ -112,6 +112,19 @@ inline double atomicAdd(double* p, double v) {
     *p = old + v;
     return old;
 }
+// sm_90's vector forms (global memory, address aligned to the vector's size; the
+// simulator fails the launch otherwise): v[i] added to p[i] for i < n.
+void sdpo_sim_atomic_add_f32(float* p, const float* v, int n);
+inline float2 atomicAdd(float2* p, float2 v) {
+    const float2 old = *p;
+    sdpo_sim_atomic_add_f32(&p->x, &v.x, 2);
+    return old;
+}
+inline float4 atomicAdd(float4* p, float4 v) {
+    const float4 old = *p;
+    sdpo_sim_atomic_add_f32(&p->x, &v.x, 4);
+    return old;
+}
 
 // --- rendezvous (cuda_sim.cpp)
 

@@ -682,8 +682,8 @@ impl Kernels {
         for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("dO", &dout)] {
             need_vec(&format!("attention_backward: {name}"), p)?;
         }
-        need(dk.ptr.is_multiple_of(8) && dv.ptr.is_multiple_of(8), || {
-            "attention_backward: dk/dv must be 8-byte aligned".into()
+        need(dq.ptr.is_multiple_of(8) && dk.ptr.is_multiple_of(8) && dv.ptr.is_multiple_of(8), || {
+            "attention_backward: dq/dk/dv must be 8-byte aligned".into()
         })?;
         self.zero(dq.slice(0, n * dq_stride)?)?;
         let name = format!("attention_backward_hd{}", d.head_dim);
@@ -1027,6 +1027,7 @@ impl Kernels {
             "embedding_backward: table length is not a multiple of hidden".into()
         })?;
         need_vec("embedding_backward: dout", &dout)?;
+        need_vec("embedding_backward: dtable", &dtable)?;
         let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
         launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
         Ok(())
