@@ -23,7 +23,8 @@
 //!   peak where this file knows it.
 //! - peak memory: on the CPU the process's peak resident set (`VmHWM`), read before the
 //!   second ceiling measurement (the first runs before the model exists, in 48 MB); on
-//!   CUDA the engine's report (`Engine::peak_memory_bytes`).
+//!   CUDA the engine's report (`Engine::peak_memory_bytes`): device memory in use beyond
+//!   the CUDA context's, as `torch.cuda.max_memory_allocated` leaves the context out.
 //!
 //! On the CPU, shapes of a billion parameters and more are refused without `force`: their
 //! fp32 weights, gradients and AdamW moments alone need 16 bytes per parameter (20 GB for
@@ -438,7 +439,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let (peak_mem_bytes, peak_mem) = if on_cpu {
         (peak_rss_bytes(), "VmHWM: peak resident set of the process".to_string())
     } else {
-        (eng.peak_memory_bytes(), "the engine's peak device allocation".to_string())
+        (eng.peak_memory_bytes(), "device memory used beyond the CUDA context (cuMemGetInfo), peak".to_string())
     };
     let (ceiling_flops, ceiling) = if on_cpu {
         let n = opts.ceiling_gemm;

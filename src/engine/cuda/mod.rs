@@ -164,6 +164,9 @@ pub struct Gpu {
     pub k: Kernels,
     pub gemm: gemm::Gemm,
     pub name: String,
+    /// Device memory in use right after the context was created (the context itself and
+    /// any other process's), which `mem_used` leaves out.
+    mem_base: u64,
 }
 
 fn driver_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
@@ -178,6 +181,7 @@ impl Gpu {
         }
         let cuda = |e: cudarc::driver::DriverError| Error::Cuda(e.to_string());
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoGpu(format!("device {ordinal}: {e}")))?;
+        let mem_base = ctx.mem_get_info().map(|(free, total)| (total - free) as u64).map_err(cuda)?;
         // One stream: cudarc's per-buffer events would only add work.
         // SAFETY: no other stream uses the buffers of this context.
         unsafe { ctx.disable_event_tracking() };
@@ -186,13 +190,14 @@ impl Gpu {
         let k = Kernels::load(&ctx, stream.clone())?;
         let gemm = gemm::Gemm::new(stream.clone(), major)?;
         let name = ctx.name().map_err(cuda)?;
-        Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, name })
+        Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, name, mem_base })
     }
 
     /// The kernel simulator (see `sim.rs`): host memory, the kernels' own code, the GEMM
     /// computed on the host (`host.rs`).
     pub fn sim(sim: sim::KernelSim) -> Self {
-        Gpu { ctx: None, stream: None, k: Kernels::sim(sim), gemm: gemm::Gemm::host(), name: "kernel simulator".into() }
+        let (k, gemm) = (Kernels::sim(sim), gemm::Gemm::host());
+        Gpu { ctx: None, stream: None, k, gemm, name: "kernel simulator".into(), mem_base: 0 }
     }
 
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<DBuf<T>> {
@@ -275,9 +280,12 @@ impl Gpu {
     }
 
     /// (used, total) device memory in bytes; `None` on the simulator.
+    /// (bytes in use beyond those at context creation, the device's total): what this
+    /// process allocated since (buffers, cuBLASLt's workspace, the kernel modules), the
+    /// counterpart of `torch.cuda.max_memory_allocated`, which leaves the context out too.
     pub fn mem_used(&self) -> Option<(u64, u64)> {
         let (free, total) = self.ctx.as_ref()?.mem_get_info().ok()?;
-        Some(((total - free) as u64, total as u64))
+        Some((((total - free) as u64).saturating_sub(self.mem_base), total as u64))
     }
 }
 
