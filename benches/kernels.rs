@@ -442,15 +442,18 @@ mod cuda {
             let dy = rand32(g, n * h, 3, 1.0);
             let (y, rstd) = (g.alloc::<Bf16>(n * h).unwrap(), g.alloc::<f32>(n).unwrap());
             let (dx, dw) = (g.alloc::<f32>(n * h).unwrap(), g.alloc::<f32>(h).unwrap());
-            let (xp, wp, yp, rp) = (g.ptr(&x), g.ptr(&w), g.ptr(&y), g.ptr(&rstd));
-            // x read (f32), y written (bf16), w read, rstd written
-            gr.run("forward", Work::Bytes(F32 * u(n * h + n) + BF16 * u(n * h + h)), || {
-                g.k.rmsnorm_forward(yp, rp, xp, wp, n, h, 1e-5).unwrap()
+            let xhat = g.alloc::<Bf16>(n * h).unwrap();
+            let (xp, wp, yp, rp, xhp) = (g.ptr(&x), g.ptr(&w), g.ptr(&y), g.ptr(&rstd), g.ptr(&xhat));
+            // training: x read (f32), y and x̂ written (bf16), w read, rstd written
+            gr.run("forward", Work::Bytes(F32 * u(n * h + n) + BF16 * u(2 * n * h + h)), || {
+                g.k.rmsnorm_forward(yp, rp, xhp, xp, wp, n, h, 1e-5).unwrap()
             });
-            // dx += (read and written), dy and x read, rstd read, w read, dw += (f32)
+            // the backward's xn: x̂ read, y written (bf16), w read
+            gr.run("apply", Work::Bytes(BF16 * u(2 * n * h + h)), || g.k.rmsnorm_apply(yp, xhp, wp, n, h).unwrap());
+            // dx += (read and written) and dy read (f32), x̂ read (bf16), rstd read, w read, dw +=
             let (dxp, dwp, dyp) = (g.ptr(&dx), g.ptr(&dw), g.ptr(&dy));
-            gr.run("backward", Work::Bytes(F32 * u(4 * n * h + n + 2 * h) + BF16 * u(h)), || {
-                g.k.rmsnorm_backward(dxp, dwp, dyp, xp, wp, rp, n, h, true).unwrap()
+            gr.run("backward", Work::Bytes(F32 * u(3 * n * h + n + 2 * h) + BF16 * u(n * h + h)), || {
+                g.k.rmsnorm_backward(dxp, dwp, dyp, xhp, wp, rp, n, h, true).unwrap()
             });
         }
         {

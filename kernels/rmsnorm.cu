@@ -4,8 +4,12 @@
 //   rstd = 1 / sqrt(mean(x²) + eps)        x̂ = x · rstd        y = x̂ ∘ w
 //   backward: dx = rstd · (w∘dy − x̂ · mean(w∘dy∘x̂))           dw += Σ_rows dy ∘ x̂
 // Layouts: x [n, H] f32 (the residual stream is kept in f32), w [H] bf16, y [n, H] bf16
-// (it feeds a GEMM), rstd [n] f32 (kept for backward), dy [n, H] f32 (a GEMM's fp32
-// output), dx [n, H] f32 (= or += into the residual gradient), dw [H] f32 (+=).
+// (it feeds a GEMM), rstd [n] f32 and x̂ [n, H] bf16 (optional output: what the engine
+// keeps for backward instead of x, half the bytes), dy [n, H] f32 (a GEMM's fp32 output),
+// dx [n, H] f32 (= or += into the residual gradient), dw [H] f32 (+=).
+// The backward takes x̂ (bf16) and rstd; rmsnorm_apply gives y again from x̂ for the
+// backward's weight gradients: bf16(x̂_bf16 ∘ w), which can differ from the forward's
+// bf16(x̂ ∘ w) in the last bit (rounded twice).
 // Work split: forward, one warp per row, 8 rows per 256-thread block, 16-byte accesses
 // (H % 8 == 0). Backward, a block takes batches of 8 rows (grid-stride; the launcher
 // sizes the grid to 2 blocks per SM): one warp per row computes the row's mean(w∘dy∘x̂),
@@ -18,17 +22,18 @@
 // read-modify-write per 4 columns per 8 rows. Expected to be faster; unmeasured on a GPU.
 // The cost is registers (96: phase 2 loads 4 rows at a time, 8-12 float4 per thread in
 // flight), 2 blocks per SM, which is all the launcher's grid puts on an SM.
-// Bytes per call: forward reads 4nH + 2H, writes 2nH + 4n; backward reads 4nH·2 (dy, x;
-// the second read comes a batch later at most, about as soon as before, and hits L2) +
+// Bytes per call: forward reads 4nH + 2H, writes 2nH + 4n (+ 2nH with x̂); backward reads
+// 4nH·2 + 2nH·2 (dy f32, x̂ bf16; the second reads come a batch later at most and hit L2) +
 // 2H per row in phase 1 and per batch in phase 2 (L1/L2), writes 4nH (and reads 4nH more
 // when accumulating). x, dy, dx move in 16-byte coalesced accesses, w in 16 bytes in
 // phase 1 and 8 bytes in phase 2 (4 columns per thread, so that a warp's x/dy/dx
-// accesses are 512 contiguous bytes). FLOPs: ~4nH / ~10nH.
+// accesses are 512 contiguous bytes). rmsnorm_apply: reads 2nH + 2H, writes 2nH. FLOPs:
+// ~4nH / ~10nH.
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 1) rmsnorm_forward(
-    __nv_bfloat16* __restrict__ y, float* __restrict__ rstd, const float* __restrict__ x,
-    const __nv_bfloat16* __restrict__ w, int n, int hidden, float eps) {
+    __nv_bfloat16* __restrict__ y, float* __restrict__ rstd, __nv_bfloat16* __restrict__ xhat,
+    const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, int n, int hidden, float eps) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n) return;
@@ -47,10 +52,27 @@ extern "C" __global__ void __launch_bounds__(256, 1) rmsnorm_forward(
         load8(xr + c, v);
         load8(w + c, wv);
 #pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = v[i] * r * wv[i];
+        for (int i = 0; i < 8; i++) v[i] *= r;
+        if (xhat != nullptr) store8(xhat + (size_t)row * hidden + c, v);
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] *= wv[i];
         store8(yr + c, v);
     }
     if (lane == 0) rstd[row] = r;
+}
+
+// y = x̂ ∘ w from the forward's bf16 x̂: one thread per 8 consecutive elements.
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_apply(
+    __nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ xhat, const __nv_bfloat16* __restrict__ w,
+    int n, int hidden) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= (long long)n * hidden) return;
+    float v[8], wv[8];
+    load8(xhat + i, v);
+    load8(w + (int)(i % hidden), wv);
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] *= wv[k];
+    store8(y + i, v);
 }
 
 // Backward, batch by batch (RMS_BATCH rows; batch b of the grid-stride loop):
@@ -62,9 +84,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) rmsnorm_forward(
 //   phase 2: thread t owns columns 4t, 4t+4·blockDim, … (one float4 each) and runs down
 //            the batch's rows: dx for those columns, and dy∘x̂ summed in registers, added
 //            once per batch into dw_acc[c..c+4], shared memory that only thread t touches.
-// A batch's rows past n (only in the last batch) reread row n−1 (L1 hits) with rstd = 0
-// in shared memory, so they add exactly 0 to dw and store nothing; no branch stands
-// before the loads, which the compiler issues for a group of RMS_GROUP rows at once.
+// A batch's rows past n (only in the last batch) reread row n−1 (L1 hits) and add
+// nothing to dw and store nothing (a branch after the loads, uniform across the block);
+// no branch stands before the loads, which the compiler issues for a group of RMS_GROUP
+// rows at once.
 // `accumulate` != 0: dx += result (the residual stream's gradient); else dx = result.
 // Dynamic shared memory: hidden floats.
 #define RMS_BATCH 8
@@ -79,7 +102,7 @@ SDPO_DEVICE float4 load4(const __nv_bfloat16* p) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
-    float* __restrict__ dx, float* __restrict__ dw, const float* __restrict__ dy, const float* __restrict__ x,
+    float* __restrict__ dx, float* __restrict__ dw, const float* __restrict__ dy, const __nv_bfloat16* __restrict__ xhat,
     const __nv_bfloat16* __restrict__ w, const float* __restrict__ rstd, int n, int hidden, int accumulate) {
     SDPO_DYNAMIC_SMEM(smem);
     float* dw_acc = reinterpret_cast<float*>(smem);
@@ -93,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
             const int row = base + r;
             float rs = 0.f, mean = 0.f;
             if (row < n) {
-                const float* xr = x + (size_t)row * hidden;
+                const __nv_bfloat16* xr = xhat + (size_t)row * hidden;
                 const float* dyr = dy + (size_t)row * hidden;
                 rs = rstd[row];
                 float dot = 0.f;  // Σ w∘dy∘x̂
@@ -103,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
                     load8(dyr + c, dv);
                     load8(w + c, wv);
 #pragma unroll
-                    for (int i = 0; i < 8; i++) dot += wv[i] * dv[i] * (xv[i] * rs);
+                    for (int i = 0; i < 8; i++) dot += wv[i] * dv[i] * xv[i];
                 }
                 mean = warp_sum(dot) * __frcp_rn((float)hidden);
             }
@@ -123,30 +146,31 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
 #pragma unroll
                 for (int r = 0; r < RMS_GROUP; r++) {
                     const size_t off = (size_t)min(base + r0 + r, n - 1) * hidden + c;
-                    xv[r] = *reinterpret_cast<const float4*>(x + off);
+                    xv[r] = load4(xhat + off);
                     dv[r] = *reinterpret_cast<const float4*>(dy + off);
                     if (accumulate) o[r] = *reinterpret_cast<const float4*>(dx + off);
                 }
 #pragma unroll
                 for (int r = 0; r < RMS_GROUP; r++) {
                     const float rs = s_rstd[buf][r0 + r], mean = s_mean[buf][r0 + r];
+                    const int row = base + r0 + r;
+                    if (row >= n) continue;
                     float4 g;
-                    g.x = rs * (wv.x * dv[r].x - xv[r].x * rs * mean);
-                    g.y = rs * (wv.y * dv[r].y - xv[r].y * rs * mean);
-                    g.z = rs * (wv.z * dv[r].z - xv[r].z * rs * mean);
-                    g.w = rs * (wv.w * dv[r].w - xv[r].w * rs * mean);
-                    acc.x += dv[r].x * (xv[r].x * rs);
-                    acc.y += dv[r].y * (xv[r].y * rs);
-                    acc.z += dv[r].z * (xv[r].z * rs);
-                    acc.w += dv[r].w * (xv[r].w * rs);
+                    g.x = rs * (wv.x * dv[r].x - xv[r].x * mean);
+                    g.y = rs * (wv.y * dv[r].y - xv[r].y * mean);
+                    g.z = rs * (wv.z * dv[r].z - xv[r].z * mean);
+                    g.w = rs * (wv.w * dv[r].w - xv[r].w * mean);
+                    acc.x += dv[r].x * xv[r].x;
+                    acc.y += dv[r].y * xv[r].y;
+                    acc.z += dv[r].z * xv[r].z;
+                    acc.w += dv[r].w * xv[r].w;
                     if (accumulate) {
                         g.x += o[r].x;
                         g.y += o[r].y;
                         g.z += o[r].z;
                         g.w += o[r].w;
                     }
-                    const int row = base + r0 + r;
-                    if (row < n) *reinterpret_cast<float4*>(dx + (size_t)row * hidden + c) = g;
+                    *reinterpret_cast<float4*>(dx + (size_t)row * hidden + c) = g;
                 }
             }
             *reinterpret_cast<float4*>(dw_acc + c) = acc;

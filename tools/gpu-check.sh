@@ -169,7 +169,7 @@ fi
 
 # Last, with what the budget leaves: both tools at 16 pairs (20480 tokens) per step, eager
 # only, where BENCHMARKS.md's memory plan expects the 0.6x peak-memory aim to be met
-# (at gpu-check's 8 pairs the shared fixed state keeps the ratio near 0.61-0.69).
+# (at gpu-check's 8 pairs the shared fixed state keeps the ratio near 0.59-0.67).
 TRAIN16=(--device cuda --shape llama-1b --prompt-len 256 --answer-len 512 --micro-batch-tokens 20480 --steps 3 --warmup 1)
 if [ -x "$BIN/sdpo-run" ] && [ -f tools/compare_torch.py ]; then
   step train-bench16 120 'tokens|MFU|mfu' "$BIN/sdpo-run" bench "${TRAIN16[@]}"

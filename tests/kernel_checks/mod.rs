@@ -200,26 +200,47 @@ pub fn rmsnorm(g: &Gpu) {
         ops::rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, hidden);
 
         let (x_d, w_d, dy_d) = (g.upload(&x).unwrap(), g.upload(&to_bf16(&w)).unwrap(), g.upload(&dy).unwrap());
-        let y_d = g.alloc::<Bf16>(n * hidden).unwrap();
+        let (y_d, xhat_d, y2_d) = (
+            g.alloc::<Bf16>(n * hidden).unwrap(),
+            g.alloc::<Bf16>(n * hidden).unwrap(),
+            g.alloc::<Bf16>(n * hidden).unwrap(),
+        );
         let rstd_d = g.alloc::<f32>(n).unwrap();
         let dx_d = g.alloc::<f32>(n * hidden).unwrap();
         let dw_d = g.alloc::<f32>(hidden).unwrap();
-        poison_bf16(g, g.ptr(&y_d));
-        poison_f32(g, g.ptr(&rstd_d));
-        g.k.rmsnorm_forward(g.ptr(&y_d), g.ptr(&rstd_d), g.ptr(&x_d), g.ptr(&w_d), n, hidden, eps).unwrap();
-        check(&format!("rmsnorm n={n} h={hidden} y"), &down_bf16(g, g.ptr(&y_d)), &y);
-        check(&format!("rmsnorm n={n} h={hidden} rstd"), &g.download(g.ptr(&rstd_d)).unwrap(), &rstd);
-        // The engine's backward runs the forward again for xn instead of keeping it: the
-        // same bits, y and rstd alike (no atomics, no launch-dependent order).
-        let (y1, r1) = (g.download(g.ptr(&y_d)).unwrap(), g.download(g.ptr(&rstd_d)).unwrap());
-        poison_bf16(g, g.ptr(&y_d));
-        g.k.rmsnorm_forward(g.ptr(&y_d), g.ptr(&rstd_d), g.ptr(&x_d), g.ptr(&w_d), n, hidden, eps).unwrap();
-        assert_eq!(g.download(g.ptr(&y_d)).unwrap(), y1, "rmsnorm n={n} h={hidden}: y differs when run again");
-        assert_eq!(g.download(g.ptr(&rstd_d)).unwrap(), r1, "rmsnorm n={n} h={hidden}: rstd differs when run again");
+        let tag = format!("rmsnorm n={n} h={hidden}");
+        // Without x̂ (the reference and eval passes), then with it (training).
+        for with_xhat in [false, true] {
+            for p in [g.ptr(&y_d), g.ptr(&xhat_d)] {
+                poison_bf16(g, p);
+            }
+            poison_f32(g, g.ptr(&rstd_d));
+            let xh = if with_xhat { g.ptr(&xhat_d) } else { null() };
+            g.k.rmsnorm_forward(g.ptr(&y_d), g.ptr(&rstd_d), xh, g.ptr(&x_d), g.ptr(&w_d), n, hidden, eps).unwrap();
+            check(&format!("{tag} y"), &down_bf16(g, g.ptr(&y_d)), &y);
+            check(&format!("{tag} rstd"), &g.download(g.ptr(&rstd_d)).unwrap(), &rstd);
+            if !with_xhat {
+                assert!(down_bf16(g, g.ptr(&xhat_d)).iter().all(|v| v.is_nan()), "{tag}: x̂ written through null");
+            }
+        }
+        let xhat: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * rstd[i / hidden]).collect();
+        check(&format!("{tag} xhat"), &down_bf16(g, g.ptr(&xhat_d)), &xhat);
+        // y again from x̂ (the backward's xn): bf16(bf16(x̂)·w), within one bf16 rounding of
+        // the forward's y, computed here from the kernel's own x̂ bits.
+        poison_bf16(g, g.ptr(&y2_d));
+        g.k.rmsnorm_apply(g.ptr(&y2_d), g.ptr(&xhat_d), g.ptr(&w_d), n, hidden).unwrap();
+        let want: Vec<f32> = down_bf16(g, g.ptr(&xhat_d))
+            .iter()
+            .enumerate()
+            .map(|(i, v)| half::bf16::from_f32(v * w[i % hidden]).to_f32())
+            .collect();
+        assert_eq!(down_bf16(g, g.ptr(&y2_d)), want, "{tag}: rmsnorm_apply");
+        check(&format!("{tag} y from x̂"), &down_bf16(g, g.ptr(&y2_d)), &y);
 
         poison_f32(g, g.ptr(&dx_d));
         g.k.zero(g.ptr(&dw_d)).unwrap();
-        let args = (g.ptr(&dx_d), g.ptr(&dw_d), g.ptr(&dy_d), g.ptr(&x_d), g.ptr(&w_d), g.ptr(&rstd_d));
+        // The backward from the forward's bf16 x̂, against the CPU op's from f32 x.
+        let args = (g.ptr(&dx_d), g.ptr(&dw_d), g.ptr(&dy_d), g.ptr(&xhat_d), g.ptr(&w_d), g.ptr(&rstd_d));
         g.k.rmsnorm_backward(args.0, args.1, args.2, args.3, args.4, args.5, n, hidden, false).unwrap();
         check(&format!("rmsnorm n={n} h={hidden} dx"), &g.download(g.ptr(&dx_d)).unwrap(), &dx);
         check(&format!("rmsnorm n={n} h={hidden} dw"), &g.download(g.ptr(&dw_d)).unwrap(), &dw);

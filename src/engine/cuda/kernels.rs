@@ -37,6 +37,7 @@ pub const KERNEL_NAMES: &[(&str, &str)] = &[
     ("attention.cu", "attention_backward_hd128"),
     ("attention.cu", "attention_backward_delta"),
     ("rmsnorm.cu", "rmsnorm_forward"),
+    ("rmsnorm.cu", "rmsnorm_apply"),
     ("rmsnorm.cu", "rmsnorm_backward"),
     ("rope.cu", "rope_forward"),
     ("rope.cu", "rope_backward"),
@@ -698,11 +699,14 @@ impl Kernels {
 
     // --- rmsnorm.cu
 
-    /// `y = x·rstd·w` (bf16), `rstd` kept; x f32 `[n, hidden]`.
+    /// `y = x·rstd·w` (bf16), `rstd` kept and, unless `xhat` is `null()`, `xhat = x·rstd`
+    /// (bf16, for the backward); x f32 `[n, hidden]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_forward(
         &self,
         y: DPtr<Bf16>,
         rstd: DPtr<f32>,
+        xhat: DPtr<Bf16>,
         x: DPtr<f32>,
         w: DPtr<Bf16>,
         n: usize,
@@ -717,19 +721,39 @@ impl Kernels {
         for (name, ok) in [("y", y.aligned16()), ("x", x.aligned16()), ("w", w.aligned16())] {
             need(ok, || format!("rmsnorm: {name} is not 16-byte aligned"))?;
         }
+        if xhat.ptr != 0 {
+            need_len("rmsnorm: xhat", &xhat, n * hidden)?;
+            need_vec("rmsnorm: xhat", &xhat)?;
+        }
         let cfg = Self::cfg((blocks(n, 8), 1), 256, 0);
-        launch!(self, "rmsnorm_forward", cfg; y.ptr, rstd.ptr, x.ptr, w.ptr, to_i32("n", n)?, hidden as i32, eps);
+        launch!(self, "rmsnorm_forward", cfg; y.ptr, rstd.ptr, xhat.ptr, x.ptr, w.ptr, to_i32("n", n)?,
+            hidden as i32, eps);
         Ok(())
     }
 
-    /// `dx (=|+=) rstd·(w∘dy − x̂·mean(w∘dy∘x̂))`, `dw += Σ dy∘x̂`; dy f32.
+    /// `y = xhat·w` (bf16) from the forward's `xhat`: its `y` again, up to the last bit.
+    pub fn rmsnorm_apply(&self, y: DPtr<Bf16>, xhat: DPtr<Bf16>, w: DPtr<Bf16>, n: usize, hidden: usize) -> Result<()> {
+        need(hidden.is_multiple_of(8), || format!("rmsnorm_apply: hidden {hidden} must be a multiple of 8"))?;
+        for (name, p) in [("y", &y), ("xhat", &xhat)] {
+            need_len(&format!("rmsnorm_apply: {name}"), p, n * hidden)?;
+            need_vec(&format!("rmsnorm_apply: {name}"), p)?;
+        }
+        need_len("rmsnorm_apply: w", &w, hidden)?;
+        need_vec("rmsnorm_apply: w", &w)?;
+        launch!(self, "rmsnorm_apply", Self::flat_cfg(n * hidden); y.ptr, xhat.ptr, w.ptr, to_i32("n", n)?,
+            hidden as i32);
+        Ok(())
+    }
+
+    /// `dx (=|+=) rstd·(w∘dy − x̂·mean(w∘dy∘x̂))`, `dw += Σ dy∘x̂`; dy f32, x̂ the forward's
+    /// bf16 `xhat`.
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_backward(
         &self,
         dx: DPtr<f32>,
         dw: DPtr<f32>,
         dy: DPtr<f32>,
-        x: DPtr<f32>,
+        xhat: DPtr<Bf16>,
         w: DPtr<Bf16>,
         rstd: DPtr<f32>,
         n: usize,
@@ -739,10 +763,12 @@ impl Kernels {
         need(hidden.is_multiple_of(8) && hidden <= RMSNORM_MAX_HIDDEN, || {
             format!("rmsnorm_backward: hidden {hidden} must be a multiple of 8 and ≤ {RMSNORM_MAX_HIDDEN} (its shared memory)")
         })?;
-        for (name, p) in [("dx", &dx), ("dy", &dy), ("x", &x)] {
+        for (name, p) in [("dx", &dx), ("dy", &dy)] {
             need_len(&format!("rmsnorm_backward: {name}"), p, n * hidden)?;
             need_vec(&format!("rmsnorm_backward: {name}"), p)?;
         }
+        need_len("rmsnorm_backward: xhat", &xhat, n * hidden)?;
+        need_vec("rmsnorm_backward: xhat", &xhat)?;
         need_len("rmsnorm_backward: dw", &dw, hidden)?;
         need_len("rmsnorm_backward: w", &w, hidden)?;
         need_vec("rmsnorm_backward: w", &w)?;
@@ -750,7 +776,7 @@ impl Kernels {
         // A few blocks per SM: each adds its partial dw once.
         let grid = blocks(n, 8).min(self.sm_count * 2);
         let cfg = Self::cfg((grid, 1), 256, rmsnorm_backward_smem(hidden));
-        launch!(self, "rmsnorm_backward", cfg; dx.ptr, dw.ptr, dy.ptr, x.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
+        launch!(self, "rmsnorm_backward", cfg; dx.ptr, dw.ptr, dy.ptr, xhat.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
             hidden as i32, accumulate as i32);
         Ok(())
     }

@@ -21,11 +21,12 @@
 //!   act (bf16) = silu(gate)·up     x_out = x_mid + act·Wdᵀ
 //! Backward walks it in reverse with the residual gradient in f32 and a bf16 copy of it
 //! as GEMM input; strided f32→bf16 copies reuse rope_backward with a zero frequency table
-//! (a rotation by 0). Every layer's activations are kept but act, which swiglu_backward
-//! writes again before the down projection's weight gradient needs it, and xn1, xn2,
-//! which rmsnorm_forward writes again before the weight gradients of the GEMMs after the
-//! norm (24 of ~82 KB per token and layer at Llama 3.2 1B, for 2 more bytes written per
-//! element of act and one more RMSNorm forward per norm).
+//! (a rotation by 0). Saved per layer: rstd and x̂ = x·rstd (bf16) of each norm, qkv,
+//! att, lse, gate and up; not the f32 residual stream (x, x_mid: the norms' backward
+//! takes x̂), not act (swiglu_backward writes it again before the down projection's weight
+//! gradient needs it) and not xn1, xn2 (rmsnorm_apply writes them again from x̂ before the
+//! weight gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the
+//! 84,104 bytes per token and layer a copy of everything would take.
 
 use std::time::Instant;
 
@@ -73,7 +74,9 @@ struct LayerActs {
     qkv: DPtr<Bf16>,
     att: DPtr<Bf16>,
     lse: DPtr<f32>,
-    x_mid: DPtr<f32>,
+    /// The two norms' inputs normalized, x·rstd (bf16), for their backward.
+    xhat1: DPtr<Bf16>,
+    xhat2: DPtr<Bf16>,
     rstd2: DPtr<f32>,
     gate: DPtr<Bf16>,
     up: DPtr<Bf16>,
@@ -82,16 +85,18 @@ struct LayerActs {
 /// Activations and backward scratch for up to `cap` tokens, `head_rows` LM-head rows.
 struct Acts {
     cap: usize,
-    /// Layer inputs; `xs[n_layers]` is the last layer's output.
-    xs: Vec<DPtr<f32>>,
+    /// The residual stream (f32): a layer reads x, writes x_mid = x + att·Woᵀ, then
+    /// x = x_mid + act·Wdᵀ over its input. The backward needs neither: the norms keep x̂
+    /// (bf16) and rstd instead.
+    x: DPtr<f32>,
+    x_mid: DPtr<f32>,
+    /// The final norm's x̂.
+    xhat_f: DPtr<Bf16>,
     layers: Vec<LayerActs>,
     /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
-    /// the norm, the backward writes it again (the same kernel on the same x and weight:
-    /// the same bits) for their weight gradients, instead of keeping two per layer.
+    /// the norm, the backward writes it again from x̂ (rmsnorm_apply) for their weight
+    /// gradients, instead of keeping two per layer.
     xn: DPtr<Bf16>,
-    /// The recomputing rmsnorm_forward's rstd output (the saved rstd1/rstd2 stay as the
-    /// forward wrote them).
-    rstd: DPtr<f32>,
     /// silu(gate)·up of the layer at hand: the forward writes it, the backward writes it
     /// again (swiglu_backward) instead of keeping one per layer.
     act: DPtr<Bf16>,
@@ -361,7 +366,6 @@ impl CudaEngine {
         let qkvd = qd + 2 * kvd;
         let g = &self.gpu;
         let mut p = Pool::default();
-        let xs = (0..=cfg.n_layers).map(|_| p.f32(g, cap * h)).collect::<Result<Vec<_>>>()?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for _ in 0..cfg.n_layers {
             layers.push(LayerActs {
@@ -369,7 +373,8 @@ impl CudaEngine {
                 qkv: p.bf16(g, cap * qkvd)?,
                 att: p.bf16(g, cap * qd)?,
                 lse: p.f32(g, cap * nh)?,
-                x_mid: p.f32(g, cap * h)?,
+                xhat1: p.bf16(g, cap * h)?,
+                xhat2: p.bf16(g, cap * h)?,
                 rstd2: p.f32(g, cap)?,
                 gate: p.bf16(g, cap * i)?,
                 up: p.bf16(g, cap * i)?,
@@ -377,10 +382,11 @@ impl CudaEngine {
         }
         self.acts = Some(Acts {
             cap,
-            xs,
+            x: p.f32(g, cap * h)?,
+            x_mid: p.f32(g, cap * h)?,
+            xhat_f: p.bf16(g, cap * h)?,
             layers,
             xn: p.bf16(g, cap * h)?,
-            rstd: p.f32(g, cap)?,
             act: p.bf16(g, cap * i)?,
             rstd_f: p.f32(g, cap)?,
             xf: p.bf16(g, cap * h)?,
@@ -509,7 +515,8 @@ impl CudaEngine {
         let qkvd = qd + 2 * kvd;
         let eps = cfg.rms_norm_eps;
         let a = self.acts.as_ref().expect("allocated above");
-        let (xs, layers, xn, act, rstd_f, xf) = (a.xs.clone(), a.layers.clone(), a.xn, a.act, a.rstd_f, a.xf);
+        let (x, x_mid, xhat_f) = (a.x.slice(0, n * h)?, a.x_mid.slice(0, n * h)?, a.xhat_f);
+        let (layers, xn, act, rstd_f, xf) = (a.layers.clone(), a.xn, a.act, a.rstd_f, a.xf);
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
         let pos = g.ptr(&b.positions);
@@ -519,12 +526,11 @@ impl CudaEngine {
 
         // Sections for the profiler; the residual adds are the GEMMs' (C = x, D = the new x).
         self.prof.section(g, Category::NormElementwise)?;
-        g.k.embedding_forward(xs[0].slice(0, n * h)?, self.w16(0)?, tokens, h)?;
+        g.k.embedding_forward(x, self.w16(0)?, tokens, h)?;
         for (l, la) in layers.iter().enumerate() {
-            let x = xs[l];
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd1, x.slice(0, n * h)?, self.w16(Self::li(l, 0))?, n, h, eps)?;
+            k.rmsnorm_forward(xn, la.rstd1, la.xhat1, x, self.w16(Self::li(l, 0))?, n, h, eps)?;
             let wqkv = self.qkv16(l)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.qkv, xn, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
@@ -538,10 +544,10 @@ impl CudaEngine {
             k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
             let wo = self.w16(Self::li(l, 4))?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32_add(la.x_mid, x, la.att, wo, &GemmShape::new(n, h, qd, false, true))?;
+            self.gpu.gemm.gemm_f32_add(x_mid, x, la.att, wo, &GemmShape::new(n, h, qd, false, true))?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd2, la.x_mid.slice(0, n * h)?, self.w16(Self::li(l, 5))?, n, h, eps)?;
+            k.rmsnorm_forward(xn, la.rstd2, la.xhat2, x_mid, self.w16(Self::li(l, 5))?, n, h, eps)?;
             let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
             let up_shape = GemmShape::new(n, i, h, false, true);
             self.prof.section(&self.gpu, Category::Gemm)?;
@@ -550,11 +556,10 @@ impl CudaEngine {
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_forward(act, la.gate, la.up, n * i)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32_add(xs[l + 1], la.x_mid, act, wd, &GemmShape::new(n, h, i, false, true))?;
+            self.gpu.gemm.gemm_f32_add(x, x_mid, act, wd, &GemmShape::new(n, h, i, false, true))?;
         }
-        let last = xs[cfg.n_layers].slice(0, n * h)?;
         self.prof.section(&self.gpu, Category::NormElementwise)?;
-        self.gpu.k.rmsnorm_forward(xf, rstd_f, last, self.w16(self.final_norm())?, n, h, eps)?;
+        self.gpu.k.rmsnorm_forward(xf, rstd_f, xhat_f, x, self.w16(self.final_norm())?, n, h, eps)?;
         self.prof.section(&self.gpu, Category::LmHead)?;
         self.head_forward(b, train)?;
         // The host reads the log-probs next.
@@ -612,14 +617,14 @@ impl CudaEngine {
     fn backward(&mut self, b: &BatchDev, n: usize, dlogp_rows: &[f32]) -> Result<()> {
         let cfg = self.cfg.clone();
         let (h, i, qd, kvd, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
-        let (qkvd, eps) = (qd + 2 * kvd, cfg.rms_norm_eps);
+        let qkvd = qd + 2 * kvd;
         let dl_dev = self.gpu.upload(dlogp_rows)?;
         let a = self.acts.as_ref().expect("forward ran");
-        let (xs, layers) = (a.xs.clone(), a.layers.clone());
+        let (layers, xhat_f) = (a.layers.clone(), a.xhat_f.slice(0, n * h)?);
         let (dx, dx16, dxn, dxf) =
             (a.dx.slice(0, n * h)?, a.dx16.slice(0, n * h)?, a.dxn.slice(0, n * h)?, a.dxf.slice(0, n * h)?);
         let (dact, dgate, dup) = (a.dact.slice(0, n * i)?, a.dgate.slice(0, n * i)?, a.dup.slice(0, n * i)?);
-        let (xn, rstd, act) = (a.xn.slice(0, n * h)?, a.rstd, a.act.slice(0, n * i)?);
+        let (xn, act) = (a.xn.slice(0, n * h)?, a.act.slice(0, n * i)?);
         let (datt, delta, dqkv32, dqkv16) = (a.datt, a.delta, a.dqkv32, a.dqkv16);
         let rstd_f = a.rstd_f;
 
@@ -642,11 +647,10 @@ impl CudaEngine {
         g.k.zero(dxf)?;
         g.k.embedding_backward(dxf, dxr, g.ptr(&b.rows), h)?; // scatter back to the rows
         let fnorm = self.final_norm();
-        let last = xs[cfg.n_layers].slice(0, n * h)?;
         self.prof.section(&self.gpu, Category::NormElementwise)?;
         let g = &self.gpu;
         let (gnorm, wnorm) = (self.tensor_f32(&self.grad, fnorm)?, self.w16(fnorm)?);
-        g.k.rmsnorm_backward(dx, gnorm, dxf, last, wnorm, rstd_f, n, h, false)?;
+        g.k.rmsnorm_backward(dx, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
 
         let pos = g.ptr(&b.positions);
         let (freq, zero) = (g.ptr(&self.inv_freq), g.ptr(&self.zero_freq));
@@ -673,15 +677,15 @@ impl CudaEngine {
             gm.gemm_f32(dxn, dgate, wg, &GemmShape::new(n, h, i, false, false), 1.0, 0.0)?;
             gm.gemm_f32(dxn, dup, wu, &GemmShape::new(n, h, i, false, false), 1.0, 1.0)?;
             let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
-            let x_mid = la.x_mid.slice(0, n * h)?;
+            let xhat2 = la.xhat2.slice(0, n * h)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_forward(xn, rstd, x_mid, wpost, n, h, eps)?; // this layer's xn2 again
+            self.gpu.k.rmsnorm_apply(xn, xhat2, wpost, n, h)?; // this layer's xn2 again
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(gg, dgate, xn, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
             gm.gemm_f32(gu, dup, xn, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, gpost, dxn, x_mid, wpost, la.rstd2, n, h, true)?;
+            self.gpu.k.rmsnorm_backward(dx, gpost, dxn, xhat2, wpost, la.rstd2, n, h, true)?;
 
             // attention: x_mid = x + att·Woᵀ
             self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
@@ -710,13 +714,13 @@ impl CudaEngine {
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
-            let (gin, win, x) = (gw(0)?, self.w16(Self::li(l, 0))?, xs[l].slice(0, n * h)?);
+            let (gin, win, xhat1) = (gw(0)?, self.w16(Self::li(l, 0))?, la.xhat1.slice(0, n * h)?);
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_forward(xn, rstd, x, win, n, h, eps)?; // this layer's xn1 again
+            self.gpu.k.rmsnorm_apply(xn, xhat1, win, n, h)?; // this layer's xn1 again
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(gqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, gin, dxn, x, win, la.rstd1, n, h, true)?;
+            self.gpu.k.rmsnorm_backward(dx, gin, dxn, xhat1, win, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
         g.k.embedding_backward(self.tensor_f32(&self.grad, 0)?, dx, g.ptr(&b.tokens), h)?;
