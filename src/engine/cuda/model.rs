@@ -515,7 +515,9 @@ impl CudaEngine {
         let qkvd = qd + 2 * kvd;
         let eps = cfg.rms_norm_eps;
         let a = self.acts.as_ref().expect("allocated above");
-        let (x, x_mid, xhat_f) = (a.x.slice(0, n * h)?, a.x_mid.slice(0, n * h)?, a.xhat_f);
+        let (x, x_mid) = (a.x.slice(0, n * h)?, a.x_mid.slice(0, n * h)?);
+        // What only the backward reads (the norms' x̂) is written in training only.
+        let keep = |p: DPtr<Bf16>| if train { p } else { null() };
         let (layers, xn, act, rstd_f, xf) = (a.layers.clone(), a.xn, a.act, a.rstd_f, a.xf);
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
@@ -530,7 +532,7 @@ impl CudaEngine {
         for (l, la) in layers.iter().enumerate() {
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd1, la.xhat1, x, self.w16(Self::li(l, 0))?, n, h, eps)?;
+            k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, self.w16(Self::li(l, 0))?, n, h, eps)?;
             let wqkv = self.qkv16(l)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.qkv, xn, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
@@ -547,7 +549,7 @@ impl CudaEngine {
             self.gpu.gemm.gemm_f32_add(x_mid, x, la.att, wo, &GemmShape::new(n, h, qd, false, true))?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd2, la.xhat2, x_mid, self.w16(Self::li(l, 5))?, n, h, eps)?;
+            k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x_mid, self.w16(Self::li(l, 5))?, n, h, eps)?;
             let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
             let up_shape = GemmShape::new(n, i, h, false, true);
             self.prof.section(&self.gpu, Category::Gemm)?;
@@ -559,7 +561,7 @@ impl CudaEngine {
             self.gpu.gemm.gemm_f32_add(x, x_mid, act, wd, &GemmShape::new(n, h, i, false, true))?;
         }
         self.prof.section(&self.gpu, Category::NormElementwise)?;
-        self.gpu.k.rmsnorm_forward(xf, rstd_f, xhat_f, x, self.w16(self.final_norm())?, n, h, eps)?;
+        self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(a.xhat_f), x, self.w16(self.final_norm())?, n, h, eps)?;
         self.prof.section(&self.gpu, Category::LmHead)?;
         self.head_forward(b, train)?;
         // The host reads the log-probs next.
