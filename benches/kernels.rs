@@ -632,19 +632,14 @@ mod cuda {
             let np = 2 * h + h * qkvd + qd * h + 3 * h * im;
             let mut gr = place.group(c, sum, "optimizer", &format!(" ({np} params, one layer)"));
             // Zeros: AdamW and the norm do the same work whatever the values.
-            let (p, m, vm, grad) = (
-                g.alloc::<f32>(np).unwrap(),
-                g.alloc::<f32>(np).unwrap(),
-                g.alloc::<f32>(np).unwrap(),
-                g.alloc::<f32>(np).unwrap(),
-            );
-            let p16 = g.alloc::<Bf16>(np).unwrap();
-            let (pp, mp, vp, gp, p16p) = (g.ptr(&p), g.ptr(&m), g.ptr(&vm), g.ptr(&grad), g.ptr(&p16));
+            let (m, vm, grad) = (g.alloc::<f32>(np).unwrap(), g.alloc::<f32>(np).unwrap(), g.alloc::<f32>(np).unwrap());
+            let (hi, lo) = (g.alloc::<Bf16>(np).unwrap(), g.alloc::<u16>(np).unwrap());
+            let (hp, lp, mp, vp, gp) = (g.ptr(&hi), g.ptr(&lo), g.ptr(&m), g.ptr(&vm), g.ptr(&grad));
             let (out, partial) = (g.alloc::<f64>(1).unwrap(), g.alloc::<f64>(g.k.grad_norm_blocks()).unwrap());
             let (outp, partp) = (g.ptr(&out), g.ptr(&partial));
-            // p, m, v read and written, g read and zeroed (f32), the bf16 copy written
-            gr.run("adamw_update", Work::Bytes(F32 * u(8 * np) + BF16 * u(np)), || {
-                g.k.adamw_update(pp, mp, vp, p16p, gp, 1.0, 1e-5, 0.9, 0.999, 1e-8, 0.01, 1, true).unwrap()
+            // the master's two 16-bit halves, m, v read and written, g read and zeroed
+            gr.run("adamw_update", Work::Bytes(F32 * u(8 * np)), || {
+                g.k.adamw_update(hp, lp, mp, vp, gp, 1.0, 1e-5, 0.9, 0.999, 1e-8, 0.01, 1).unwrap()
             });
             gr.run("grad_norm", Work::Bytes(F32 * u(np)), || g.k.grad_norm(outp, partp, gp, false).unwrap());
         }

@@ -1,4 +1,5 @@
-// Fused AdamW over fp32 master weights, and the global gradient norm.
+// Fused AdamW over fp32 master weights held as two 16-bit halves, and the global
+// gradient norm.
 //
 // Math (torch.optim.AdamW, single-tensor path, step counted from 1; the host folds the
 // scalars into f32 exactly as torch does where Python floats meet f32 tensors):
@@ -7,22 +8,41 @@
 //   m ← m + (1 − β1)(g − m)     v ← β2·v + (1 − β2)·g²
 //   p ← p − step_size · m / (sqrt(v)/bc2_sqrt + eps)
 //   with step_size = lr / (1 − β1^step), bc2_sqrt = sqrt(1 − β2^step)
-// then the bf16 working copy of p is written (when given) and g is zeroed (when asked),
-// so one pass over memory replaces four.
+// then g is zeroed, so one pass over memory replaces three.
+// Master weights: an fp32 p is stored as hi = its bits + 0x8000, top half (p rounded to
+// bf16, ties away from zero: the bf16 working copy the GEMMs read) and lo = the bits minus
+// hi << 16 (a signed 16-bit remainder, in [−0x8000, 0x7fff]). hi << 16 + lo gives the bits
+// back exactly (32-bit wrapping arithmetic), so p is fp32 to the last bit while the
+// working copy costs nothing extra: 4 bytes per parameter where an fp32 master and a bf16
+// copy took 6. The working copy differs from round-to-nearest-even only on exact ties
+// (low half 0x8000: one value in 65,536), by one bf16 ulp. src/engine/cuda/mod.rs
+// (split_master, join_master) is the host's side of the same format.
 // grad_norm: Σ g² in f64, per block (grad_norm_forward) then over blocks
 // (grad_norm_forward_reduce); the host takes the square root.
-// Layouts: flat f32 arrays of `count` elements (a tensor, or all parameters at once);
-// p_bf16 flat bf16. Work split: one thread per 4 elements (16-byte f32 accesses) in a
-// grid-stride loop; grad_norm uses a grid of a few blocks per SM (the launcher's
-// grad_norm_blocks: 4 per SM, where the registers would let 8 stay resident) and
-// 256-thread blocks, and each thread issues 4 independent 16-byte loads, one grid stride
-// apart, before summing them in the same order as before (64 bytes in flight per thread,
-// 64 KB per SM at 4 blocks, where one load per iteration gave 16 KB; ptxas 12.9 keeps all
-// four ahead at 32 registers on sm_90a; the effect on speed is expected, not measured on a
-// GPU); what is left past the last group of 4 strides goes one float4 at a time.
-// Bytes per call: AdamW reads 16·count, writes 12·count + 2·count (bf16) + 4·count (zeroed
-// g): 34 bytes per parameter; ~12 FLOPs per parameter. grad_norm reads 4·count.
+// Layouts: flat arrays of `count` elements (a tensor, or all parameters at once): p_hi,
+// p_lo 16-bit, m, v, g f32. Work split: one thread per 4 elements (16-byte f32 accesses,
+// 8-byte halves) in a grid-stride loop; grad_norm uses a grid of a few blocks per SM (the
+// launcher's grad_norm_blocks: 4 per SM, where the registers would let 8 stay resident)
+// and 256-thread blocks, and each thread issues 4 independent 16-byte loads, one grid
+// stride apart, before summing them in the same order as before (64 bytes in flight per
+// thread, 64 KB per SM at 4 blocks, where one load per iteration gave 16 KB; ptxas 12.9
+// keeps all four ahead at 32 registers on sm_90a; the effect on speed is expected, not
+// measured on a GPU); what is left past the last group of 4 strides goes one float4 at a
+// time.
+// Bytes per call: AdamW reads 16·count (hi, lo, m, v, g), writes 16·count (hi, lo, m, v,
+// g zeroed): 32 bytes per parameter; ~12 FLOPs per parameter. grad_norm reads 4·count.
 #include "common.cuh"
+
+SDPO_DEVICE float master_join(u32 hi, u32 lo) {
+    return __uint_as_float((hi << 16) + (u32)(int)(short)(unsigned short)lo);
+}
+
+// (hi, lo) of p, each in the low 16 bits.
+SDPO_DEVICE void master_split(float p, u32& hi, u32& lo) {
+    const u32 bits = __float_as_uint(p);
+    hi = (bits + 0x8000u) >> 16;
+    lo = (bits - (hi << 16)) & 0xffffu;
+}
 
 SDPO_DEVICE void adamw_one(float& p, float& m, float& v, float g, float decay, float w1, float b2, float w2,
                            float step_size, float bc2_sqrt, float eps) {
@@ -34,34 +54,38 @@ SDPO_DEVICE void adamw_one(float& p, float& m, float& v, float g, float decay, f
 }
 
 extern "C" __global__ void __launch_bounds__(256) adamw_update(
-    float* __restrict__ p, float* __restrict__ m, float* __restrict__ v, __nv_bfloat16* __restrict__ p_bf16,
-    float* __restrict__ g, long long count, float grad_scale, float decay, float w1, float b2, float w2,
-    float step_size, float bc2_sqrt, float eps, int zero_grad) {
+    unsigned short* __restrict__ p_hi, unsigned short* __restrict__ p_lo, float* __restrict__ m,
+    float* __restrict__ v, float* __restrict__ g, long long count, float grad_scale, float decay, float w1, float b2,
+    float w2, float step_size, float bc2_sqrt, float eps) {
     const long long stride = (long long)gridDim.x * blockDim.x * 4;
     for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4; i < count; i += stride) {
         if (i + 4 <= count) {
-            float4 pv = *reinterpret_cast<float4*>(p + i), mv = *reinterpret_cast<float4*>(m + i);
-            float4 vv = *reinterpret_cast<float4*>(v + i);
+            const uint2 hv = *reinterpret_cast<const uint2*>(p_hi + i), lv = *reinterpret_cast<const uint2*>(p_lo + i);
+            float p[4] = {master_join(hv.x & 0xffffu, lv.x & 0xffffu), master_join(hv.x >> 16, lv.x >> 16),
+                          master_join(hv.y & 0xffffu, lv.y & 0xffffu), master_join(hv.y >> 16, lv.y >> 16)};
+            float4 mv = *reinterpret_cast<float4*>(m + i), vv = *reinterpret_cast<float4*>(v + i);
             const float4 gv = *reinterpret_cast<const float4*>(g + i);
-            adamw_one(pv.x, mv.x, vv.x, gv.x * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
-            adamw_one(pv.y, mv.y, vv.y, gv.y * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
-            adamw_one(pv.z, mv.z, vv.z, gv.z * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
-            adamw_one(pv.w, mv.w, vv.w, gv.w * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
-            *reinterpret_cast<float4*>(p + i) = pv;
+            adamw_one(p[0], mv.x, vv.x, gv.x * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
+            adamw_one(p[1], mv.y, vv.y, gv.y * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
+            adamw_one(p[2], mv.z, vv.z, gv.z * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
+            adamw_one(p[3], mv.w, vv.w, gv.w * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
+            u32 h[4], l[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) master_split(p[k], h[k], l[k]);
+            *reinterpret_cast<uint2*>(p_hi + i) = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+            *reinterpret_cast<uint2*>(p_lo + i) = make_uint2(l[0] | (l[1] << 16), l[2] | (l[3] << 16));
             *reinterpret_cast<float4*>(m + i) = mv;
             *reinterpret_cast<float4*>(v + i) = vv;
-            if (p_bf16) {
-                uint2 out;
-                out.x = pack_bf16(pv.x, pv.y);
-                out.y = pack_bf16(pv.z, pv.w);
-                *reinterpret_cast<uint2*>(p_bf16 + i) = out;
-            }
-            if (zero_grad) *reinterpret_cast<float4*>(g + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+            *reinterpret_cast<float4*>(g + i) = make_float4(0.f, 0.f, 0.f, 0.f);
         } else {
             for (long long k = i; k < count; k++) {
-                adamw_one(p[k], m[k], v[k], g[k] * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
-                if (p_bf16) p_bf16[k] = __float2bfloat16(p[k]);
-                if (zero_grad) g[k] = 0.f;
+                float p = master_join(p_hi[k], p_lo[k]);
+                adamw_one(p, m[k], v[k], g[k] * grad_scale, decay, w1, b2, w2, step_size, bc2_sqrt, eps);
+                u32 h, l;
+                master_split(p, h, l);
+                p_hi[k] = (unsigned short)h;
+                p_lo[k] = (unsigned short)l;
+                g[k] = 0.f;
             }
         }
     }

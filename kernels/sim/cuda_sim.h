@@ -60,6 +60,7 @@ struct __attribute__((aligned(8))) float2 {
     float x, y;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
@@ -76,6 +77,16 @@ inline float __int_as_float(int i) {
     float f;
     memcpy(&f, &i, 4);
     return f;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
 }
 inline float __bfloat162float(__nv_bfloat16 h) {
     uint32_t u = (uint32_t)h.bits << 16;

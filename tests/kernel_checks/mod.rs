@@ -23,7 +23,7 @@ use sdpo::engine::cpu::CpuEngine;
 use sdpo::engine::cuda::gemm::GemmShape;
 use sdpo::engine::cuda::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr};
 use sdpo::engine::cuda::model::CudaEngine;
-use sdpo::engine::cuda::{from_bf16, to_bf16, Gpu};
+use sdpo::engine::cuda::{from_bf16, join_master, split_master, to_bf16, Gpu};
 use sdpo::weights::SplitMix64;
 use sdpo::{AdamWConfig, Engine, LlamaWeights, PairLogps};
 
@@ -452,30 +452,65 @@ fn logprobs_padded_rows(g: &Gpu) {
 // --- adamw + grad norm
 
 pub fn adamw(g: &Gpu) {
+    master_halves_round_trip();
     for (seed, n, wd, scale) in [(1u64, 1001usize, 0.0f64, 1.0f32), (2, 4096, 0.1, 0.37)] {
         let mut rng = SplitMix64(seed);
         let mut p = rng.normals(n, 0.02);
+        let p0 = p.clone();
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
-        let p_d = g.upload(&p).unwrap();
+        let (hi, lo) = split_master(&p);
+        let (hi_d, lo_d) = (g.upload(&hi).unwrap(), g.upload(&lo).unwrap());
         let m_d = g.upload(&m).unwrap();
         let v_d = g.upload(&v).unwrap();
         let g_d = g.alloc::<f32>(n).unwrap();
-        let pb_d = g.alloc::<Bf16>(n).unwrap();
         let (lr, b1, b2, eps) = (1e-3, 0.9, 0.999, 1e-8);
         for step in 1..=3u64 {
             let grad = rng.normals(n, 1e-3);
             let scaled: Vec<f32> = grad.iter().map(|x| x * scale).collect();
             ops::adamw_update(&mut p, &mut m, &mut v, &scaled, lr, b1, b2, eps, wd, step);
             g.write(g.ptr(&g_d), &grad).unwrap();
-            poison_bf16(g, g.ptr(&pb_d));
-            let a = (g.ptr(&p_d), g.ptr(&m_d), g.ptr(&v_d), g.ptr(&pb_d), g.ptr(&g_d));
-            g.k.adamw_update(a.0, a.1, a.2, a.3, a.4, scale, lr, b1, b2, eps, wd, step, true).unwrap();
+            let a = (g.ptr(&hi_d), g.ptr(&lo_d), g.ptr(&m_d), g.ptr(&v_d), g.ptr(&g_d));
+            g.k.adamw_update(a.0, a.1, a.2, a.3, a.4, scale, lr, b1, b2, eps, wd, step).unwrap();
             let tag = format!("adamw n={n} wd={wd} scale={scale} step {step}");
-            check(&format!("{tag} p"), &g.download(g.ptr(&p_d)).unwrap(), &p);
+            let got_hi = g.download(g.ptr(&hi_d)).unwrap();
+            let got = join_master(&got_hi, &g.download(g.ptr(&lo_d)).unwrap());
+            check(&format!("{tag} p"), &got, &p);
+            // The update itself, not drowned by p: a lost or doubled step fails here.
+            let delta = |x: &[f32]| x.iter().zip(&p0).map(|(a, b)| a - b).collect::<Vec<_>>();
+            check(&format!("{tag} p − p₀"), &delta(&got), &delta(&p));
             check(&format!("{tag} m"), &g.download(g.ptr(&m_d)).unwrap(), &m);
             check(&format!("{tag} v"), &g.download(g.ptr(&v_d)).unwrap(), &v);
-            check(&format!("{tag} bf16 copy"), &down_bf16(g, g.ptr(&pb_d)), &bf(&p));
+            // The working copy is the kernel's own p rounded as the host splits it.
+            assert_eq!(got_hi, split_master(&got).0, "{tag}: bf16 working copy");
             assert!(g.download(g.ptr(&g_d)).unwrap().iter().all(|&x| x == 0.0), "{tag}: gradient not zeroed");
+        }
+    }
+}
+
+/// The master weights' two halves give every fp32 bit pattern back, and the high half is
+/// the value rounded to bf16: to nearest, ties away from zero (against half::bf16's
+/// nearest-even rounding, which differs only on exact ties).
+fn master_halves_round_trip() {
+    let mut rng = SplitMix64(11);
+    let mut bits: Vec<u32> = (0..200_000).map(|_| rng.next_u64() as u32).collect();
+    for e in [0u32, 0x0000_8000, 0x3f80_8000, 0x3f81_8000, 0xbf80_8000, 0x7f7f_ffff, 0x8000_0001, 0x7f80_0000] {
+        bits.push(e);
+        bits.push(e.wrapping_add(1));
+        bits.push(e.wrapping_sub(1));
+    }
+    let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    let (hi, lo) = split_master(&x);
+    let back = join_master(&hi, &lo);
+    for (k, &b) in bits.iter().enumerate() {
+        assert_eq!(back[k].to_bits(), b, "master {b:#010x} split into {:#06x}, {:#06x}", hi[k], lo[k]);
+        if x[k].is_nan() {
+            continue;
+        }
+        let rne = to_bf16(&[x[k]])[0];
+        if b & 0xffff == 0x8000 {
+            assert_eq!(hi[k] as u32, (b >> 16) + 1, "master {b:#010x}: a tie rounds away from zero");
+        } else {
+            assert_eq!(hi[k], rne, "master {b:#010x}: the working copy is the nearest bf16");
         }
     }
 }

@@ -928,16 +928,17 @@ impl Kernels {
 
     // --- adamw.cu
 
-    /// One AdamW step over `p`, `m`, `v`, `g` (f32, same length); writes the bf16 copy
-    /// when `p_bf16` is not null and zeroes `g` when `zero_grad`. `step` counts from 1;
-    /// the scalars are folded to f32 as torch does (see the CPU `adamw_update`).
+    /// One AdamW step over the fp32 master weights held as `p_hi` (the bf16 working copy)
+    /// and `p_lo` (the 16-bit remainder; kernels/adamw.cu, `split_master`), and `m`, `v`,
+    /// `g` (f32, all the same length); zeroes `g`. `step` counts from 1; the scalars are
+    /// folded to f32 as torch does (see the CPU `adamw_update`).
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_update(
         &self,
-        p: DPtr<f32>,
+        p_hi: DPtr<Bf16>,
+        p_lo: DPtr<u16>,
         m: DPtr<f32>,
         v: DPtr<f32>,
-        p_bf16: DPtr<Bf16>,
         g: DPtr<f32>,
         grad_scale: f32,
         lr: f64,
@@ -946,17 +947,18 @@ impl Kernels {
         eps: f64,
         weight_decay: f64,
         step: u64,
-        zero_grad: bool,
     ) -> Result<()> {
-        let n = p.len;
-        need(m.len == n && v.len == n && g.len == n && (p_bf16.ptr == 0 || p_bf16.len == n), || {
-            format!("adamw: lengths differ (p {n}, m {}, v {}, g {}, bf16 {})", m.len, v.len, g.len, p_bf16.len)
+        let n = m.len;
+        need(p_hi.len == n && p_lo.len == n && v.len == n && g.len == n, || {
+            format!("adamw: lengths differ (hi {}, lo {}, m {n}, v {}, g {})", p_hi.len, p_lo.len, v.len, g.len)
         })?;
         need(step >= 1, || "adamw: step counts from 1".into())?;
-        for (name, ok) in [("p", p.aligned16()), ("m", m.aligned16()), ("v", v.aligned16()), ("g", g.aligned16())] {
+        for (name, ok) in [("m", m.aligned16()), ("v", v.aligned16()), ("g", g.aligned16())] {
             need(ok, || format!("adamw: {name} is not 16-byte aligned"))?;
         }
-        need(p_bf16.ptr.is_multiple_of(8), || "adamw: the bf16 copy must be 8-byte aligned".into())?;
+        for (name, ptr) in [("hi", p_hi.ptr), ("lo", p_lo.ptr)] {
+            need(ptr.is_multiple_of(8), || format!("adamw: the master's {name} half must be 8-byte aligned"))?;
+        }
         let decay = (1.0 - lr * weight_decay) as f32;
         let (w1, b2, w2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
         let bc1 = 1.0 - beta1.powi(step as i32);
@@ -964,8 +966,8 @@ impl Kernels {
         let step_size = (lr / bc1) as f32;
         let grid = blocks(n.div_ceil(4), 256).min(self.sm_count * self.adamw_resident);
         let cfg = Self::cfg((grid, 1), 256, 0);
-        launch!(self, "adamw_update", cfg; p.ptr, m.ptr, v.ptr, p_bf16.ptr, g.ptr, n as i64, grad_scale, decay, w1,
-            b2, w2, step_size, bc2_sqrt, eps as f32, zero_grad as i32);
+        launch!(self, "adamw_update", cfg; p_hi.ptr, p_lo.ptr, m.ptr, v.ptr, g.ptr, n as i64, grad_scale, decay, w1,
+            b2, w2, step_size, bc2_sqrt, eps as f32);
         Ok(())
     }
 
@@ -1109,7 +1111,7 @@ mod tests {
     #[test]
     fn reads_the_real_kernel_files() {
         let sig = |name: &str| kernel_signatures().unwrap().iter().find(|s| s.names(name)).unwrap().params.clone();
-        assert_eq!(sig("adamw_update"), [vec![Ptr; 5], vec![I64], vec![F32; 8], vec![I32]].concat());
+        assert_eq!(sig("adamw_update"), [vec![Ptr; 5], vec![I64], vec![F32; 8]].concat());
         assert_eq!(sig("grad_norm_forward"), vec![Ptr, Ptr, I64]);
         assert_eq!(sig("grad_norm_forward_reduce"), vec![Ptr, Ptr, I32, I32]);
         assert_eq!(sig("attention_backward_hd128"), [vec![Ptr; 12], vec![I32; 8], vec![F32]].concat());

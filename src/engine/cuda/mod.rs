@@ -297,3 +297,21 @@ pub fn to_bf16(x: &[f32]) -> Vec<Bf16> {
 pub fn from_bf16(x: &[Bf16]) -> Vec<f32> {
     x.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect()
 }
+
+/// fp32 master weights as the device keeps them (kernels/adamw.cu): `hi`, the value
+/// rounded to bf16 with ties away from zero (the GEMMs' working copy), and `lo`, the
+/// signed 16-bit remainder of the bits, so that `join_master` gives every bit back.
+pub fn split_master(x: &[f32]) -> (Vec<Bf16>, Vec<u16>) {
+    x.iter()
+        .map(|&v| {
+            let bits = v.to_bits();
+            let hi = bits.wrapping_add(0x8000) >> 16;
+            (hi as u16, bits.wrapping_sub(hi << 16) as u16)
+        })
+        .unzip()
+}
+
+/// The fp32 values `split_master` split.
+pub fn join_master(hi: &[Bf16], lo: &[u16]) -> Vec<f32> {
+    hi.iter().zip(lo).map(|(&h, &l)| f32::from_bits(((h as u32) << 16).wrapping_add(l as i16 as i32 as u32))).collect()
+}

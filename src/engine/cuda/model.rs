@@ -1,8 +1,8 @@
 //! `CudaEngine`: the Llama forward and hand-written backward on one GPU, from the kernels
 //! in kernels/*.cu and cuBLASLt GEMMs, implementing `Engine` like the CPU reference.
 //!
-//! Precision: bf16 weights (a working copy) and bf16 GEMM inputs; fp32 master weights,
-//! AdamW moments and gradients; the residual stream, its gradient and the LM-head logits
+//! Precision: bf16 weights (a working copy) and bf16 GEMM inputs; fp32 master weights
+//! (exact, as the working copy plus a 16-bit remainder), AdamW moments and gradients; the residual stream, its gradient and the LM-head logits
 //! in fp32; every kernel accumulates in fp32.
 //!
 //! Memory: the parameters, gradients and moments live in flat buffers in
@@ -35,7 +35,7 @@ use cudarc::driver::CudaEvent;
 
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
-use super::{to_bf16, DBuf, Gpu};
+use super::{join_master, split_master, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
 use crate::dpo::{target_grads, LossConfig, PairLogps};
@@ -157,8 +157,12 @@ pub struct CudaEngine {
     offsets: Vec<(usize, usize)>,
     names: Vec<String>,
     total: usize,
-    master: DBuf<f32>,
-    wbf: DBuf<u16>,
+    /// The fp32 master weights, as two halves: `wbf`, the bf16 working copy the GEMMs
+    /// read (each master rounded), and `master_lo`, the 16-bit remainder that makes it
+    /// exact (kernels/adamw.cu): 4 bytes per parameter, not 6 for an fp32 master and a
+    /// bf16 copy.
+    wbf: DBuf<Bf16>,
+    master_lo: DBuf<u16>,
     grad: DBuf<f32>,
     moments: Option<(DBuf<f32>, DBuf<f32>, u64)>,
     inv_freq: DBuf<f32>,
@@ -227,8 +231,8 @@ impl CudaEngine {
             total += s.numel().div_ceil(8) * 8; // 32-byte aligned f32, 16-byte aligned bf16
         }
         let names = specs.iter().map(|s| s.name.clone()).collect();
-        let master = gpu.alloc::<f32>(total)?;
-        let wbf = gpu.alloc::<u16>(total)?;
+        let wbf = gpu.alloc::<Bf16>(total)?;
+        let master_lo = gpu.alloc::<u16>(total)?;
         let grad = gpu.alloc::<f32>(total)?;
         let inv_freq = gpu.upload(&cfg.inv_freq())?;
         let zero_freq = gpu.upload(&vec![0f32; hd / 2])?;
@@ -241,8 +245,8 @@ impl CudaEngine {
             offsets,
             names,
             total,
-            master,
             wbf,
+            master_lo,
             grad,
             moments: None,
             inv_freq,
@@ -320,12 +324,16 @@ impl CudaEngine {
     }
 
     fn download_weights(&self, buf: &DBuf<f32>) -> Result<LlamaWeights> {
-        let flat = self.gpu.download(self.gpu.ptr(buf))?;
+        Ok(self.unflatten(&self.gpu.download(self.gpu.ptr(buf))?))
+    }
+
+    /// The tensors of a flat buffer's contents.
+    fn unflatten(&self, flat: &[f32]) -> LlamaWeights {
         let mut w = LlamaWeights::zeros(&self.cfg);
         for (t, &(o, l)) in w.tensors_mut().into_iter().zip(&self.offsets) {
             t.copy_from_slice(&flat[o..o + l]);
         }
-        Ok(w)
+        w
     }
 
     fn flatten(&self, w: &LlamaWeights, what: &str) -> Result<Vec<f32>> {
@@ -846,7 +854,7 @@ impl Engine for CudaEngine {
         self.prof.section(&self.gpu, Category::Optimizer)?;
         let (m, v, _) = self.moments.as_ref().expect("set above");
         let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
-        let (pp, gp, bp) = (self.gpu.ptr(&self.master), self.gpu.ptr(&self.grad), self.gpu.ptr(&self.wbf));
+        let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(&self.master_lo), self.gpu.ptr(&self.grad));
         // Runs of adjacent tensors with the same weight decay go in one launch (padding
         // between tensors is zero in every buffer and stays zero).
         let wd_of = |i: usize| if self.names[i].contains("norm") { 0.0 } else { opt.weight_decay };
@@ -861,10 +869,10 @@ impl Engine for CudaEngine {
             let end = self.offsets[j].0 + self.offsets[j].1;
             let len = end - start;
             self.gpu.k.adamw_update(
-                pp.slice(start, len)?,
+                hp.slice(start, len)?,
+                lp.slice(start, len)?,
                 mp.slice(start, len)?,
                 vp.slice(start, len)?,
-                bp.slice(start, len)?,
                 gp.slice(start, len)?,
                 scale,
                 lr,
@@ -873,11 +881,10 @@ impl Engine for CudaEngine {
                 opt.eps,
                 wd,
                 step,
-                true,
             )?;
             i = j + 1;
         }
-        self.zero_grads();
+        // adamw_update zeroed the gradients it read; the padding between tensors is zero.
         self.prof.pause(&self.gpu)?;
         self.gpu.sync()?;
         self.prof.collect()?;
@@ -895,14 +902,14 @@ impl Engine for CudaEngine {
     }
 
     fn weights(&self) -> Result<LlamaWeights> {
-        self.download_weights(&self.master)
+        let (hi, lo) = (self.gpu.download(self.gpu.ptr(&self.wbf))?, self.gpu.download(self.gpu.ptr(&self.master_lo))?);
+        Ok(self.unflatten(&join_master(&hi, &lo)))
     }
 
     fn set_weights(&mut self, w: &LlamaWeights) -> Result<()> {
-        let flat = self.flatten(w, "set_weights")?;
-        let p = self.gpu.ptr(&self.master);
-        self.gpu.write(p, &flat)?;
-        self.gpu.write(self.gpu.ptr(&self.wbf), &to_bf16(&flat))?;
+        let (hi, lo) = split_master(&self.flatten(w, "set_weights")?);
+        self.gpu.write(self.gpu.ptr(&self.wbf), &hi)?;
+        self.gpu.write(self.gpu.ptr(&self.master_lo), &lo)?;
         self.zero_grads();
         self.gpu.sync()
     }
