@@ -442,6 +442,7 @@ mod cuda {
             let dy = rand32(g, n * h, 3, 1.0);
             let (y, rstd) = (g.alloc::<Bf16>(n * h).unwrap(), g.alloc::<f32>(n).unwrap());
             let (dx, dw) = (g.alloc::<f32>(n * h).unwrap(), g.alloc::<f32>(h).unwrap());
+            let dx16 = g.alloc::<Bf16>(n * h).unwrap();
             let xhat = g.alloc::<Bf16>(n * h).unwrap();
             let (xp, wp, yp, rp, xhp) = (g.ptr(&x), g.ptr(&w), g.ptr(&y), g.ptr(&rstd), g.ptr(&xhat));
             // training: x read (f32), y and x̂ written (bf16), w read, rstd written
@@ -450,10 +451,11 @@ mod cuda {
             });
             // the backward's xn: x̂ read, y written (bf16), w read
             gr.run("apply", Work::Bytes(BF16 * u(2 * n * h + h)), || g.k.rmsnorm_apply(yp, xhp, wp, n, h).unwrap());
-            // dx += (read and written) and dy read (f32), x̂ read (bf16), rstd read, w read, dw +=
-            let (dxp, dwp, dyp) = (g.ptr(&dx), g.ptr(&dw), g.ptr(&dy));
-            gr.run("backward", Work::Bytes(F32 * u(3 * n * h + n + 2 * h) + BF16 * u(n * h + h)), || {
-                g.k.rmsnorm_backward(dxp, dwp, dyp, xhp, wp, rp, n, h, true).unwrap()
+            // As the engine runs it: dx += (read and written) and dy read (f32), x̂ read and
+            // bf16(dx) written (bf16), rstd read, w read, dw +=
+            let (dxp, dx16p, dwp, dyp) = (g.ptr(&dx), g.ptr(&dx16), g.ptr(&dw), g.ptr(&dy));
+            gr.run("backward", Work::Bytes(F32 * u(3 * n * h + n + 2 * h) + BF16 * u(2 * n * h + h)), || {
+                g.k.rmsnorm_backward(dxp, dx16p, dwp, dyp, xhp, wp, rp, n, h, true).unwrap()
             });
         }
         {
@@ -479,15 +481,16 @@ mod cuda {
             let g = &*gpu;
             let mut gr = place.group(c, sum, "swiglu", &rows_note);
             let cnt = n * im;
-            let (gate, up, dout) = (rand16(g, cnt, 6), rand16(g, cnt, 7), rand16(g, cnt, 8));
-            let out = g.alloc::<Bf16>(cnt).unwrap();
-            let (dgate, dup) = (g.alloc::<Bf16>(cnt).unwrap(), g.alloc::<Bf16>(cnt).unwrap());
-            let (gp, up_, op) = (g.ptr(&gate), g.ptr(&up), g.ptr(&out));
-            gr.run("forward", Work::Bytes(3 * BF16 * u(cnt)), || g.k.swiglu_forward(op, gp, up_, cnt).unwrap());
-            let (dgp, dup_, dop) = (g.ptr(&dgate), g.ptr(&dup), g.ptr(&dout));
+            // gate|up as the fused GEMM writes them: [n, 2·intermediate]
+            let (gu, dout) = (rand16(g, 2 * cnt, 6), rand16(g, cnt, 8));
+            let (out, dgu) = (g.alloc::<Bf16>(cnt).unwrap(), g.alloc::<Bf16>(2 * cnt).unwrap());
+            let (gup, op) = (g.ptr(&gu), g.ptr(&out));
+            // gate, up read; out written
+            gr.run("forward", Work::Bytes(3 * BF16 * u(cnt)), || g.k.swiglu_forward(op, gup, n, im).unwrap());
+            let (dgup, dop) = (g.ptr(&dgu), g.ptr(&dout));
             // gate, up, dout read; dgate, dup and out (again) written
             gr.run("backward", Work::Bytes(6 * BF16 * u(cnt)), || {
-                g.k.swiglu_backward(dgp, dup_, op, dop, gp, up_, cnt).unwrap()
+                g.k.swiglu_backward(dgup, op, dop, gup, n, im).unwrap()
             });
         }
         {

@@ -6,7 +6,9 @@
 // Layouts: x [n, H] f32 (the residual stream is kept in f32), w [H] bf16, y [n, H] bf16
 // (it feeds a GEMM), rstd [n] f32 and x̂ [n, H] bf16 (optional output: what the engine
 // keeps for backward instead of x, half the bytes), dy [n, H] f32 (a GEMM's fp32 output),
-// dx [n, H] f32 (= or += into the residual gradient), dw [H] f32 (+=).
+// dx [n, H] f32 (= or += into the residual gradient), dw [H] f32 (+=), and optionally
+// dx16 [n, H] bf16: bf16(dx) after the = or +=, the next GEMMs' input, rounded to nearest
+// even like the cast kernel (cast_forward_f32_bf16) whose launch it replaces.
 // The backward takes x̂ (bf16) and rstd; rmsnorm_apply gives y again from x̂ for the
 // backward's weight gradients: bf16(x̂_bf16 ∘ w), which can differ from the forward's
 // bf16(x̂ ∘ w) in the last bit (rounded twice).
@@ -24,10 +26,11 @@
 // flight), 2 blocks per SM, which is all the launcher's grid puts on an SM.
 // Bytes per call: forward reads 4nH + 2H, writes 2nH + 4n (+ 2nH with x̂); backward reads
 // 4nH·2 + 2nH·2 (dy f32, x̂ bf16; the second reads come a batch later at most and hit L2) +
-// 2H per row in phase 1 and per batch in phase 2 (L1/L2), writes 4nH (and reads 4nH more
-// when accumulating). x, dy, dx move in 16-byte coalesced accesses, w in 16 bytes in
-// phase 1 and 8 bytes in phase 2 (4 columns per thread, so that a warp's x/dy/dx
-// accesses are 512 contiguous bytes). rmsnorm_apply: reads 2nH + 2H, writes 2nH. FLOPs:
+// 2H per row in phase 1 and per batch in phase 2 (L1/L2), writes 4nH (+ 2nH with dx16;
+// the separate cast read 4nH and wrote 2nH) and reads 4nH more when accumulating. x, dy,
+// dx move in 16-byte coalesced accesses, dx16 in 8-byte ones, w in 16 bytes in phase 1
+// and 8 bytes in phase 2 (4 columns per thread, so that a warp's x/dy/dx accesses are 512
+// contiguous bytes). rmsnorm_apply: reads 2nH + 2H, writes 2nH. FLOPs:
 // ~4nH / ~10nH.
 #include "common.cuh"
 
@@ -89,6 +92,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_apply(
 // no branch stands before the loads, which the compiler issues for a group of RMS_GROUP
 // rows at once.
 // `accumulate` != 0: dx += result (the residual stream's gradient); else dx = result.
+// dx16 != null: bf16(dx) as stored, written beside it (8-byte stores).
 // Dynamic shared memory: hidden floats.
 #define RMS_BATCH 8
 #define RMS_GROUP 4  // rows of a batch whose loads phase 2 issues together
@@ -101,9 +105,18 @@ SDPO_DEVICE float4 load4(const __nv_bfloat16* p) {
     return make_float4(a.x, a.y, b.x, b.y);
 }
 
+// Four f32 rounded to bf16 (round to nearest even, as store8) in one 8-byte store.
+SDPO_DEVICE void store4(__nv_bfloat16* p, float4 v) {
+    uint2 raw;
+    *reinterpret_cast<__nv_bfloat162*>(&raw.x) = __floats2bfloat162_rn(v.x, v.y);
+    *reinterpret_cast<__nv_bfloat162*>(&raw.y) = __floats2bfloat162_rn(v.z, v.w);
+    *reinterpret_cast<uint2*>(p) = raw;
+}
+
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
-    float* __restrict__ dx, float* __restrict__ dw, const float* __restrict__ dy, const __nv_bfloat16* __restrict__ xhat,
-    const __nv_bfloat16* __restrict__ w, const float* __restrict__ rstd, int n, int hidden, int accumulate) {
+    float* __restrict__ dx, __nv_bfloat16* __restrict__ dx16, float* __restrict__ dw, const float* __restrict__ dy,
+    const __nv_bfloat16* __restrict__ xhat, const __nv_bfloat16* __restrict__ w, const float* __restrict__ rstd, int n,
+    int hidden, int accumulate) {
     SDPO_DYNAMIC_SMEM(smem);
     float* dw_acc = reinterpret_cast<float*>(smem);
     __shared__ float s_rstd[2][RMS_BATCH], s_mean[2][RMS_BATCH];
@@ -171,6 +184,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
                         g.w += o[r].w;
                     }
                     *reinterpret_cast<float4*>(dx + (size_t)row * hidden + c) = g;
+                    if (dx16 != nullptr) store4(dx16 + (size_t)row * hidden + c, g);
                 }
             }
             *reinterpret_cast<float4*>(dw_acc + c) = acc;

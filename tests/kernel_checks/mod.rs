@@ -237,18 +237,42 @@ pub fn rmsnorm(g: &Gpu) {
         assert_eq!(down_bf16(g, g.ptr(&y2_d)), want, "{tag}: rmsnorm_apply");
         check(&format!("{tag} y from x̂"), &down_bf16(g, g.ptr(&y2_d)), &y);
 
+        let (dx16_d, cast_d) = (g.alloc::<Bf16>(n * hidden).unwrap(), g.alloc::<Bf16>(n * hidden).unwrap());
         poison_f32(g, g.ptr(&dx_d));
         g.k.zero(g.ptr(&dw_d)).unwrap();
         // The backward from the forward's bf16 x̂, against the CPU op's from f32 x.
         let args = (g.ptr(&dx_d), g.ptr(&dw_d), g.ptr(&dy_d), g.ptr(&xhat_d), g.ptr(&w_d), g.ptr(&rstd_d));
-        g.k.rmsnorm_backward(args.0, args.1, args.2, args.3, args.4, args.5, n, hidden, false).unwrap();
-        check(&format!("rmsnorm n={n} h={hidden} dx"), &g.download(g.ptr(&dx_d)).unwrap(), &dx);
-        check(&format!("rmsnorm n={n} h={hidden} dw"), &g.download(g.ptr(&dw_d)).unwrap(), &dw);
-        // Accumulating into the residual gradient: dx += …, dw += … again.
-        g.k.rmsnorm_backward(args.0, args.1, args.2, args.3, args.4, args.5, n, hidden, true).unwrap();
-        let twice = |v: &[f32]| v.iter().map(|x| 2.0 * x).collect::<Vec<_>>();
-        check(&format!("rmsnorm n={n} h={hidden} dx accumulated"), &g.download(g.ptr(&dx_d)).unwrap(), &twice(&dx));
-        check(&format!("rmsnorm n={n} h={hidden} dw accumulated"), &g.download(g.ptr(&dw_d)).unwrap(), &twice(&dw));
+        let backward = |dx16: DPtr<Bf16>, accumulate: bool| {
+            if dx16.ptr != 0 {
+                poison_bf16(g, dx16);
+            }
+            g.k.rmsnorm_backward(args.0, dx16, args.1, args.2, args.3, args.4, args.5, n, hidden, accumulate).unwrap();
+        };
+        // dx16 is the cast kernel's bf16 of the dx just stored, bit for bit (the engine runs
+        // the GEMMs on it in place of that cast's output).
+        let dx16_is_the_cast = |what: &str| {
+            poison_bf16(g, g.ptr(&cast_d));
+            g.k.cast_f32_bf16(g.ptr(&cast_d), g.ptr(&dx_d), n * hidden).unwrap();
+            let (got, want) = (g.download(g.ptr(&dx16_d)).unwrap(), g.download(g.ptr(&cast_d)).unwrap());
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "{tag}: {what}: dx16 differs from cast(dx) in {diff} of {} elements", want.len());
+        };
+        backward(g.ptr(&dx16_d), false);
+        check(&format!("{tag} dx"), &g.download(g.ptr(&dx_d)).unwrap(), &dx);
+        check(&format!("{tag} dw"), &g.download(g.ptr(&dw_d)).unwrap(), &dw);
+        dx16_is_the_cast("dx =");
+        // Accumulating into the residual gradient: dx += …, dw += … again; dx16 of the sum.
+        backward(g.ptr(&dx16_d), true);
+        let times = |k: f32, v: &[f32]| v.iter().map(|x| k * x).collect::<Vec<_>>();
+        check(&format!("{tag} dx accumulated"), &g.download(g.ptr(&dx_d)).unwrap(), &times(2.0, &dx));
+        check(&format!("{tag} dw accumulated"), &g.download(g.ptr(&dw_d)).unwrap(), &times(2.0, &dw));
+        dx16_is_the_cast("dx +=");
+        // Without dx16 (layer 0's input norm): dx and dw as before, the old dx16 untouched.
+        let before = g.download(g.ptr(&dx16_d)).unwrap();
+        backward(null(), true);
+        check(&format!("{tag} dx accumulated, no dx16"), &g.download(g.ptr(&dx_d)).unwrap(), &times(3.0, &dx));
+        check(&format!("{tag} dw accumulated, no dx16"), &g.download(g.ptr(&dw_d)).unwrap(), &times(3.0, &dw));
+        assert_eq!(g.download(g.ptr(&dx16_d)).unwrap(), before, "{tag}: dx16 written with a null dx16");
     }
 }
 
@@ -533,10 +557,20 @@ pub fn grad_norm(g: &Gpu) {
 
 // --- elementwise
 
+/// `[rows, 2·inter]` with `a` in each row's first `inter` columns and `b` in the rest: the
+/// layout of the engine's fused gate|up GEMM output.
+fn side_by_side(a: &[f32], b: &[f32], inter: usize) -> Vec<f32> {
+    a.chunks(inter).zip(b.chunks(inter)).flat_map(|(ra, rb)| ra.iter().chain(rb).copied()).collect()
+}
+
 pub fn elementwise(g: &Gpu) {
     swiglu_backward_out_is_the_forwards(g);
     let mut rng = SplitMix64(3);
-    for count in [8usize, 1003, 65536 + 5] {
+    // (rows, inter): inter = 24 is three 8-column groups (a gate/up boundary mix-up or a
+    // row stride of inter instead of 2·inter shows at once); 2056 is 257 groups, so the
+    // second column block of each row has one live thread; 1 row of 8, the smallest.
+    for (rows, inter) in [(1usize, 8usize), (5, 24), (33, 2056)] {
+        let count = rows * inter;
         let gate = bf(&rng.normals(count, 2.0));
         let up = bf(&rng.normals(count, 1.0));
         let dout = bf(&rng.normals(count, 1.0));
@@ -544,22 +578,29 @@ pub fn elementwise(g: &Gpu) {
         ops::swiglu_forward(&mut out, &gate, &up);
         let (mut dg, mut du) = (vec![0f32; count], vec![0f32; count]);
         ops::swiglu_backward(&mut dg, &mut du, &dout, &gate, &up);
-        let (g_d, u_d, d_d) =
-            (g.upload(&to_bf16(&gate)).unwrap(), g.upload(&to_bf16(&up)).unwrap(), g.upload(&to_bf16(&dout)).unwrap());
-        let bufs = [(); 4].map(|_| g.alloc::<Bf16>(count).unwrap());
-        let [o, dg_p, du_p, o2] = bufs.each_ref().map(|b| g.ptr(b));
-        for p in [o, dg_p, du_p, o2] {
+        let gu_d = g.upload(&to_bf16(&side_by_side(&gate, &up, inter))).unwrap();
+        let d_d = g.upload(&to_bf16(&dout)).unwrap();
+        let (o_d, o2_d, dgu_d) =
+            (g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(2 * count).unwrap());
+        let (o, o2, dgu) = (g.ptr(&o_d), g.ptr(&o2_d), g.ptr(&dgu_d));
+        for p in [o, o2, dgu] {
             poison_bf16(g, p);
         }
-        g.k.swiglu_forward(o, g.ptr(&g_d), g.ptr(&u_d), count).unwrap();
-        g.k.swiglu_backward(dg_p, du_p, o2, g.ptr(&d_d), g.ptr(&g_d), g.ptr(&u_d), count).unwrap();
-        let out_got = down_bf16(g, o);
-        check(&format!("swiglu n={count} out"), &out_got, &out);
-        assert_eq!(g.download(o2).unwrap(), g.download(o).unwrap(), "swiglu n={count}: backward's out differs");
-        check(&format!("swiglu n={count} dgate"), &down_bf16(g, dg_p), &dg);
-        check(&format!("swiglu n={count} dup"), &down_bf16(g, du_p), &du);
+        let tag = format!("swiglu rows={rows} inter={inter}");
+        g.k.swiglu_forward(o, g.ptr(&gu_d), rows, inter).unwrap();
+        g.k.swiglu_backward(dgu, o2, g.ptr(&d_d), g.ptr(&gu_d), rows, inter).unwrap();
+        check(&format!("{tag} out"), &down_bf16(g, o), &out);
+        assert_eq!(g.download(o2).unwrap(), g.download(o).unwrap(), "{tag}: backward's out differs");
+        // dgate and dup checked apart, each in its column block of every row.
+        let got = down_bf16(g, dgu);
+        let block = |half: usize| -> Vec<f32> {
+            got.chunks(2 * inter).flat_map(|r| r[half * inter..(half + 1) * inter].to_vec()).collect()
+        };
+        check(&format!("{tag} dgate"), &block(0), &dg);
+        check(&format!("{tag} dup"), &block(1), &du);
 
-        // the casts on the same sizes
+        // the casts on about the same sizes, with a tail of 3 (element by element)
+        let count = count + 3;
         let want = rng.normals(count, 1.0);
         let x_d = g.upload(&want).unwrap();
         let c16 = g.alloc::<Bf16>(count).unwrap();
@@ -598,15 +639,21 @@ pub fn elementwise(g: &Gpu) {
 /// rounding midpoint, ~2^-16 of those: 2M elements give ~10 such flips, where the
 /// 65K of `elementwise` gave 0–2.
 fn swiglu_backward_out_is_the_forwards(g: &Gpu) {
-    let count = 1usize << 21;
+    let (rows, inter) = (683usize, 3072usize); // 2.1M outputs
+    let count = rows * inter;
     let mut rng = SplitMix64(31);
-    let ins = [2.0, 1.0, 1.0].map(|std| g.upload(&to_bf16(&rng.normals(count, std))).unwrap());
-    let [gate, up, dout] = ins.each_ref().map(|b| g.ptr(b));
-    let outs = [(); 4].map(|_| g.alloc::<Bf16>(count).unwrap());
-    let [o, o2, dg, du] = outs.each_ref().map(|b| g.ptr(b));
-    g.k.swiglu_forward(o, gate, up, count).unwrap();
-    g.k.swiglu_backward(dg, du, o2, dout, gate, up, count).unwrap();
-    assert_eq!(g.download(o2).unwrap(), g.download(o).unwrap(), "swiglu n={count}: backward's out differs");
+    let gate = rng.normals(count, 2.0);
+    let up = rng.normals(count, 1.0);
+    let gu_d = g.upload(&to_bf16(&side_by_side(&gate, &up, inter))).unwrap();
+    let dout_d = g.upload(&to_bf16(&rng.normals(count, 1.0))).unwrap();
+    let (gu, dout) = (g.ptr(&gu_d), g.ptr(&dout_d));
+    let outs = [count, count, 2 * count].map(|len| g.alloc::<Bf16>(len).unwrap());
+    let [o, o2, dgu] = outs.each_ref().map(|b| g.ptr(b));
+    g.k.swiglu_forward(o, gu, rows, inter).unwrap();
+    g.k.swiglu_backward(dgu, o2, dout, gu, rows, inter).unwrap();
+    let (a, b) = (g.download(o2).unwrap(), g.download(o).unwrap());
+    let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    assert_eq!(diff, 0, "swiglu n={count}: backward's out differs from the forward's in {diff} elements");
 }
 
 // --- cuBLASLt

@@ -746,11 +746,13 @@ impl Kernels {
     }
 
     /// `dx (=|+=) rstd·(w∘dy − x̂·mean(w∘dy∘x̂))`, `dw += Σ dy∘x̂`; dy f32, x̂ the forward's
-    /// bf16 `xhat`.
+    /// bf16 `xhat`. Unless `dx16` is `null()`, also `dx16 = bf16(dx)` of the final dx, the
+    /// same bits `cast_f32_bf16` would give.
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_backward(
         &self,
         dx: DPtr<f32>,
+        dx16: DPtr<Bf16>,
         dw: DPtr<f32>,
         dy: DPtr<f32>,
         xhat: DPtr<Bf16>,
@@ -773,10 +775,14 @@ impl Kernels {
         need_len("rmsnorm_backward: w", &w, hidden)?;
         need_vec("rmsnorm_backward: w", &w)?;
         need_len("rmsnorm_backward: rstd", &rstd, n)?;
+        if dx16.ptr != 0 {
+            need_len("rmsnorm_backward: dx16", &dx16, n * hidden)?;
+            need_vec("rmsnorm_backward: dx16", &dx16)?;
+        }
         // A few blocks per SM: each adds its partial dw once.
         let grid = blocks(n, 8).min(self.sm_count * 2);
         let cfg = Self::cfg((grid, 1), 256, rmsnorm_backward_smem(hidden));
-        launch!(self, "rmsnorm_backward", cfg; dx.ptr, dw.ptr, dy.ptr, xhat.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
+        launch!(self, "rmsnorm_backward", cfg; dx.ptr, dx16.ptr, dw.ptr, dy.ptr, xhat.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
             hidden as i32, accumulate as i32);
         Ok(())
     }
@@ -994,35 +1000,51 @@ impl Kernels {
         Self::cfg((blocks(count.div_ceil(8), 256), 1), 256, 0)
     }
 
-    /// `out = silu(gate)·up`, all bf16 of `count` elements.
-    pub fn swiglu_forward(&self, out: DPtr<Bf16>, gate: DPtr<Bf16>, up: DPtr<Bf16>, count: usize) -> Result<()> {
-        for (name, p) in [("out", &out), ("gate", &gate), ("up", &up)] {
-            need_len(&format!("swiglu: {name}"), p, count)?;
-            need_vec(&format!("swiglu: {name}"), p)?;
+    /// SwiGLU's grid: one block row per token row, 256 threads of 8 columns each across
+    /// the `inter` columns; checks the `[rows, 2·inter]` gate|up and `[rows, inter]` views.
+    fn swiglu_cfg(
+        what: &str,
+        rows: usize,
+        inter: usize,
+        wide: &[(&str, &DPtr<Bf16>)],
+        narrow: &[(&str, &DPtr<Bf16>)],
+    ) -> Result<LaunchConfig> {
+        need(inter > 0 && inter.is_multiple_of(8), || {
+            format!("{what}: inter {inter} must be a positive multiple of 8")
+        })?;
+        for (list, width) in [(wide, 2 * inter), (narrow, inter)] {
+            for (name, p) in list {
+                need_len(&format!("{what}: {name}"), p, rows * width)?;
+                need_vec(&format!("{what}: {name}"), p)?;
+            }
         }
-        launch!(self, "swiglu_forward", Self::flat_cfg(count); out.ptr, gate.ptr, up.ptr, count as i64);
+        Ok(Self::cfg((rows.max(1) as u32, blocks(inter / 8, 256)), 256, 0))
+    }
+
+    /// `out = silu(gate)·up` (bf16 `[rows, inter]`) from `gu` = [gate | up] (bf16
+    /// `[rows, 2·inter]`, gate in each row's first `inter` columns: the output of one
+    /// GEMM with [Wg; Wu]).
+    pub fn swiglu_forward(&self, out: DPtr<Bf16>, gu: DPtr<Bf16>, rows: usize, inter: usize) -> Result<()> {
+        let cfg = Self::swiglu_cfg("swiglu_forward", rows, inter, &[("gu", &gu)], &[("out", &out)])?;
+        launch!(self, "swiglu_forward", cfg; out.ptr, gu.ptr, to_i32("rows", rows)?, to_i32("inter", inter)?);
         Ok(())
     }
 
-    /// `dgate`, `dup`, and `out` = the forward's output again (bit for bit).
-    #[allow(clippy::too_many_arguments)]
+    /// `dgu` = [dgate | dup] (the layout of `gu`), and `out` = the forward's output again
+    /// (bit for bit), from `dout` `[rows, inter]`.
     pub fn swiglu_backward(
         &self,
-        dgate: DPtr<Bf16>,
-        dup: DPtr<Bf16>,
+        dgu: DPtr<Bf16>,
         out: DPtr<Bf16>,
         dout: DPtr<Bf16>,
-        gate: DPtr<Bf16>,
-        up: DPtr<Bf16>,
-        count: usize,
+        gu: DPtr<Bf16>,
+        rows: usize,
+        inter: usize,
     ) -> Result<()> {
-        let all = [("dgate", &dgate), ("dup", &dup), ("out", &out), ("dout", &dout), ("gate", &gate), ("up", &up)];
-        for (name, p) in all {
-            need_len(&format!("swiglu_backward: {name}"), p, count)?;
-            need_vec(&format!("swiglu_backward: {name}"), p)?;
-        }
-        launch!(self, "swiglu_backward", Self::flat_cfg(count); dgate.ptr, dup.ptr, out.ptr, dout.ptr, gate.ptr,
-            up.ptr, count as i64);
+        let (wide, narrow) = ([("dgu", &dgu), ("gu", &gu)], [("out", &out), ("dout", &dout)]);
+        let cfg = Self::swiglu_cfg("swiglu_backward", rows, inter, &wide, &narrow)?;
+        launch!(self, "swiglu_backward", cfg; dgu.ptr, out.ptr, dout.ptr, gu.ptr, to_i32("rows", rows)?,
+            to_i32("inter", inter)?);
         Ok(())
     }
 
@@ -1115,7 +1137,10 @@ mod tests {
         assert_eq!(sig("grad_norm_forward"), vec![Ptr, Ptr, I64]);
         assert_eq!(sig("grad_norm_forward_reduce"), vec![Ptr, Ptr, I32, I32]);
         assert_eq!(sig("attention_backward_hd128"), [vec![Ptr; 12], vec![I32; 8], vec![F32]].concat());
-        assert_eq!(sig("swiglu_forward"), vec![Ptr, Ptr, Ptr, I64]);
+        assert_eq!(sig("swiglu_forward"), vec![Ptr, Ptr, I32, I32]);
+        assert_eq!(sig("swiglu_backward"), [vec![Ptr; 4], vec![I32; 2]].concat());
+        assert_eq!(sig("rmsnorm_backward"), [vec![Ptr; 7], vec![I32; 3]].concat());
+        assert_eq!(sig("cast_forward_f32_bf16"), vec![Ptr, Ptr, I64]);
         let bound = |name: &str| kernel_signatures().unwrap().iter().find(|s| s.names(name)).unwrap().max_threads;
         assert_eq!(
             [bound("logprobs_forward"), bound("attention_forward_hd16"), bound("rmsnorm_forward")],
@@ -1131,18 +1156,20 @@ mod tests {
     #[test]
     fn refuses_arguments_of_the_wrong_kind_or_count() {
         let cfg = Kernels::cfg((4, 1), 256, 0);
-        assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I64]).is_ok());
+        assert!(check_launch("cast_forward_f32_bf16", &cfg, &[Ptr, Ptr, I64]).is_ok());
         // An i32 count for `long long count`: correct on the simulator, garbage on a device.
-        let err = check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I32]).unwrap_err();
+        let err = check_launch("cast_forward_f32_bf16", &cfg, &[Ptr, Ptr, I32]).unwrap_err();
         assert!(err.to_string().contains("kernels/elementwise.cu declares"), "{err}");
-        assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I64, I32]).is_err());
+        assert!(check_launch("cast_forward_f32_bf16", &cfg, &[Ptr, Ptr, I64, I32]).is_err());
+        assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, I32, I32]).is_ok());
+        assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I32, I32]).is_err());
         assert!(check_launch("attention_forward_hd48", &cfg, &[Ptr]).is_err());
         assert!(check_launch("no_such_kernel", &cfg, &[]).is_err());
     }
 
     #[test]
     fn refuses_blocks_past_the_launch_bounds_and_unopted_shared_memory() {
-        let swiglu = [Ptr, Ptr, Ptr, I64];
+        let swiglu = [Ptr, Ptr, I32, I32];
         let err = check_launch("swiglu_forward", &Kernels::cfg((1, 1), 512, 0), &swiglu).unwrap_err();
         assert!(err.to_string().contains("a block of 512 threads, kernels/elementwise.cu bounds it to 256"), "{err}");
         let err = check_launch("swiglu_forward", &Kernels::cfg((1, 1), 256, 16), &swiglu).unwrap_err();

@@ -17,16 +17,19 @@
 //! Data flow of one layer (row-major [tokens, features]; f32 unless marked bf16):
 //!   xn1 (bf16) = rmsnorm(x)        qkv (bf16) = xn1·[Wq;Wk;Wv]ᵀ    rope(q), rope(k) in place
 //!   att (bf16), lse = attention(q, k, v)                  x_mid = x + att·Woᵀ
-//!   xn2 (bf16) = rmsnorm(x_mid)    gate, up (bf16) = xn2·Wgᵀ, xn2·Wuᵀ
+//!   xn2 (bf16) = rmsnorm(x_mid)    gu = [gate | up] (bf16) = xn2·[Wg;Wu]ᵀ
 //!   act (bf16) = silu(gate)·up     x_out = x_mid + act·Wdᵀ
+//! (q/k/v and gate/up are one GEMM each: their weights are adjacent rows of the flat
+//! buffer, and the weight gradient of each pair is one GEMM into the adjacent gradients.)
 //! Backward walks it in reverse with the residual gradient in f32 and a bf16 copy of it
-//! as GEMM input; strided f32→bf16 copies reuse rope_backward with a zero frequency table
-//! (a rotation by 0). Saved per layer: rstd and x̂ = x·rstd (bf16) of each norm, qkv,
-//! att, lse, gate and up; not the f32 residual stream (x, x_mid: the norms' backward
-//! takes x̂), not act (swiglu_backward writes it again before the down projection's weight
-//! gradient needs it) and not xn1, xn2 (rmsnorm_apply writes them again from x̂ before the
-//! weight gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the
-//! 84,104 bytes per token and layer a copy of everything would take.
+//! as GEMM input (written by each norm's backward beside its f32 dx); strided f32→bf16
+//! copies reuse rope_backward with a zero frequency table (a rotation by 0). Saved per
+//! layer: rstd and x̂ = x·rstd (bf16) of each norm, qkv, att, lse, and gu; not the f32
+//! residual stream (x, x_mid: the norms' backward takes x̂), not act (swiglu_backward
+//! writes it again before the down projection's weight gradient needs it) and not xn1,
+//! xn2 (rmsnorm_apply writes them again from x̂ before the weight gradients of the GEMMs
+//! after the norm). At Llama 3.2 1B that is 51,336 of the 84,104 bytes per token and
+//! layer a copy of everything would take.
 
 use std::time::Instant;
 
@@ -78,8 +81,8 @@ struct LayerActs {
     xhat1: DPtr<Bf16>,
     xhat2: DPtr<Bf16>,
     rstd2: DPtr<f32>,
-    gate: DPtr<Bf16>,
-    up: DPtr<Bf16>,
+    /// [gate | up] `[cap, 2·intermediate]`: the fused GEMM's output, swiglu's input.
+    gu: DPtr<Bf16>,
 }
 
 /// Activations and backward scratch for up to `cap` tokens, `head_rows` LM-head rows.
@@ -107,8 +110,8 @@ struct Acts {
     dxn: DPtr<f32>,
     dxf: DPtr<f32>,
     dact: DPtr<Bf16>,
-    dgate: DPtr<Bf16>,
-    dup: DPtr<Bf16>,
+    /// [dgate | dup], the layout of `gu`.
+    dgu: DPtr<Bf16>,
     datt: DPtr<Bf16>,
     delta: DPtr<f32>,
     dqkv32: DPtr<f32>,
@@ -384,8 +387,7 @@ impl CudaEngine {
                 xhat1: p.bf16(g, cap * h)?,
                 xhat2: p.bf16(g, cap * h)?,
                 rstd2: p.f32(g, cap)?,
-                gate: p.bf16(g, cap * i)?,
-                up: p.bf16(g, cap * i)?,
+                gu: p.bf16(g, cap * 2 * i)?,
             });
         }
         self.acts = Some(Acts {
@@ -403,8 +405,7 @@ impl CudaEngine {
             dxn: p.f32(g, cap * h)?,
             dxf: p.f32(g, cap * h)?,
             dact: p.bf16(g, cap * i)?,
-            dgate: p.bf16(g, cap * i)?,
-            dup: p.bf16(g, cap * i)?,
+            dgu: p.bf16(g, cap * 2 * i)?,
             datt: p.bf16(g, cap * qd)?,
             delta: p.f32(g, cap * nh)?,
             dqkv32: p.f32(g, cap * qkvd)?,
@@ -509,6 +510,18 @@ impl CudaEngine {
 
     // --- forward
 
+    /// Layer `l`'s gate and up weights as one `[2·intermediate, hidden]` bf16 matrix
+    /// [Wg; Wu] (adjacent in the flat buffers, like q/k/v), and their gradients.
+    fn gate_up16(&self, l: usize) -> Result<DPtr<Bf16>> {
+        let (o, len) = self.adjacent(Self::li(l, 6), Self::li(l, 7))?;
+        self.gpu.ptr(&self.wbf).slice(o, len)
+    }
+
+    fn gate_up_grad(&self, l: usize) -> Result<DPtr<f32>> {
+        let (o, len) = self.adjacent(Self::li(l, 6), Self::li(l, 7))?;
+        self.gpu.ptr(&self.grad).slice(o, len)
+    }
+
     /// Runs the model over the batch and the LM head over its target rows; leaves the
     /// per-row log-probs in `b.row_logp`.
     fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
@@ -558,13 +571,11 @@ impl CudaEngine {
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x_mid, self.w16(Self::li(l, 5))?, n, h, eps)?;
-            let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
-            let up_shape = GemmShape::new(n, i, h, false, true);
+            let (wgu, wd) = (self.gate_up16(l)?, self.w16(Self::li(l, 8))?);
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_bf16(la.gate, xn, wg, &up_shape, 1.0, 0.0)?;
-            self.gpu.gemm.gemm_bf16(la.up, xn, wu, &up_shape, 1.0, 0.0)?;
+            self.gpu.gemm.gemm_bf16(la.gu, xn, wgu, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.swiglu_forward(act, la.gate, la.up, n * i)?;
+            self.gpu.k.swiglu_forward(act, la.gu, n, i)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32_add(x, x_mid, act, wd, &GemmShape::new(n, h, i, false, true))?;
         }
@@ -633,7 +644,7 @@ impl CudaEngine {
         let (layers, xhat_f) = (a.layers.clone(), a.xhat_f.slice(0, n * h)?);
         let (dx, dx16, dxn, dxf) =
             (a.dx.slice(0, n * h)?, a.dx16.slice(0, n * h)?, a.dxn.slice(0, n * h)?, a.dxf.slice(0, n * h)?);
-        let (dact, dgate, dup) = (a.dact.slice(0, n * i)?, a.dgate.slice(0, n * i)?, a.dup.slice(0, n * i)?);
+        let (dact, dgu) = (a.dact.slice(0, n * i)?, a.dgu.slice(0, n * 2 * i)?);
         let (xn, act) = (a.xn.slice(0, n * h)?, a.act.slice(0, n * i)?);
         let (datt, delta, dqkv32, dqkv16) = (a.datt, a.delta, a.dqkv32, a.dqkv16);
         let rstd_f = a.rstd_f;
@@ -660,7 +671,8 @@ impl CudaEngine {
         self.prof.section(&self.gpu, Category::NormElementwise)?;
         let g = &self.gpu;
         let (gnorm, wnorm) = (self.tensor_f32(&self.grad, fnorm)?, self.w16(fnorm)?);
-        g.k.rmsnorm_backward(dx, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
+        // dx16: the last layer's MLP input gradient, for its GEMMs.
+        g.k.rmsnorm_backward(dx, dx16, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
 
         let pos = g.ptr(&b.positions);
         let (freq, zero) = (g.ptr(&self.inv_freq), g.ptr(&self.zero_freq));
@@ -670,35 +682,33 @@ impl CudaEngine {
             let la = layers[l];
             let gws = (0..9).map(|j| self.tensor_f32(&self.grad, Self::li(l, j))).collect::<Result<Vec<_>>>()?;
             let gw = |j: usize| -> Result<DPtr<f32>> { Ok(gws[j]) };
-            // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
-            let (wg, wu, wd) = (self.w16(Self::li(l, 6))?, self.w16(Self::li(l, 7))?, self.w16(Self::li(l, 8))?);
-            let (gg, gu, gd) = (gw(6)?, gw(7)?, gw(8)?);
+            // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up, [gate | up] = xn2·[Wg;Wu]ᵀ.
+            // dx16 = bf16(dx): the norm backward before this wrote it.
+            let (wgu, wd) = (self.gate_up16(l)?, self.w16(Self::li(l, 8))?);
+            let (ggu, gd) = (self.gate_up_grad(l)?, gw(8)?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_bf16(dact, dx16, wd, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            let (gate, up) = (la.gate.slice(0, n * i)?, la.up.slice(0, n * i)?);
-            self.gpu.k.swiglu_backward(dgate, dup, act, dact, gate, up, n * i)?; // act: this layer's again
+            let gu = la.gu.slice(0, n * 2 * i)?;
+            self.gpu.k.swiglu_backward(dgu, act, dact, gu, n, i)?; // act: this layer's again
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(gd, dx16, act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
-            gm.gemm_f32(dxn, dgate, wg, &GemmShape::new(n, h, i, false, false), 1.0, 0.0)?;
-            gm.gemm_f32(dxn, dup, wu, &GemmShape::new(n, h, i, false, false), 1.0, 1.0)?;
+            // dxn = dgate·Wg + dup·Wu as one GEMM over K = 2·intermediate.
+            gm.gemm_f32(dxn, dgu, wgu, &GemmShape::new(n, h, 2 * i, false, false), 1.0, 0.0)?;
             let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
             let xhat2 = la.xhat2.slice(0, n * h)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.rmsnorm_apply(xn, xhat2, wpost, n, h)?; // this layer's xn2 again
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_f32(gg, dgate, xn, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
-            gm.gemm_f32(gu, dup, xn, &GemmShape::new(i, h, n, true, false), 1.0, 1.0)?;
+            // [dWg; dWu] += [dgate | dup]ᵀ·xn2, into the adjacent gradients.
+            gm.gemm_f32(ggu, dgu, xn, &GemmShape::new(2 * i, h, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, gpost, dxn, xhat2, wpost, la.rstd2, n, h, true)?;
+            self.gpu.k.rmsnorm_backward(dx, dx16, gpost, dxn, xhat2, wpost, la.rstd2, n, h, true)?;
 
-            // attention: x_mid = x + att·Woᵀ
-            self.gpu.k.cast_f32_bf16(dx16, dx, n * h)?;
+            // attention: x_mid = x + att·Woᵀ (dx16 = bf16(dx) from the norm above)
             let (wo, go) = (self.w16(Self::li(l, 4))?, gw(4)?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
@@ -730,7 +740,10 @@ impl CudaEngine {
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(gqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, gin, dxn, xhat1, win, la.rstd1, n, h, true)?;
+            // dx16 for the next (lower) layer's MLP; layer 0's dx goes to the f32 embedding
+            // backward only.
+            let dx16_next = if l > 0 { dx16 } else { null() };
+            self.gpu.k.rmsnorm_backward(dx, dx16_next, gin, dxn, xhat1, win, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
         g.k.embedding_backward(self.tensor_f32(&self.grad, 0)?, dx, g.ptr(&b.tokens), h)?;
