@@ -203,10 +203,21 @@ impl Gpu {
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<DBuf<T>> {
         match &self.stream {
             None => Ok(DBuf::Host(HostMem::zeroed(len))),
-            Some(s) => s
-                .alloc_zeros::<T>(len.max(1))
-                .map(DBuf::Dev)
-                .map_err(|e| Error::Cuda(format!("allocating {len} × {} bytes: {e}", std::mem::size_of::<T>()))),
+            Some(s) => s.alloc_zeros::<T>(len.max(1)).map(DBuf::Dev).map_err(|e| {
+                let bytes = len * std::mem::size_of::<T>();
+                if e.0 != cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                    return Error::Cuda(format!("allocating {bytes} bytes: {e}"));
+                }
+                let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+                let (used, total) = self.mem_used().unwrap_or((0, 0));
+                Error::Cuda(format!(
+                    "out of device memory allocating {} ({} already in use by this run, {} on the device); \
+                     activations grow with the micro-batch: lower --micro-batch-tokens, or train a smaller model",
+                    gb(bytes as u64),
+                    gb(used),
+                    gb(total)
+                ))
+            }),
         }
     }
 
