@@ -336,6 +336,10 @@ pub struct BenchReport {
     /// (common) bytes, and how they were measured.
     pub peak_mem_bytes: Option<u64>,
     pub peak_mem: String,
+    /// (sdpo-run, CUDA) what the engine's buffers take by `memory_plan`, the allocation
+    /// code's own count: the peak less this is cuBLASLt's workspace, the kernel modules
+    /// and the batch uploads.
+    pub planned_mem_bytes: Option<u64>,
     /// Per timed training step; `None` where the engine does not profile.
     pub split: Option<Split>,
 }
@@ -441,6 +445,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     } else {
         (eng.peak_memory_bytes(), "device memory used beyond the CUDA context (cuMemGetInfo), peak".to_string())
     };
+    #[cfg(feature = "cuda")]
+    let planned_mem_bytes = (!on_cpu).then(|| {
+        let rows = crate::engine::cpu::ops::LogpPlan::new(&batch.targets).rows.len();
+        crate::engine::cuda::model::memory_plan(&cfg, batch.n_tokens(), rows, true).total()
+    });
+    #[cfg(not(feature = "cuda"))]
+    let planned_mem_bytes = None;
     let (ceiling_flops, ceiling) = if on_cpu {
         let n = opts.ceiling_gemm;
         let best = cpu_gemm_flops(n, 3).max(ceiling_before.unwrap_or(0.0));
@@ -502,6 +513,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         mfu_datasheet: datasheet.map(|f| train_flops_s / f),
         peak_mem_bytes,
         peak_mem,
+        planned_mem_bytes,
         split,
     })
 }
@@ -549,6 +561,12 @@ impl BenchReport {
             self.peak_mem_bytes.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
             self.peak_mem
         );
+        if let Some(b) = self.planned_mem_bytes {
+            s += &format!(
+                "  planned {:.1} MiB (the engine's buffers; the rest of the peak is cuBLASLt and the modules)\n",
+                b as f64 / 1048576.0
+            );
+        }
         if let Some(sp) = &self.split {
             let parts = [
                 ("attention", sp.attention_s),

@@ -258,3 +258,45 @@ fn cuda_engine_profiles_a_step_by_category() {
     eng.train_step(&batch, &reference, &loss, 1.0).unwrap();
     assert_eq!(eng.take_profile(), None, "profiling was turned off");
 }
+
+/// `memory_plan` is what the engine allocates: a reference pass, a training step and an
+/// optimizer step on the simulator, then the bytes requested through `Gpu::alloc` against
+/// the plan, which leaves out only the gradient-norm partials (f64 per block, and the sum)
+/// and each batch's log-prob output (2 f32 per head row, one per forward).
+#[test]
+fn cuda_engine_allocates_its_memory_plan() {
+    use sdpo::dpo::LossConfig;
+    use sdpo::engine::cpu::ops::LogpPlan;
+    use sdpo::engine::cuda::model::memory_plan;
+    use sdpo::{AdamWConfig, Engine, Layout, PairBatch, PairExample};
+
+    let cfg = LlamaConfig::from_json(serde_json::json!({"hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 203, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}))
+    .unwrap();
+    // 83 tokens: not a whole number of 64-token activation blocks.
+    let ps: Vec<PairExample> = (0..4u32)
+        .map(|i| PairExample {
+            prompt: (0..5 + i).collect(),
+            chosen: (10..17 + i).collect(),
+            rejected: (20..24).collect(),
+            source: String::new(),
+        })
+        .collect();
+    let refs: Vec<&PairExample> = ps.iter().collect();
+    let batch = PairBatch::new(&refs, Layout::Shared).unwrap();
+    let (tokens, rows) = (batch.n_tokens(), LogpPlan::new(&batch.targets).rows.len());
+    let small = (Gpu::sim(sim().clone()).k.grad_norm_blocks() + 1) as u64 * 8;
+    let per_batch = rows as u64 * 8;
+
+    let mut eng = CudaEngine::with_gpu(cfg.clone(), LlamaWeights::random(&cfg, 5), Gpu::sim(sim().clone())).unwrap();
+    let reference = eng.sequence_logps(&batch).unwrap();
+    let plan = memory_plan(&cfg, tokens, rows, false);
+    println!("{tokens} tokens, {rows} head rows; forward only: {plan:?}");
+    assert_eq!(eng.allocated_bytes(), plan.total() + small + per_batch, "forward-only allocations vs {plan:?}");
+    eng.train_step(&batch, &reference, &LossConfig::default(), 1.0).unwrap();
+    eng.optimizer_step(&AdamWConfig::default(), 1e-3).unwrap();
+    let plan = memory_plan(&cfg, tokens, rows, true);
+    println!("training: {plan:?}");
+    assert_eq!(eng.allocated_bytes(), plan.total() + small + 2 * per_batch, "training allocations vs {plan:?}");
+}

@@ -118,6 +118,7 @@ pub fn kernel_image(file: &str, arch: &str) -> Result<Vec<u8>> {
 
 // --- the device
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
@@ -167,6 +168,8 @@ pub struct Gpu {
     /// Device memory in use right after the context was created (the context itself and
     /// any other process's), which `mem_used` leaves out.
     mem_base: u64,
+    /// Bytes requested through `alloc` so far (freed buffers included).
+    allocated: AtomicU64,
 }
 
 fn driver_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
@@ -190,17 +193,19 @@ impl Gpu {
         let k = Kernels::load(&ctx, stream.clone())?;
         let gemm = gemm::Gemm::new(stream.clone(), major)?;
         let name = ctx.name().map_err(cuda)?;
-        Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, name, mem_base })
+        Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, name, mem_base, allocated: AtomicU64::new(0) })
     }
 
     /// The kernel simulator (see `sim.rs`): host memory, the kernels' own code, the GEMM
     /// computed on the host (`host.rs`).
     pub fn sim(sim: sim::KernelSim) -> Self {
         let (k, gemm) = (Kernels::sim(sim), gemm::Gemm::host());
-        Gpu { ctx: None, stream: None, k, gemm, name: "kernel simulator".into(), mem_base: 0 }
+        let name = "kernel simulator".into();
+        Gpu { ctx: None, stream: None, k, gemm, name, mem_base: 0, allocated: AtomicU64::new(0) }
     }
 
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<DBuf<T>> {
+        self.allocated.fetch_add((len * std::mem::size_of::<T>()) as u64, Ordering::Relaxed);
         match &self.stream {
             None => Ok(DBuf::Host(HostMem::zeroed(len))),
             Some(s) => s.alloc_zeros::<T>(len.max(1)).map(DBuf::Dev).map_err(|e| {
@@ -288,6 +293,12 @@ impl Gpu {
             (DBuf::Host(h), _) => unsafe { DPtr::from_raw(h.addr(), h.len()) },
             (DBuf::Dev(_), None) => unreachable!("device buffers exist only with a device"),
         }
+    }
+
+    /// Bytes requested through `alloc` since the `Gpu` was opened, freed buffers included
+    /// (what `model::memory_plan` is checked against).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
     }
 
     /// (used, total) device memory in bytes; `None` on the simulator.

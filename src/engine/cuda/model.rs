@@ -206,6 +206,58 @@ fn head_chunk_rows(vocab: usize) -> usize {
     ((64usize << 20) / vocab.max(1) / 64 * 64).clamp(64, 8192)
 }
 
+/// Device memory the engine allocates for a model, by part, in bytes: what `with_gpu`, the
+/// first `optimizer_step` and the grow-only activation, LM-head and softmax buffers take
+/// for micro-batches of up to `tokens` tokens and `head_rows` LM-head rows. Left out:
+/// cuBLASLt's workspace and the kernel modules (allocated by the libraries), each batch's
+/// uploads (~20 bytes per token), and buffers under a megabyte (rotary tables,
+/// gradient-norm partials). tests/kernel_sim.rs checks it against the allocations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Master weights (bf16 working copy + 16-bit remainder) and fp32 gradients.
+    pub weights_grads: u64,
+    /// AdamW's fp32 m and v (from the first optimizer step).
+    pub moments: u64,
+    /// What every layer keeps for the backward.
+    pub saved_activations: u64,
+    /// The residual stream, one layer's working buffers and the backward's scratch.
+    pub scratch: u64,
+    /// The gathered head rows and one chunk of fp32 logits.
+    pub head: u64,
+    /// The bf16 softmax of every head row (training only).
+    pub probs: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.weights_grads + self.moments + self.saved_activations + self.scratch + self.head + self.probs
+    }
+}
+
+/// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the moments and
+/// the softmax buffer, which forward-only use (reference log-probs, eval) does not allocate.
+pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
+    let params: usize = LlamaWeights::specs(cfg).iter().map(|s| s.numel().div_ceil(8) * 8).sum();
+    let (h, i, qd, kvd, nh, v) =
+        (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.n_heads, cfg.vocab_size);
+    let qkvd = qd + 2 * kvd;
+    let cap = tokens.next_multiple_of(64);
+    let chunk = head_chunk_rows(v).min(head_rows);
+    let (f32b, bf16b) = (4, 2);
+    // Per token: `LayerActs` of every layer, then `Acts`' single buffers (ensure_acts).
+    let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * h + 2 * i);
+    let single = f32b * (5 * h + 1 + nh + qkvd) + bf16b * (4 * h + 4 * i + qd + qkvd);
+    let b = |x: usize| x as u64;
+    MemoryPlan {
+        weights_grads: b(params * (2 * 2 + f32b)),
+        moments: if train { b(params * 2 * f32b) } else { 0 },
+        saved_activations: b(cap * cfg.n_layers * layer),
+        scratch: b(cap * single),
+        head: b(head_rows * h * (f32b + bf16b) + chunk * v * f32b),
+        probs: if train { b(head_rows * v * bf16b) } else { 0 },
+    }
+}
+
 impl CudaEngine {
     /// Opens GPU `ordinal` and uploads `weights` (checked against `cfg`).
     pub fn new(cfg: LlamaConfig, weights: LlamaWeights, ordinal: usize) -> Result<Self> {
@@ -435,6 +487,11 @@ impl CudaEngine {
         });
         self.note_memory();
         Ok(())
+    }
+
+    /// Bytes this engine's `Gpu` has allocated so far (see `memory_plan`).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.gpu.allocated_bytes()
     }
 
     /// Rows per LM-head logits chunk (default: ~256 MB of fp32 logits, `head_chunk_rows`):
