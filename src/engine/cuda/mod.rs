@@ -301,6 +301,11 @@ impl Gpu {
         self.allocated.load(Ordering::Relaxed)
     }
 
+    /// Free device memory in bytes; `None` on the simulator.
+    pub fn mem_free(&self) -> Option<u64> {
+        self.ctx.as_ref()?.mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+
     /// (used, total) device memory in bytes; `None` on the simulator.
     /// (bytes in use beyond those at context creation, the device's total): what this
     /// process allocated since (buffers, cuBLASLt's workspace, the kernel modules), the

@@ -258,6 +258,46 @@ pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bo
     }
 }
 
+/// The part of a plan that grows with the micro-batch.
+fn batch_bytes(p: &MemoryPlan) -> u64 {
+    p.saved_activations + p.scratch + p.head + p.probs
+}
+
+/// Why a micro-batch of `n` tokens and `rows` head rows does not fit in `available`
+/// bytes (`None`: it does), and the most tokens (in 64s) that would, at the same share of
+/// head rows.
+fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: u64) -> Option<String> {
+    let plan = memory_plan(cfg, n, rows, train);
+    let need = batch_bytes(&plan);
+    if need <= available {
+        return None;
+    }
+    let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+    let fit = |k: usize| batch_bytes(&memory_plan(cfg, k, (k * rows).div_ceil(n), train)) <= available;
+    // Nearly linear in the tokens (one logits chunk is not): start from the linear
+    // estimate and step down.
+    let mut k = (n as f64 * available as f64 / need as f64) as usize / 64 * 64;
+    while k > 0 && !fit(k) {
+        k -= 64;
+    }
+    let advice = if k > 0 {
+        format!("lower --micro-batch-tokens to {k} or less")
+    } else {
+        "not even 64 tokens fit beside the model's weights, gradients and AdamW state: train a smaller model".into()
+    };
+    Some(format!(
+        "a micro-batch of {n} tokens needs {} of device memory (saved activations {}, scratch {}, LM head {}, \
+         softmax {}), and {} are free beside the model's state ({}); {advice}",
+        gb(need),
+        gb(plan.saved_activations),
+        gb(plan.scratch),
+        gb(plan.head),
+        gb(plan.probs),
+        gb(available),
+        gb(plan.weights_grads + plan.moments),
+    ))
+}
+
 impl CudaEngine {
     /// Opens GPU `ordinal` and uploads `weights` (checked against `cfg`).
     pub fn new(cfg: LlamaConfig, weights: LlamaWeights, ordinal: usize) -> Result<Self> {
@@ -468,6 +508,27 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// Fails with what to change when the buffers a micro-batch of `n` tokens and `rows`
+    /// head rows needs (beyond those already held, which a regrowth frees first) do not fit
+    /// in the device's free memory; the simulator has no limit.
+    fn check_room(&self, n: usize, rows: usize, train: bool) -> Result<()> {
+        let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
+        let probs_rows = self.probs.as_ref().map_or(0, |p| p.rows);
+        let grows = n > cap || rows > head_rows || (train && (rows > probs_rows || self.moments.is_none()));
+        let Some(free) = self.gpu.mem_free().filter(|_| grows) else {
+            return Ok(());
+        };
+        let held =
+            batch_bytes(&memory_plan(&self.cfg, cap, head_rows, false)) + (probs_rows * self.cfg.vocab_size * 2) as u64;
+        let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || probs_rows > 0);
+        // The first optimizer step allocates the moments after this forward.
+        let pending = if train && self.moments.is_none() { memory_plan(&self.cfg, 0, 0, true).moments } else { 0 };
+        match room_error(&self.cfg, n, rows, train, (free + held).saturating_sub(pending)) {
+            None => Ok(()),
+            Some(why) => Err(Error::invalid(why)),
+        }
+    }
+
     fn ensure_head(&mut self, rows: usize) -> Result<()> {
         if self.head.as_ref().is_some_and(|hb| hb.rows >= rows) {
             return Ok(());
@@ -583,6 +644,7 @@ impl CudaEngine {
     /// per-row log-probs in `b.row_logp`.
     fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
         self.prof.drop_open();
+        self.check_room(n, b.plan.rows.len(), train)?;
         self.ensure_acts(n)?;
         self.ensure_head(b.plan.rows.len())?;
         if train {
@@ -1169,6 +1231,31 @@ impl Profiler {
 
 #[cfg(test)]
 mod tests {
+    use super::{memory_plan, room_error};
+    use crate::bench::Shape;
+
+    /// Llama 3 8B on an H200 (139 GiB, ~0.7 GB of it the context, cuBLASLt and the
+    /// modules): micro-batches of pairs of prompt 256 + answers 512 (1,280 tokens, 1,024
+    /// head rows each).
+    #[test]
+    fn a_micro_batch_too_large_for_the_device_names_one_that_fits() {
+        let cfg = Shape::Llama8b.config();
+        let state = |p: &super::MemoryPlan| p.weights_grads + p.moments;
+        let plan = |pairs: usize| memory_plan(&cfg, 1280 * pairs, 1024 * pairs, true);
+        let available = (139u64 << 30) - 700_000_000 - state(&plan(1));
+        assert_eq!(room_error(&cfg, 4 * 1280, 4 * 1024, true, available), None, "4 pairs fit: {:?}", plan(4));
+        let why = room_error(&cfg, 8 * 1280, 8 * 1024, true, available).expect("8 pairs do not fit");
+        println!("{why}");
+        let fits: usize =
+            why.split("to ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).expect("a token count");
+        assert!((4 * 1280..8 * 1280).contains(&fits), "{fits}");
+        // Those tokens fit, and 64 more do not (at the same share of head rows).
+        assert_eq!(room_error(&cfg, fits, (fits * 4).div_ceil(5), true, available), None);
+        assert!(room_error(&cfg, fits + 64, ((fits + 64) * 4).div_ceil(5), true, available).is_some());
+        let why = room_error(&cfg, 1280, 1024, true, 100_000_000).expect("0.1 GB holds no micro-batch");
+        assert!(why.contains("train a smaller model"), "{why}");
+    }
+
     use super::*;
 
     #[test]
