@@ -212,24 +212,12 @@ fn cuda_engine_refuses_models_its_kernels_do_not_cover() {
 fn cuda_engine_profiles_a_step_by_category() {
     use sdpo::dpo::LossConfig;
     use sdpo::engine::profile::Category;
-    use sdpo::{AdamWConfig, Engine, Layout, PairBatch, PairExample};
+    use sdpo::{AdamWConfig, Engine};
     use std::time::Instant;
 
-    let cfg = LlamaConfig::from_json(serde_json::json!({"hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "vocab_size": 203, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
-    .unwrap();
+    let cfg = small_config(2, true);
     let w = LlamaWeights::random(&cfg, 3);
-    let ps: Vec<PairExample> = (0..3u32)
-        .map(|i| PairExample {
-            prompt: (0..7 + i).collect(),
-            chosen: (10..15 + i).collect(),
-            rejected: (20..24).collect(),
-            source: String::new(),
-        })
-        .collect();
-    let refs: Vec<&PairExample> = ps.iter().collect();
-    let batch = PairBatch::new(&refs, Layout::Shared).unwrap();
+    let batch = small_batch(3, 7);
     let mut eng = CudaEngine::with_gpu(cfg, w, Gpu::sim(sim().clone())).unwrap();
     assert_eq!(eng.take_profile(), None, "profiling is off by default");
     let reference = eng.sequence_logps(&batch).unwrap();
@@ -268,23 +256,11 @@ fn cuda_engine_allocates_its_memory_plan() {
     use sdpo::dpo::LossConfig;
     use sdpo::engine::cpu::ops::LogpPlan;
     use sdpo::engine::cuda::model::memory_plan;
-    use sdpo::{AdamWConfig, Engine, Layout, PairBatch, PairExample};
+    use sdpo::{AdamWConfig, Engine};
 
-    let cfg = LlamaConfig::from_json(serde_json::json!({"hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "vocab_size": 203, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}))
-    .unwrap();
-    // 83 tokens: not a whole number of 64-token activation blocks.
-    let ps: Vec<PairExample> = (0..4u32)
-        .map(|i| PairExample {
-            prompt: (0..5 + i).collect(),
-            chosen: (10..17 + i).collect(),
-            rejected: (20..24).collect(),
-            source: String::new(),
-        })
-        .collect();
-    let refs: Vec<&PairExample> = ps.iter().collect();
-    let batch = PairBatch::new(&refs, Layout::Shared).unwrap();
+    // An untied LM head; 68 tokens: not a whole number of 64-token activation blocks.
+    let cfg = small_config(3, false);
+    let batch = small_batch(4, 5);
     let (tokens, rows) = (batch.n_tokens(), LogpPlan::new(&batch.targets).rows.len());
     let small = (Gpu::sim(sim().clone()).k.grad_norm_blocks() + 1) as u64 * 8;
     let per_batch = rows as u64 * 8;
@@ -299,4 +275,26 @@ fn cuda_engine_allocates_its_memory_plan() {
     let plan = memory_plan(&cfg, tokens, rows, true);
     println!("training: {plan:?}");
     assert_eq!(eng.allocated_bytes(), plan.total() + small + 2 * per_batch, "training allocations vs {plan:?}");
+}
+
+/// A model of hidden 64 (4 heads of 16, 2 KV heads, vocabulary 203) for the engine tests.
+fn small_config(layers: usize, tied: bool) -> LlamaConfig {
+    LlamaConfig::from_json(serde_json::json!({"hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 203, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": tied}))
+    .unwrap()
+}
+
+/// `n` pairs of prompts from `prompt` tokens up, shared layout.
+fn small_batch(n: u32, prompt: u32) -> sdpo::PairBatch {
+    let ps: Vec<sdpo::PairExample> = (0..n)
+        .map(|i| sdpo::PairExample {
+            prompt: (0..prompt + i).collect(),
+            chosen: (10..15 + i).collect(),
+            rejected: (20..24).collect(),
+            source: String::new(),
+        })
+        .collect();
+    let refs: Vec<&sdpo::PairExample> = ps.iter().collect();
+    sdpo::PairBatch::new(&refs, sdpo::Layout::Shared).unwrap()
 }

@@ -88,12 +88,7 @@ inline unsigned __float_as_uint(float f) {
     memcpy(&u, &f, 4);
     return u;
 }
-inline float __bfloat162float(__nv_bfloat16 h) {
-    uint32_t u = (uint32_t)h.bits << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((uint32_t)h.bits << 16); }
 inline __nv_bfloat16 __float2bfloat16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
