@@ -85,7 +85,9 @@ struct LayerActs {
     gu: DPtr<Bf16>,
 }
 
-/// Activations and backward scratch for up to `cap` tokens, `head_rows` LM-head rows.
+/// Activations for up to `cap` tokens: every layer's and the backward's buffers after a
+/// training forward, one layer's set and no backward buffers for forward-only use
+/// (reference log-probs, eval, scoring), where each layer's activations die with it.
 struct Acts {
     cap: usize,
     /// The residual stream (f32): a layer reads x, writes x_mid = x + att·Woᵀ, then
@@ -93,8 +95,6 @@ struct Acts {
     /// (bf16) and rstd instead.
     x: DPtr<f32>,
     x_mid: DPtr<f32>,
-    /// The final norm's x̂.
-    xhat_f: DPtr<Bf16>,
     layers: Vec<LayerActs>,
     /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
     /// the norm, the backward writes it again from x̂ (rmsnorm_apply) for their weight
@@ -105,6 +105,15 @@ struct Acts {
     act: DPtr<Bf16>,
     rstd_f: DPtr<f32>,
     xf: DPtr<Bf16>,
+    back: Option<BackActs>,
+    _pool: Pool,
+}
+
+/// What only training needs beside every layer's activations: the final norm's x̂ and the
+/// backward's buffers.
+#[derive(Clone, Copy)]
+struct BackActs {
+    xhat_f: DPtr<Bf16>,
     dx: DPtr<f32>,
     dx16: DPtr<Bf16>,
     dxn: DPtr<f32>,
@@ -116,7 +125,6 @@ struct Acts {
     delta: DPtr<f32>,
     dqkv32: DPtr<f32>,
     dqkv16: DPtr<Bf16>,
-    _pool: Pool,
 }
 
 /// LM-head buffers for up to `rows` rows (grow-only): the rows gathered from xf, and one
@@ -166,7 +174,8 @@ pub struct CudaEngine {
     /// bf16 copy.
     wbf: DBuf<Bf16>,
     master_lo: DBuf<u16>,
-    grad: DBuf<f32>,
+    /// fp32 gradients, from the first training step on (forward-only engines hold none).
+    grad: Option<DBuf<f32>>,
     moments: Option<(DBuf<f32>, DBuf<f32>, u64)>,
     inv_freq: DBuf<f32>,
     zero_freq: DBuf<f32>,
@@ -214,13 +223,15 @@ fn head_chunk_rows(vocab: usize) -> usize {
 /// gradient-norm partials). tests/kernel_sim.rs checks it against the allocations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryPlan {
-    /// Master weights (bf16 working copy + 16-bit remainder) and fp32 gradients.
-    pub weights_grads: u64,
+    /// Master weights (bf16 working copy + 16-bit remainder).
+    pub weights: u64,
+    /// fp32 gradients (from the first training step).
+    pub grads: u64,
     /// AdamW's fp32 m and v (from the first optimizer step).
     pub moments: u64,
-    /// What every layer keeps for the backward.
+    /// What every layer keeps for the backward (forward only: one layer's buffers).
     pub saved_activations: u64,
-    /// The residual stream, one layer's working buffers and the backward's scratch.
+    /// The residual stream, one layer's working buffers and (training) the backward's.
     pub scratch: u64,
     /// The gathered head rows and one chunk of fp32 logits.
     pub head: u64,
@@ -230,12 +241,13 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     pub fn total(&self) -> u64 {
-        self.weights_grads + self.moments + self.saved_activations + self.scratch + self.head + self.probs
+        self.weights + self.grads + self.moments + self.saved_activations + self.scratch + self.head + self.probs
     }
 }
 
-/// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the moments and
-/// the softmax buffer, which forward-only use (reference log-probs, eval) does not allocate.
+/// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the gradients, the
+/// moments, every layer's activations, the backward's buffers and the softmax, which
+/// forward-only use (reference log-probs, eval, scoring) does not allocate.
 pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
     let params: usize = LlamaWeights::specs(cfg).iter().map(|s| s.numel().div_ceil(8) * 8).sum();
     let (h, i, qd, kvd, nh, v) =
@@ -244,17 +256,21 @@ pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bo
     let cap = tokens.next_multiple_of(64);
     let chunk = head_chunk_rows(v).min(head_rows);
     let (f32b, bf16b) = (4, 2);
-    // Per token: `LayerActs` of every layer, then `Acts`' single buffers (ensure_acts).
+    // Per token (ensure_acts): `LayerActs` (one set per layer, or one in all), `Acts`'
+    // single buffers, `BackActs`.
     let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * h + 2 * i);
-    let single = f32b * (5 * h + 1 + nh + qkvd) + bf16b * (4 * h + 4 * i + qd + qkvd);
+    let single = f32b * (2 * h + 1) + bf16b * (2 * h + i);
+    let back = f32b * (3 * h + nh + qkvd) + bf16b * (2 * h + 3 * i + qd + qkvd);
     let b = |x: usize| x as u64;
+    let t = |x: u64| if train { x } else { 0 };
     MemoryPlan {
-        weights_grads: b(params * (2 * 2 + f32b)),
-        moments: if train { b(params * 2 * f32b) } else { 0 },
-        saved_activations: b(cap * cfg.n_layers * layer),
-        scratch: b(cap * single),
+        weights: b(params * 2 * 2),
+        grads: t(b(params * f32b)),
+        moments: t(b(params * 2 * f32b)),
+        saved_activations: b(cap * if train { cfg.n_layers } else { 1 } * layer),
+        scratch: b(cap * single) + t(b(cap * back)),
         head: b(head_rows * h * (f32b + bf16b) + chunk * v * f32b),
-        probs: if train { b(head_rows * v * bf16b) } else { 0 },
+        probs: t(b(head_rows * v * bf16b)),
     }
 }
 
@@ -294,7 +310,7 @@ fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: 
         gb(plan.head),
         gb(plan.probs),
         gb(available),
-        gb(plan.weights_grads + plan.moments),
+        gb(plan.weights + plan.grads + plan.moments),
     ))
 }
 
@@ -328,7 +344,6 @@ impl CudaEngine {
         let names = specs.iter().map(|s| s.name.clone()).collect();
         let wbf = gpu.alloc::<Bf16>(total)?;
         let master_lo = gpu.alloc::<u16>(total)?;
-        let grad = gpu.alloc::<f32>(total)?;
         let inv_freq = gpu.upload(&cfg.inv_freq())?;
         let zero_freq = gpu.upload(&vec![0f32; hd / 2])?;
         let norm_partial = gpu.alloc::<f64>(gpu.k.grad_norm_blocks())?;
@@ -342,7 +357,7 @@ impl CudaEngine {
             total,
             wbf,
             master_lo,
-            grad,
+            grad: None,
             moments: None,
             inv_freq,
             zero_freq,
@@ -413,9 +428,22 @@ impl CudaEngine {
         self.gpu.ptr(&self.wbf).slice(o, len)
     }
 
+    /// The gradient buffer (`ensure_grad` allocated it).
+    fn grad(&self) -> &DBuf<f32> {
+        self.grad.as_ref().expect("ensure_grad ran before any gradient use")
+    }
+
+    fn ensure_grad(&mut self) -> Result<()> {
+        if self.grad.is_none() {
+            self.grad = Some(self.gpu.alloc::<f32>(self.total)?);
+            self.note_memory();
+        }
+        Ok(())
+    }
+
     fn qkv_grad(&self, l: usize) -> Result<DPtr<f32>> {
         let (o, len) = self.adjacent(Self::li(l, 1), Self::li(l, 3))?;
-        self.gpu.ptr(&self.grad).slice(o, len)
+        self.gpu.ptr(self.grad()).slice(o, len)
     }
 
     fn download_weights(&self, buf: &DBuf<f32>) -> Result<LlamaWeights> {
@@ -458,19 +486,22 @@ impl CudaEngine {
 
     // --- buffers
 
-    fn ensure_acts(&mut self, n: usize) -> Result<()> {
-        if self.acts.as_ref().is_some_and(|a| a.cap >= n) {
+    /// Activations for `n` tokens; `train`: every layer's and the backward's.
+    fn ensure_acts(&mut self, n: usize, train: bool) -> Result<()> {
+        if self.acts.as_ref().is_some_and(|a| a.cap >= n && (a.back.is_some() || !train)) {
             return Ok(());
         }
+        let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap)).next_multiple_of(64);
+        let train = train || self.acts.as_ref().is_some_and(|a| a.back.is_some());
         self.acts = None; // free the old set first
-        let cap = n.next_multiple_of(64);
         let cfg = &self.cfg;
         let (h, i, qd, kvd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.n_heads);
         let qkvd = qd + 2 * kvd;
         let g = &self.gpu;
         let mut p = Pool::default();
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
+        let n_sets = if train { cfg.n_layers } else { 1 };
+        let mut layers = Vec::with_capacity(n_sets);
+        for _ in 0..n_sets {
             layers.push(LayerActs {
                 rstd1: p.f32(g, cap)?,
                 qkv: p.bf16(g, cap * qkvd)?,
@@ -482,26 +513,32 @@ impl CudaEngine {
                 gu: p.bf16(g, cap * 2 * i)?,
             });
         }
+        let back = match train {
+            false => None,
+            true => Some(BackActs {
+                xhat_f: p.bf16(g, cap * h)?,
+                dx: p.f32(g, cap * h)?,
+                dx16: p.bf16(g, cap * h)?,
+                dxn: p.f32(g, cap * h)?,
+                dxf: p.f32(g, cap * h)?,
+                dact: p.bf16(g, cap * i)?,
+                dgu: p.bf16(g, cap * 2 * i)?,
+                datt: p.bf16(g, cap * qd)?,
+                delta: p.f32(g, cap * nh)?,
+                dqkv32: p.f32(g, cap * qkvd)?,
+                dqkv16: p.bf16(g, cap * qkvd)?,
+            }),
+        };
         self.acts = Some(Acts {
             cap,
             x: p.f32(g, cap * h)?,
             x_mid: p.f32(g, cap * h)?,
-            xhat_f: p.bf16(g, cap * h)?,
             layers,
             xn: p.bf16(g, cap * h)?,
             act: p.bf16(g, cap * i)?,
             rstd_f: p.f32(g, cap)?,
             xf: p.bf16(g, cap * h)?,
-            dx: p.f32(g, cap * h)?,
-            dx16: p.bf16(g, cap * h)?,
-            dxn: p.f32(g, cap * h)?,
-            dxf: p.f32(g, cap * h)?,
-            dact: p.bf16(g, cap * i)?,
-            dgu: p.bf16(g, cap * 2 * i)?,
-            datt: p.bf16(g, cap * qd)?,
-            delta: p.f32(g, cap * nh)?,
-            dqkv32: p.f32(g, cap * qkvd)?,
-            dqkv16: p.bf16(g, cap * qkvd)?,
+            back,
             _pool: p,
         });
         self.note_memory();
@@ -514,15 +551,21 @@ impl CudaEngine {
     fn check_room(&self, n: usize, rows: usize, train: bool) -> Result<()> {
         let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
         let probs_rows = self.probs.as_ref().map_or(0, |p| p.rows);
-        let grows = n > cap || rows > head_rows || (train && (rows > probs_rows || self.moments.is_none()));
+        let trained = self.acts.as_ref().is_some_and(|a| a.back.is_some());
+        let state_grows = train && (self.grad.is_none() || self.moments.is_none());
+        let grows = n > cap || rows > head_rows || (train && (!trained || rows > probs_rows)) || state_grows;
         let Some(free) = self.gpu.mem_free().filter(|_| grows) else {
             return Ok(());
         };
-        let held =
-            batch_bytes(&memory_plan(&self.cfg, cap, head_rows, false)) + (probs_rows * self.cfg.vocab_size * 2) as u64;
-        let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || probs_rows > 0);
-        // The first optimizer step allocates the moments after this forward.
-        let pending = if train && self.moments.is_none() { memory_plan(&self.cfg, 0, 0, true).moments } else { 0 };
+        // What a regrowth frees first: the activations and head held now (as planned for
+        // the kind of pass they were made for), and the softmax.
+        let now = memory_plan(&self.cfg, cap, head_rows, trained);
+        let held = now.saved_activations + now.scratch + now.head + (probs_rows * self.cfg.vocab_size * 2) as u64;
+        let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || trained);
+        // The gradients (this step) and moments (the first update) not allocated yet.
+        let state = memory_plan(&self.cfg, 0, 0, true);
+        let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
+        let pending = missing(self.grad.is_none(), state.grads) + missing(self.moments.is_none(), state.moments);
         match room_error(&self.cfg, n, rows, train, (free + held).saturating_sub(pending)) {
             None => Ok(()),
             Some(why) => Err(Error::invalid(why)),
@@ -637,7 +680,7 @@ impl CudaEngine {
 
     fn gate_up_grad(&self, l: usize) -> Result<DPtr<f32>> {
         let (o, len) = self.adjacent(Self::li(l, 6), Self::li(l, 7))?;
-        self.gpu.ptr(&self.grad).slice(o, len)
+        self.gpu.ptr(self.grad()).slice(o, len)
     }
 
     /// Runs the model over the batch and the LM head over its target rows; leaves the
@@ -645,7 +688,7 @@ impl CudaEngine {
     fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
         self.prof.drop_open();
         self.check_room(n, b.plan.rows.len(), train)?;
-        self.ensure_acts(n)?;
+        self.ensure_acts(n, train)?;
         self.ensure_head(b.plan.rows.len())?;
         if train {
             self.ensure_probs(b.plan.rows.len())?;
@@ -659,6 +702,7 @@ impl CudaEngine {
         // What only the backward reads (the norms' x̂) is written in training only.
         let keep = |p: DPtr<Bf16>| if train { p } else { null() };
         let (layers, xn, act, rstd_f, xf) = (a.layers.clone(), a.xn, a.act, a.rstd_f, a.xf);
+        let xhat_f = a.back.map_or(null(), |bk| bk.xhat_f);
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
         let pos = g.ptr(&b.positions);
@@ -669,7 +713,9 @@ impl CudaEngine {
         // Sections for the profiler; the residual adds are the GEMMs' (C = x, D = the new x).
         self.prof.section(g, Category::NormElementwise)?;
         g.k.embedding_forward(x, self.w16(0)?, tokens, h)?;
-        for (l, la) in layers.iter().enumerate() {
+        for l in 0..cfg.n_layers {
+            // Forward only: one set of buffers serves every layer in turn.
+            let la = &layers[if train { l } else { 0 }];
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, self.w16(Self::li(l, 0))?, n, h, eps)?;
@@ -699,7 +745,7 @@ impl CudaEngine {
             self.gpu.gemm.gemm_f32_add(x, x_mid, act, wd, &GemmShape::new(n, h, i, false, true))?;
         }
         self.prof.section(&self.gpu, Category::NormElementwise)?;
-        self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(a.xhat_f), x, self.w16(self.final_norm())?, n, h, eps)?;
+        self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(xhat_f), x, self.w16(self.final_norm())?, n, h, eps)?;
         self.prof.section(&self.gpu, Category::LmHead)?;
         self.head_forward(b, train)?;
         // The host reads the log-probs next.
@@ -760,12 +806,13 @@ impl CudaEngine {
         let qkvd = qd + 2 * kvd;
         let dl_dev = self.gpu.upload(dlogp_rows)?;
         let a = self.acts.as_ref().expect("forward ran");
-        let (layers, xhat_f) = (a.layers.clone(), a.xhat_f.slice(0, n * h)?);
+        let bk = a.back.expect("a training forward allocated the backward's buffers");
+        let (layers, xhat_f) = (a.layers.clone(), bk.xhat_f.slice(0, n * h)?);
         let (dx, dx16, dxn, dxf) =
-            (a.dx.slice(0, n * h)?, a.dx16.slice(0, n * h)?, a.dxn.slice(0, n * h)?, a.dxf.slice(0, n * h)?);
-        let (dact, dgu) = (a.dact.slice(0, n * i)?, a.dgu.slice(0, n * 2 * i)?);
+            (bk.dx.slice(0, n * h)?, bk.dx16.slice(0, n * h)?, bk.dxn.slice(0, n * h)?, bk.dxf.slice(0, n * h)?);
+        let (dact, dgu) = (bk.dact.slice(0, n * i)?, bk.dgu.slice(0, n * 2 * i)?);
         let (xn, act) = (a.xn.slice(0, n * h)?, a.act.slice(0, n * i)?);
-        let (datt, delta, dqkv32, dqkv16) = (a.datt, a.delta, a.dqkv32, a.dqkv16);
+        let (datt, delta, dqkv32, dqkv16) = (bk.datt, bk.delta, bk.dqkv32, bk.dqkv16);
         let rstd_f = a.rstd_f;
 
         // LM head over all its rows at once, from the forward's softmax: dlogits in place
@@ -775,7 +822,7 @@ impl CudaEngine {
         let dlogits = self.probs.as_ref().expect("forward ran").p.slice(0, total * v)?;
         let hb = self.head.as_ref().expect("forward ran");
         let (dxr, xr16) = (hb.xr32.slice(0, total * h)?, hb.xr16.slice(0, total * h)?);
-        let head_grad = self.tensor_f32(&self.grad, self.head_index())?;
+        let head_grad = self.tensor_f32(self.grad(), self.head_index())?;
         let w_head = self.w16(self.head_index())?;
         let g = &self.gpu;
         let (logp, tgt) = (g.ptr(&b.row_logp), g.ptr(&b.targets));
@@ -789,7 +836,7 @@ impl CudaEngine {
         let fnorm = self.final_norm();
         self.prof.section(&self.gpu, Category::NormElementwise)?;
         let g = &self.gpu;
-        let (gnorm, wnorm) = (self.tensor_f32(&self.grad, fnorm)?, self.w16(fnorm)?);
+        let (gnorm, wnorm) = (self.tensor_f32(self.grad(), fnorm)?, self.w16(fnorm)?);
         // dx16: the last layer's MLP input gradient, for its GEMMs.
         g.k.rmsnorm_backward(dx, dx16, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
 
@@ -799,7 +846,7 @@ impl CudaEngine {
         let d = self.dims(n);
         for l in (0..cfg.n_layers).rev() {
             let la = layers[l];
-            let gws = (0..9).map(|j| self.tensor_f32(&self.grad, Self::li(l, j))).collect::<Result<Vec<_>>>()?;
+            let gws = (0..9).map(|j| self.tensor_f32(self.grad(), Self::li(l, j))).collect::<Result<Vec<_>>>()?;
             let gw = |j: usize| -> Result<DPtr<f32>> { Ok(gws[j]) };
             // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up, [gate | up] = xn2·[Wg;Wu]ᵀ.
             // dx16 = bf16(dx): the norm backward before this wrote it.
@@ -865,14 +912,14 @@ impl CudaEngine {
             self.gpu.k.rmsnorm_backward(dx, dx16_next, gin, dxn, xhat1, win, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
-        g.k.embedding_backward(self.tensor_f32(&self.grad, 0)?, dx, g.ptr(&b.tokens), h)?;
+        g.k.embedding_backward(self.tensor_f32(self.grad(), 0)?, dx, g.ptr(&b.tokens), h)?;
         self.prof.pause(&self.gpu)
     }
 
     /// Global L2 norm of the gradient buffer (padding is zero, so it does not count).
     fn grad_norm(&mut self) -> Result<f64> {
         let g = &self.gpu;
-        g.k.grad_norm(g.ptr(&self.norm_out), g.ptr(&self.norm_partial), g.ptr(&self.grad), false)?;
+        g.k.grad_norm(g.ptr(&self.norm_out), g.ptr(&self.norm_partial), g.ptr(self.grad()), false)?;
         self.prof.pause(g)?; // the download waits for the stream
         Ok(g.download(g.ptr(&self.norm_out))?[0].sqrt())
     }
@@ -938,6 +985,7 @@ impl Engine for CudaEngine {
         let b = self.upload_batch(batch)?;
         let n = batch.n_tokens();
         self.forward(&b, n, true)?;
+        self.ensure_grad()?;
         let logp = self.target_logps(&b)?;
         let policy = PairLogps::sum_targets(batch, &logp);
         let dlogp = target_grads(batch, &policy, reference, loss, loss_scale);
@@ -960,6 +1008,7 @@ impl Engine for CudaEngine {
     /// weight decay on `*norm*` tensors (HF Trainer), like the CPU engine.
     fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> Result<f64> {
         self.prof.drop_open();
+        self.ensure_grad()?; // no training step yet: zero gradients
         self.prof.section(&self.gpu, Category::Optimizer)?;
         let norm = self.grad_norm()?;
         if !norm.is_finite() {
@@ -986,7 +1035,7 @@ impl Engine for CudaEngine {
         self.prof.section(&self.gpu, Category::Optimizer)?;
         let (m, v, _) = self.moments.as_ref().expect("set above");
         let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
-        let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(&self.master_lo), self.gpu.ptr(&self.grad));
+        let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(&self.master_lo), self.gpu.ptr(self.grad()));
         // Runs of adjacent tensors with the same weight decay go in one launch (padding
         // between tensors is zero in every buffer and stays zero).
         let wd_of = |i: usize| if self.names[i].contains("norm") { 0.0 } else { opt.weight_decay };
@@ -1024,13 +1073,17 @@ impl Engine for CudaEngine {
     }
 
     fn zero_grads(&mut self) {
-        let p = self.gpu.ptr(&self.grad);
-        // A failed memset leaves a CUDA error that the next call reports.
-        let _ = self.gpu.k.zero(p);
+        if let Some(grad) = &self.grad {
+            // A failed memset leaves a CUDA error that the next call reports.
+            let _ = self.gpu.k.zero(self.gpu.ptr(grad));
+        }
     }
 
     fn grads(&self) -> Result<LlamaWeights> {
-        self.download_weights(&self.grad)
+        match &self.grad {
+            Some(grad) => self.download_weights(grad),
+            None => Ok(LlamaWeights::zeros(&self.cfg)),
+        }
     }
 
     fn weights(&self) -> Result<LlamaWeights> {
@@ -1240,7 +1293,7 @@ mod tests {
     #[test]
     fn a_micro_batch_too_large_for_the_device_names_one_that_fits() {
         let cfg = Shape::Llama8b.config();
-        let state = |p: &super::MemoryPlan| p.weights_grads + p.moments;
+        let state = |p: &super::MemoryPlan| p.weights + p.grads + p.moments;
         let plan = |pairs: usize| memory_plan(&cfg, 1280 * pairs, 1024 * pairs, true);
         let available = (139u64 << 30) - 700_000_000 - state(&plan(1));
         assert_eq!(room_error(&cfg, 4 * 1280, 4 * 1024, true, available), None, "4 pairs fit: {:?}", plan(4));
