@@ -504,8 +504,9 @@ pub fn adamw(g: &Gpu) {
             check(&format!("{tag} p − p₀"), &delta(&got), &delta(&p));
             check(&format!("{tag} m"), &g.download(g.ptr(&m_d)).unwrap(), &m);
             check(&format!("{tag} v"), &g.download(g.ptr(&v_d)).unwrap(), &v);
-            // The working copy is the kernel's own p rounded as the host splits it.
-            assert_eq!(got_hi, split_master(&got).0, "{tag}: bf16 working copy");
+            // The working copy against the CPU's p rounded to bf16 (norm-relative: the
+            // copy's tie rule, one value in 65,536, moves it by far less than TOL).
+            check(&format!("{tag} bf16 copy"), &from_bf16(&got_hi), &bf(&p));
             assert!(g.download(g.ptr(&g_d)).unwrap().iter().all(|&x| x == 0.0), "{tag}: gradient not zeroed");
         }
     }

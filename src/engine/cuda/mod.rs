@@ -213,7 +213,6 @@ impl Gpu {
                 if e.0 != cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
                     return Error::Cuda(format!("allocating {bytes} bytes: {e}"));
                 }
-                let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
                 let (used, total) = self.mem_used().unwrap_or((0, 0));
                 Error::Cuda(format!(
                     "out of device memory allocating {} ({} already in use by this run, {} on the device); \
@@ -314,6 +313,11 @@ impl Gpu {
         let (free, total) = self.ctx.as_ref()?.mem_get_info().ok()?;
         Some((((total - free) as u64).saturating_sub(self.mem_base), total as u64))
     }
+}
+
+/// Bytes as decimal gigabytes for messages ("1.25 GB").
+pub(crate) fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
 }
 
 /// f32 → bf16 bits (round to nearest even), as the device stores them.

@@ -2,8 +2,9 @@
 //! in kernels/*.cu and cuBLASLt GEMMs, implementing `Engine` like the CPU reference.
 //!
 //! Precision: bf16 weights (a working copy) and bf16 GEMM inputs; fp32 master weights
-//! (exact, as the working copy plus a 16-bit remainder), AdamW moments and gradients; the residual stream, its gradient and the LM-head logits
-//! in fp32; every kernel accumulates in fp32.
+//! (exact, as the working copy plus a 16-bit remainder), AdamW moments and gradients; the
+//! residual stream, its gradient and the LM-head logits in fp32; every kernel accumulates
+//! in fp32.
 //!
 //! Memory: the parameters, gradients and moments live in flat buffers in
 //! `LlamaWeights::specs` order (so q/k/v and gate/up of a layer are adjacent and one
@@ -38,7 +39,7 @@ use cudarc::driver::CudaEvent;
 
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
-use super::{join_master, split_master, DBuf, Gpu};
+use super::{gb, join_master, split_master, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
 use crate::dpo::{target_grads, LossConfig, PairLogps};
@@ -249,7 +250,22 @@ impl MemoryPlan {
 /// moments, every layer's activations, the backward's buffers and the softmax, which
 /// forward-only use (reference log-probs, eval, scoring) does not allocate.
 pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    let params: usize = LlamaWeights::specs(cfg).iter().map(|s| s.numel().div_ceil(8) * 8).sum();
+    plan(cfg, flat_len(cfg), tokens, head_rows, train)
+}
+
+/// Elements a tensor of `numel` takes in the flat parameter buffers: padded to a multiple
+/// of 8, so that every tensor starts 32-byte aligned in f32 and 16-byte aligned in bf16.
+fn padded(numel: usize) -> usize {
+    numel.div_ceil(8) * 8
+}
+
+/// Elements of the flat parameter buffers.
+fn flat_len(cfg: &LlamaConfig) -> usize {
+    LlamaWeights::specs(cfg).iter().map(|s| padded(s.numel())).sum()
+}
+
+/// `memory_plan` for `params` elements of flat parameter buffers.
+fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
     let (h, i, qd, kvd, nh, v) =
         (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.n_heads, cfg.vocab_size);
     let qkvd = qd + 2 * kvd;
@@ -283,13 +299,13 @@ fn batch_bytes(p: &MemoryPlan) -> u64 {
 /// bytes (`None`: it does), and the most tokens (in 64s) that would, at the same share of
 /// head rows.
 fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: u64) -> Option<String> {
-    let plan = memory_plan(cfg, n, rows, train);
-    let need = batch_bytes(&plan);
+    let params = flat_len(cfg);
+    let full = plan(cfg, params, n, rows, train);
+    let need = batch_bytes(&full);
     if need <= available {
         return None;
     }
-    let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
-    let fit = |k: usize| batch_bytes(&memory_plan(cfg, k, (k * rows).div_ceil(n), train)) <= available;
+    let fit = |k: usize| batch_bytes(&plan(cfg, params, k, (k * rows).div_ceil(n), train)) <= available;
     // Nearly linear in the tokens (one logits chunk is not): start from the linear
     // estimate and step down.
     let mut k = (n as f64 * available as f64 / need as f64) as usize / 64 * 64;
@@ -305,12 +321,12 @@ fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: 
         "a micro-batch of {n} tokens needs {} of device memory (saved activations {}, scratch {}, LM head {}, \
          softmax {}), and {} are free beside the model's state ({}); {advice}",
         gb(need),
-        gb(plan.saved_activations),
-        gb(plan.scratch),
-        gb(plan.head),
-        gb(plan.probs),
+        gb(full.saved_activations),
+        gb(full.scratch),
+        gb(full.head),
+        gb(full.probs),
         gb(available),
-        gb(plan.weights + plan.grads + plan.moments),
+        gb(full.weights + full.grads + full.moments),
     ))
 }
 
@@ -339,7 +355,7 @@ impl CudaEngine {
         let mut total = 0;
         for s in &specs {
             offsets.push((total, s.numel()));
-            total += s.numel().div_ceil(8) * 8; // 32-byte aligned f32, 16-byte aligned bf16
+            total += padded(s.numel());
         }
         let names = specs.iter().map(|s| s.name.clone()).collect();
         let wbf = gpu.alloc::<Bf16>(total)?;
@@ -552,20 +568,21 @@ impl CudaEngine {
         let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
         let probs_rows = self.probs.as_ref().map_or(0, |p| p.rows);
         let trained = self.acts.as_ref().is_some_and(|a| a.back.is_some());
-        let state_grows = train && (self.grad.is_none() || self.moments.is_none());
-        let grows = n > cap || rows > head_rows || (train && (!trained || rows > probs_rows)) || state_grows;
-        let Some(free) = self.gpu.mem_free().filter(|_| grows) else {
-            return Ok(());
-        };
-        // What a regrowth frees first: the activations and head held now (as planned for
-        // the kind of pass they were made for), and the softmax.
-        let now = memory_plan(&self.cfg, cap, head_rows, trained);
+        // What is held now (as planned for the kind of pass it was made for; a regrowth
+        // frees it first), and what this pass holds, with the gradients (this step) and
+        // moments (the first update) that training adds if not allocated yet.
+        let now = plan(&self.cfg, self.total, cap, head_rows, trained);
         let held = now.saved_activations + now.scratch + now.head + (probs_rows * self.cfg.vocab_size * 2) as u64;
         let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || trained);
-        // The gradients (this step) and moments (the first update) not allocated yet.
-        let state = memory_plan(&self.cfg, 0, 0, true);
+        let after = plan(&self.cfg, self.total, n, rows, train);
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
-        let pending = missing(self.grad.is_none(), state.grads) + missing(self.moments.is_none(), state.moments);
+        let pending = missing(self.grad.is_none(), after.grads) + missing(self.moments.is_none(), after.moments);
+        if batch_bytes(&after) + pending <= held {
+            return Ok(()); // nothing grows
+        }
+        let Some(free) = self.gpu.mem_free() else {
+            return Ok(()); // the simulator
+        };
         match room_error(&self.cfg, n, rows, train, (free + held).saturating_sub(pending)) {
             None => Ok(()),
             Some(why) => Err(Error::invalid(why)),
@@ -1284,7 +1301,7 @@ impl Profiler {
 
 #[cfg(test)]
 mod tests {
-    use super::{memory_plan, room_error};
+    use super::*;
     use crate::bench::Shape;
 
     /// Llama 3 8B on an H200 (139 GiB, ~0.7 GB of it the context, cuBLASLt and the
@@ -1293,7 +1310,7 @@ mod tests {
     #[test]
     fn a_micro_batch_too_large_for_the_device_names_one_that_fits() {
         let cfg = Shape::Llama8b.config();
-        let state = |p: &super::MemoryPlan| p.weights + p.grads + p.moments;
+        let state = |p: &MemoryPlan| p.weights + p.grads + p.moments;
         let plan = |pairs: usize| memory_plan(&cfg, 1280 * pairs, 1024 * pairs, true);
         let available = (139u64 << 30) - 700_000_000 - state(&plan(1));
         assert_eq!(room_error(&cfg, 4 * 1280, 4 * 1024, true, available), None, "4 pairs fit: {:?}", plan(4));
@@ -1308,8 +1325,6 @@ mod tests {
         let why = room_error(&cfg, 1280, 1024, true, 100_000_000).expect("0.1 GB holds no micro-batch");
         assert!(why.contains("train a smaller model"), "{why}");
     }
-
-    use super::*;
 
     #[test]
     fn gemm_peak_operand_is_random_and_in_range() {
