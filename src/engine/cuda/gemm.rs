@@ -103,7 +103,7 @@ pub struct Gemm {
     algos: HashMap<(GemmShape, OutType, AlignKey), sys::cublasLtMatmulAlgo_t>,
 }
 
-/// The alignments (bytes) of cuBLAS's A, B, C and D pointers (our b, a, c_in and c).
+/// The alignments (bytes) of cuBLAS's A, B, C and D pointers (our b, a, c and c).
 type AlignKey = [u32; 4];
 
 /// The alignment cuBLASLt may rely on for `addr`: its largest power-of-two divisor, up to
@@ -194,48 +194,10 @@ impl Gemm {
     }
 
     /// `c = alpha·op(a)·op(b) + beta·c`; `c` is f32 or bf16 per `out` (its raw address).
+    /// With beta 1 this is also the residual add, in place.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &mut self,
-        c: u64,
-        c_len: usize,
-        out: OutType,
-        a: DPtr<Bf16>,
-        b: DPtr<Bf16>,
-        s: &GemmShape,
-        alpha: f32,
-        beta: f32,
-    ) -> Result<()> {
-        self.matmul(c, c, c_len, out, a, b, s, alpha, beta)
-    }
-
-    /// `c (f32) = op(a)·op(b) + c_in`: a residual add straight into a new buffer (cuBLASLt
-    /// reads C from one address and writes D to another), instead of copying c_in to c
-    /// first and accumulating.
-    pub fn gemm_f32_add(
-        &mut self,
-        c: DPtr<f32>,
-        c_in: DPtr<f32>,
-        a: DPtr<Bf16>,
-        b: DPtr<Bf16>,
-        s: &GemmShape,
-    ) -> Result<()> {
-        let sc = s.spans().2;
-        if c_in.len < sc {
-            return Err(Error::invalid(format!("gemm {s:?}: c_in holds {} elements, the shape needs {sc}", c_in.len)));
-        }
-        let (c_end, in_end) = (c.ptr + 4 * c.len as u64, c_in.ptr + 4 * c_in.len as u64);
-        if c.ptr < in_end && c_in.ptr < c_end {
-            return Err(Error::invalid("gemm_f32_add: c and c_in overlap".to_string()));
-        }
-        self.matmul(c_in.ptr, c.ptr, c.len, OutType::F32, a, b, s, 1.0, 1.0)
-    }
-
-    /// `c = alpha·op(a)·op(b) + beta·c_in` (`c_in` = `c`, or a buffer of the same layout).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        &mut self,
-        c_in: u64,
         c: u64,
         c_len: usize,
         out: OutType,
@@ -257,12 +219,12 @@ impl Gemm {
         }
         let (Some(stream), Some(workspace)) = (self.stream.clone(), self.workspace.as_ref()) else {
             // SAFETY: host-mode pointers spanning the shape (checked above).
-            unsafe { super::host::gemm(c, c_in, out == OutType::Bf16, a, b, s, alpha, beta) };
+            unsafe { super::host::gemm(c, out == OutType::Bf16, a, b, s, alpha, beta) };
             return Ok(());
         };
         let ws_len = workspace.len();
         let d = self.descs(s, out)?;
-        let align = [alignment(b.ptr), alignment(a.ptr), alignment(c_in), alignment(c)];
+        let align = [alignment(b.ptr), alignment(a.ptr), alignment(c), alignment(c)];
         let key = (*s, out, align);
         let algo = match self.algos.get(&key) {
             Some(a) => *a,
@@ -286,7 +248,7 @@ impl Gemm {
                 d.layouts[0],
                 a.ptr as *const c_void,
                 d.layouts[1],
-                c_in as *const c_void,
+                c as *const c_void,
                 d.layouts[2],
                 c as *mut c_void,
                 d.layouts[2],
@@ -407,48 +369,6 @@ mod tests {
         assert_eq!(alignment(0x7f00_0000_0010), 16);
         assert_eq!(alignment(0x7f00_0000_0002), 2);
         assert_eq!(alignment(0), 256);
-    }
-
-    /// gemm_f32_add on the host: d = a·bᵀ + c_in with c_in untouched; overlapping d and
-    /// c_in, or a short c_in, are refused before anything is written.
-    #[test]
-    fn gemm_f32_add_writes_only_its_output() {
-        let (m, n, k) = (2, 3, 4);
-        let av = |i: usize, l: usize| (i * k + l) as f32 - 3.0; // small integers: exact in bf16
-        let bv = |j: usize, l: usize| ((j * k + l) % 5) as f32;
-        let a = crate::engine::cuda::to_bf16(&(0..m * k).map(|x| av(x / k, x % k)).collect::<Vec<_>>());
-        let b = crate::engine::cuda::to_bf16(&(0..n * k).map(|x| bv(x / k, x % k)).collect::<Vec<_>>());
-        let c_in: Vec<f32> = (0..m * n).map(|i| 0.5 * i as f32).collect();
-        let mut out = vec![f32::NAN; 2 * m * n];
-        let mut g = Gemm::host();
-        let s = GemmShape::new(m, n, k, false, true);
-        // SAFETY: host addresses of live vectors, each spanning the length given.
-        let (pa, pb, pin, pout) = unsafe {
-            (
-                DPtr::<Bf16>::from_raw(a.as_ptr() as u64, a.len()),
-                DPtr::<Bf16>::from_raw(b.as_ptr() as u64, b.len()),
-                DPtr::<f32>::from_raw(c_in.as_ptr() as u64, c_in.len()),
-                DPtr::<f32>::from_raw(out.as_mut_ptr() as u64, out.len()),
-            )
-        };
-        g.gemm_f32_add(pout, pin, pa, pb, &s).unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let dot: f32 = (0..k)
-                    .map(|l| (i * k + l) as f32 - 3.0)
-                    .zip((0..k).map(|l| ((j * k + l) % 5) as f32))
-                    .map(|(x, y)| x * y)
-                    .sum();
-                assert_eq!(out[i * n + j], dot + c_in[i * n + j], "({i}, {j})");
-            }
-        }
-        assert!(out[m * n..].iter().all(|x| x.is_nan()), "wrote past the output");
-        assert_eq!(c_in, (0..m * n).map(|i| 0.5 * i as f32).collect::<Vec<_>>());
-        // SAFETY: as above; the second view starts inside the output.
-        let shifted = unsafe { DPtr::<f32>::from_raw(out.as_ptr() as u64 + 4, m * n) };
-        assert!(g.gemm_f32_add(pout, shifted, pa, pb, &s).unwrap_err().to_string().contains("overlap"));
-        let short = pin.slice(0, m * n - 1).unwrap();
-        assert!(g.gemm_f32_add(pout, short, pa, pb, &s).unwrap_err().to_string().contains("c_in holds"));
     }
 
     /// The row-major contract of `GemmShape` against the column-major call it becomes, for

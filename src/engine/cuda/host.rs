@@ -121,12 +121,9 @@ pub(crate) unsafe fn zero<T>(p: DPtr<T>) {
     std::ptr::write_bytes(p.ptr as *mut T, 0, p.len);
 }
 
-/// `c = alpha·op(a)·op(b) + beta·c_in` with bf16 inputs, f32 accumulation, f32 or bf16
-/// `c` and `c_in` (the same address, or another of the same layout).
-#[allow(clippy::too_many_arguments)]
+/// `c = alpha·op(a)·op(b) + beta·c` with bf16 inputs, f32 accumulation, f32 or bf16 `c`.
 pub(crate) unsafe fn gemm(
     c: u64,
-    c_in: u64,
     c_bf16: bool,
     a: DPtr<Bf16>,
     b: DPtr<Bf16>,
@@ -143,12 +140,12 @@ pub(crate) unsafe fn gemm(
             let acc = alpha * ar.iter().zip(bc).map(|(x, y)| x * y).sum::<f32>();
             let idx = i * s.ldc + j;
             if c_bf16 {
-                let (p, p_in): (DPtr<Bf16>, DPtr<Bf16>) = (DPtr::from_raw(c, idx + 1), DPtr::from_raw(c_in, idx + 1));
-                let old = if beta != 0.0 { beta * b2f(at(p_in, idx)) } else { 0.0 };
+                let p: DPtr<Bf16> = DPtr::from_raw(c, idx + 1);
+                let old = if beta != 0.0 { beta * b2f(at(p, idx)) } else { 0.0 };
                 put(p, idx, f2b(acc + old));
             } else {
-                let (p, p_in): (DPtr<f32>, DPtr<f32>) = (DPtr::from_raw(c, idx + 1), DPtr::from_raw(c_in, idx + 1));
-                let old = if beta != 0.0 { beta * at(p_in, idx) } else { 0.0 };
+                let p: DPtr<f32> = DPtr::from_raw(c, idx + 1);
+                let old = if beta != 0.0 { beta * at(p, idx) } else { 0.0 };
                 put(p, idx, acc + old);
             }
         }

@@ -101,6 +101,20 @@ impl<T> DPtr<T> {
         Ok(DPtr { ptr: self.ptr + (start * std::mem::size_of::<T>()) as u64, len, _t: PhantomData })
     }
 
+    /// `len` elements of `U` from element `start` of this view: one allocation holding
+    /// buffers of several types in turn (`start` must leave them aligned for `U`).
+    pub fn cast<U>(self, start: usize, len: usize) -> Result<DPtr<U>> {
+        let (from, bytes) = (start * std::mem::size_of::<T>(), len * std::mem::size_of::<U>());
+        let ptr = self.ptr + from as u64;
+        if from + bytes > self.len * std::mem::size_of::<T>() || !ptr.is_multiple_of(std::mem::align_of::<U>() as u64) {
+            return Err(Error::invalid(format!(
+                "device view of {bytes} bytes at byte {from} is outside or misaligned in a buffer of {} bytes",
+                self.len * std::mem::size_of::<T>()
+            )));
+        }
+        Ok(DPtr { ptr, len, _t: PhantomData })
+    }
+
     fn aligned16(&self) -> bool {
         self.ptr.is_multiple_of(16)
     }

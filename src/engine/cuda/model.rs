@@ -13,20 +13,21 @@
 //! only, its fp32 logits in chunks of rows; a training forward keeps every row's softmax
 //! in bf16 (2·V bytes per row), so the backward needs no second logits GEMM and runs the
 //! two head GEMMs once over all rows, not once per chunk (each re-reading and re-writing
-//! the fp32 head gradient: 1 GB at Llama 3.2 1B's vocabulary).
+//! the fp32 head gradient: 1 GB at Llama 3.2 1B's vocabulary). Once those two GEMMs have
+//! read it, the layers' backward buffers take its memory (`Shared`).
 //!
 //! Data flow of one layer (row-major [tokens, features]; f32 unless marked bf16):
 //!   xn1 (bf16) = rmsnorm(x)        qkv (bf16) = xn1·[Wq;Wk;Wv]ᵀ    rope(q), rope(k) in place
-//!   att (bf16), lse = attention(q, k, v)                  x_mid = x + att·Woᵀ
+//!   att (bf16), lse = attention(q, k, v)                  x += att·Woᵀ  (x_mid)
 //!   xn2 (bf16) = rmsnorm(x_mid)    gu = [gate | up] (bf16) = xn2·[Wg;Wu]ᵀ
-//!   act (bf16) = silu(gate)·up     x_out = x_mid + act·Wdᵀ
+//!   act (bf16) = silu(gate)·up     x += act·Wdᵀ  (x_out)
 //! (q/k/v and gate/up are one GEMM each: their weights are adjacent rows of the flat
 //! buffer, and the weight gradient of each pair is one GEMM into the adjacent gradients.)
 //! Backward walks it in reverse with the residual gradient in f32 and a bf16 copy of it
 //! as GEMM input (written by each norm's backward beside its f32 dx); strided f32→bf16
 //! copies reuse rope_backward with a zero frequency table (a rotation by 0). Saved per
 //! layer: rstd and x̂ = x·rstd (bf16) of each norm, qkv, att, lse, and gu; not the f32
-//! residual stream (x, x_mid: the norms' backward takes x̂), not act (swiglu_backward
+//! residual stream (the GEMMs add into it in place; the norms' backward takes x̂), not act (swiglu_backward
 //! writes it again before the down projection's weight gradient needs it) and not xn1,
 //! xn2 (rmsnorm_apply writes them again from x̂ before the weight gradients of the GEMMs
 //! after the norm). At Llama 3.2 1B that is 51,336 of the 84,104 bytes per token and
@@ -78,7 +79,8 @@ struct LayerActs {
     qkv: DPtr<Bf16>,
     att: DPtr<Bf16>,
     lse: DPtr<f32>,
-    /// The two norms' inputs normalized, x·rstd (bf16), for their backward.
+    /// The two norms' inputs normalized, x·rstd (bf16), for their backward (null in the
+    /// forward-only set).
     xhat1: DPtr<Bf16>,
     xhat2: DPtr<Bf16>,
     rstd2: DPtr<f32>,
@@ -86,16 +88,14 @@ struct LayerActs {
     gu: DPtr<Bf16>,
 }
 
-/// Activations for up to `cap` tokens: every layer's and the backward's buffers after a
-/// training forward, one layer's set and no backward buffers for forward-only use
-/// (reference log-probs, eval, scoring), where each layer's activations die with it.
+/// Activations for up to `cap` tokens: every layer's after a training forward, one
+/// layer's set for forward-only use (reference log-probs, eval, scoring), where each
+/// layer's activations die with it.
 struct Acts {
     cap: usize,
-    /// The residual stream (f32): a layer reads x, writes x_mid = x + att·Woᵀ, then
-    /// x = x_mid + act·Wdᵀ over its input. The backward needs neither: the norms keep x̂
-    /// (bf16) and rstd instead.
+    /// The residual stream (f32), which the attention and MLP output GEMMs add into in
+    /// place. The backward does not read it: the norms keep x̂ (bf16) and rstd instead.
     x: DPtr<f32>,
-    x_mid: DPtr<f32>,
     layers: Vec<LayerActs>,
     /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
     /// the norm, the backward writes it again from x̂ (rmsnorm_apply) for their weight
@@ -106,15 +106,14 @@ struct Acts {
     act: DPtr<Bf16>,
     rstd_f: DPtr<f32>,
     xf: DPtr<Bf16>,
-    back: Option<BackActs>,
+    /// The final norm's x̂, for the backward: training sets only.
+    xhat_f: Option<DPtr<Bf16>>,
     _pool: Pool,
 }
 
-/// What only training needs beside every layer's activations: the final norm's x̂ and the
-/// backward's buffers.
+/// The layers' backward buffers for `cap` tokens, views into `Shared`.
 #[derive(Clone, Copy)]
 struct BackActs {
-    xhat_f: DPtr<Bf16>,
     dx: DPtr<f32>,
     dx16: DPtr<Bf16>,
     dxn: DPtr<f32>,
@@ -140,12 +139,54 @@ struct Head {
     _pool: Pool,
 }
 
-/// Every LM-head row's softmax (bf16 `[rows, V]`) from a training forward, turned into
-/// dlogits in place by the backward (grow-only, training only).
-struct Probs {
+/// Training only (grow-only): every LM-head row's softmax (bf16 `[rows, V]`) from the
+/// forward, turned into dlogits in place by the backward; once the head's two GEMMs have
+/// read those, the same memory holds the layers' backward buffers (`BackActs` for `cap`
+/// tokens). It takes the larger of the two, not their sum.
+struct Shared {
     rows: usize,
-    p: DPtr<Bf16>,
+    cap: usize,
+    bytes: usize,
+    mem: DPtr<u16>,
     _pool: Pool,
+}
+
+impl Shared {
+    /// The softmax of `rows` rows of `vocab`.
+    fn probs(&self, rows: usize, vocab: usize) -> Result<DPtr<Bf16>> {
+        self.mem.cast(0, rows * vocab)
+    }
+
+    /// The backward's buffers, one after another from the start (each a whole number of
+    /// 256-byte blocks at `cap`, a multiple of 64, so no padding between them).
+    fn back(&self, cfg: &LlamaConfig) -> Result<BackActs> {
+        let (h, i, qd, qkvd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), qkv_dim(cfg), cfg.n_heads);
+        let cap = self.cap;
+        let mut at = 0; // in bf16 elements
+        let mut take = |elems: usize, size: usize| {
+            let start = at;
+            at += elems * size / 2;
+            start
+        };
+        let m = self.mem;
+        Ok(BackActs {
+            dx: m.cast(take(cap * h, 4), cap * h)?,
+            dxn: m.cast(take(cap * h, 4), cap * h)?,
+            dxf: m.cast(take(cap * h, 4), cap * h)?,
+            delta: m.cast(take(cap * nh, 4), cap * nh)?,
+            dqkv32: m.cast(take(cap * qkvd, 4), cap * qkvd)?,
+            dx16: m.cast(take(cap * h, 2), cap * h)?,
+            dact: m.cast(take(cap * i, 2), cap * i)?,
+            dgu: m.cast(take(cap * 2 * i, 2), cap * 2 * i)?,
+            datt: m.cast(take(cap * qd, 2), cap * qd)?,
+            dqkv16: m.cast(take(cap * qkvd, 2), cap * qkvd)?,
+        })
+    }
+}
+
+/// Width of a layer's fused q|k|v projection.
+fn qkv_dim(cfg: &LlamaConfig) -> usize {
+    cfg.q_dim() + 2 * cfg.kv_dim()
 }
 
 /// Batch data on the device.
@@ -186,7 +227,7 @@ pub struct CudaEngine {
     head: Option<Head>,
     /// Rows per LM-head logits chunk (`head_chunk_rows` unless set).
     head_chunk: usize,
-    probs: Option<Probs>,
+    shared: Option<Shared>,
     peak_bytes: u64,
     prof: Profiler,
 }
@@ -232,22 +273,29 @@ pub struct MemoryPlan {
     pub moments: u64,
     /// What every layer keeps for the backward (forward only: one layer's buffers).
     pub saved_activations: u64,
-    /// The residual stream, one layer's working buffers and (training) the backward's.
+    /// The residual stream and one layer's working buffers.
     pub scratch: u64,
     /// The gathered head rows and one chunk of fp32 logits.
     pub head: u64,
-    /// The bf16 softmax of every head row (training only).
-    pub probs: u64,
+    /// The bf16 softmax of every head row, whose memory the layers' backward buffers take
+    /// over once the head's backward has read it: the larger of the two (training only).
+    pub softmax_or_backward: u64,
 }
 
 impl MemoryPlan {
     pub fn total(&self) -> u64 {
-        self.weights + self.grads + self.moments + self.saved_activations + self.scratch + self.head + self.probs
+        self.weights
+            + self.grads
+            + self.moments
+            + self.saved_activations
+            + self.scratch
+            + self.head
+            + self.softmax_or_backward
     }
 }
 
 /// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the gradients, the
-/// moments, every layer's activations, the backward's buffers and the softmax, which
+/// moments, every layer's activations, the softmax and the backward's buffers, which
 /// forward-only use (reference log-probs, eval, scoring) does not allocate.
 pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
     plan(cfg, flat_len(cfg), tokens, head_rows, train)
@@ -266,33 +314,40 @@ fn flat_len(cfg: &LlamaConfig) -> usize {
 
 /// `memory_plan` for `params` elements of flat parameter buffers.
 fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    let (h, i, qd, kvd, nh, v) =
-        (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.n_heads, cfg.vocab_size);
-    let qkvd = qd + 2 * kvd;
+    let (h, i, qd, nh, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads, cfg.vocab_size);
+    let qkvd = qkv_dim(cfg);
     let cap = tokens.next_multiple_of(64);
     let chunk = head_chunk_rows(v).min(head_rows);
     let (f32b, bf16b) = (4, 2);
-    // Per token (ensure_acts): `LayerActs` (one set per layer, or one in all), `Acts`'
-    // single buffers, `BackActs`.
-    let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * h + 2 * i);
-    let single = f32b * (2 * h + 1) + bf16b * (2 * h + i);
-    let back = f32b * (3 * h + nh + qkvd) + bf16b * (2 * h + 3 * i + qd + qkvd);
+    let t = |x: usize| if train { x } else { 0 };
+    // Per token (ensure_acts): `LayerActs` (one set per layer, or one without x̂ in all),
+    // `Acts`' single buffers (x̂ of the final norm in training).
+    let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * i) + t(bf16b * 2 * h);
+    let single = f32b * (h + 1) + bf16b * (2 * h + i) + t(bf16b * h);
     let b = |x: usize| x as u64;
-    let t = |x: u64| if train { x } else { 0 };
     MemoryPlan {
         weights: b(params * 2 * 2),
-        grads: t(b(params * f32b)),
-        moments: t(b(params * 2 * f32b)),
+        grads: b(t(params * f32b)),
+        moments: b(t(params * 2 * f32b)),
         saved_activations: b(cap * if train { cfg.n_layers } else { 1 } * layer),
-        scratch: b(cap * single) + t(b(cap * back)),
+        scratch: b(cap * single),
         head: b(head_rows * h * (f32b + bf16b) + chunk * v * f32b),
-        probs: t(b(head_rows * v * bf16b)),
+        softmax_or_backward: b(t(shared_bytes(cfg, head_rows, cap))),
     }
+}
+
+/// Bytes of `Shared` for `rows` head rows and `cap` tokens: the softmax, or the backward's
+/// buffers (`BackActs`) if larger.
+fn shared_bytes(cfg: &LlamaConfig, rows: usize, cap: usize) -> usize {
+    let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
+    let qkvd = qkv_dim(cfg);
+    let back = 4 * (3 * h + nh + qkvd) + 2 * (h + 3 * i + qd + qkvd);
+    (rows * cfg.vocab_size * 2).max(cap * back)
 }
 
 /// The part of a plan that grows with the micro-batch.
 fn batch_bytes(p: &MemoryPlan) -> u64 {
-    p.saved_activations + p.scratch + p.head + p.probs
+    p.saved_activations + p.scratch + p.head + p.softmax_or_backward
 }
 
 /// Why a micro-batch of `n` tokens and `rows` head rows does not fit in `available`
@@ -319,12 +374,12 @@ fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: 
     };
     Some(format!(
         "a micro-batch of {n} tokens needs {} of device memory (saved activations {}, scratch {}, LM head {}, \
-         softmax {}), and {} are free beside the model's state ({}); {advice}",
+         softmax / backward buffers {}), and {} are free beside the model's state ({}); {advice}",
         gb(need),
         gb(full.saved_activations),
         gb(full.scratch),
         gb(full.head),
-        gb(full.probs),
+        gb(full.softmax_or_backward),
         gb(available),
         gb(full.weights + full.grads + full.moments),
     ))
@@ -382,7 +437,7 @@ impl CudaEngine {
             acts: None,
             head: None,
             head_chunk,
-            probs: None,
+            shared: None,
             peak_bytes: 0,
             prof: Profiler::default(),
         };
@@ -502,19 +557,21 @@ impl CudaEngine {
 
     // --- buffers
 
-    /// Activations for `n` tokens; `train`: every layer's and the backward's.
+    /// Activations for `n` tokens; `train`: every layer's, with the norms' x̂.
     fn ensure_acts(&mut self, n: usize, train: bool) -> Result<()> {
-        if self.acts.as_ref().is_some_and(|a| a.cap >= n && (a.back.is_some() || !train)) {
+        if self.acts.as_ref().is_some_and(|a| a.cap >= n && (a.xhat_f.is_some() || !train)) {
             return Ok(());
         }
         let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap)).next_multiple_of(64);
-        let train = train || self.acts.as_ref().is_some_and(|a| a.back.is_some());
+        let train = train || self.acts.as_ref().is_some_and(|a| a.xhat_f.is_some());
         self.acts = None; // free the old set first
         let cfg = &self.cfg;
-        let (h, i, qd, kvd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.n_heads);
-        let qkvd = qd + 2 * kvd;
+        let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
+        let qkvd = qkv_dim(cfg);
         let g = &self.gpu;
         let mut p = Pool::default();
+        // x̂ (bf16, cap × hidden), for training only.
+        let xhat = |p: &mut Pool| if train { p.bf16(g, cap * h) } else { Ok(null()) };
         let n_sets = if train { cfg.n_layers } else { 1 };
         let mut layers = Vec::with_capacity(n_sets);
         for _ in 0..n_sets {
@@ -523,38 +580,22 @@ impl CudaEngine {
                 qkv: p.bf16(g, cap * qkvd)?,
                 att: p.bf16(g, cap * qd)?,
                 lse: p.f32(g, cap * nh)?,
-                xhat1: p.bf16(g, cap * h)?,
-                xhat2: p.bf16(g, cap * h)?,
+                xhat1: xhat(&mut p)?,
+                xhat2: xhat(&mut p)?,
                 rstd2: p.f32(g, cap)?,
                 gu: p.bf16(g, cap * 2 * i)?,
             });
         }
-        let back = match train {
-            false => None,
-            true => Some(BackActs {
-                xhat_f: p.bf16(g, cap * h)?,
-                dx: p.f32(g, cap * h)?,
-                dx16: p.bf16(g, cap * h)?,
-                dxn: p.f32(g, cap * h)?,
-                dxf: p.f32(g, cap * h)?,
-                dact: p.bf16(g, cap * i)?,
-                dgu: p.bf16(g, cap * 2 * i)?,
-                datt: p.bf16(g, cap * qd)?,
-                delta: p.f32(g, cap * nh)?,
-                dqkv32: p.f32(g, cap * qkvd)?,
-                dqkv16: p.bf16(g, cap * qkvd)?,
-            }),
-        };
+        let xhat_f = if train { Some(xhat(&mut p)?) } else { None };
         self.acts = Some(Acts {
             cap,
             x: p.f32(g, cap * h)?,
-            x_mid: p.f32(g, cap * h)?,
             layers,
             xn: p.bf16(g, cap * h)?,
             act: p.bf16(g, cap * i)?,
             rstd_f: p.f32(g, cap)?,
             xf: p.bf16(g, cap * h)?,
-            back,
+            xhat_f,
             _pool: p,
         });
         self.note_memory();
@@ -566,13 +607,13 @@ impl CudaEngine {
     /// in the device's free memory; the simulator has no limit.
     fn check_room(&self, n: usize, rows: usize, train: bool) -> Result<()> {
         let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
-        let probs_rows = self.probs.as_ref().map_or(0, |p| p.rows);
-        let trained = self.acts.as_ref().is_some_and(|a| a.back.is_some());
+        let shared = self.shared.as_ref().map_or(0, |s| s.bytes as u64);
+        let trained = self.acts.as_ref().is_some_and(|a| a.xhat_f.is_some());
         // What is held now (as planned for the kind of pass it was made for; a regrowth
         // frees it first), and what this pass holds, with the gradients (this step) and
         // moments (the first update) that training adds if not allocated yet.
         let now = plan(&self.cfg, self.total, cap, head_rows, trained);
-        let held = now.saved_activations + now.scratch + now.head + (probs_rows * self.cfg.vocab_size * 2) as u64;
+        let held = now.saved_activations + now.scratch + now.head + shared;
         let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || trained);
         let after = plan(&self.cfg, self.total, n, rows, train);
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
@@ -622,14 +663,19 @@ impl CudaEngine {
         self.head = None;
     }
 
-    fn ensure_probs(&mut self, rows: usize) -> Result<()> {
-        if self.probs.as_ref().is_some_and(|pb| pb.rows >= rows) {
-            return Ok(());
-        }
-        self.probs = None;
+    /// `Shared` for `rows` head rows and the activations' token capacity.
+    fn ensure_shared(&mut self, rows: usize) -> Result<()> {
+        let cap = self.acts.as_ref().map_or(0, |a| a.cap);
+        let (rows, cap) = match &self.shared {
+            Some(s) if s.rows >= rows && s.cap >= cap => return Ok(()),
+            Some(s) => (rows.max(s.rows), cap.max(s.cap)),
+            None => (rows, cap),
+        };
+        self.shared = None;
+        let bytes = shared_bytes(&self.cfg, rows, cap);
         let mut pool = Pool::default();
-        let p = pool.bf16(&self.gpu, rows * self.cfg.vocab_size)?;
-        self.probs = Some(Probs { rows, p, _pool: pool });
+        let mem = pool.bf16(&self.gpu, bytes / 2)?;
+        self.shared = Some(Shared { rows, cap, bytes, mem, _pool: pool });
         self.note_memory();
         Ok(())
     }
@@ -708,18 +754,18 @@ impl CudaEngine {
         self.ensure_acts(n, train)?;
         self.ensure_head(b.plan.rows.len())?;
         if train {
-            self.ensure_probs(b.plan.rows.len())?;
+            self.ensure_shared(b.plan.rows.len())?;
         }
         let cfg = self.cfg.clone();
         let (h, i, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
-        let qkvd = qd + 2 * kvd;
+        let qkvd = qkv_dim(&cfg);
         let eps = cfg.rms_norm_eps;
         let a = self.acts.as_ref().expect("allocated above");
-        let (x, x_mid) = (a.x.slice(0, n * h)?, a.x_mid.slice(0, n * h)?);
+        let x = a.x.slice(0, n * h)?;
         // What only the backward reads (the norms' x̂) is written in training only.
         let keep = |p: DPtr<Bf16>| if train { p } else { null() };
         let (layers, xn, act, rstd_f, xf) = (a.layers.clone(), a.xn, a.act, a.rstd_f, a.xf);
-        let xhat_f = a.back.map_or(null(), |bk| bk.xhat_f);
+        let xhat_f = a.xhat_f.unwrap_or(null());
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
         let pos = g.ptr(&b.positions);
@@ -727,7 +773,7 @@ impl CudaEngine {
         let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
         let d = self.dims(n);
 
-        // Sections for the profiler; the residual adds are the GEMMs' (C = x, D = the new x).
+        // Sections for the profiler; the residual adds are the GEMMs' (x += …, in place).
         self.prof.section(g, Category::NormElementwise)?;
         g.k.embedding_forward(x, self.w16(0)?, tokens, h)?;
         for l in 0..cfg.n_layers {
@@ -749,17 +795,17 @@ impl CudaEngine {
             k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
             let wo = self.w16(Self::li(l, 4))?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32_add(x_mid, x, la.att, wo, &GemmShape::new(n, h, qd, false, true))?;
+            self.gpu.gemm.gemm_f32(x, la.att, wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?; // x_mid
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x_mid, self.w16(Self::li(l, 5))?, n, h, eps)?;
+            k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x, self.w16(Self::li(l, 5))?, n, h, eps)?;
             let (wgu, wd) = (self.gate_up16(l)?, self.w16(Self::li(l, 8))?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.gu, xn, wgu, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_forward(act, la.gu, n, i)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32_add(x, x_mid, act, wd, &GemmShape::new(n, h, i, false, true))?;
+            self.gpu.gemm.gemm_f32(x, act, wd, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
         }
         self.prof.section(&self.gpu, Category::NormElementwise)?;
         self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(xhat_f), x, self.w16(self.final_norm())?, n, h, eps)?;
@@ -777,7 +823,10 @@ impl CudaEngine {
         let hb = self.head.as_ref().expect("allocated in forward");
         let (xr32, xr16, logits, chunk) = (hb.xr32.slice(0, total * h)?, hb.xr16, hb.logits, hb.chunk);
         let xf = self.acts.as_ref().expect("allocated in forward").xf;
-        let probs = if train { Some(self.probs.as_ref().expect("allocated in forward").p) } else { None };
+        let probs = match train {
+            true => Some(self.shared.as_ref().expect("allocated in forward").probs(total, v)?),
+            false => None,
+        };
         let g = &self.gpu;
         // A row gather is an embedding lookup into xf.
         g.k.embedding_forward(xr32, xf, g.ptr(&b.rows), h)?;
@@ -820,11 +869,15 @@ impl CudaEngine {
     fn backward(&mut self, b: &BatchDev, n: usize, dlogp_rows: &[f32]) -> Result<()> {
         let cfg = self.cfg.clone();
         let (h, i, qd, kvd, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
-        let qkvd = qd + 2 * kvd;
+        let qkvd = qkv_dim(&cfg);
         let dl_dev = self.gpu.upload(dlogp_rows)?;
         let a = self.acts.as_ref().expect("forward ran");
-        let bk = a.back.expect("a training forward allocated the backward's buffers");
-        let (layers, xhat_f) = (a.layers.clone(), bk.xhat_f.slice(0, n * h)?);
+        let xhat_f = a.xhat_f.expect("a training forward keeps x̂").slice(0, n * h)?;
+        let shared = self.shared.as_ref().expect("a training forward allocated it");
+        // The backward's buffers share the softmax's memory: nothing below writes them
+        // before the head's two GEMMs have read dlogits (one stream, in order).
+        let bk = shared.back(&cfg)?;
+        let layers = a.layers.clone();
         let (dx, dx16, dxn, dxf) =
             (bk.dx.slice(0, n * h)?, bk.dx16.slice(0, n * h)?, bk.dxn.slice(0, n * h)?, bk.dxf.slice(0, n * h)?);
         let (dact, dgu) = (bk.dact.slice(0, n * i)?, bk.dgu.slice(0, n * 2 * i)?);
@@ -836,7 +889,7 @@ impl CudaEngine {
         // of it, the rows' dxf = dlogits·W, dW_head += dlogitsᵀ·x.
         self.prof.section(&self.gpu, Category::LmHead)?;
         let total = b.plan.rows.len();
-        let dlogits = self.probs.as_ref().expect("forward ran").p.slice(0, total * v)?;
+        let dlogits = shared.probs(total, v)?;
         let hb = self.head.as_ref().expect("forward ran");
         let (dxr, xr16) = (hb.xr32.slice(0, total * h)?, hb.xr16.slice(0, total * h)?);
         let head_grad = self.tensor_f32(self.grad(), self.head_index())?;
