@@ -93,10 +93,27 @@ struct LayerActs {
 /// layer's activations die with it.
 struct Acts {
     cap: usize,
+    layers: Vec<LayerActs>,
+    rstd_f: DPtr<f32>,
+    xf: DPtr<Bf16>,
+    role: Role,
+    _pool: Pool,
+}
+
+enum Role {
+    /// A forward-only set owns its working buffers.
+    Forward(Work),
+    /// A training set keeps the final norm's x̂ for the backward, and takes its working
+    /// buffers from `Shared`.
+    Train { xhat_f: DPtr<Bf16> },
+}
+
+/// The working buffers of the layer at hand (for `cap` tokens).
+#[derive(Clone, Copy)]
+struct Work {
     /// The residual stream (f32), which the attention and MLP output GEMMs add into in
     /// place. The backward does not read it: the norms keep x̂ (bf16) and rstd instead.
     x: DPtr<f32>,
-    layers: Vec<LayerActs>,
     /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
     /// the norm, the backward writes it again from x̂ (rmsnorm_apply) for their weight
     /// gradients, instead of keeping two per layer.
@@ -104,11 +121,12 @@ struct Acts {
     /// silu(gate)·up of the layer at hand: the forward writes it, the backward writes it
     /// again (swiglu_backward) instead of keeping one per layer.
     act: DPtr<Bf16>,
-    rstd_f: DPtr<f32>,
-    xf: DPtr<Bf16>,
-    /// The final norm's x̂, for the backward: training sets only.
-    xhat_f: Option<DPtr<Bf16>>,
-    _pool: Pool,
+}
+
+impl Acts {
+    fn training(&self) -> bool {
+        matches!(self.role, Role::Train { .. })
+    }
 }
 
 /// The layers' backward buffers for `cap` tokens, views into `Shared`.
@@ -139,10 +157,13 @@ struct Head {
     _pool: Pool,
 }
 
-/// Training only (grow-only): every LM-head row's softmax (bf16 `[rows, V]`) from the
-/// forward, turned into dlogits in place by the backward; once the head's two GEMMs have
-/// read those, the same memory holds the layers' backward buffers (`BackActs` for `cap`
-/// tokens). It takes the larger of the two, not their sum.
+/// Training only (grow-only): memory that three phases of a training step use in turn.
+/// The layers' forward: `Work` (x from the start, xn and act after the backward's
+/// buffers). The LM head: every row's softmax (bf16 `[rows, V]`, from the start), turned
+/// into dlogits in place by the backward. The layers' backward, once the head's two GEMMs
+/// have read dlogits: `BackActs` from the start, and xn and act again. Each phase's
+/// buffers are dead in the others (one stream, in order), so it takes the largest phase,
+/// not their sum. Its token capacity `cap` is the activations'.
 struct Shared {
     rows: usize,
     cap: usize,
@@ -155,6 +176,18 @@ impl Shared {
     /// The softmax of `rows` rows of `vocab`.
     fn probs(&self, rows: usize, vocab: usize) -> Result<DPtr<Bf16>> {
         self.mem.cast(0, rows * vocab)
+    }
+
+    /// The working buffers of a training set: x from the start (over the backward's
+    /// buffers, which are dead while it lives), xn and act after the backward's buffers.
+    fn work(&self, cfg: &LlamaConfig) -> Result<Work> {
+        let (h, i, cap) = (cfg.hidden_size, cfg.intermediate_size, self.cap);
+        let after = back_bytes(cfg) * cap / 2; // in bf16 elements
+        Ok(Work {
+            x: self.mem.cast(0, cap * h)?,
+            xn: self.mem.cast(after, cap * h)?,
+            act: self.mem.cast(after + cap * h, cap * i)?,
+        })
     }
 
     /// The backward's buffers, one after another from the start (each a whole number of
@@ -273,12 +306,14 @@ pub struct MemoryPlan {
     pub moments: u64,
     /// What every layer keeps for the backward (forward only: one layer's buffers).
     pub saved_activations: u64,
-    /// The residual stream and one layer's working buffers.
+    /// The final norm's output, and the residual stream and one layer's working buffers
+    /// (forward only: training keeps those in `softmax_or_backward`).
     pub scratch: u64,
     /// The gathered head rows and one chunk of fp32 logits.
     pub head: u64,
-    /// The bf16 softmax of every head row, whose memory the layers' backward buffers take
-    /// over once the head's backward has read it: the larger of the two (training only).
+    /// The bf16 softmax of every head row, in memory that the layers' working buffers use
+    /// before it is written and, with the backward's buffers, after the head's backward has
+    /// read it: the largest of the three (training only).
     pub softmax_or_backward: u64,
 }
 
@@ -321,9 +356,11 @@ fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, train
     let (f32b, bf16b) = (4, 2);
     let t = |x: usize| if train { x } else { 0 };
     // Per token (ensure_acts): `LayerActs` (one set per layer, or one without x̂ in all),
-    // `Acts`' single buffers (x̂ of the final norm in training).
+    // `Acts`' single buffers: rstd and the output of the final norm, and either its x̂
+    // (training) or `Work` (x, xn, act: forward only).
     let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * i) + t(bf16b * 2 * h);
-    let single = f32b * (h + 1) + bf16b * (2 * h + i) + t(bf16b * h);
+    let work = f32b * h + bf16b * (h + i);
+    let single = f32b + bf16b * h + if train { bf16b * h } else { work };
     let b = |x: usize| x as u64;
     MemoryPlan {
         weights: b(params * 2 * 2),
@@ -337,12 +374,17 @@ fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, train
 }
 
 /// Bytes of `Shared` for `rows` head rows and `cap` tokens: the softmax, or the backward's
-/// buffers (`BackActs`) if larger.
+/// buffers with xn and act, whichever is larger (x fits inside the backward's buffers).
 fn shared_bytes(cfg: &LlamaConfig, rows: usize, cap: usize) -> usize {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    (rows * cfg.vocab_size * 2).max(cap * (back_bytes(cfg) + 2 * (h + i)))
+}
+
+/// Bytes per token of the backward's buffers (`BackActs`).
+fn back_bytes(cfg: &LlamaConfig) -> usize {
     let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
     let qkvd = qkv_dim(cfg);
-    let back = 4 * (3 * h + nh + qkvd) + 2 * (h + 3 * i + qd + qkvd);
-    (rows * cfg.vocab_size * 2).max(cap * back)
+    4 * (3 * h + nh + qkvd) + 2 * (h + 3 * i + qd + qkvd)
 }
 
 /// The part of a plan that grows with the micro-batch.
@@ -559,11 +601,11 @@ impl CudaEngine {
 
     /// Activations for `n` tokens; `train`: every layer's, with the norms' x̂.
     fn ensure_acts(&mut self, n: usize, train: bool) -> Result<()> {
-        if self.acts.as_ref().is_some_and(|a| a.cap >= n && (a.xhat_f.is_some() || !train)) {
+        if self.acts.as_ref().is_some_and(|a| a.cap >= n && (a.training() || !train)) {
             return Ok(());
         }
         let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap)).next_multiple_of(64);
-        let train = train || self.acts.as_ref().is_some_and(|a| a.xhat_f.is_some());
+        let train = train || self.acts.as_ref().is_some_and(|a| a.training());
         self.acts = None; // free the old set first
         let cfg = &self.cfg;
         let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
@@ -586,18 +628,11 @@ impl CudaEngine {
                 gu: p.bf16(g, cap * 2 * i)?,
             });
         }
-        let xhat_f = if train { Some(xhat(&mut p)?) } else { None };
-        self.acts = Some(Acts {
-            cap,
-            x: p.f32(g, cap * h)?,
-            layers,
-            xn: p.bf16(g, cap * h)?,
-            act: p.bf16(g, cap * i)?,
-            rstd_f: p.f32(g, cap)?,
-            xf: p.bf16(g, cap * h)?,
-            xhat_f,
-            _pool: p,
-        });
+        let role = match train {
+            true => Role::Train { xhat_f: xhat(&mut p)? },
+            false => Role::Forward(Work { x: p.f32(g, cap * h)?, xn: p.bf16(g, cap * h)?, act: p.bf16(g, cap * i)? }),
+        };
+        self.acts = Some(Acts { cap, layers, rstd_f: p.f32(g, cap)?, xf: p.bf16(g, cap * h)?, role, _pool: p });
         self.note_memory();
         Ok(())
     }
@@ -608,7 +643,7 @@ impl CudaEngine {
     fn check_room(&self, n: usize, rows: usize, train: bool) -> Result<()> {
         let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
         let shared = self.shared.as_ref().map_or(0, |s| s.bytes as u64);
-        let trained = self.acts.as_ref().is_some_and(|a| a.xhat_f.is_some());
+        let trained = self.acts.as_ref().is_some_and(|a| a.training());
         // What is held now (as planned for the kind of pass it was made for; a regrowth
         // frees it first), and what this pass holds, with the gradients (this step) and
         // moments (the first update) that training adds if not allocated yet.
@@ -753,19 +788,23 @@ impl CudaEngine {
         self.check_room(n, b.plan.rows.len(), train)?;
         self.ensure_acts(n, train)?;
         self.ensure_head(b.plan.rows.len())?;
-        if train {
-            self.ensure_shared(b.plan.rows.len())?;
+        if self.acts.as_ref().is_some_and(|a| a.training()) {
+            // A forward-only pass on a training set too: its working buffers are there.
+            self.ensure_shared(if train { b.plan.rows.len() } else { 0 })?;
         }
         let cfg = self.cfg.clone();
         let (h, i, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
         let qkvd = qkv_dim(&cfg);
         let eps = cfg.rms_norm_eps;
         let a = self.acts.as_ref().expect("allocated above");
-        let x = a.x.slice(0, n * h)?;
+        let (work, xhat_f) = match a.role {
+            Role::Forward(w) => (w, null()),
+            Role::Train { xhat_f } => (self.shared.as_ref().expect("allocated above").work(&cfg)?, xhat_f),
+        };
+        let (x, xn, act) = (work.x.slice(0, n * h)?, work.xn, work.act);
         // What only the backward reads (the norms' x̂) is written in training only.
         let keep = |p: DPtr<Bf16>| if train { p } else { null() };
-        let (layers, xn, act, rstd_f, xf) = (a.layers.clone(), a.xn, a.act, a.rstd_f, a.xf);
-        let xhat_f = a.xhat_f.unwrap_or(null());
+        let (layers, rstd_f, xf) = (a.layers.clone(), a.rstd_f, a.xf);
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
         let pos = g.ptr(&b.positions);
@@ -872,16 +911,17 @@ impl CudaEngine {
         let qkvd = qkv_dim(&cfg);
         let dl_dev = self.gpu.upload(dlogp_rows)?;
         let a = self.acts.as_ref().expect("forward ran");
-        let xhat_f = a.xhat_f.expect("a training forward keeps x̂").slice(0, n * h)?;
+        let Role::Train { xhat_f } = a.role else { unreachable!("a training forward made a training set") };
+        let xhat_f = xhat_f.slice(0, n * h)?;
         let shared = self.shared.as_ref().expect("a training forward allocated it");
-        // The backward's buffers share the softmax's memory: nothing below writes them
-        // before the head's two GEMMs have read dlogits (one stream, in order).
-        let bk = shared.back(&cfg)?;
+        // The backward's buffers, xn and act share the softmax's memory: nothing below
+        // writes them before the head's two GEMMs have read dlogits (one stream, in order).
+        let (bk, work) = (shared.back(&cfg)?, shared.work(&cfg)?);
         let layers = a.layers.clone();
         let (dx, dx16, dxn, dxf) =
             (bk.dx.slice(0, n * h)?, bk.dx16.slice(0, n * h)?, bk.dxn.slice(0, n * h)?, bk.dxf.slice(0, n * h)?);
         let (dact, dgu) = (bk.dact.slice(0, n * i)?, bk.dgu.slice(0, n * 2 * i)?);
-        let (xn, act) = (a.xn.slice(0, n * h)?, a.act.slice(0, n * i)?);
+        let (xn, act) = (work.xn.slice(0, n * h)?, work.act.slice(0, n * i)?);
         let (datt, delta, dqkv32, dqkv16) = (bk.datt, bk.delta, bk.dqkv32, bk.dqkv16);
         let rstd_f = a.rstd_f;
 
