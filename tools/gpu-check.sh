@@ -170,7 +170,7 @@ fi
 
 # Last, with what the budget leaves: both tools at 16 pairs (20480 tokens) per step, eager
 # only, where BENCHMARKS.md's memory plan expects the 0.6x peak-memory aim to be met
-# (at gpu-check's 8 pairs the fixed state keeps the ratio near 0.55-0.62).
+# (at gpu-check's 8 pairs the fixed state keeps the ratio near 0.52-0.59).
 TRAIN16=(--device cuda --shape llama-1b --prompt-len 256 --answer-len 512 --micro-batch-tokens 20480 --steps 3 --warmup 1)
 if [ -x "$BIN/sdpo-run" ] && [ -f tools/compare_torch.py ]; then
   step train-bench16 120 'tokens|MFU|mfu' "$BIN/sdpo-run" bench "${TRAIN16[@]}"
@@ -180,7 +180,7 @@ else
   skip train-bench16 "no $BIN/sdpo-run or tools/compare_torch.py"
 fi
 # Then Llama 3 8B, 3 pairs (3840 tokens) per micro-batch: whether it trains on one H200 at
-# all (BENCHMARKS.md: 142.3 GB planned, 16 bytes per parameter of state), and the engine's
+# all (BENCHMARKS.md: 141.3 GB planned, 16 bytes per parameter of state), and the engine's
 # plan against the measured peak. ~20 s of random weights on the host first.
 TRAIN8B=(--device cuda --shape llama-8b --prompt-len 256 --answer-len 512 --micro-batch-tokens 3840 --steps 2 --warmup 1)
 if [ -x "$BIN/sdpo-run" ]; then

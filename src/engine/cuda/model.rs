@@ -13,8 +13,9 @@
 //! only, its fp32 logits in chunks of rows; a training forward keeps every row's softmax
 //! in bf16 (2·V bytes per row), so the backward needs no second logits GEMM and runs the
 //! two head GEMMs once over all rows, not once per chunk (each re-reading and re-writing
-//! the fp32 head gradient: 1 GB at Llama 3.2 1B's vocabulary). Once those two GEMMs have
-//! read it, the layers' backward buffers take its memory (`Shared`).
+//! the fp32 head gradient: 1 GB at Llama 3.2 1B's vocabulary). The layers' working
+//! buffers use its memory before it is written, and their backward buffers once those two
+//! GEMMs have read it (`Shared`).
 //!
 //! Data flow of one layer (row-major [tokens, features]; f32 unless marked bf16):
 //!   xn1 (bf16) = rmsnorm(x)        qkv (bf16) = xn1·[Wq;Wk;Wv]ᵀ    rope(q), rope(k) in place
