@@ -249,9 +249,10 @@ fn cuda_engine_profiles_a_step_by_category() {
 
 /// `memory_plan` is what the engine allocates: after a reference pass (forward only) and
 /// after a training step and an optimizer step on the simulator, the bytes requested
-/// through `Gpu::alloc` against
-/// the plan, which leaves out only the gradient-norm partials (f64 per block, and the sum)
-/// and each batch's log-prob output (2 f32 per head row, one per forward).
+/// through `Gpu::alloc` against the plan, which leaves out only the gradient-norm partials
+/// (f64 per block, and the sum) and each batch's log-prob output (2 f32 per head row, one
+/// per forward). Twice: with the backward's buffers larger than the softmax (vocabulary
+/// 203) and smaller (8000, as at Llama sizes), which sizes `Shared` either way.
 #[test]
 fn cuda_engine_allocates_its_memory_plan() {
     use sdpo::dpo::LossConfig;
@@ -260,27 +261,32 @@ fn cuda_engine_allocates_its_memory_plan() {
     use sdpo::{AdamWConfig, Engine};
 
     // An untied LM head; 68 tokens: not a whole number of 64-token activation blocks.
-    let cfg = small_config(3, false);
     let batch = small_batch(4, 5);
     let (tokens, rows) = (batch.n_tokens(), LogpPlan::new(&batch.targets).rows.len());
     let small = (Gpu::sim(sim().clone()).k.grad_norm_blocks() + 1) as u64 * 8;
     let per_batch = rows as u64 * 8;
-
-    let mut eng = CudaEngine::with_gpu(cfg.clone(), LlamaWeights::random(&cfg, 5), Gpu::sim(sim().clone())).unwrap();
-    let reference = eng.sequence_logps(&batch).unwrap();
-    let plan = memory_plan(&cfg, tokens, rows, false);
-    println!("{tokens} tokens, {rows} head rows; forward only: {plan:?}");
-    assert_eq!(eng.allocated_bytes(), plan.total() + small + per_batch, "forward-only allocations vs {plan:?}");
-    let forward = plan.total();
-    eng.train_step(&batch, &reference, &LossConfig::default(), 1.0).unwrap();
-    eng.optimizer_step(&AdamWConfig::default(), 1e-3).unwrap();
-    let plan = memory_plan(&cfg, tokens, rows, true);
-    println!("training: {plan:?}");
-    // Training allocates everything but the weights and the LM head again: the forward-only
-    // pass held one layer's activations and no backward buffers (the counter keeps the
-    // bytes of buffers since freed).
-    let trained = forward + plan.total() - plan.weights - plan.head;
-    assert_eq!(eng.allocated_bytes(), trained + small + 2 * per_batch, "training allocations vs {plan:?}");
+    for (vocab, softmax_larger) in [(203, false), (8000, true)] {
+        let mut cfg = small_config(3, false);
+        cfg.vocab_size = vocab;
+        let mut eng =
+            CudaEngine::with_gpu(cfg.clone(), LlamaWeights::random(&cfg, 5), Gpu::sim(sim().clone())).unwrap();
+        let reference = eng.sequence_logps(&batch).unwrap();
+        let plan = memory_plan(&cfg, tokens, rows, false);
+        println!("vocabulary {vocab}, {tokens} tokens, {rows} head rows; forward only: {plan:?}");
+        assert_eq!(eng.allocated_bytes(), plan.total() + small + per_batch, "forward-only allocations vs {plan:?}");
+        let forward = plan.total();
+        eng.train_step(&batch, &reference, &LossConfig::default(), 1.0).unwrap();
+        eng.optimizer_step(&AdamWConfig::default(), 1e-3).unwrap();
+        let plan = memory_plan(&cfg, tokens, rows, true);
+        println!("training: {plan:?}");
+        let softmax = (rows * vocab * 2) as u64;
+        assert_eq!(plan.softmax_or_backward == softmax, softmax_larger, "{plan:?}");
+        // Training allocates everything but the weights and the LM head again: the
+        // forward-only pass held one layer's activations and no backward buffers (the
+        // counter keeps the bytes of buffers since freed).
+        let trained = forward + plan.total() - plan.weights - plan.head;
+        assert_eq!(eng.allocated_bytes(), trained + small + 2 * per_batch, "training allocations vs {plan:?}");
+    }
 }
 
 /// A model of hidden 64 (4 heads of 16, 2 KV heads, vocabulary 203) for the engine tests.

@@ -832,6 +832,12 @@ pub fn engine_on_random_models(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaE
             "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 150, "tie_word_embeddings": true,
             "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+        // Model 2 with a vocabulary of 8000: the softmax outgrows the backward's buffers, so
+        // the layers' working and backward buffers lie inside its memory, as at Llama
+        // sizes (the models above have it the other way round).
+        serde_json::json!({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 8000,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
     ];
     for (i, c) in configs.into_iter().enumerate() {
         let cfg = LlamaConfig::from_json(c).unwrap();
