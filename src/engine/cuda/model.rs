@@ -28,10 +28,10 @@
 //! as GEMM input (written by each norm's backward beside its f32 dx); strided f32→bf16
 //! copies reuse rope_backward with a zero frequency table (a rotation by 0). Saved per
 //! layer: rstd and x̂ = x·rstd (bf16) of each norm, qkv, att, lse, and gu; not the f32
-//! residual stream (the GEMMs add into it in place; the norms' backward takes x̂), not act (swiglu_backward
-//! writes it again before the down projection's weight gradient needs it) and not xn1,
-//! xn2 (rmsnorm_apply writes them again from x̂ before the weight gradients of the GEMMs
-//! after the norm). At Llama 3.2 1B that is 51,336 of the 84,104 bytes per token and
+//! residual stream (the GEMMs add into it in place; the norms' backward takes x̂), not
+//! act (swiglu_backward writes it again before the down projection's weight gradient
+//! needs it) and not xn1, xn2 (rmsnorm_apply writes them again from x̂ before the weight
+//! gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the 84,104 bytes per token and
 //! layer a copy of everything would take.
 
 use std::time::Instant;
@@ -203,7 +203,7 @@ impl Shared {
             start
         };
         let m = self.mem;
-        Ok(BackActs {
+        let back = BackActs {
             dx: m.cast(take(cap * h, 4), cap * h)?,
             dxn: m.cast(take(cap * h, 4), cap * h)?,
             dxf: m.cast(take(cap * h, 4), cap * h)?,
@@ -214,7 +214,9 @@ impl Shared {
             dgu: m.cast(take(cap * 2 * i, 2), cap * 2 * i)?,
             datt: m.cast(take(cap * qd, 2), cap * qd)?,
             dqkv16: m.cast(take(cap * qkvd, 2), cap * qkvd)?,
-        })
+        };
+        debug_assert_eq!(at, back_bytes(cfg) * cap / 2, "`work` places xn right after these");
+        Ok(back)
     }
 }
 
