@@ -107,10 +107,7 @@ SDPO_DEVICE float4 load4(const __nv_bfloat16* p) {
 
 // Four f32 rounded to bf16 (round to nearest even, as store8) in one 8-byte store.
 SDPO_DEVICE void store4(__nv_bfloat16* p, float4 v) {
-    uint2 raw;
-    *reinterpret_cast<__nv_bfloat162*>(&raw.x) = __floats2bfloat162_rn(v.x, v.y);
-    *reinterpret_cast<__nv_bfloat162*>(&raw.y) = __floats2bfloat162_rn(v.z, v.w);
-    *reinterpret_cast<uint2*>(p) = raw;
+    *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
 }
 
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(

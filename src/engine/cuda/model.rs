@@ -168,7 +168,6 @@ struct Head {
 struct Shared {
     rows: usize,
     cap: usize,
-    bytes: usize,
     mem: DPtr<u16>,
     _pool: Pool,
 }
@@ -219,6 +218,10 @@ impl Shared {
         Ok(back)
     }
 }
+
+/// A layer's tensors (`CudaEngine::li`) that run as one GEMM: q|k|v and gate|up.
+const QKV: (usize, usize) = (1, 3);
+const GATE_UP: (usize, usize) = (6, 7);
 
 /// Width of a layer's fused q|k|v projection.
 fn qkv_dim(cfg: &LlamaConfig) -> usize {
@@ -539,9 +542,17 @@ impl CudaEngine {
         Ok((self.offsets[first].0, len))
     }
 
-    fn qkv16(&self, l: usize) -> Result<DPtr<Bf16>> {
-        let (o, len) = self.adjacent(Self::li(l, 1), Self::li(l, 3))?;
+    /// Layer `l`'s tensors `first..=last` (`QKV`, `GATE_UP`), adjacent in the flat buffers,
+    /// as one `[rows, hidden]` matrix of the bf16 working copy: one GEMM for all of them.
+    fn fused16(&self, l: usize, (first, last): (usize, usize)) -> Result<DPtr<Bf16>> {
+        let (o, len) = self.adjacent(Self::li(l, first), Self::li(l, last))?;
         self.gpu.ptr(&self.wbf).slice(o, len)
+    }
+
+    /// The gradients of `fused16`'s tensors, as one matrix.
+    fn fused_grad(&self, l: usize, (first, last): (usize, usize)) -> Result<DPtr<f32>> {
+        let (o, len) = self.adjacent(Self::li(l, first), Self::li(l, last))?;
+        self.gpu.ptr(self.grad()).slice(o, len)
     }
 
     /// The gradient buffer (`ensure_grad` allocated it).
@@ -555,11 +566,6 @@ impl CudaEngine {
             self.note_memory();
         }
         Ok(())
-    }
-
-    fn qkv_grad(&self, l: usize) -> Result<DPtr<f32>> {
-        let (o, len) = self.adjacent(Self::li(l, 1), Self::li(l, 3))?;
-        self.gpu.ptr(self.grad()).slice(o, len)
     }
 
     fn download_weights(&self, buf: &DBuf<f32>) -> Result<LlamaWeights> {
@@ -645,7 +651,7 @@ impl CudaEngine {
     /// in the device's free memory; the simulator has no limit.
     fn check_room(&self, n: usize, rows: usize, train: bool) -> Result<()> {
         let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
-        let shared = self.shared.as_ref().map_or(0, |s| s.bytes as u64);
+        let shared = self.shared.as_ref().map_or(0, |s| 2 * s.mem.len as u64);
         let trained = self.acts.as_ref().is_some_and(|a| a.training());
         // What is held now (as planned for the kind of pass it was made for; a regrowth
         // frees it first), and what this pass holds, with the gradients (this step) and
@@ -710,10 +716,9 @@ impl CudaEngine {
             None => (rows, cap),
         };
         self.shared = None;
-        let bytes = shared_bytes(&self.cfg, rows, cap);
         let mut pool = Pool::default();
-        let mem = pool.bf16(&self.gpu, bytes / 2)?;
-        self.shared = Some(Shared { rows, cap, bytes, mem, _pool: pool });
+        let mem = pool.bf16(&self.gpu, shared_bytes(&self.cfg, rows, cap) / 2)?;
+        self.shared = Some(Shared { rows, cap, mem, _pool: pool });
         self.note_memory();
         Ok(())
     }
@@ -772,18 +777,6 @@ impl CudaEngine {
 
     // --- forward
 
-    /// Layer `l`'s gate and up weights as one `[2·intermediate, hidden]` bf16 matrix
-    /// [Wg; Wu] (adjacent in the flat buffers, like q/k/v), and their gradients.
-    fn gate_up16(&self, l: usize) -> Result<DPtr<Bf16>> {
-        let (o, len) = self.adjacent(Self::li(l, 6), Self::li(l, 7))?;
-        self.gpu.ptr(&self.wbf).slice(o, len)
-    }
-
-    fn gate_up_grad(&self, l: usize) -> Result<DPtr<f32>> {
-        let (o, len) = self.adjacent(Self::li(l, 6), Self::li(l, 7))?;
-        self.gpu.ptr(self.grad()).slice(o, len)
-    }
-
     /// Runs the model over the batch and the LM head over its target rows; leaves the
     /// per-row log-probs in `b.row_logp`.
     fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
@@ -824,7 +817,7 @@ impl CudaEngine {
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, self.w16(Self::li(l, 0))?, n, h, eps)?;
-            let wqkv = self.qkv16(l)?;
+            let wqkv = self.fused16(l, QKV)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.qkv, xn, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
@@ -841,7 +834,7 @@ impl CudaEngine {
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x, self.w16(Self::li(l, 5))?, n, h, eps)?;
-            let (wgu, wd) = (self.gate_up16(l)?, self.w16(Self::li(l, 8))?);
+            let (wgu, wd) = (self.fused16(l, GATE_UP)?, self.w16(Self::li(l, 8))?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.gu, xn, wgu, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
@@ -963,8 +956,8 @@ impl CudaEngine {
             let gw = |j: usize| -> Result<DPtr<f32>> { Ok(gws[j]) };
             // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up, [gate | up] = xn2·[Wg;Wu]ᵀ.
             // dx16 = bf16(dx): the norm backward before this wrote it.
-            let (wgu, wd) = (self.gate_up16(l)?, self.w16(Self::li(l, 8))?);
-            let (ggu, gd) = (self.gate_up_grad(l)?, gw(8)?);
+            let (wgu, wd) = (self.fused16(l, GATE_UP)?, self.w16(Self::li(l, 8))?);
+            let (ggu, gd) = (self.fused_grad(l, GATE_UP)?, gw(8)?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_bf16(dact, dx16, wd, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
@@ -1009,7 +1002,7 @@ impl CudaEngine {
             k.rope_backward(dk16, dk32, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let dv16 = dqkv16.slice(qd + kvd, dqkv16.len - qd - kvd)?;
             k.rope_backward(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
-            let (wqkv, gqkv) = (self.qkv16(l)?, self.qkv_grad(l)?);
+            let (wqkv, gqkv) = (self.fused16(l, QKV)?, self.fused_grad(l, QKV)?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
