@@ -447,14 +447,22 @@ fn open_gives_the_cpu_engine_without_a_gpu() {
     }
 }
 
+/// Refused before any work (engine::check_inputs, which the CUDA engine shares): a token
+/// outside the vocabulary, and a training step whose reference is not one pair per pair.
 #[test]
-fn out_of_vocabulary_tokens_are_an_error() {
+fn bad_inputs_are_an_error() {
     let cfg = config(true, 2);
     let mut eng = CpuEngine::new(cfg.clone(), weights(&cfg, 93)).unwrap();
     let mut p = pairs(1, 1, 37);
     p[0].chosen[0] = 37;
     let err = eng.sequence_logps(&batch(&p, Layout::Shared)).unwrap_err().to_string();
     assert!(err.contains("37") && err.contains("vocabulary"), "{err}");
+
+    let p = pairs(2, 2, 32);
+    let b = batch(&p, Layout::Shared);
+    let one = shifted(&eng.sequence_logps(&batch(&p[..1], Layout::Shared)).unwrap());
+    let err = eng.train_step(&b, &one, &LossConfig::default(), 1.0).unwrap_err().to_string();
+    assert!(err.contains("1 reference log-prob pairs for a batch of 2 pairs"), "{err}");
 }
 
 /// The engine keeps its activation buffers between steps; a smaller batch after a larger

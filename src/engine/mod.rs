@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
 use crate::dpo::{LossConfig, PairLogps};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::LlamaWeights;
 
-/// Which engine `open` builds. `Auto` takes the CPU engine until the CUDA engine is wired in.
+/// Which engine `open` builds. `Auto`: the GPU when there is one and it can run the model,
+/// else the CPU.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
@@ -33,7 +34,7 @@ pub fn open(device: Device, cfg: LlamaConfig, weights: LlamaWeights) -> Result<B
         #[cfg(feature = "cuda")]
         Device::Cuda => Ok(Box::new(cuda::model::CudaEngine::new(cfg, weights, 0)?)),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => Err(crate::error::Error::NoGpu("this build has no CUDA engine (feature `cuda` is off)".into())),
+        Device::Cuda => Err(Error::NoGpu("this build has no CUDA engine (feature `cuda` is off)".into())),
         // The GPU when there is one and it can run this model; else, quietly, the CPU.
         Device::Auto => {
             #[cfg(feature = "cuda")]
@@ -69,6 +70,30 @@ pub struct AdamState {
     pub m: LlamaWeights,
     pub v: LlamaWeights,
     pub step: u64,
+}
+
+/// What both engines refuse before any work: an empty batch, a token outside `cfg`'s
+/// vocabulary (a tokenizer that does not match the model), and, for a training step,
+/// reference log-probs that are not one per pair.
+pub fn check_inputs(cfg: &LlamaConfig, batch: &PairBatch, reference: Option<&[PairLogps]>) -> Result<()> {
+    if batch.n_tokens() == 0 || batch.targets.is_empty() {
+        return Err(Error::invalid("empty batch: no tokens or no completion targets"));
+    }
+    if let Some((row, &tok)) = batch.tokens.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
+        return Err(Error::invalid(format!(
+            "token id {tok} (batch row {row}) is outside the model's vocabulary of {}; \
+             the tokenizer does not match the model",
+            cfg.vocab_size
+        )));
+    }
+    match reference {
+        Some(r) if r.len() != batch.n_pairs => Err(Error::invalid(format!(
+            "train_step: {} reference log-prob pairs for a batch of {} pairs",
+            r.len(),
+            batch.n_pairs
+        ))),
+        _ => Ok(()),
+    }
 }
 
 pub trait Engine {

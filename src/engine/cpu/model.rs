@@ -12,7 +12,7 @@
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
 use crate::dpo::{target_grads, LossConfig, PairLogps};
-use crate::engine::{AdamState, AdamWConfig, Engine};
+use crate::engine::{check_inputs, AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::weights::{LayerWeights, LlamaWeights};
 
@@ -149,17 +149,6 @@ impl CpuEngine {
 
     fn attn_shape(&self) -> AttnShape {
         AttnShape { n_heads: self.cfg.n_heads, n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim }
-    }
-
-    fn check_batch(&self, batch: &PairBatch) -> Result<()> {
-        if let Some((row, &tok)) = batch.tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.cfg.vocab_size) {
-            return Err(Error::invalid(format!(
-                "token id {tok} (batch row {row}) is outside the model's vocabulary of {}; \
-                 the tokenizer does not match the model",
-                self.cfg.vocab_size
-            )));
-        }
-        Ok(())
     }
 
     // --- forward
@@ -395,7 +384,7 @@ impl Engine for CpuEngine {
     }
 
     fn sequence_logps(&mut self, batch: &PairBatch) -> Result<Vec<PairLogps>> {
-        self.check_batch(batch)?;
+        check_inputs(&self.cfg, batch, None)?;
         let mut spare = std::mem::take(&mut self.spare_acts);
         let f = self.forward(batch, false, &mut spare);
         self.spare_acts = spare;
@@ -409,14 +398,7 @@ impl Engine for CpuEngine {
         loss: &LossConfig,
         loss_scale: f64,
     ) -> Result<Vec<PairLogps>> {
-        self.check_batch(batch)?;
-        if reference.len() != batch.n_pairs {
-            return Err(Error::invalid(format!(
-                "train_step: {} reference log-prob pairs for a batch of {} pairs",
-                reference.len(),
-                batch.n_pairs
-            )));
-        }
+        check_inputs(&self.cfg, batch, Some(reference))?;
         let mut spare = std::mem::take(&mut self.spare_acts);
         let f = self.forward(batch, true, &mut spare);
         let policy = PairLogps::sum_targets(batch, &f.logp);

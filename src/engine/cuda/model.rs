@@ -47,7 +47,7 @@ use crate::data::PairBatch;
 use crate::dpo::{target_grads, LossConfig, PairLogps};
 use crate::engine::cpu::ops::LogpPlan;
 use crate::engine::profile::{Category, Profile};
-use crate::engine::{AdamState, AdamWConfig, Engine};
+use crate::engine::{check_inputs, AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::weights::LlamaWeights;
 
@@ -723,20 +723,6 @@ impl CudaEngine {
         Ok(())
     }
 
-    fn check_batch(&self, batch: &PairBatch) -> Result<()> {
-        if batch.n_tokens() == 0 || batch.targets.is_empty() {
-            return Err(Error::invalid("empty batch: no tokens or no completion targets"));
-        }
-        if let Some((row, &tok)) = batch.tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.cfg.vocab_size) {
-            return Err(Error::invalid(format!(
-                "token id {tok} (batch row {row}) is outside the model's vocabulary of {}; \
-                 the tokenizer does not match the model",
-                self.cfg.vocab_size
-            )));
-        }
-        Ok(())
-    }
-
     fn upload_batch(&self, batch: &PairBatch) -> Result<BatchDev> {
         let g = &self.gpu;
         let plan = LogpPlan::new(&batch.targets);
@@ -1064,7 +1050,7 @@ impl Engine for CudaEngine {
     }
 
     fn sequence_logps(&mut self, batch: &PairBatch) -> Result<Vec<PairLogps>> {
-        self.check_batch(batch)?;
+        check_inputs(&self.cfg, batch, None)?;
         let b = self.upload_batch(batch)?;
         self.forward(&b, batch.n_tokens(), false)?;
         let logp = self.target_logps(&b)?;
@@ -1080,14 +1066,7 @@ impl Engine for CudaEngine {
         loss: &LossConfig,
         loss_scale: f64,
     ) -> Result<Vec<PairLogps>> {
-        self.check_batch(batch)?;
-        if reference.len() != batch.n_pairs {
-            return Err(Error::invalid(format!(
-                "train_step: {} reference log-prob pairs for a batch of {} pairs",
-                reference.len(),
-                batch.n_pairs
-            )));
-        }
+        check_inputs(&self.cfg, batch, Some(reference))?;
         let b = self.upload_batch(batch)?;
         let n = batch.n_tokens();
         self.forward(&b, n, true)?;
