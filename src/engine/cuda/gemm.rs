@@ -103,8 +103,9 @@ pub struct Gemm {
     algos: HashMap<(GemmShape, OutType, AlignKey), sys::cublasLtMatmulAlgo_t>,
 }
 
-/// The alignments (bytes) of cuBLAS's A, B, C and D pointers (our b, a, c and c).
-type AlignKey = [u32; 4];
+/// The alignments (bytes) of cuBLAS's A and B pointers (our b and a) and of C, which is
+/// also D (every call writes its output in place).
+type AlignKey = [u32; 3];
 
 /// The alignment cuBLASLt may rely on for `addr`: its largest power-of-two divisor, up to
 /// 256 bytes. The heuristic assumes 256 unless told, and an algorithm chosen that way can
@@ -224,7 +225,7 @@ impl Gemm {
         };
         let ws_len = workspace.len();
         let d = self.descs(s, out)?;
-        let align = [alignment(b.ptr), alignment(a.ptr), alignment(c), alignment(c)];
+        let align = [alignment(b.ptr), alignment(a.ptr), alignment(c)];
         let key = (*s, out, align);
         let algo = match self.algos.get(&key) {
             Some(a) => *a,
@@ -286,7 +287,7 @@ impl Gemm {
                     (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0]),
                     (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1]),
                     (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2]),
-                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[3]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2]),
                 ] {
                     lt::set_matmul_pref_attribute(pref, attr, bytes as *const u32 as _, 4)?;
                 }
