@@ -8,18 +8,26 @@
 //! `reference.safetensors` (M_{t−1}, fp32).
 //!
 //! Writing: everything goes to a hidden temporary folder, each file is fsynced, the folder
-//! is fsynced and renamed to `state-<seq>`, the parent is fsynced, and only then are older
-//! states removed. A crash at any instant leaves at least one complete `state-*` folder;
-//! `latest` picks the one with the highest sequence number. Temporary folders left by a
-//! crash are removed on the next save.
+//! is fsynced and renamed to `state-<seq>`, and the parent is fsynced. Older states are
+//! removed by `prune`, which the driver calls only once an update from the new state's
+//! weights has passed the divergence checks: a state whose weights make the next update
+//! diverge is dropped (`discard`) and the one before it stays. A crash at any instant
+//! leaves at least one complete `state-*` folder; `latest` picks the one with the highest
+//! sequence number. Temporary folders left by a crash are removed on the next save.
+//!
+//! `inputs.json` (`Inputs`) records what a run trains on — each data file's content hash,
+//! the tokenized pairs, the starting model — so that `--resume` refuses other inputs.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use std::hash::Hasher;
+use twox_hash::XxHash3_64;
 
 use crate::config::LlamaConfig;
+use crate::data::PairExample;
 use crate::dpo::PairLogps;
 use crate::engine::AdamState;
 use crate::error::{Error, Result};
@@ -57,7 +65,7 @@ pub struct StateData {
     pub reference: Option<LlamaWeights>,
 }
 
-/// Writes state `st` under `out` atomically, then removes older states.
+/// Writes state `st` under `out` atomically; older states stay until `prune`.
 pub fn save(out: &Path, cfg: &LlamaConfig, st: &RunState, data: &StateData) -> Result<PathBuf> {
     remove_stale_temps(out);
     let dir = out.join(format!("state-{:08}", st.seq));
@@ -92,21 +100,32 @@ pub fn save(out: &Path, cfg: &LlamaConfig, st: &RunState, data: &StateData) -> R
     }
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     fsync_dir(out)?;
-    for (seq, old) in list(out)? {
-        if seq < st.seq {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
-    }
     Ok(dir)
 }
 
-/// The newest complete state folder under `out`, if any.
-pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
-    Ok(list(out)?.into_iter().max_by_key(|(seq, _)| *seq).map(|(_, p)| p))
+/// Removes every state older than the newest.
+pub fn prune(out: &Path) -> Result<()> {
+    let states = list(out)?;
+    let Some(newest) = states.iter().map(|(seq, _)| *seq).max() else { return Ok(()) };
+    for (seq, old) in states {
+        if seq < newest {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+    }
+    Ok(())
 }
 
-/// Loads a state folder written by `save`.
-pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
+/// Removes the newest state (its weights diverged); returns the one now newest, if any.
+pub fn discard_newest(out: &Path) -> Result<Option<PathBuf>> {
+    if let Some(dir) = latest(out)? {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        fsync_dir(out)?;
+    }
+    latest(out)
+}
+
+/// Reads the counters of a state folder (`state.json`) without its tensors.
+pub fn read_state(dir: &Path) -> Result<RunState> {
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let st: RunState = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not a run state: {e}")))?;
@@ -116,6 +135,17 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
             format!("state format {} is not {FORMAT}: written by another version", st.format),
         ));
     }
+    Ok(st)
+}
+
+/// The newest complete state folder under `out`, if any.
+pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(out)?.into_iter().max_by_key(|(seq, _)| *seq).map(|(_, p)| p))
+}
+
+/// Loads a state folder written by `save`.
+pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
+    let st = read_state(dir)?;
     let weights = load_weights(&dir.join("weights.safetensors"), cfg, "")?;
     let adam_path = dir.join("adam.safetensors");
     let adam = if adam_path.exists() {
@@ -139,6 +169,134 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
             eval_prev: read_logps(&dir.join("eval_prev.bin"))?,
         },
     ))
+}
+
+/// What a run trains on, written once to `<out>/inputs.json`; a resume computes it again
+/// and refuses to go on if anything differs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inputs {
+    /// The starting model M_0: its configuration and every weight.
+    pub model: String,
+    /// Each data file (training, then eval) as given, with its size and content hash.
+    pub files: Vec<FileDigest>,
+    /// The tokenized training and eval pairs, in order (partition.json indexes them).
+    pub train_pairs: PairsDigest,
+    pub eval_pairs: PairsDigest,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub xxh3: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairsDigest {
+    pub count: usize,
+    pub xxh3: String,
+}
+
+pub const INPUTS_FILE: &str = "inputs.json";
+
+impl Inputs {
+    /// Hashes the inputs: each file's bytes, the pairs' ids and sources, M_0's config and
+    /// weights (xxh3, several GB/s: seconds for an 8B model).
+    pub fn of(
+        cfg: &LlamaConfig,
+        m0: &LlamaWeights,
+        files: &[PathBuf],
+        train: &[PairExample],
+        eval: &[PairExample],
+    ) -> Result<Inputs> {
+        let mut h = XxHash3_64::new();
+        h.write(format!("{cfg:?}").as_bytes());
+        for t in m0.tensors() {
+            h.write_usize(t.len());
+            for chunk in t.chunks(1 << 16) {
+                let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+                h.write(&bytes);
+            }
+        }
+        let model = format!("{:016x}", h.finish());
+        let files = files
+            .iter()
+            .map(|p| {
+                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+                Ok(FileDigest {
+                    path: p.clone(),
+                    bytes: bytes.len() as u64,
+                    xxh3: format!("{:016x}", XxHash3_64::oneshot(&bytes)),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Inputs { model, files, train_pairs: pairs_digest(train), eval_pairs: pairs_digest(eval) })
+    }
+
+    pub fn save(&self, out: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("inputs serialise") + "\n";
+        crate::weights::write_file_atomic(&out.join(INPUTS_FILE), text.as_bytes())
+    }
+
+    /// The record a run folder holds, if it has one (runs started before it was kept have none).
+    pub fn load(out: &Path) -> Result<Option<Inputs>> {
+        let path = out.join(INPUTS_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text).map(Some).map_err(|e| Error::file(&path, format!("not an inputs record: {e}")))
+    }
+
+    /// What differs between the inputs a run started with (`self`) and `now`, one line each.
+    pub fn differences(&self, now: &Inputs) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.model != now.model {
+            out.push("the starting model (--model) has other weights or another config.json".to_string());
+        }
+        let paths = |v: &[FileDigest]| v.iter().map(|f| f.path.clone()).collect::<Vec<_>>();
+        if paths(&self.files) != paths(&now.files) {
+            out.push(format!("the data files were {:?}, now {:?}", paths(&self.files), paths(&now.files)));
+        } else {
+            for (a, b) in self.files.iter().zip(&now.files) {
+                if a != b {
+                    out.push(format!(
+                        "{} changed: {} bytes (xxh3 {}) when the run began, {} bytes (xxh3 {}) now",
+                        a.path.display(),
+                        a.bytes,
+                        a.xxh3,
+                        b.bytes,
+                        b.xxh3
+                    ));
+                }
+            }
+        }
+        for (what, a, b) in
+            [("training", &self.train_pairs, &now.train_pairs), ("eval", &self.eval_pairs, &now.eval_pairs)]
+        {
+            if a != b {
+                out.push(format!(
+                    "the tokenized {what} pairs differ ({} pairs, xxh3 {} then; {} pairs, xxh3 {} now): \
+                     the data, the tokenizer or the data-reading options changed",
+                    a.count, a.xxh3, b.count, b.xxh3
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn pairs_digest(pairs: &[PairExample]) -> PairsDigest {
+    let mut h = XxHash3_64::new();
+    for p in pairs {
+        for ids in [&p.prompt, &p.chosen, &p.rejected] {
+            h.write_usize(ids.len());
+            ids.iter().for_each(|&t| h.write_u32(t));
+        }
+        h.write(p.source.as_bytes());
+        h.write_u8(0xff);
+    }
+    PairsDigest { count: pairs.len(), xxh3: format!("{:016x}", h.finish()) }
 }
 
 fn list(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
@@ -275,7 +433,13 @@ mod tests {
         st.seq = 2;
         let dir = save(&out, &cfg, &st, &data).unwrap();
         assert_eq!(latest(&out).unwrap(), Some(dir.clone()));
-        assert_eq!(list(&out).unwrap().len(), 1, "older states are removed");
+        assert_eq!(list(&out).unwrap().len(), 2, "the older state stays until pruned");
+        st.seq = 3;
+        save(&out, &cfg, &st, &data).unwrap();
+        assert_eq!(discard_newest(&out).unwrap(), Some(dir.clone()), "discarding falls back to the one before");
+        prune(&out).unwrap();
+        assert_eq!(list(&out).unwrap(), vec![(2, dir.clone())], "pruning keeps the newest only");
+        st.seq = 2;
         let (st2, data2) = load(&dir, &cfg).unwrap();
         assert_eq!(st2, st);
         assert_eq!(data2, data);

@@ -25,6 +25,7 @@ use crate::engine::cpu::CpuEngine;
 use crate::engine::{AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenOptions};
+use crate::outputs::{Existing, FolderKind, OutputFolder};
 use crate::sdpo::{self, PartitionKind, ReferenceMode, RunSummary, SdpoOptions};
 use crate::train::{Schedule, TrainOptions};
 use crate::weights::{LlamaWeights, SplitMix64};
@@ -271,26 +272,6 @@ pub fn demo_train_options(seed: u64) -> TrainOptions {
     }
 }
 
-const MARKER: &str = ".sdpo-demo";
-
-/// Refuses to write into a non-empty folder unless the demo itself made it (it leaves a
-/// `.sdpo-demo` marker), in which case the old runs are replaced.
-fn prepare_out(out: &Path) -> Result<()> {
-    let non_empty = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if non_empty {
-        if !out.join(MARKER).is_file() {
-            return Err(Error::file(
-                out,
-                "exists, is not empty and was not written by the demo: choose another --out or remove it",
-            ));
-        }
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    std::fs::write(out.join(MARKER), "written by `sdpo-run demo`; the next demo run replaces this folder\n")
-        .map_err(|e| Error::io(out, e))
-}
-
 pub struct DemoRun {
     pub name: &'static str,
     pub summary: RunSummary,
@@ -301,7 +282,9 @@ pub struct DemoRun {
 /// Runs the demo and returns its report (also written to `<out>/summary.txt`).
 pub fn run_demo(opts: &DemoOptions) -> Result<String> {
     let t0 = Instant::now();
-    prepare_out(&opts.out)?;
+    // A folder an earlier demo wrote is replaced (its entries only); any other non-empty one is refused.
+    let folder = OutputFolder::claim(&opts.out, FolderKind::Demo, Existing::Replace, "")?;
+    folder.clear()?;
     let base = opts.out.join("base");
     write_model_folder(&base)?;
     let cfg = LlamaConfig::from_path(&base)?;

@@ -72,6 +72,27 @@ pub struct LossConfig {
     pub sft_weight: f64,
 }
 
+impl LossConfig {
+    /// Refuses settings outside their meaningful ranges, naming the flag.
+    pub fn check(&self) -> crate::Result<()> {
+        let bad =
+            |flag: &str, v: f64, want: &str| Err(crate::Error::invalid(format!("--{flag} must be {want}, got {v}")));
+        if !(self.beta > 0.0 && self.beta <= MAX_BETA) {
+            return bad("beta", self.beta, &format!("in (0, {MAX_BETA}] (DPO uses 0.01 to 1)"));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return bad("label-smoothing", self.label_smoothing, "in [0, 0.5)");
+        }
+        if !(self.sft_weight >= 0.0 && self.sft_weight.is_finite()) {
+            return bad("sft-weight", self.sft_weight, "a finite number >= 0");
+        }
+        Ok(())
+    }
+}
+
+/// β beyond this turns every reward into ±∞ in f64 for any real log-ratio.
+pub const MAX_BETA: f64 = 100.0;
+
 impl Default for LossConfig {
     fn default() -> Self {
         LossConfig { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0, sft_weight: 0.0 }

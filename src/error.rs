@@ -24,6 +24,11 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// Training diverged (a non-finite or exploding loss or gradient norm); the message
+    /// names where, and the run folder keeps the last state from before it.
+    #[error("{0}")]
+    Diverged(String),
+
     #[error("no CUDA GPU found: {0}")]
     NoGpu(String),
 

@@ -14,6 +14,7 @@ pub mod dpo;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod outputs;
 pub mod sdpo;
 pub mod train;
 pub mod weights;

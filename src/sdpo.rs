@@ -393,9 +393,9 @@ pub fn run(
     let train_refs: Vec<&PairExample> = train.iter().collect();
 
     // Where to start: the newest complete state, or the beginning.
-    let resumed = if opts.resume { checkpoint::latest(out)? } else { None };
-    let resumed = match resumed {
-        Some(dir) => Some(checkpoint::load(&dir, cfg)?),
+    let resumed_dir = if opts.resume { checkpoint::latest(out)? } else { None };
+    let resumed = match &resumed_dir {
+        Some(dir) => Some(checkpoint::load(dir, cfg)?),
         None => None,
     };
 
@@ -442,6 +442,9 @@ pub fn run(
 
     let updates: Vec<u64> = partition.chunks.iter().map(|c| updates_per_chunk(c.pairs.len(), &opts.train)).collect();
     let all_updates: u64 = updates.iter().sum();
+    if let (Some(dir), Some((st, _))) = (&resumed_dir, &resumed) {
+        check_state(dir, st, out, &updates)?;
+    }
 
     let (mut st, mut data, mut first_step) = match resumed {
         Some((st, data)) => {
@@ -484,6 +487,9 @@ pub fn run(
         first_step = steps + 1;
     }
 
+    // States older than the newest are removed once an update from the newest's weights
+    // has passed the divergence checks (checkpoint.rs).
+    let mut prune_pending = false;
     let mut summaries = Vec::new();
     for t in first_step..=steps {
         let chunk_info = &partition.chunks[t - 1];
@@ -551,6 +557,10 @@ pub fn run(
             start,
             Where { sdpo_step: t },
             &mut |eng, pos, rec| {
+                if prune_pending {
+                    checkpoint::prune(out)?;
+                    prune_pending = false;
+                }
                 st.total_updates += 1;
                 loss_sum += rec.metrics.loss;
                 acc_sum += rec.metrics.rewards_accuracies;
@@ -583,6 +593,7 @@ pub fn run(
                         reference: data.reference.clone(),
                     };
                     checkpoint::save(out, cfg, &st, &snapshot)?;
+                    prune_pending = true;
                 }
                 if opts.debug_sleep_ms > 0 {
                     std::thread::sleep(std::time::Duration::from_millis(opts.debug_sleep_ms));
@@ -599,7 +610,12 @@ pub fn run(
             },
         );
         bar.finish_and_clear();
-        result?;
+        match result {
+            Err(Error::Diverged(msg)) => {
+                return Err(Error::Diverged(format!("{msg}. {}", keep_state_before(out, st.total_updates)?)))
+            }
+            r => r?,
+        }
         drop(ref_engine);
 
         // M_t: save it as a Hugging Face folder, evaluate it, then record the step as done.
@@ -629,6 +645,7 @@ pub fn run(
         data.ref_logps = Vec::new();
         data.reference = None;
         checkpoint::save(out, cfg, &st, &data)?;
+        prune_pending = true;
 
         let s = StepSummary {
             step: t,
@@ -645,8 +662,77 @@ pub fn run(
         }
         summaries.push(s);
     }
+    checkpoint::prune(out)?;
     let final_weights = if first_step > steps { data.weights } else { engine.weights()? };
     Ok(RunSummary { partition, eval_init: eval_init_rec, steps: summaries, final_weights })
+}
+
+/// After a divergence at update `done + 1` of the run: drops the newest state if its
+/// weights are what that update started from, and says which state is kept.
+fn keep_state_before(out: &Path, done: u64) -> Result<String> {
+    let mut newest = checkpoint::latest(out)?;
+    if let Some(dir) = &newest {
+        if checkpoint::read_state(dir)?.total_updates == done {
+            newest = checkpoint::discard_newest(out)?;
+        }
+    }
+    Ok(match newest {
+        Some(dir) => {
+            let st = checkpoint::read_state(&dir)?;
+            format!(
+                "The run folder keeps the state after update {} (sDPO step {}); --resume continues from it, and \
+                 accepts a lower --lr",
+                st.total_updates, st.sdpo_step
+            )
+        }
+        None => "No state from before it is kept: start again (--overwrite) with a lower --lr".to_string(),
+    })
+}
+
+/// Refuses a resume state that does not fit the run it sits in (a hand-edited or
+/// foreign state.json): its step and position must lie inside the partition, the
+/// models of the steps it calls done must exist, and metrics.jsonl must be as long as
+/// it says.
+fn check_state(dir: &Path, st: &RunState, out: &Path, updates: &[u64]) -> Result<()> {
+    let path = dir.join("state.json");
+    let bad = |msg: String| {
+        Err(Error::file(
+            &path,
+            format!("{msg}: this state does not belong to this run (edited, or copied from another run); remove it to resume from an earlier one, or start again with --overwrite"),
+        ))
+    };
+    let steps = updates.len();
+    if st.sdpo_step == 0 || st.sdpo_step > steps {
+        return bad(format!("sdpo_step {} is outside the run's {steps} step(s)", st.sdpo_step));
+    }
+    if !st.step_done && st.position.updates >= updates[st.sdpo_step - 1] {
+        return bad(format!(
+            "position.updates {} is not below step {}'s {} updates",
+            st.position.updates,
+            st.sdpo_step,
+            updates[st.sdpo_step - 1]
+        ));
+    }
+    if st.total_updates > updates.iter().sum::<u64>() {
+        return bad(format!(
+            "total_updates {} is more than the run's {}",
+            st.total_updates,
+            updates.iter().sum::<u64>()
+        ));
+    }
+    let done = if st.step_done { st.sdpo_step } else { st.sdpo_step - 1 };
+    if let Some(t) = (1..=done).find(|t| !out.join(format!("step-{t}")).join("config.json").is_file()) {
+        return bad(format!(
+            "it counts step {t} as done, but {} holds no model",
+            out.join(format!("step-{t}")).display()
+        ));
+    }
+    let metrics = out.join("metrics.jsonl");
+    let len = std::fs::metadata(&metrics).map(|m| m.len()).unwrap_or(0);
+    if st.metrics_bytes > len {
+        return bad(format!("metrics_bytes {} is more than {}'s {len} bytes", st.metrics_bytes, metrics.display()));
+    }
+    Ok(())
 }
 
 /// One line per finished step, for logs.

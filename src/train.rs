@@ -80,6 +80,33 @@ impl Default for TrainOptions {
     }
 }
 
+impl TrainOptions {
+    /// Refuses settings outside their meaningful ranges, naming the flag; every command
+    /// checks its options here before it writes anything.
+    pub fn check(&self) -> Result<()> {
+        self.loss.check()?;
+        self.adamw.check()?;
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(Error::invalid(format!("--lr must be a finite number >= 0, got {}", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(Error::invalid(format!("--warmup-ratio must be in [0, 1), got {}", self.warmup_ratio)));
+        }
+        if self.epochs == 0 || self.batch_pairs == 0 {
+            return Err(Error::invalid("--epochs and --batch-pairs must be at least 1"));
+        }
+        check_micro_batch_tokens(self.micro_batch_tokens)
+    }
+}
+
+/// `--micro-batch-tokens` must be at least 1 (a longer pair still forms a micro-batch alone).
+pub fn check_micro_batch_tokens(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid("--micro-batch-tokens must be at least 1"));
+    }
+    Ok(())
+}
+
 /// Tokens a pair occupies in `layout`.
 pub fn layout_len(p: &PairExample, layout: Layout) -> usize {
     match layout {
@@ -166,9 +193,55 @@ pub struct Where {
     pub sdpo_step: usize,
 }
 
+/// Stops a run whose loss or gradient norm is non-finite or explodes relative to the run
+/// so far: a loss over `LOSS_JUMP`·max(1, its median so far) — the floor of 1 keeps a run
+/// whose loss has fallen near 0 from stopping at an ordinary batch — or a gradient norm
+/// over `GRAD_JUMP`·its median so far. Healthy runs vary by far less; a learning rate that
+/// blows the weights up trips one of them on the next update, before its state is kept.
+#[derive(Default)]
+struct DivergenceGuard {
+    losses: Vec<f64>,
+    grad_norms: Vec<f64>,
+}
+
+const LOSS_JUMP: f64 = 100.0;
+const GRAD_JUMP: f64 = 1000.0;
+
+impl DivergenceGuard {
+    /// Why `loss` means divergence, if it does; else records it.
+    fn loss(&mut self, loss: f64) -> Option<String> {
+        let limit = median(&self.losses).map_or(f64::INFINITY, |m| LOSS_JUMP * m.max(1.0));
+        Self::check(&mut self.losses, loss, limit, "loss")
+    }
+
+    fn grad_norm(&mut self, norm: f64) -> Option<String> {
+        let limit = median(&self.grad_norms).filter(|&m| m > 0.0).map_or(f64::INFINITY, |m| GRAD_JUMP * m);
+        Self::check(&mut self.grad_norms, norm, limit, "gradient norm")
+    }
+
+    /// What is wrong with `value`, if anything; else records it.
+    fn check(history: &mut Vec<f64>, value: f64, limit: f64, what: &str) -> Option<String> {
+        if !value.is_finite() {
+            return Some(format!("non-finite {what} ({value})"));
+        }
+        if value > limit {
+            return Some(format!("{what} exploded: {value:.3e}, over {limit:.3e} (from its median so far)"));
+        }
+        history.push(value);
+        None
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied()
+}
+
 /// Trains `engine` on `chunk` from `start` to the end of the last epoch. `on_update` runs
-/// after every update (logging, checkpoints) with the position after it. A non-finite
-/// loss or gradient norm stops the run with an error naming the step and batch.
+/// after every update (logging, checkpoints) with the position after it. A loss or
+/// gradient norm that is non-finite or explodes (`DivergenceGuard`) stops the run with
+/// `Error::Diverged`, naming the step and batch, before `on_update` sees that update.
 #[allow(clippy::too_many_arguments)]
 pub fn train_chunk(
     engine: &mut dyn Engine,
@@ -195,6 +268,7 @@ pub fn train_chunk(
     let mut pos = start;
     let per_epoch = crate::data::batcher::batches_per_epoch(chunk.len(), opts.batch_pairs);
     let mut plan: (usize, Vec<GlobalBatch>) = (usize::MAX, Vec::new());
+    let mut guard = DivergenceGuard::default();
     while pos.epoch < opts.epochs {
         if plan.0 != pos.epoch {
             plan = (pos.epoch, epoch_plan(&lengths, &bcfg, pos.epoch)?);
@@ -207,23 +281,22 @@ pub fn train_chunk(
         let t0 = Instant::now();
         let lr = lr_at(opts.lr, opts.schedule, opts.warmup_ratio, span.offset + pos.updates, span.total);
         let (metrics, tokens) = accumulate(engine, &mut reference, chunk, &plan.1[pos.batch], opts)?;
-        let fail = |what: &str, value: f64| {
-            Error::invalid(format!(
-                "non-finite {what} ({value}) at sDPO step {}, optimiser step {} (epoch {}, batch {}): \
-                 stopping; the last good checkpoint is kept. Lower the learning rate, or check the \
-                 data and the model for NaN/inf",
+        let fail = |what: String| {
+            Error::Diverged(format!(
+                "{what} at sDPO step {}, optimiser step {} (epoch {}, batch {}): stopping before this \
+                 update is saved. Lower the learning rate, or check the data and the model for NaN/inf",
                 at.sdpo_step,
                 pos.updates + 1,
                 pos.epoch + 1,
                 pos.batch + 1
             ))
         };
-        if !metrics.loss.is_finite() {
-            return Err(fail("loss", metrics.loss));
+        if let Some(what) = guard.loss(metrics.loss) {
+            return Err(fail(what));
         }
         let grad_norm = engine.optimizer_step(&opts.adamw, lr)?;
-        if !grad_norm.is_finite() {
-            return Err(fail("gradient norm", grad_norm));
+        if let Some(what) = guard.grad_norm(grad_norm) {
+            return Err(fail(what));
         }
         pos.batch += 1;
         pos.updates += 1;
@@ -297,6 +370,21 @@ mod tests {
         assert!((lr_at(2.0, Schedule::Cosine, 0.1, k, 20) - 2.0 * expect).abs() < 1e-15);
         assert_eq!(lr_at(2.0, Schedule::Cosine, 0.1, 2, 20), 2.0);
         assert_eq!(lr_at(2.0, Schedule::Cosine, 0.1, 1, 20), 1.0);
+    }
+
+    #[test]
+    fn the_guard_stops_explosions_only() {
+        let mut g = DivergenceGuard::default();
+        for (loss, norm) in [(0.69, 3.0), (0.5, 40.0), (0.01, 0.5), (2.0, 12.0)] {
+            assert_eq!((g.loss(loss), g.grad_norm(norm)), (None, None));
+        }
+        // median loss 0.5 -> limit 100 (the floor of 1); median norm 12 -> limit 12000
+        assert!(g.loss(99.0).is_none() && g.loss(101.0).is_some());
+        assert!(g.grad_norm(11_000.0).is_none() && g.grad_norm(13_000.0).is_some());
+        assert!(g.loss(f64::NAN).is_some() && g.grad_norm(f64::INFINITY).is_some());
+        // the first update has no history (IPO's loss starts at 1/(2β)²): only non-finite values stop it
+        assert!(DivergenceGuard::default().grad_norm(1e12).is_none());
+        assert!(DivergenceGuard::default().loss(2500.0).is_none());
     }
 
     #[test]

@@ -134,7 +134,8 @@ fn existing_output_is_not_overwritten_without_a_flag() {
 fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let root = setup("nan");
     // NaN put into the weights before global update 16 (step 2's 4th update), after the
-    // state of update 15 was saved (--save-every 5).
+    // state of update 15 was saved (--save-every 5). Update 16 starts from that state's
+    // weights as far as the driver can tell, so that state is dropped and step 1's last (update 12) kept.
     let run = train_cmd(&root, "nan", &["--debug-nan-at", "16"]).output().unwrap();
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
@@ -143,7 +144,8 @@ fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let cfg = LlamaConfig::from_path(&root.join("model")).unwrap();
     let (st, data) = checkpoint::load(&checkpoint::latest(&out).unwrap().unwrap(), &cfg).unwrap();
     assert!(data.weights.all_finite());
-    assert_eq!((st.sdpo_step, st.step_done, st.total_updates), (2, false, 15), "the last good state");
+    assert_eq!((st.sdpo_step, st.step_done, st.total_updates), (1, true, 12), "the last good state");
+    assert!(err.contains("keeps the state after update 12") && err.contains("--resume --lr LOWER"), "{err}");
     let m1 = LlamaWeights::load(&out.join("step-1"), &cfg).unwrap();
     assert!(m1.all_finite());
     // and it resumes: the NaN was a one-off, so the run now completes.

@@ -291,7 +291,7 @@ fn demo_runs_reruns_and_refuses_foreign_folders() {
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
     let err = run_demo(&DemoOptions { out: foreign.clone(), ..o }).unwrap_err().to_string();
-    assert!(err.contains("not written by the demo"), "{err}");
+    assert!(err.contains("sdpo-run did not write it"), "{err}");
     assert!(foreign.join("notes.txt").is_file());
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&foreign);

@@ -64,6 +64,31 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// Refuses settings outside their meaningful ranges, naming the flag.
+    pub fn check(&self) -> crate::Result<()> {
+        let bad =
+            |flag: &str, v: f64, want: &str| Err(crate::Error::invalid(format!("--{flag} must be {want}, got {v}")));
+        for (flag, v) in [("adam-beta1", self.beta1), ("adam-beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(flag, v, "in [0, 1)");
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad("adam-eps", self.eps, "a finite number > 0");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight-decay", self.weight_decay, "a finite number >= 0");
+        }
+        match self.max_grad_norm {
+            Some(n) if !(n > 0.0 && n.is_finite()) => {
+                bad("max-grad-norm", n, "a finite number >= 0 (0 turns clipping off)")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// AdamW's state: first and second moments and the number of updates taken.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamState {

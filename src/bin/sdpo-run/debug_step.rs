@@ -15,6 +15,7 @@ use sdpo::config::{DType, LlamaConfig};
 use sdpo::data::pretokenized::read_pairs;
 use sdpo::dpo::{pair_loss, LossConfig, LossKind, Metrics};
 use sdpo::engine::{self, Device};
+use sdpo::outputs::{self, Existing, FolderKind, OutputFolder};
 use sdpo::weights::{save_model, save_tensors_f32, write_file_atomic};
 use sdpo::{Layout, LlamaWeights, PairBatch, PairExample};
 
@@ -31,11 +32,11 @@ pub struct DebugStepArgs {
     /// Pre-tokenized pairs, JSONL with prompt_ids / chosen_ids / rejected_ids.
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub beta: f64,
     #[arg(long, value_enum, default_value_t = LossKind::Sigmoid)]
     pub loss: LossKind,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub label_smoothing: f64,
     #[arg(long, value_enum, default_value_t = LayoutName::Shared)]
     pub layout: LayoutName,
@@ -44,8 +45,11 @@ pub struct DebugStepArgs {
     /// Output folder (created): metrics.json and grads.safetensors.
     #[arg(long)]
     pub out: PathBuf,
-    /// Also write the model as loaded back out with `save_model` (a Hugging Face folder),
-    /// for tools/check_checkpoint.py to load in transformers.
+    /// Replace the output of an earlier debug-step in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Also write the model as loaded back out with `save_model` (a Hugging Face folder,
+    /// new or empty), for tools/check_checkpoint.py to load in transformers.
     #[arg(long)]
     pub save_model: Option<PathBuf>,
     /// Storage dtype of `--save-model`.
@@ -67,14 +71,24 @@ fn load(dir: &std::path::Path, what: &str) -> Result<(LlamaConfig, LlamaWeights)
 }
 
 pub fn run(args: DebugStepArgs) -> Result<()> {
-    ensure!(args.beta > 0.0, "--beta must be positive, got {}", args.beta);
-    ensure!(
-        (0.0..0.5).contains(&args.label_smoothing),
-        "--label-smoothing must be in [0, 0.5), got {}",
-        args.label_smoothing
-    );
-    let (cfg, weights) = load(&args.model, "model")?;
+    let loss_cfg =
+        LossConfig { kind: args.loss, beta: args.beta, label_smoothing: args.label_smoothing, sft_weight: 0.0 };
+    loss_cfg.check()?;
     let reference_dir = args.reference.clone().unwrap_or_else(|| args.model.clone());
+    let inputs = [args.model.as_path(), reference_dir.as_path(), args.data.as_path()];
+    outputs::check_not_input(&args.out, "--out", &inputs)?;
+    if let Some(dir) = &args.save_model {
+        outputs::check_not_input(dir, "--save-model", &inputs)?;
+        let non_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        ensure!(
+            !non_empty && !dir.is_file(),
+            "--save-model {}: exists and is not an empty folder; choose a new folder",
+            dir.display()
+        );
+    }
+    let existing = if args.overwrite { Existing::Replace } else { Existing::Refuse };
+    let folder = OutputFolder::claim(&args.out, FolderKind::DebugStep, existing, "pass --overwrite to replace it")?;
+    let (cfg, weights) = load(&args.model, "model")?;
     let (ref_cfg, ref_weights) = load(&reference_dir, "reference")?;
     ensure!(
         ref_cfg.vocab_size == cfg.vocab_size,
@@ -88,8 +102,6 @@ pub fn run(args: DebugStepArgs) -> Result<()> {
     let layout: Layout = args.layout.into();
     let refs: Vec<&PairExample> = pairs.iter().collect();
     let batch = PairBatch::new(&refs, layout).context("packing the pairs into a batch")?;
-    let loss_cfg =
-        LossConfig { kind: args.loss, beta: args.beta, label_smoothing: args.label_smoothing, sft_weight: 0.0 };
 
     let reference = {
         let mut e = engine::open(args.device, ref_cfg, ref_weights).context("starting the reference engine")?;
@@ -139,7 +151,7 @@ pub fn run(args: DebugStepArgs) -> Result<()> {
     o.insert("pairs".into(), Value::Array(per_pair));
 
     // Each file atomically, metrics.json last: a folder with metrics.json is complete.
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    folder.clear()?;
     let specs = LlamaWeights::specs(&cfg);
     let tensors: Vec<(String, Vec<usize>, &[f32])> =
         specs.into_iter().zip(grads.tensors()).map(|(s, t)| (s.name, s.shape, t.as_slice())).collect();

@@ -12,7 +12,8 @@ use serde_json::json;
 use sdpo::dpo::PairLogps;
 use sdpo::engine::{self, Device};
 use sdpo::sdpo::versus;
-use sdpo::train::sequence_logps_all;
+use sdpo::train::{check_micro_batch_tokens, sequence_logps_all};
+use sdpo::LossConfig;
 use sdpo::PairExample;
 
 use crate::train::{load_data, load_model, LayoutName};
@@ -28,7 +29,7 @@ pub struct EvalArgs {
     /// Preference records (or pre-tokenized pairs), tokenized for --model.
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub beta: f64,
     #[arg(long, default_value_t = 4096)]
     pub micro_batch_tokens: usize,
@@ -48,6 +49,8 @@ fn mean_gamma(v: &[PairLogps]) -> f64 {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    LossConfig { beta: args.beta, ..LossConfig::default() }.check()?;
+    check_micro_batch_tokens(args.micro_batch_tokens)?;
     let (cfg, w) = load_model(&args.model, None)?;
     let (rcfg, rw) = load_model(&args.reference, None)?;
     anyhow::ensure!(

@@ -8,8 +8,9 @@ use anyhow::Result;
 use clap::Args;
 
 use sdpo::engine::{self, Device};
+use sdpo::outputs;
 use sdpo::sdpo::{partition, partition_report, PartitionKind};
-use sdpo::train::sequence_logps_all;
+use sdpo::train::{check_micro_batch_tokens, sequence_logps_all};
 use sdpo::weights::write_file_atomic;
 use sdpo::PairExample;
 
@@ -43,19 +44,19 @@ pub struct PartitionArgs {
     /// Write the JSON here (default: standard output).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace --out if it exists (never an input).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: PartitionArgs) -> Result<()> {
     // Before the scoring pass, not after it: a wrong --out should cost nothing.
     if let Some(path) = &args.out {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        anyhow::ensure!(
-            dir.is_dir(),
-            "--out {}: the folder {} does not exist; create it or choose another --out",
-            path.display(),
-            dir.display()
-        );
+        let mut inputs: Vec<&Path> = vec![&args.model];
+        inputs.extend(args.data.iter().chain(&args.data_options.chat_template).map(PathBuf::as_path));
+        outputs::check_output_file(path, "--out", &inputs, args.overwrite)?;
     }
+    check_micro_batch_tokens(args.micro_batch_tokens)?;
     let (cfg, w) = load_model(&args.model, None)?;
     let pairs = load_data(&args.data, &args.data_options, &args.model, false)?;
     let scores = if args.partition.needs_scores() {

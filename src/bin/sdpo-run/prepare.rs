@@ -2,7 +2,7 @@
 //! implicit prompts) -> pre-tokenized pairs JSONL, tokenized exactly as TRL's DPOTrainer
 //! tokenizes them. Prints a summary of what was read, kept, dropped and cut.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -22,7 +22,7 @@ pub struct PrepareArgs {
     /// Output: pre-tokenized pairs JSONL (prompt_ids, chosen_ids, rejected_ids, source).
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace --out if it exists.
+    /// Replace --out if it exists (never an input).
     #[arg(long)]
     pub overwrite: bool,
     #[command(flatten)]
@@ -30,9 +30,9 @@ pub struct PrepareArgs {
 }
 
 pub fn run(args: PrepareArgs) -> Result<()> {
-    if args.out.exists() && !args.overwrite {
-        bail!("{} exists: pass --overwrite to replace it, or choose another --out", args.out.display());
-    }
+    let mut inputs: Vec<&Path> = vec![&args.model];
+    inputs.extend(args.data.iter().chain(&args.data_options.chat_template).map(PathBuf::as_path));
+    sdpo::outputs::check_output_file(&args.out, "--out", &inputs, args.overwrite)?;
     let t0 = Instant::now();
     let (pairs, summary) = load_pairs(&args.data, &args.data_options, &args.model)?;
     let secs = t0.elapsed().as_secs_f64();

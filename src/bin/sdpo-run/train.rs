@@ -8,10 +8,12 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use sdpo::checkpoint::{Inputs, INPUTS_FILE};
 use sdpo::config::LlamaConfig;
 use sdpo::data::{load_pairs, DataOptions};
 use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::{self, AdamWConfig, Device, Engine};
+use sdpo::outputs::{self, Existing, FolderKind, OutputFolder};
 use sdpo::sdpo::{split_eval, PartitionKind, ReferenceMode, RunSummary, SdpoOptions};
 use sdpo::train::{Schedule, TrainOptions};
 use sdpo::weights::write_file_atomic;
@@ -156,7 +158,7 @@ impl RunConfig {
                 beta2: self.adam_beta2,
                 eps: self.adam_eps,
                 weight_decay: self.weight_decay,
-                max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+                max_grad_norm: (self.max_grad_norm != 0.0).then_some(self.max_grad_norm),
             },
             lr: self.lr,
             warmup_ratio: self.warmup_ratio,
@@ -205,7 +207,7 @@ pub struct TrainArgs {
     #[arg(long, num_args = 1..)]
     pub eval_data: Vec<PathBuf>,
     /// Hold out this share of --data for evaluation instead (seeded).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub eval_fraction: Option<f64>,
     /// Output folder: step-1 … step-T, metrics.jsonl, partition.json, run.toml.
     #[arg(long)]
@@ -223,18 +225,18 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub loss: Option<LossKind>,
     /// β [default: 0.1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub beta: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub label_smoothing: Option<f64>,
     /// Adds this weight times the chosen answers' NLL (TRL's rpo_alpha).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sft_weight: Option<f64>,
     /// Peak learning rate [default: 5e-7].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Warmup share of each step's updates [default: 0.1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub warmup_ratio: Option<f64>,
     /// Decay after warmup [default: linear].
     #[arg(long, value_enum)]
@@ -251,10 +253,10 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub layout: Option<LayoutName>,
     /// AdamW weight decay [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Gradient clipping (global L2 norm; 0 = off) [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_grad_norm: Option<f64>,
     /// Seed for shuffling, random partitions and eval splits [default: 42].
     #[arg(long)]
@@ -277,10 +279,13 @@ pub struct TrainArgs {
     /// Start from random weights (this seed) with --model's config.json (for SFT from scratch).
     #[arg(long)]
     pub random_init: Option<u64>,
-    /// Continue the run in --out from its last complete state.
+    /// Continue the run in --out from its last complete state, with the same settings
+    /// (--lr may be lowered) and the same model and data. With `--config RUN/run.toml` and
+    /// no --out, the run folder is the one holding that run.toml.
     #[arg(long)]
     pub resume: bool,
-    /// Replace an existing run in --out.
+    /// Replace an earlier sdpo-run run in --out: only a folder sdpo-run marked as a run,
+    /// and in it only the entries a run writes.
     #[arg(long)]
     pub overwrite: bool,
     /// No progress bar.
@@ -361,11 +366,17 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
     c.length_normalize |= args.length_normalize;
     c.carry_optimizer |= args.carry_optimizer;
     c.carry_schedule |= args.carry_schedule;
-    ensure!(c.beta > 0.0, "--beta must be positive, got {}", c.beta);
-    ensure!(c.lr >= 0.0 && c.lr.is_finite(), "--lr must be a finite non-negative number, got {}", c.lr);
-    ensure!((0.0..1.0).contains(&c.warmup_ratio), "--warmup-ratio must be in [0, 1), got {}", c.warmup_ratio);
+    // With --resume and no --out, a run.toml read from a run folder names that folder,
+    // wherever it has moved since.
+    if let (true, None, Some(config)) = (args.resume, &args.out, &args.config) {
+        let dir = config.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if outputs::is_marked(dir, FolderKind::Run) {
+            c.out = Some(dir.to_path_buf());
+        }
+    }
+    c.train_options().check()?;
     ensure!((0.0..1.0).contains(&c.eval_fraction), "--eval-fraction must be in [0, 1), got {}", c.eval_fraction);
-    ensure!(c.epochs >= 1 && c.batch_pairs >= 1, "--epochs and --batch-pairs must be at least 1");
+    ensure!(c.steps != Some(0), "--steps must be at least 1");
     Ok(c)
 }
 
@@ -398,64 +409,41 @@ pub fn load_model(dir: &Path, random_init: Option<u64>) -> Result<(LlamaConfig, 
     Ok((cfg, w))
 }
 
-/// Checks --out against --resume / --overwrite, before any slow work; writes nothing.
-fn check_out(out: &Path, c: &RunConfig, resume: bool, overwrite: bool) -> Result<()> {
+/// The settings of the run in `out` (its run.toml), checked against `now` for a resume:
+/// everything must match but the output folder (a run folder can move) and the learning
+/// rate (lowered to get past a divergence). Returns the configuration to go on with, and
+/// rewrites run.toml when either changed.
+fn resume_config(out: &Path, now: RunConfig) -> Result<RunConfig> {
     let run_toml = out.join("run.toml");
-    let non_empty = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if resume {
-        ensure!(run_toml.is_file(), "--resume: {} has no run.toml: nothing to resume", out.display());
-        let text = std::fs::read_to_string(&run_toml).with_context(|| format!("reading {}", run_toml.display()))?;
-        let saved: RunConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", run_toml.display()))?;
-        if saved != *c {
-            bail!(
-                "--resume: the settings differ from {} (the run being resumed). Resume with the same \
-                 flags, or with `--config {} --resume`.\nsaved:\n{}\nnow:\n{}",
-                run_toml.display(),
-                run_toml.display(),
-                saved.to_toml(),
-                c.to_toml()
-            );
+    ensure!(run_toml.is_file(), "--resume: {} has no run.toml: nothing to resume", out.display());
+    let text = std::fs::read_to_string(&run_toml).with_context(|| format!("reading {}", run_toml.display()))?;
+    let saved: RunConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", run_toml.display()))?;
+    let fixed = RunConfig { out: now.out.clone(), lr: now.lr, ..saved.clone() };
+    if fixed != now {
+        let (was, is) = (saved.to_toml(), now.to_toml());
+        let changed: Vec<String> = is.lines().filter(|l| !was.lines().any(|w| w == *l)).map(String::from).collect();
+        let gone: Vec<String> = was.lines().filter(|l| !is.lines().any(|w| w == *l)).map(String::from).collect();
+        bail!(
+            "--resume: the settings differ from {} (the run being resumed): now {}; then {}. Resume with the \
+             same flags, or with `--config {} --resume` (only --lr may change)",
+            run_toml.display(),
+            changed.join(", "),
+            gone.join(", "),
+            run_toml.display()
+        );
+    }
+    if now != saved {
+        if now.lr != saved.lr {
+            eprintln!("--resume: learning rate {} from here on (the run began with {})", now.lr, saved.lr);
         }
-        return Ok(());
+        write_file_atomic(&run_toml, now.to_toml().as_bytes())?;
     }
-    if non_empty {
-        ensure!(
-            overwrite,
-            "{} exists and is not empty: pass --resume to continue that run, --overwrite to replace it, \
-             or choose another --out",
-            out.display()
-        );
-        ensure!(
-            run_toml.is_file(),
-            "--overwrite: {} has no run.toml, so it is not an sdpo run folder; refusing to delete it",
-            out.display()
-        );
-    }
-    Ok(())
+    Ok(now)
 }
 
-/// After `check_out` and once the inputs have loaded: replaces an old run (--overwrite)
-/// and writes run.toml; with --resume, nothing to do.
-fn prepare_out(out: &Path, c: &RunConfig, resume: bool) -> Result<()> {
-    if resume {
-        return Ok(());
-    }
-    if out.join("run.toml").is_file() {
-        std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    write_file_atomic(&out.join("run.toml"), c.to_toml().as_bytes())?;
-    Ok(())
-}
-
-/// A run that failed before it trained anything (say, the engine did not open) leaves no
-/// folder behind that would need --overwrite; one with metrics or states is kept.
-fn remove_if_nothing_trained(out: &Path) {
-    let Ok(entries) = std::fs::read_dir(out) else { return };
-    let only_setup = entries.flatten().all(|e| matches!(e.file_name().to_str(), Some("run.toml" | "partition.json")));
-    if only_setup {
-        let _ = std::fs::remove_dir_all(out);
-    }
+/// Entries that mean a run trained something: a failed start removes the rest.
+fn is_result(name: &str) -> bool {
+    name == "metrics.jsonl" || name.starts_with("step-") || name.starts_with("state-")
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -463,7 +451,33 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let model = c.model.clone().context("--model is required (a Hugging Face model folder)")?;
     let out = c.out.clone().context("--out is required (the run's output folder)")?;
     ensure!(!c.data.is_empty(), "--data is required (preference records or pre-tokenized JSONL files)");
-    check_out(&out, &c, args.resume, args.overwrite)?;
+    ensure!(!(args.resume && args.overwrite), "--resume and --overwrite contradict each other: pass one");
+    let mut inputs: Vec<&Path> = vec![&model];
+    inputs.extend(c.data.iter().chain(&c.eval_data).chain(&c.chat_template).map(PathBuf::as_path));
+    outputs::check_not_input(&out, "--out", &inputs)?;
+    let existing = match (args.resume, args.overwrite) {
+        (true, _) => Existing::Keep,
+        (false, true) => Existing::Replace,
+        (false, false) => Existing::Refuse,
+    };
+    let folder = OutputFolder::claim(
+        &out,
+        FolderKind::Run,
+        existing,
+        "pass --resume to continue that run, --overwrite to replace it",
+    )?;
+    let result = run_in(&args, c, &folder);
+    if result.is_err() && !args.resume {
+        // A run that failed before it trained anything leaves nothing that would need --overwrite.
+        folder.abandon(is_result);
+    }
+    result
+}
+
+/// The run, once `folder` (the --out folder) is held.
+fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
+    let (model, out) = (c.model.clone().unwrap_or_default(), folder.path().to_path_buf());
+    let c = if args.resume { resume_config(&out, c)? } else { c };
     let (cfg, m0) = load_model(&model, c.random_init)?;
     let data_options = c.data_options();
     let data = load_data(&c.data, &data_options, &model, args.quiet)?;
@@ -472,7 +486,31 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         (data, load_data(&c.eval_data, &data_options, &model, args.quiet)?)
     };
-    prepare_out(&out, &c, args.resume)?;
+    let files: Vec<PathBuf> = c.data.iter().chain(&c.eval_data).cloned().collect();
+    let fingerprint = Inputs::of(&cfg, &m0, &files, &train, &eval)?;
+    if args.resume {
+        match Inputs::load(&out)? {
+            Some(then) => {
+                let diff = then.differences(&fingerprint);
+                ensure!(
+                    diff.is_empty(),
+                    "--resume: the inputs differ from those {} was trained on: {}. Resume with the run's own \
+                     model and data, or start a new run (another --out)",
+                    out.display(),
+                    diff.join("; ")
+                );
+            }
+            None => eprintln!(
+                "--resume: {} has no {INPUTS_FILE} (a run from an older sdpo-run): the data cannot be checked",
+                out.display()
+            ),
+        }
+    } else {
+        // Only now, with every input loaded: an old run in --out goes (--overwrite).
+        folder.clear()?;
+        write_file_atomic(&out.join("run.toml"), c.to_toml().as_bytes())?;
+        fingerprint.save(&out)?;
+    }
     let opts = SdpoOptions {
         train: c.train_options(),
         partition: c.partition,
@@ -497,8 +535,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let summary = match sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory) {
         Ok(s) => s,
         Err(e) => {
-            if !args.resume {
-                remove_if_nothing_trained(&out);
+            let diverged = matches!(e, sdpo::Error::Diverged(_));
+            if diverged && sdpo::checkpoint::latest(&out).ok().flatten().is_some() {
+                bail!(
+                    "{e}\nto continue: sdpo-run train --config {} --resume --lr LOWER",
+                    out.join("run.toml").display()
+                );
             }
             return Err(e.into());
         }
