@@ -54,6 +54,32 @@ pub struct RunState {
 
 pub const FORMAT: u32 = 1;
 
+impl RunState {
+    /// A run that has trained nothing yet.
+    pub fn start() -> RunState {
+        RunState {
+            format: FORMAT,
+            seq: 0,
+            sdpo_step: 0,
+            step_done: true,
+            position: ChunkPosition::default(),
+            total_updates: 0,
+            metrics_bytes: 0,
+        }
+    }
+
+    /// The next state: inside step `t` at `position`, metrics.jsonl `metrics_bytes` long.
+    pub fn mid_step(&mut self, t: usize, position: ChunkPosition, metrics_bytes: u64) {
+        *self = RunState { seq: self.seq + 1, sdpo_step: t, step_done: false, position, metrics_bytes, ..*self };
+    }
+
+    /// The next state: step `t` done (M_t saved and evaluated).
+    pub fn step_finished(&mut self, t: usize, metrics_bytes: u64) {
+        self.mid_step(t, ChunkPosition::default(), metrics_bytes);
+        self.step_done = true;
+    }
+}
+
 /// Everything a state holds besides `RunState`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StateData {
@@ -63,6 +89,21 @@ pub struct StateData {
     pub eval_init: Vec<PairLogps>,
     pub eval_prev: Vec<PairLogps>,
     pub reference: Option<LlamaWeights>,
+}
+
+impl StateData {
+    /// Before the first step: M_0's eval log-probs, nothing else yet (the policy's
+    /// weights live in the engine until a state is written).
+    pub fn start(cfg: &LlamaConfig, eval_init: Vec<PairLogps>) -> StateData {
+        StateData {
+            weights: LlamaWeights::zeros(cfg),
+            adam: None,
+            ref_logps: Vec::new(),
+            eval_prev: eval_init.clone(),
+            eval_init,
+            reference: None,
+        }
+    }
 }
 
 /// Writes state `st` under `out` atomically; older states stay until `prune`.

@@ -26,7 +26,8 @@ use crate::engine::{AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenOptions};
 use crate::outputs::{Existing, FolderKind, OutputFolder};
-use crate::sdpo::{self, PartitionKind, ReferenceMode, RunSummary, SdpoOptions};
+use crate::partition::PartitionKind;
+use crate::sdpo::{self, ReferenceMode, RunSummary, SdpoOptions};
 use crate::train::{Schedule, TrainOptions};
 use crate::weights::{LlamaWeights, SplitMix64};
 
@@ -335,8 +336,6 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
             resume: false,
             tokenizer_from: Some(base.clone()),
             quiet: opts.quiet_runs,
-            inject_nan_at: None,
-            debug_sleep_ms: 0,
         };
         let summary = sdpo::run(&sopts, &cfg, m0.clone(), &data.train, &data.eval, &factory)?;
         let exact_after = exact_match(&cfg, &summary.final_weights, &data.eval_problems)?;

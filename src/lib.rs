@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod outputs;
+pub mod partition;
 pub mod sdpo;
 pub mod train;
 pub mod weights;

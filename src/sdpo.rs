@@ -1,18 +1,6 @@
-//! sDPO: partitioning the preference data into chunks D_1 … D_T, and the stepwise driver
-//! (for t = 1..T: reference = M_{t−1}, policy initialised from M_{t−1}, DPO on D_t → M_t).
-//!
-//! Partitions (`--partition`):
-//! - `sources`: each data source is one chunk, ordered by the initial model's reward
-//!   accuracy on it, highest (easiest) first, as the paper orders OpenOrca before
-//!   UltraFeedback. With M_0 as both target and reference every implicit reward is zero,
-//!   so the paper's "reward accuracy of the initial model" is read as the share of the
-//!   source's pairs with γ = log π_M0(chosen|x) − log π_M0(rejected|x) > 0 (ties broken by
-//!   source name).
-//! - `difficulty`: per pair, ranked by M_0's γ (per-token means with `--length-normalize`),
-//!   easiest (largest γ) first, cut into T chunks of equal size (the first chunks get one
-//!   more pair when T does not divide the count).
-//! - `random`: a seeded shuffle, cut into T chunks.
-//! - `in-order`: the pairs as given, cut into T chunks.
+//! The stepwise driver: for t = 1..T, the reference is M_{t−1}, the policy starts from
+//! M_{t−1}, DPO on chunk D_t gives M_t, which is saved and evaluated (partition.rs makes
+//! the chunks).
 
 use std::path::{Path, PathBuf};
 
@@ -20,183 +8,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, RunState, StateData};
 use crate::config::LlamaConfig;
-use crate::data::batcher::{rng_for, shuffle};
 use crate::data::PairExample;
 use crate::dpo::{LossConfig, Metrics, PairLogps};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::partition::{partition, partition_report, Partition, PartitionKind};
 use crate::train::{
-    sequence_logps_all, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan, TrainOptions, Where,
+    sequence_logps_all, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan, StepRecord,
+    TrainOptions, Where,
 };
 use crate::weights::{save_model, LlamaWeights};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum PartitionKind {
-    #[default]
-    Sources,
-    Difficulty,
-    Random,
-    InOrder,
-}
-
-impl PartitionKind {
-    /// Whether this partition needs the initial model's log-probs of every pair.
-    pub fn needs_scores(self) -> bool {
-        matches!(self, PartitionKind::Sources | PartitionKind::Difficulty)
-    }
-}
-
-/// One chunk: its pairs (indices into the data) and what M_0 thinks of it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Chunk {
-    pub name: String,
-    pub pairs: Vec<usize>,
-    /// Share of the chunk's pairs with γ_M0 > 0 (when scores were computed).
-    pub accuracy: Option<f64>,
-    /// Mean γ_M0 over the chunk (when scores were computed).
-    pub mean_gamma: Option<f64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Partition {
-    pub kind: PartitionKind,
-    pub chunks: Vec<Chunk>,
-    /// Per pair: the score it was ranked by (γ, or its per-token form), when computed.
-    pub scores: Option<Vec<f64>>,
-}
-
-impl Partition {
-    /// The chunk each pair belongs to (0-based), per pair.
-    pub fn assignment(&self, n_pairs: usize) -> Vec<usize> {
-        let mut a = vec![usize::MAX; n_pairs];
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            for &i in &chunk.pairs {
-                a[i] = c;
-            }
-        }
-        a
-    }
-}
-
-/// The score a pair is ranked by: γ, or with `length_normalize` the difference of
-/// per-token mean log-probs.
-pub fn pair_score(lp: &PairLogps, length_normalize: bool) -> f64 {
-    if length_normalize {
-        lp.chosen / lp.chosen_tokens.max(1) as f64 - lp.rejected / lp.rejected_tokens.max(1) as f64
-    } else {
-        lp.gamma()
-    }
-}
-
-/// Splits `pairs` into chunks. `m0` holds the initial model's log-probs of every pair and
-/// is required by `sources` and `difficulty`. `steps` is T; for `sources` it may be
-/// `None` (T = number of sources) and otherwise must equal the number of sources.
-pub fn partition(
-    pairs: &[PairExample],
-    kind: PartitionKind,
-    steps: Option<usize>,
-    seed: u64,
-    m0: Option<&[PairLogps]>,
-    length_normalize: bool,
-) -> Result<Partition> {
-    let n = pairs.len();
-    if n == 0 {
-        return Err(Error::invalid("no training pairs to partition"));
-    }
-    if let Some(m0) = m0 {
-        if m0.len() != n {
-            return Err(Error::invalid(format!("{} scores for {n} pairs", m0.len())));
-        }
-    }
-    let scores: Option<Vec<f64>> = m0.map(|m| m.iter().map(|lp| pair_score(lp, length_normalize)).collect());
-    let need_scores = || {
-        scores.as_ref().ok_or_else(|| Error::invalid(format!("partition {kind:?} needs the initial model's scores")))
-    };
-    let steps_or_err = || -> Result<usize> {
-        let t = steps.unwrap_or(1);
-        if t == 0 || t > n {
-            return Err(Error::invalid(format!("--steps {t}: need 1 ≤ T ≤ number of pairs ({n})")));
-        }
-        Ok(t)
-    };
-
-    let mut chunks: Vec<Chunk> = match kind {
-        PartitionKind::Sources => {
-            let s = need_scores()?;
-            let mut names: Vec<&str> = pairs.iter().map(|p| p.source.as_str()).collect();
-            names.sort();
-            names.dedup();
-            if let Some(t) = steps {
-                if t != names.len() {
-                    return Err(Error::invalid(format!(
-                        "--partition sources makes one chunk per data source, and the data has {} ({}), \
-                         but --steps is {t}: drop --steps or use --partition difficulty/random",
-                        names.len(),
-                        names.join(", ")
-                    )));
-                }
-            }
-            let mut chunks: Vec<Chunk> = names
-                .iter()
-                .map(|name| {
-                    let idx: Vec<usize> = (0..n).filter(|&i| pairs[i].source == *name).collect();
-                    chunk_with_stats(name.to_string(), idx, Some(s))
-                })
-                .collect();
-            // Highest accuracy first; the stable sort keeps name order on ties.
-            chunks.sort_by(|a, b| b.accuracy.unwrap().total_cmp(&a.accuracy.unwrap()));
-            return Ok(Partition { kind, chunks, scores });
-        }
-        PartitionKind::Difficulty => {
-            let s = need_scores()?;
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-            cut(&order, steps_or_err()?)
-        }
-        PartitionKind::Random => {
-            let mut order: Vec<usize> = (0..n).collect();
-            shuffle(&mut order, &mut rng_for(seed, 0x5D90));
-            cut(&order, steps_or_err()?)
-        }
-        PartitionKind::InOrder => cut(&(0..n).collect::<Vec<_>>(), steps_or_err()?),
-    }
-    .into_iter()
-    .enumerate()
-    .map(|(c, idx)| chunk_with_stats(format!("chunk-{}", c + 1), idx, None))
-    .collect();
-    if let Some(s) = &scores {
-        for c in &mut chunks {
-            *c = chunk_with_stats(std::mem::take(&mut c.name), std::mem::take(&mut c.pairs), Some(s));
-        }
-    }
-    Ok(Partition { kind, chunks, scores })
-}
-
-fn chunk_with_stats(name: String, pairs: Vec<usize>, scores: Option<&[f64]>) -> Chunk {
-    let stats = scores.filter(|_| !pairs.is_empty()).map(|s| {
-        let k = pairs.len() as f64;
-        let acc = pairs.iter().filter(|&&i| s[i] > 0.0).count() as f64 / k;
-        let mean = pairs.iter().map(|&i| s[i]).sum::<f64>() / k;
-        (acc, mean)
-    });
-    Chunk { name, pairs, accuracy: stats.map(|s| s.0), mean_gamma: stats.map(|s| s.1) }
-}
-
-/// Cuts `order` into `t` consecutive chunks whose sizes differ by at most one.
-fn cut(order: &[usize], t: usize) -> Vec<Vec<usize>> {
-    let (q, r) = (order.len() / t, order.len() % t);
-    let mut out = Vec::with_capacity(t);
-    let mut start = 0;
-    for c in 0..t {
-        let len = q + usize::from(c < r);
-        out.push(order[start..start + len].to_vec());
-        start += len;
-    }
-    out
-}
-
-// --- the stepwise driver
 
 /// Where the reference log-probs of a step come from (`--reference`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -229,10 +50,6 @@ pub struct SdpoOptions {
     pub tokenizer_from: Option<PathBuf>,
     /// No progress bar and no per-step lines (the demo prints its own).
     pub quiet: bool,
-    /// Testing aid: put a NaN into the policy's weights before this global update (1-based).
-    pub inject_nan_at: Option<u64>,
-    /// Testing aid: sleep this long after every update (so a test can kill a run mid-step).
-    pub debug_sleep_ms: u64,
 }
 
 /// Reward accuracy and margin of a model against a reference on the eval set.
@@ -304,28 +121,6 @@ pub struct RunSummary {
 /// Builds an engine on given weights (the CLI passes `engine::open` with its `--device`).
 pub type EngineFactory<'a> = &'a dyn Fn(&LlamaConfig, LlamaWeights) -> Result<Box<dyn Engine>>;
 
-/// Splits off a held-out eval set: a seeded `fraction` of the pairs (at least one when
-/// fraction > 0). Returns (train, eval).
-pub fn split_eval(pairs: Vec<PairExample>, fraction: f64, seed: u64) -> (Vec<PairExample>, Vec<PairExample>) {
-    if fraction <= 0.0 || pairs.len() < 2 {
-        return (pairs, Vec::new());
-    }
-    let n_eval = ((pairs.len() as f64 * fraction).round() as usize).clamp(1, pairs.len() - 1);
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    shuffle(&mut order, &mut rng_for(seed, 0xE7A1));
-    let mut is_eval = vec![false; pairs.len()];
-    order[..n_eval].iter().for_each(|&i| is_eval[i] = true);
-    let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for (i, p) in pairs.into_iter().enumerate() {
-        if is_eval[i] {
-            eval.push(p)
-        } else {
-            train.push(p)
-        }
-    }
-    (train, eval)
-}
-
 /// Appends JSON lines to metrics.jsonl, tracking its length for resume.
 struct MetricsLog {
     file: std::fs::File,
@@ -366,13 +161,128 @@ impl MetricsLog {
         self.bytes += line.len() as u64;
         Ok(())
     }
+
+    /// One update: TRL's names plus where it sits in the run.
+    fn update(&mut self, t: usize, chunk: &str, global_step: u64, pos: &ChunkPosition, rec: &StepRecord) -> Result<()> {
+        let mut line = serde_json::to_value(rec).expect("record serialises");
+        let serde_json::Value::Object(place) = serde_json::json!({"sdpo/step": t, "sdpo/chunk": chunk,
+            "train/global_step": global_step, "sdpo/update": pos.updates})
+        else {
+            unreachable!("json! of braces is an object")
+        };
+        line.as_object_mut().expect("a record is an object").extend(place);
+        self.write(&line)
+    }
+
+    /// M_0 on the eval set (step 0: γ only, every comparison is with itself).
+    fn eval_init(&mut self, r: &EvalRecord) -> Result<()> {
+        self.write(&serde_json::json!({"sdpo/step": 0, "eval/mean_gamma": r.mean_gamma,
+            "eval/logps/chosen": r.logps_chosen, "eval/logps/rejected": r.logps_rejected,
+            "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs}))
+    }
+
+    /// M_t on the eval set, against M_0 and M_{t−1}.
+    fn eval(&mut self, t: usize, chunk: &str, r: &EvalRecord) -> Result<()> {
+        self.write(&serde_json::json!({"sdpo/step": t, "sdpo/chunk": chunk,
+            "eval/rewards/accuracies": r.vs_init.accuracy, "eval/rewards/margins": r.vs_init.margin,
+            "eval/rewards/accuracies_vs_prev": r.vs_prev.accuracy, "eval/rewards/margins_vs_prev": r.vs_prev.margin,
+            "eval/mean_gamma": r.mean_gamma, "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs,
+            "eval/logps/chosen": r.logps_chosen, "eval/logps/rejected": r.logps_rejected}))
+    }
 }
 
-fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
-    if let (Some(a), serde_json::Value::Object(b)) = (a.as_object_mut(), b) {
-        a.extend(b);
+/// A step's progress bar (hidden with `quiet`) and the means its summary line reports.
+struct StepProgress {
+    bar: indicatif::ProgressBar,
+    loss_sum: f64,
+    acc_sum: f64,
+    updates: u64,
+    pairs: usize,
+}
+
+impl StepProgress {
+    fn new(quiet: bool, t: usize, steps: usize, chunk: &str, updates: u64, start: u64) -> Self {
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(updates);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} updates {msg} eta {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(format!("step {t}/{steps} ({chunk})"));
+            b.set_position(start);
+            b
+        };
+        StepProgress { bar, loss_sum: 0.0, acc_sum: 0.0, updates: 0, pairs: 0 }
     }
-    a
+
+    fn update(&mut self, pos: &ChunkPosition, rec: &StepRecord) {
+        self.loss_sum += rec.metrics.loss;
+        self.acc_sum += rec.metrics.rewards_accuracies;
+        self.updates += 1;
+        self.pairs += rec.metrics.n_pairs;
+        self.bar.set_position(pos.updates);
+        self.bar.set_message(format!(
+            "{} pairs, loss {:.4}, acc {:.2}, {:.0} tok/s",
+            self.pairs, rec.metrics.loss, rec.metrics.rewards_accuracies, rec.tokens_per_second
+        ));
+    }
+
+    /// Mean training loss and reward accuracy over this process's updates of the step.
+    fn finish(self) -> (f64, f64) {
+        self.bar.finish_and_clear();
+        let n = self.updates.max(1) as f64;
+        (self.loss_sum / n, self.acc_sum / n)
+    }
+}
+
+/// Writes resume states and keeps the newest one that is known good: an older state is
+/// removed only once an update from the newer state's weights has passed the divergence
+/// checks (`confirm`), so after a divergence the state it started from can be dropped.
+struct Checkpointer<'a> {
+    out: &'a Path,
+    cfg: &'a LlamaConfig,
+    unconfirmed: bool,
+}
+
+impl Checkpointer<'_> {
+    fn save(&mut self, st: &RunState, data: &StateData) -> Result<()> {
+        checkpoint::save(self.out, self.cfg, st, data)?;
+        self.unconfirmed = true;
+        Ok(())
+    }
+
+    /// An update from the newest state's weights passed: the older states can go.
+    fn confirm(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.unconfirmed) {
+            checkpoint::prune(self.out)?;
+        }
+        Ok(())
+    }
+
+    /// After a divergence at update `done + 1` of the run: drops the newest state if its
+    /// weights are what that update started from, and says which state is kept.
+    fn keep_state_before(&self, done: u64) -> Result<String> {
+        let mut newest = checkpoint::latest(self.out)?;
+        if let Some(dir) = &newest {
+            if checkpoint::read_state(dir)?.total_updates == done {
+                newest = checkpoint::discard_newest(self.out)?;
+            }
+        }
+        Ok(match newest {
+            Some(dir) => {
+                let st = checkpoint::read_state(&dir)?;
+                format!(
+                    "The run folder keeps the state after update {} (sDPO step {}); --resume continues from it, \
+                     and accepts a lower --lr",
+                    st.total_updates, st.sdpo_step
+                )
+            }
+            None => "No state from before it is kept: start again (--overwrite) with a lower --lr".to_string(),
+        })
+    }
 }
 
 /// Runs sDPO: partitions `train`, then for t = 1..T trains M_t from M_{t−1} on chunk t
@@ -453,43 +363,20 @@ pub fn run(
             let first = if st.step_done { st.sdpo_step + 1 } else { st.sdpo_step };
             (st, data, first)
         }
-        None => {
-            let st = RunState {
-                format: checkpoint::FORMAT,
-                seq: 0,
-                sdpo_step: 0,
-                step_done: true,
-                position: ChunkPosition::default(),
-                total_updates: 0,
-                metrics_bytes: 0,
-            };
-            let data = StateData {
-                weights: LlamaWeights::zeros(cfg),
-                adam: None,
-                ref_logps: Vec::new(),
-                eval_prev: eval_init.clone(),
-                eval_init: eval_init.clone(),
-                reference: None,
-            };
-            (st, data, 1)
-        }
+        None => (RunState::start(), StateData::start(cfg, eval_init.clone()), 1),
     };
     let mut log = MetricsLog::open(&out.join("metrics.jsonl"), opts.resume.then_some(st.metrics_bytes))?;
     let eval_init_rec = (!eval.is_empty()).then(|| eval_record(0, &eval_init, &eval_init, &eval_init, beta));
     if first_step == 1 && st.total_updates == 0 {
         if let Some(r) = &eval_init_rec {
-            log.write(&serde_json::json!({"sdpo/step": 0, "eval/mean_gamma": r.mean_gamma,
-                "eval/logps/chosen": r.logps_chosen, "eval/logps/rejected": r.logps_rejected,
-                "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs}))?;
+            log.eval_init(r)?;
         }
     }
     if first_step > steps {
         first_step = steps + 1;
     }
 
-    // States older than the newest are removed once an update from the newest's weights
-    // has passed the divergence checks (checkpoint.rs).
-    let mut prune_pending = false;
+    let mut checkpointer = Checkpointer { out, cfg, unconfirmed: false };
     let mut summaries = Vec::new();
     for t in first_step..=steps {
         let chunk_info = &partition.chunks[t - 1];
@@ -527,27 +414,12 @@ pub fn run(
         } else {
             ScheduleSpan { offset: 0, total: updates[t - 1] }
         };
-
-        let bar = if opts.quiet {
-            indicatif::ProgressBar::hidden()
-        } else {
-            let b = indicatif::ProgressBar::new(updates[t - 1]);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} updates {msg} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            b.set_prefix(format!("step {t}/{steps} ({})", chunk_info.name));
-            b.set_position(start.updates);
-            b
-        };
-        let (mut loss_sum, mut acc_sum, mut n_upd, mut pairs_done) = (0.0, 0.0, 0u64, 0usize);
+        let mut progress = StepProgress::new(opts.quiet, t, steps, &chunk_info.name, updates[t - 1], start.updates);
         let ref_logps = std::mem::take(&mut data.ref_logps);
         let reference = match ref_engine.as_mut() {
             Some(e) => Reference::Inline(e.as_mut()),
             None => Reference::Precomputed(&ref_logps),
         };
-        let n_epochs = opts.train.epochs;
         let result = train_chunk(
             engine.as_mut(),
             reference,
@@ -557,33 +429,13 @@ pub fn run(
             start,
             Where { sdpo_step: t },
             &mut |eng, pos, rec| {
-                if prune_pending {
-                    checkpoint::prune(out)?;
-                    prune_pending = false;
-                }
+                checkpointer.confirm()?;
                 st.total_updates += 1;
-                loss_sum += rec.metrics.loss;
-                acc_sum += rec.metrics.rewards_accuracies;
-                n_upd += 1;
-                pairs_done += rec.metrics.n_pairs;
-                let line = merge(
-                    serde_json::to_value(rec).expect("record serialises"),
-                    serde_json::json!({"sdpo/step": t, "sdpo/chunk": chunk_info.name,
-                        "train/global_step": st.total_updates, "sdpo/update": pos.updates}),
-                );
-                log.write(&line)?;
-                bar.set_position(pos.updates);
-                bar.set_message(format!(
-                    "{pairs_done} pairs, loss {:.4}, acc {:.2}, {:.0} tok/s",
-                    rec.metrics.loss, rec.metrics.rewards_accuracies, rec.tokens_per_second
-                ));
-                let unfinished = pos.epoch < n_epochs;
+                log.update(t, &chunk_info.name, st.total_updates, pos, rec)?;
+                progress.update(pos, rec);
+                let unfinished = pos.epoch < opts.train.epochs;
                 if opts.save_every > 0 && st.total_updates % opts.save_every == 0 && unfinished {
-                    st.seq += 1;
-                    st.sdpo_step = t;
-                    st.step_done = false;
-                    st.position = *pos;
-                    st.metrics_bytes = log.bytes;
+                    st.mid_step(t, *pos, log.bytes);
                     let snapshot = StateData {
                         weights: eng.weights()?,
                         adam: eng.optimizer_state()?,
@@ -592,27 +444,15 @@ pub fn run(
                         eval_prev: data.eval_prev.clone(),
                         reference: data.reference.clone(),
                     };
-                    checkpoint::save(out, cfg, &st, &snapshot)?;
-                    prune_pending = true;
-                }
-                if opts.debug_sleep_ms > 0 {
-                    std::thread::sleep(std::time::Duration::from_millis(opts.debug_sleep_ms));
-                }
-                if let Some(k) = opts.inject_nan_at {
-                    if st.total_updates + 1 == k {
-                        let mut w = eng.weights()?;
-                        w.embed[0] = f32::NAN;
-                        w.norm.iter_mut().for_each(|x| *x = f32::NAN);
-                        eng.set_weights(&w)?;
-                    }
+                    checkpointer.save(&st, &snapshot)?;
                 }
                 Ok(())
             },
         );
-        bar.finish_and_clear();
+        let (train_loss, train_accuracy) = progress.finish();
         match result {
             Err(Error::Diverged(msg)) => {
-                return Err(Error::Diverged(format!("{msg}. {}", keep_state_before(out, st.total_updates)?)))
+                return Err(Error::Diverged(format!("{msg}. {}", checkpointer.keep_state_before(st.total_updates)?)))
             }
             r => r?,
         }
@@ -627,33 +467,24 @@ pub fn run(
         } else {
             let pol = sequence_logps_all(engine.as_mut(), &eval_refs, budget, layout)?;
             let r = eval_record(t, &pol, &data.eval_init, &data.eval_prev, beta);
-            log.write(&serde_json::json!({"sdpo/step": t, "sdpo/chunk": chunk_info.name,
-                "eval/rewards/accuracies": r.vs_init.accuracy, "eval/rewards/margins": r.vs_init.margin,
-                "eval/rewards/accuracies_vs_prev": r.vs_prev.accuracy, "eval/rewards/margins_vs_prev": r.vs_prev.margin,
-                "eval/mean_gamma": r.mean_gamma, "eval/gamma_accuracy": r.gamma_accuracy, "eval/n_pairs": r.n_pairs,
-                "eval/logps/chosen": r.logps_chosen, "eval/logps/rejected": r.logps_rejected}))?;
+            log.eval(t, &chunk_info.name, &r)?;
             data.eval_prev = pol;
             Some(r)
         };
-        st.seq += 1;
-        st.sdpo_step = t;
-        st.step_done = true;
-        st.position = ChunkPosition::default();
-        st.metrics_bytes = log.bytes;
+        st.step_finished(t, log.bytes);
         data.weights = mt;
         data.adam = if opts.carry_optimizer { engine.optimizer_state()? } else { None };
         data.ref_logps = Vec::new();
         data.reference = None;
-        checkpoint::save(out, cfg, &st, &data)?;
-        prune_pending = true;
+        checkpointer.save(&st, &data)?;
 
         let s = StepSummary {
             step: t,
             chunk: chunk_info.name.clone(),
             n_pairs: chunk.len(),
             updates: updates[t - 1],
-            train_loss: loss_sum / n_upd.max(1) as f64,
-            train_accuracy: acc_sum / n_upd.max(1) as f64,
+            train_loss,
+            train_accuracy,
             eval: eval_rec,
             seconds: t0.elapsed().as_secs_f64(),
         };
@@ -665,28 +496,6 @@ pub fn run(
     checkpoint::prune(out)?;
     let final_weights = if first_step > steps { data.weights } else { engine.weights()? };
     Ok(RunSummary { partition, eval_init: eval_init_rec, steps: summaries, final_weights })
-}
-
-/// After a divergence at update `done + 1` of the run: drops the newest state if its
-/// weights are what that update started from, and says which state is kept.
-fn keep_state_before(out: &Path, done: u64) -> Result<String> {
-    let mut newest = checkpoint::latest(out)?;
-    if let Some(dir) = &newest {
-        if checkpoint::read_state(dir)?.total_updates == done {
-            newest = checkpoint::discard_newest(out)?;
-        }
-    }
-    Ok(match newest {
-        Some(dir) => {
-            let st = checkpoint::read_state(&dir)?;
-            format!(
-                "The run folder keeps the state after update {} (sDPO step {}); --resume continues from it, and \
-                 accepts a lower --lr",
-                st.total_updates, st.sdpo_step
-            )
-        }
-        None => "No state from before it is kept: start again (--overwrite) with a lower --lr".to_string(),
-    })
 }
 
 /// Refuses a resume state that does not fit the run it sits in (a hand-edited or
@@ -755,89 +564,7 @@ pub fn step_line(s: &StepSummary) -> String {
 }
 
 /// The partition as written to partition.json: chunks, and per pair its chunk and score.
-pub fn partition_report(p: &Partition, pairs: &[PairExample]) -> serde_json::Value {
-    let assignment = p.assignment(pairs.len());
-    let per_pair: Vec<serde_json::Value> = (0..pairs.len())
-        .map(|i| {
-            serde_json::json!({"pair": i, "chunk": assignment[i] + 1, "source": pairs[i].source,
-                "score": p.scores.as_ref().map(|s| s[i])})
-        })
-        .collect();
-    let mut v = serde_json::to_value(p).expect("partition serialises");
-    v["assignment"] = serde_json::Value::Array(per_pair);
-    v
-}
-
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("JSON serialises") + "\n";
     crate::weights::write_file_atomic(path, text.as_bytes())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ex(source: &str) -> PairExample {
-        PairExample { prompt: vec![1], chosen: vec![2], rejected: vec![3], source: source.into() }
-    }
-    fn lp(gamma: f64) -> PairLogps {
-        PairLogps { chosen: gamma - 5.0, rejected: -5.0, chosen_tokens: 1, rejected_tokens: 1 }
-    }
-
-    #[test]
-    fn sources_are_ordered_by_m0_accuracy() {
-        // source "a": 1/3 pairs with γ > 0; "b": 2/2; "c": 1/2.
-        let pairs = [ex("a"), ex("b"), ex("a"), ex("c"), ex("b"), ex("a"), ex("c")];
-        let g = [1.0, 2.0, -1.0, 0.5, 3.0, -2.0, -0.5].map(lp);
-        let p = partition(&pairs, PartitionKind::Sources, None, 0, Some(&g), false).unwrap();
-        let names: Vec<&str> = p.chunks.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["b", "c", "a"]);
-        assert_eq!(p.chunks[0].pairs, [1, 4]);
-        assert_eq!(p.chunks[2].pairs, [0, 2, 5]);
-        assert_eq!(p.chunks[1].accuracy, Some(0.5));
-        assert!((p.chunks[2].mean_gamma.unwrap() - (-2.0 / 3.0)).abs() < 1e-12);
-        assert_eq!(p.assignment(7), [2, 0, 2, 1, 0, 2, 1]);
-        assert!(partition(&pairs, PartitionKind::Sources, Some(2), 0, Some(&g), false).is_err());
-    }
-
-    #[test]
-    fn difficulty_puts_largest_gamma_first() {
-        let pairs: Vec<PairExample> = (0..7).map(|_| ex("x")).collect();
-        let g = [0.3, -4.0, 2.0, 1.0, -1.0, 5.0, 0.0].map(lp);
-        let p = partition(&pairs, PartitionKind::Difficulty, Some(3), 0, Some(&g), false).unwrap();
-        let chunks: Vec<Vec<usize>> = p.chunks.iter().map(|c| c.pairs.clone()).collect();
-        assert_eq!(chunks, vec![vec![5, 2, 3], vec![0, 6], vec![4, 1]]);
-        assert_eq!(p.chunks[0].accuracy, Some(1.0));
-        assert_eq!(p.chunks[2].accuracy, Some(0.0));
-    }
-
-    #[test]
-    fn length_normalisation_changes_the_ranking() {
-        let pairs = [ex("x"), ex("x")];
-        // pair 0: γ = 2 over 10 chosen tokens; pair 1: γ = 1 over 1 token.
-        let a = PairLogps { chosen: -8.0, rejected: -10.0, chosen_tokens: 10, rejected_tokens: 10 };
-        let b = PairLogps { chosen: -1.0, rejected: -2.0, chosen_tokens: 1, rejected_tokens: 1 };
-        let raw = partition(&pairs, PartitionKind::Difficulty, Some(2), 0, Some(&[a, b]), false).unwrap();
-        let norm = partition(&pairs, PartitionKind::Difficulty, Some(2), 0, Some(&[a, b]), true).unwrap();
-        assert_eq!(raw.chunks[0].pairs, [0]);
-        assert_eq!(norm.chunks[0].pairs, [1]);
-    }
-
-    #[test]
-    fn random_and_in_order() {
-        let pairs: Vec<PairExample> = (0..10).map(|_| ex("x")).collect();
-        let io = partition(&pairs, PartitionKind::InOrder, Some(3), 0, None, false).unwrap();
-        let chunks: Vec<Vec<usize>> = io.chunks.iter().map(|c| c.pairs.clone()).collect();
-        assert_eq!(chunks, vec![vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]]);
-        let r1 = partition(&pairs, PartitionKind::Random, Some(2), 11, None, false).unwrap();
-        let r2 = partition(&pairs, PartitionKind::Random, Some(2), 11, None, false).unwrap();
-        let r3 = partition(&pairs, PartitionKind::Random, Some(2), 12, None, false).unwrap();
-        assert_eq!(r1, r2);
-        assert_ne!(r1, r3);
-        let mut all: Vec<usize> = r1.chunks.iter().flat_map(|c| c.pairs.clone()).collect();
-        all.sort();
-        assert_eq!(all, (0..10).collect::<Vec<_>>());
-        assert_eq!(r1.chunks[0].pairs.len(), 5);
-        assert!(partition(&pairs, PartitionKind::Difficulty, Some(2), 0, None, false).is_err());
-    }
 }

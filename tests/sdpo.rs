@@ -10,7 +10,8 @@ use sdpo::demo::demo_data;
 use sdpo::dpo::{LossConfig, PairLogps};
 use sdpo::engine::cpu::CpuEngine;
 use sdpo::engine::Engine;
-use sdpo::sdpo::{partition, run, PartitionKind, ReferenceMode, SdpoOptions};
+use sdpo::partition::{partition, PartitionKind};
+use sdpo::sdpo::{run, ReferenceMode, SdpoOptions};
 use sdpo::train::{lr_at, sequence_logps_all, Schedule, TrainOptions};
 use sdpo::{AdamWConfig, Layout, LlamaConfig, LlamaWeights, PairBatch, PairExample};
 
@@ -58,8 +59,6 @@ fn opts(out: PathBuf, kind: PartitionKind, steps: Option<usize>) -> SdpoOptions 
         resume: false,
         tokenizer_from: None,
         quiet: true,
-        inject_nan_at: None,
-        debug_sleep_ms: 0,
     }
 }
 

@@ -1126,7 +1126,8 @@ fn margin_and_tol(
 /// 1e-3 instead of the demo's 1e-4: with 5 moving updates per step instead of the demo's
 /// 32, the model must still move well beyond bf16's resolution (checked).
 pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngine) {
-    use sdpo::sdpo::{PartitionKind, ReferenceMode, SdpoOptions};
+    use sdpo::partition::PartitionKind;
+    use sdpo::sdpo::{ReferenceMode, SdpoOptions};
     let tmp = std::env::temp_dir().join(format!("sdpo-demo-two-steps-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let base = tmp.join("base");
@@ -1161,8 +1162,6 @@ pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngin
         resume: false,
         tokenizer_from: None,
         quiet: true,
-        inject_nan_at: None,
-        debug_sleep_ms: 0,
     };
     let t0 = std::time::Instant::now();
     let cpu = demo_run(&opts, &tmp.join("cpu"), &m0, &data, None);
@@ -1234,7 +1233,7 @@ pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngin
     // γ > 0. The order must be the CPU run's, and the CPU run must leave it no room:
     // chunk shares apart by more than their tolerances (or tied with names in order).
     let (pc, pg) = (&cpu.summary.partition, &gpu.summary.partition);
-    let names = |p: &sdpo::sdpo::Partition| p.chunks.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    let names = |p: &sdpo::partition::Partition| p.chunks.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
     assert!(
         runs.iter().all(|r| names(&r.summary.partition) == names(pc)),
         "perturbed CPU runs order the chunks otherwise"

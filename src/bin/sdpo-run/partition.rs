@@ -9,7 +9,7 @@ use clap::Args;
 
 use sdpo::engine::{self, Device};
 use sdpo::outputs;
-use sdpo::sdpo::{partition, partition_report, PartitionKind};
+use sdpo::partition::{partition, partition_report, PartitionKind};
 use sdpo::train::{check_micro_batch_tokens, sequence_logps_all};
 use sdpo::weights::write_file_atomic;
 use sdpo::PairExample;

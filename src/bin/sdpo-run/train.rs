@@ -14,7 +14,8 @@ use sdpo::data::{load_pairs, DataOptions};
 use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::{self, AdamWConfig, Device, Engine};
 use sdpo::outputs::{self, Existing, FolderKind, OutputFolder};
-use sdpo::sdpo::{split_eval, PartitionKind, ReferenceMode, RunSummary, SdpoOptions};
+use sdpo::partition::{split_eval, PartitionKind};
+use sdpo::sdpo::{ReferenceMode, RunSummary, SdpoOptions};
 use sdpo::train::{Schedule, TrainOptions};
 use sdpo::weights::write_file_atomic;
 use sdpo::{Layout, LlamaWeights, PairExample};
@@ -295,7 +296,7 @@ pub struct TrainArgs {
     /// field-name flag left at its default does not override the file).
     #[command(flatten)]
     pub data_options: DataOptions,
-    /// Testing aid: corrupt the policy with NaN before this global update.
+    /// Testing aid: corrupt the policy with NaN before this process's k-th update (1-based).
     #[arg(long, hide = true)]
     pub debug_nan_at: Option<u64>,
     /// Testing aid: sleep this many milliseconds after every update.
@@ -524,12 +525,12 @@ fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
         resume: args.resume,
         tokenizer_from: Some(model.clone()),
         quiet: args.quiet,
-        inject_nan_at: args.debug_nan_at,
-        debug_sleep_ms: args.debug_sleep_ms,
     };
     let device = c.device;
+    let faults = Faults { nan_at: args.debug_nan_at, sleep_ms: args.debug_sleep_ms };
     let factory = move |cfg: &LlamaConfig, w: LlamaWeights| -> sdpo::Result<Box<dyn Engine>> {
-        engine::open(device, cfg.clone(), w)
+        let e = engine::open(device, cfg.clone(), w)?;
+        Ok(if faults.any() { Box::new(FaultyEngine { inner: e, faults, updates: 0 }) } else { e })
     };
     let t0 = std::time::Instant::now();
     let summary = match sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory) {
@@ -547,6 +548,79 @@ fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
     };
     print_summary(&summary, &out, t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The hidden testing flags: faults a test puts into a run through the binary.
+#[derive(Clone, Copy)]
+struct Faults {
+    nan_at: Option<u64>,
+    sleep_ms: u64,
+}
+
+impl Faults {
+    fn any(&self) -> bool {
+        self.nan_at.is_some() || self.sleep_ms > 0
+    }
+}
+
+/// An engine that sleeps after every update (so a test can kill a run mid-step) and puts a
+/// NaN into its weights before update `nan_at` (after the state of the update before it
+/// was saved), and otherwise is the engine it wraps.
+struct FaultyEngine {
+    inner: Box<dyn Engine>,
+    faults: Faults,
+    updates: u64,
+}
+
+impl Engine for FaultyEngine {
+    fn config(&self) -> &LlamaConfig {
+        self.inner.config()
+    }
+    fn device_name(&self) -> String {
+        self.inner.device_name()
+    }
+    fn sequence_logps(&mut self, batch: &sdpo::PairBatch) -> sdpo::Result<Vec<sdpo::PairLogps>> {
+        self.inner.sequence_logps(batch)
+    }
+    fn train_step(
+        &mut self,
+        batch: &sdpo::PairBatch,
+        reference: &[sdpo::PairLogps],
+        loss: &sdpo::LossConfig,
+        loss_scale: f64,
+    ) -> sdpo::Result<Vec<sdpo::PairLogps>> {
+        if self.faults.nan_at == Some(self.updates + 1) {
+            let mut w = self.inner.weights()?;
+            w.embed[0] = f32::NAN;
+            w.norm.iter_mut().for_each(|x| *x = f32::NAN);
+            self.inner.set_weights(&w)?;
+        }
+        self.inner.train_step(batch, reference, loss, loss_scale)
+    }
+    fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> sdpo::Result<f64> {
+        let norm = self.inner.optimizer_step(opt, lr)?;
+        self.updates += 1;
+        std::thread::sleep(std::time::Duration::from_millis(self.faults.sleep_ms));
+        Ok(norm)
+    }
+    fn zero_grads(&mut self) {
+        self.inner.zero_grads()
+    }
+    fn grads(&self) -> sdpo::Result<LlamaWeights> {
+        self.inner.grads()
+    }
+    fn weights(&self) -> sdpo::Result<LlamaWeights> {
+        self.inner.weights()
+    }
+    fn set_weights(&mut self, w: &LlamaWeights) -> sdpo::Result<()> {
+        self.inner.set_weights(w)
+    }
+    fn optimizer_state(&self) -> sdpo::Result<Option<sdpo::engine::AdamState>> {
+        self.inner.optimizer_state()
+    }
+    fn set_optimizer_state(&mut self, state: Option<sdpo::engine::AdamState>) -> sdpo::Result<()> {
+        self.inner.set_optimizer_state(state)
+    }
 }
 
 pub fn print_summary(s: &RunSummary, out: &Path, seconds: f64) {
