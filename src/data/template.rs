@@ -15,6 +15,13 @@ use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
+/// The work one render may do, in minijinja fuel (about one instruction, or 64 bytes of
+/// data made): a fixed allowance plus one fuel per byte of the conversation. Real chat
+/// templates spend a few thousand instructions and copy each message a few times (a
+/// 1 MB conversation costs well under 1 M fuel); a template that loops for minutes (two
+/// nested `range(100000)`) runs out in about a second and fails with a clear error instead.
+const FUEL_BASE: u64 = 20_000_000;
+
 /// A compiled chat template and the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -58,8 +65,19 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             ..self.special.clone()
         };
-        let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
-        tmpl.render(ctx).map_err(|e| describe(&e))
+        let input_bytes: usize = messages.iter().chain(tools).map(|m| m.to_string().len()).sum();
+        let fuel = FUEL_BASE + input_bytes as u64;
+        // Fuel is an environment setting; a clone shares the compiled template.
+        let mut env = self.env.clone();
+        env.set_fuel(Some(fuel));
+        let tmpl = env.get_template(NAME).map_err(|e| describe(&e))?;
+        tmpl.render(ctx).map_err(|e| match e.kind() {
+            ErrorKind::OutOfFuel => format!(
+                "the template took too long: rendering stopped after {fuel} steps (a fixed {FUEL_BASE} plus one \
+                 per byte of the conversation); look for a loop that does not end soon in the template"
+            ),
+            _ => describe(&e),
+        })
     }
 }
 
