@@ -29,6 +29,13 @@ pub fn generate(engine: &CpuEngine, prompt: &[u32], opts: &GenOptions) -> Result
     if prompt.is_empty() {
         return Err(Error::invalid("the prompt has no tokens"));
     }
+    let vocab = engine_vocab(engine);
+    if let Some(id) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::invalid(format!(
+            "the prompt holds the token id {id}, outside the model's vocabulary (vocab_size {vocab}): the \
+             tokenizer and the model do not match"
+        )));
+    }
     let max_pos = engine_max_len(engine);
     if opts.max_new_tokens > 0 && prompt.len() >= max_pos {
         return Err(Error::invalid(format!(
@@ -62,6 +69,11 @@ pub fn generate(engine: &CpuEngine, prompt: &[u32], opts: &GenOptions) -> Result
 fn engine_max_len(engine: &CpuEngine) -> usize {
     use crate::engine::Engine;
     engine.config().max_position_embeddings
+}
+
+fn engine_vocab(engine: &CpuEngine) -> usize {
+    use crate::engine::Engine;
+    engine.config().vocab_size
 }
 
 /// Greedy argmax, or a draw from softmax(logits / temperature).
