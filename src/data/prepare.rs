@@ -5,6 +5,12 @@
 //! and every record validated first, so a bad record anywhere fails in the first seconds
 //! with its file and line. Pairs are then tokenized in parallel (rayon), truncated as TRL
 //! truncates, and counted: nothing is dropped or cut without appearing in the `Summary`.
+//!
+//! What the model cannot take is refused after tokenization, naming the record: ids at or
+//! above config.json's `vocab_size`, and sequences longer than its
+//! `max_position_embeddings`. Long sequences are refused rather than cut by default:
+//! cutting changes what is trained on, so it happens only when asked for with
+//! `--max-length`, whose cut is TRL's to the token.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,7 +32,8 @@ pub struct DataOptions {
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
     /// TRL's max_length: prompt+chosen and prompt+rejected keep their first N tokens;
-    /// pairs whose prompt alone has N tokens or more are dropped. Default: no limit.
+    /// pairs whose prompt alone has N tokens or more are dropped. Default: no cut, and a
+    /// pair longer than the model's max_position_embeddings is an error.
     #[arg(long, value_name = "N")]
     pub max_length: Option<usize>,
     /// Prompts keep their last N tokens (before --max-length applies).
