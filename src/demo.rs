@@ -235,7 +235,7 @@ pub fn exact_match(cfg: &LlamaConfig, w: &LlamaWeights, problems: &[Problem]) ->
     let mut right = [0usize; 4];
     let mut total = [0usize; 4];
     for p in problems {
-        let out = generate(&engine, &prompt_ids(p.a, p.b), &opts);
+        let out = generate(&engine, &prompt_ids(p.a, p.b), &opts)?;
         let ok = out == answer_ids(p.answer());
         let k = p.digits as usize - 1;
         right[k] += ok as usize;

@@ -2,6 +2,7 @@
 //! from softmax(logits / temperature) with a seeded generator.
 
 use crate::engine::cpu::CpuEngine;
+use crate::error::{Error, Result};
 use crate::weights::SplitMix64;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -15,14 +16,46 @@ pub struct GenOptions {
 }
 
 /// The tokens generated after `prompt` (at most `max_new_tokens`, ending at a stop token
-/// when one is produced). `prompt` must not be empty.
-pub fn generate(engine: &CpuEngine, prompt: &[u32], opts: &GenOptions) -> Vec<u32> {
+/// when one is produced, or at the model's `max_position_embeddings`). Errors, rather than
+/// an empty or arbitrary answer: an empty prompt, a prompt that leaves no position for a
+/// new token, a temperature that is not 0 or a positive number, and non-finite logits.
+pub fn generate(engine: &CpuEngine, prompt: &[u32], opts: &GenOptions) -> Result<Vec<u32>> {
+    if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
+        return Err(Error::invalid(format!(
+            "temperature {}: expected 0 (greedy) or a positive number",
+            opts.temperature
+        )));
+    }
+    if prompt.is_empty() {
+        return Err(Error::invalid("the prompt has no tokens"));
+    }
+    let vocab = engine_vocab(engine);
+    if let Some(id) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::invalid(format!(
+            "the prompt holds the token id {id}, outside the model's vocabulary (vocab_size {vocab}): the \
+             tokenizer and the model do not match"
+        )));
+    }
+    let max_pos = engine_max_len(engine);
+    if opts.max_new_tokens > 0 && prompt.len() >= max_pos {
+        return Err(Error::invalid(format!(
+            "the prompt is {} tokens, and the model's max_position_embeddings is {max_pos}: no position is left \
+             for a new token; shorten the prompt",
+            prompt.len()
+        )));
+    }
     let mut cache = engine.new_cache();
     let mut rng = SplitMix64(opts.seed);
     let mut out = Vec::new();
-    let max_pos = engine_max_len(engine);
     let mut logits = engine.decode(&mut cache, prompt);
     while out.len() < opts.max_new_tokens && prompt.len() + out.len() < max_pos {
+        if let Some(bad) = logits.iter().find(|l| !l.is_finite()) {
+            return Err(Error::invalid(format!(
+                "the model's logits at position {} are not finite ({bad}): its weights hold NaN or inf, or overflow; \
+                 check the checkpoint",
+                prompt.len() + out.len() - 1
+            )));
+        }
         let next = pick(&logits, opts.temperature, &mut rng);
         out.push(next);
         if opts.stop.contains(&next) {
@@ -30,12 +63,17 @@ pub fn generate(engine: &CpuEngine, prompt: &[u32], opts: &GenOptions) -> Vec<u3
         }
         logits = engine.decode(&mut cache, &[next]);
     }
-    out
+    Ok(out)
 }
 
 fn engine_max_len(engine: &CpuEngine) -> usize {
     use crate::engine::Engine;
     engine.config().max_position_embeddings
+}
+
+fn engine_vocab(engine: &CpuEngine) -> usize {
+    use crate::engine::Engine;
+    engine.config().vocab_size
 }
 
 /// Greedy argmax, or a draw from softmax(logits / temperature).

@@ -15,6 +15,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::data::batcher::{epoch_plan, BatcherConfig, GlobalBatch};
+use crate::data::progress::Progress;
 use crate::data::{Layout, PairBatch, PairExample};
 use crate::dpo::{LossConfig, Metrics, PairLogps};
 use crate::engine::{AdamWConfig, Engine};
@@ -123,6 +124,21 @@ pub fn sequence_logps_all(
     budget: usize,
     layout: Layout,
 ) -> Result<Vec<PairLogps>> {
+    sequence_logps_all_with_progress(engine, pairs, budget, layout, None)
+}
+
+/// `sequence_logps_all` with progress lines on stderr named `what` (e.g. "scoring the
+/// reference"), in tokens scored, for passes that run long (`data::progress::Progress`);
+/// `None` (e.g. `--quiet`) prints nothing.
+pub fn sequence_logps_all_with_progress(
+    engine: &mut dyn Engine,
+    pairs: &[&PairExample],
+    budget: usize,
+    layout: Layout,
+    what: Option<&'static str>,
+) -> Result<Vec<PairLogps>> {
+    let total = pairs.iter().map(|p| layout_len(p, layout)).sum();
+    let progress = Progress::new(what.unwrap_or(""), "tokens", total, what.is_some());
     let mut out = Vec::with_capacity(pairs.len());
     let mut start = 0;
     while start < pairs.len() {
@@ -134,8 +150,10 @@ pub fn sequence_logps_all(
         }
         let batch = PairBatch::new(&pairs[start..end], layout)?;
         out.extend(engine.sequence_logps(&batch)?);
+        progress.add(tokens);
         start = end;
     }
+    progress.finish();
     Ok(out)
 }
 

@@ -276,6 +276,19 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
             let shard = shard.as_str().ok_or_else(|| {
                 Error::file(&index, format!("weight_map[`{name}`] must be a file name, found {shard}"))
             })?;
+            // A shard is a file inside the model folder: an index must not point a loader
+            // at files elsewhere (`../x.safetensors`, `/abs/x.safetensors`).
+            let inside = Path::new(shard).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside || shard.is_empty() {
+                return Err(Error::file(
+                    &index,
+                    format!(
+                        "weight_map[`{name}`] names the shard `{shard}`, which is not a file inside the model \
+                         folder; shards are file names relative to {} (e.g. `model-00001-of-00002.safetensors`)",
+                        dir.display()
+                    ),
+                ));
+            }
             if !shards.iter().any(|s| s == shard) {
                 shards.push(shard.to_string());
             }
@@ -313,6 +326,11 @@ fn st_dtype_name(d: StDtype) -> String {
     format!("{d:?}")
 }
 
+/// Whether `to_f32` reads this dtype.
+fn convertible(dtype: StDtype) -> bool {
+    matches!(dtype, StDtype::F32 | StDtype::BF16 | StDtype::F16)
+}
+
 /// Converts a little-endian f32/bf16/f16 tensor to f32; `None` for other dtypes.
 fn to_f32(dtype: StDtype, bytes: &[u8], out: &mut [f32]) -> Option<()> {
     const CHUNK: usize = 1 << 16;
@@ -341,6 +359,27 @@ fn shape_str(s: &[usize]) -> String {
     format!("{s:?}")
 }
 
+/// The config.json fields a tensor's shape (or presence, with `presence`) comes from, as
+/// advice to append to an error about that tensor.
+fn config_fields_hint(name: &str, presence: bool) -> String {
+    let fields = if presence && name.starts_with("model.layers.") {
+        "num_hidden_layers"
+    } else if name.ends_with("embed_tokens.weight") || name == "lm_head.weight" {
+        "vocab_size, hidden_size"
+    } else if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+        "hidden_size"
+    } else if name.contains("q_proj") || name.contains("o_proj") {
+        "hidden_size, num_attention_heads, head_dim"
+    } else if name.contains("k_proj") || name.contains("v_proj") {
+        "hidden_size, num_key_value_heads, head_dim"
+    } else if name.contains("mlp.") {
+        "hidden_size, intermediate_size"
+    } else {
+        return String::new();
+    };
+    format!(" (check config.json's {fields}: is it this checkpoint's config?)")
+}
+
 impl LlamaWeights {
     /// Loads the weights of the Hugging Face model folder `dir` for `cfg` (read from the
     /// same folder's config.json). See the section comment for what is accepted.
@@ -366,74 +405,95 @@ impl LlamaWeights {
         }
         let where_ = |name: &str| -> &Path { views.get(name).map(|(fi, _)| files[*fi].as_path()).unwrap_or(dir) };
 
+        // Every name, shape and dtype is checked against the config before anything is
+        // sized from it: a config that does not belong to these weights (an 8B config beside
+        // a small checkpoint) is an error naming the tensor, not an allocation failure.
         let specs = Self::specs(cfg);
-        let mut w = Self::zeros(cfg);
-        for (spec, dst) in specs.iter().zip(w.tensors_mut()) {
+        for spec in &specs {
             let Some((fi, view)) = views.get(&spec.name) else {
                 let file = if files.len() == 1 { files[0].clone() } else { dir.join(INDEX_FILE) };
                 return Err(Error::file(
                     file,
                     format!(
-                        "missing tensor `{}` (expected shape {}); the checkpoint does not match config.json",
+                        "missing tensor `{}` (expected shape {}); the checkpoint does not match config.json{}",
                         spec.name,
-                        shape_str(&spec.shape)
+                        shape_str(&spec.shape),
+                        config_fields_hint(&spec.name, true)
                     ),
                 ));
             };
-            let file = &files[*fi];
             if view.shape() != spec.shape.as_slice() {
                 return Err(Error::file(
-                    file,
+                    &files[*fi],
                     format!(
-                        "tensor `{}` has shape {}, expected {} from config.json; the checkpoint and its config disagree",
+                        "tensor `{}` has shape {} in this file, but config.json implies {}; the checkpoint and \
+                         its config disagree{}",
                         spec.name,
                         shape_str(view.shape()),
-                        shape_str(&spec.shape)
+                        shape_str(&spec.shape),
+                        config_fields_hint(&spec.name, false)
                     ),
                 ));
             }
-            to_f32(view.dtype(), view.data(), dst).ok_or_else(|| {
-                Error::file(
-                    file,
+            if !convertible(view.dtype()) {
+                return Err(Error::file(
+                    &files[*fi],
                     format!(
                         "tensor `{}` has dtype {}; supported dtypes are F32, BF16 and F16 (convert the checkpoint, \
                          e.g. `model.to(torch.bfloat16).save_pretrained(dir)`)",
                         spec.name,
                         st_dtype_name(view.dtype())
                     ),
-                )
-            })?;
+                ));
+            }
         }
-
         let known: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         for (name, (_, view)) in &views {
             if known.contains(name.as_str()) || name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
             if name == "lm_head.weight" && cfg.tie_word_embeddings {
-                // Some exporters write the tied matrix twice: fine if it is the same matrix.
-                let same_shape = view.shape() == [cfg.vocab_size, cfg.hidden_size];
-                let mut head = vec![0f32; cfg.vocab_size * cfg.hidden_size];
-                let same = same_shape
-                    && to_f32(view.dtype(), view.data(), &mut head).is_some()
-                    && head.iter().zip(&w.embed).all(|(a, b)| a.to_bits() == b.to_bits());
-                if same {
-                    continue;
+                if view.shape() == [cfg.vocab_size, cfg.hidden_size] {
+                    continue; // compared with the embedding once both are read
                 }
                 return Err(Error::file(
                     where_(name),
-                    "tensor `lm_head.weight` differs from `model.embed_tokens.weight`, but config.json says \
-                     `tie_word_embeddings: true`; set it to false if the LM head is a separate matrix",
+                    format!(
+                        "tensor `lm_head.weight` has shape {}, but config.json says `tie_word_embeddings: true` \
+                         with an embedding of {}; set it to false if the LM head is a separate matrix",
+                        shape_str(view.shape()),
+                        shape_str(&[cfg.vocab_size, cfg.hidden_size])
+                    ),
                 ));
             }
             return Err(Error::file(
                 where_(name),
                 format!(
                     "unexpected tensor `{name}` (shape {}): sdpo's Llama has no such parameter (biases, adapters and \
-                     other architectures are not supported); merge or remove it before loading",
-                    shape_str(view.shape())
+                     other architectures are not supported); merge or remove it before loading{}",
+                    shape_str(view.shape()),
+                    if name.starts_with("model.layers.") { config_fields_hint(name, true) } else { String::new() }
                 ),
             ));
+        }
+
+        let mut w = Self::zeros(cfg);
+        for (spec, dst) in specs.iter().zip(w.tensors_mut()) {
+            let (_, view) = &views[&spec.name];
+            to_f32(view.dtype(), view.data(), dst).expect("dtype checked above");
+        }
+        if let Some((_, view)) = views.get("lm_head.weight").filter(|_| cfg.tie_word_embeddings) {
+            // Some exporters write the tied matrix twice: fine if it is the same matrix.
+            let mut head = vec![0f32; cfg.vocab_size * cfg.hidden_size];
+            let same = to_f32(view.dtype(), view.data(), &mut head).is_some()
+                && head.iter().zip(&w.embed).all(|(a, b)| a.to_bits() == b.to_bits());
+            if !same {
+                return Err(Error::file(
+                    where_("lm_head.weight"),
+                    "tensor `lm_head.weight` differs from `model.embed_tokens.weight`, but config.json says \
+                     `tie_word_embeddings: true`; set it to false if the LM head is a separate matrix",
+                ));
+            }
         }
         Ok(w)
     }

@@ -147,7 +147,12 @@ fn misshaped_tensor_gives_found_and_expected() {
     let (dir, cfg) = folder_with("gqa", &t);
     assert_has(
         &load_err(dir.path(), &cfg),
-        &["`model.layers.0.self_attn.k_proj.weight`", "shape [32, 16]", "expected [16, 32]"],
+        &[
+            "`model.layers.0.self_attn.k_proj.weight`",
+            "shape [32, 16]",
+            "config.json implies [16, 32]",
+            "num_key_value_heads",
+        ],
     );
 }
 

@@ -5,9 +5,10 @@ pub mod batch;
 pub mod batcher;
 pub mod prepare;
 pub mod pretokenized;
+pub mod progress;
 pub mod records;
 pub mod template;
 pub mod tokenize;
 
 pub use batch::{Layout, LogpTarget, PairBatch, PairExample, CHOSEN, PROMPT, REJECTED};
-pub use prepare::{load_pairs, DataOptions, Summary};
+pub use prepare::{load_pairs, load_pairs_with_progress, DataOptions, Summary};

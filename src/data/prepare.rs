@@ -5,6 +5,12 @@
 //! and every record validated first, so a bad record anywhere fails in the first seconds
 //! with its file and line. Pairs are then tokenized in parallel (rayon), truncated as TRL
 //! truncates, and counted: nothing is dropped or cut without appearing in the `Summary`.
+//!
+//! What the model cannot take is refused after tokenization, naming the record: ids at or
+//! above config.json's `vocab_size`, and sequences longer than its
+//! `max_position_embeddings`. Long sequences are refused rather than cut by default:
+//! cutting changes what is trained on, so it happens only when asked for with
+//! `--max-length`, whose cut is TRL's to the token.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,7 +19,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use crate::data::records::{self, Fields, Loc, RawPair};
+use crate::data::progress::Progress;
+use crate::data::records::{self, Fields, Loc, RawPair, Text};
 use crate::data::tokenize::{truncate, PairIds, PairTokenizer, Truncated};
 use crate::data::PairExample;
 use crate::error::{Error, Result};
@@ -25,7 +32,8 @@ pub struct DataOptions {
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
     /// TRL's max_length: prompt+chosen and prompt+rejected keep their first N tokens;
-    /// pairs whose prompt alone has N tokens or more are dropped. Default: no limit.
+    /// pairs whose prompt alone has N tokens or more are dropped. Default: no cut, and a
+    /// pair longer than the model's max_position_embeddings is an error.
     #[arg(long, value_name = "N")]
     pub max_length: Option<usize>,
     /// Prompts keep their last N tokens (before --max-length applies).
@@ -127,6 +135,12 @@ pub struct Summary {
     pub rejected: Lengths,
     /// prompt + chosen + rejected: what a pair occupies in the shared layout.
     pub pair: Lengths,
+    /// Files whose pairs' default source is not the file's stem, because another file has
+    /// the same stem: (file, source).
+    pub renamed_sources: Vec<(PathBuf, String)>,
+    /// Plain-text records read while `--chat-template` was given: the template is not
+    /// applied to them (TRL renders only conversational records with it).
+    pub template_not_applied: usize,
 }
 
 pub const DROP_PROMPT_FILLS: &str = "prompt fills --max-length";
@@ -137,6 +151,22 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (path, n) in &self.files {
             writeln!(f, "  {}: {n} records", path.display())?;
+        }
+        for (path, source) in &self.renamed_sources {
+            writeln!(
+                f,
+                "  {}: default source `{source}` (another file has the same stem; records with a source field keep theirs)",
+                path.display()
+            )?;
+        }
+        if self.template_not_applied > 0 {
+            writeln!(
+                f,
+                "note: --chat-template is not applied to the {} plain-text records: as in TRL, a chat template renders \
+                 only conversational records (prompt/chosen/rejected as lists of {{role, content}} messages, or text \
+                 with --system-field); plain text is tokenized as it is",
+                self.template_not_applied
+            )?;
         }
         let dropped: usize = self.dropped.values().sum();
         writeln!(
@@ -175,8 +205,18 @@ struct Item {
 
 /// Reads, validates, tokenizes and truncates the records of `files` for the model in
 /// `model_dir` (its tokenizer.json, tokenizer_config.json / chat template, and config.json's
-/// vocab_size for pre-tokenized ids).
+/// vocab_size and max_position_embeddings), with progress lines on stderr for long inputs.
 pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Result<(Vec<PairExample>, Summary)> {
+    load_pairs_with_progress(files, opts, model_dir, true)
+}
+
+/// `load_pairs`, with progress lines only when `progress` (false for `--quiet`).
+pub fn load_pairs_with_progress(
+    files: &[PathBuf],
+    opts: &DataOptions,
+    model_dir: &Path,
+    progress: bool,
+) -> Result<(Vec<PairExample>, Summary)> {
     if files.is_empty() {
         return Err(Error::invalid("no data files given"));
     }
@@ -187,11 +227,18 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
     } else {
         None
     };
-    let vocab_size = model_vocab_size(model_dir)?.or(tokenizer.as_ref().map(|t| t.vocab_size));
+    let limits = ModelLimits::read(model_dir)?;
+    let vocab_size = limits.vocab_size.or(tokenizer.as_ref().map(|t| t.vocab_size));
+    let mut summary = Summary::default();
+    let sources = default_sources(files)?;
+    for (path, source) in files.iter().zip(&sources) {
+        if path.file_stem().map(|s| s.to_string_lossy()) != Some(source.as_str().into()) {
+            summary.renamed_sources.push((path.clone(), source.clone()));
+        }
+    }
 
     // 1. Read and validate every record of every file.
     let mut items: Vec<Item> = Vec::new();
-    let mut summary = Summary::default();
     for (fi, path) in files.iter().enumerate() {
         if path.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("parquet")) == Some(true) {
             check_parquet_columns(path, &fields)?;
@@ -200,7 +247,7 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
         if records.is_empty() {
             return Err(Error::file(path, "no records in this file"));
         }
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = &sources[fi];
         let parsed: Vec<std::result::Result<Item, Error>> = records
             .par_iter()
             .map(|(loc, v)| {
@@ -211,7 +258,7 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
                 } else {
                     usize::MAX
                 };
-                let pair = records::parse_pair(v, &fields, &stem, vocab).map_err(|m| loc.error(path, m))?;
+                let pair = records::parse_pair(v, &fields, stem, vocab).map_err(|m| loc.error(path, m))?;
                 Ok(Item { file: fi, loc: *loc, pair })
             })
             .collect();
@@ -223,6 +270,10 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
     summary.read = items.len();
     let n_text = items.iter().filter(|i| matches!(i.pair, RawPair::Text(_))).count();
     summary.pretokenized = items.len() - n_text;
+    if opts.chat_template.is_some() {
+        summary.template_not_applied =
+            items.iter().filter(|i| matches!(&i.pair, RawPair::Text(t) if matches!(t.prompt, Text::Plain(_)))).count();
+    }
     let tokenizer = match (&tokenizer, n_text) {
         (_, 0) => None,
         (Some(t), _) => Some(t),
@@ -235,35 +286,36 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
     };
 
     // 2. Tokenize in parallel.
-    let bar = progress_bar(n_text);
-    let tokenized: Vec<std::result::Result<(PairIds, String), Error>> = items
+    let bar = Progress::new("tokenizing", "pairs", n_text, progress);
+    let tokenized: Vec<std::result::Result<(PairIds, String, usize, Loc), Error>> = items
         .into_par_iter()
         .map(|it| {
             let path = &files[it.file];
-            let out = match it.pair {
+            let (ids, source) = match it.pair {
                 RawPair::Ids(p) => (
                     PairIds { prompt: p.prompt, chosen: p.chosen, rejected: p.rejected, prompt_tail_dropped: 0 },
                     p.source,
                 ),
                 RawPair::Text(t) => {
                     let ids = tokenizer.expect("checked above").tokenize(&t).map_err(|m| it.loc.error(path, m))?;
-                    if let Some(b) = &bar {
-                        b.inc(1);
+                    bar.add(1);
+                    if let Some(v) = limits.vocab_size {
+                        check_vocab(&ids, v, tokenizer.expect("checked above"))
+                            .map_err(|m| it.loc.error(path, format!("{m} ({})", limits.config.display())))?;
                     }
                     (ids, t.source)
                 }
             };
-            Ok(out)
+            Ok((ids, source, it.file, it.loc))
         })
         .collect();
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    bar.finish();
 
     // 3. Truncate, drop what cannot train, count.
     let mut pairs = Vec::with_capacity(tokenized.len());
+    let mut too_long: Vec<(usize, Loc, &'static str, usize)> = Vec::new();
     for r in tokenized {
-        let (mut ids, source) = r?;
+        let (mut ids, source, file, loc) = r?;
         let reason = match truncate(&mut ids, opts.max_length, opts.max_prompt_length) {
             Truncated::PromptFills => Some(DROP_PROMPT_FILLS),
             _ if ids.prompt.is_empty() => Some(DROP_EMPTY_PROMPT),
@@ -278,6 +330,17 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
             *summary.dropped.entry(why).or_default() += 1;
             continue;
         }
+        if let Some(max_pos) = limits.max_position_embeddings {
+            let (what, len) = if ids.chosen.len() >= ids.rejected.len() {
+                ("prompt + chosen", ids.prompt.len() + ids.chosen.len())
+            } else {
+                ("prompt + rejected", ids.prompt.len() + ids.rejected.len())
+            };
+            if len > max_pos {
+                too_long.push((file, loc, what, len));
+                continue;
+            }
+        }
         if ids.chosen == ids.rejected {
             summary.identical += 1;
         }
@@ -285,6 +348,26 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
             summary.boundary_moved += 1;
         }
         pairs.push(PairExample { prompt: ids.prompt, chosen: ids.chosen, rejected: ids.rejected, source });
+    }
+    if let Some(&(file, loc, what, len)) = too_long.first() {
+        let max_pos = limits.max_position_embeddings.expect("set when a pair is too long");
+        let advice = match opts.max_length {
+            Some(ml) => format!("--max-length {ml} is above it: pass --max-length {max_pos} (or less)"),
+            None => format!(
+                "pass --max-length {max_pos} to keep the first {max_pos} tokens of each sequence (TRL's max_length \
+                 truncation; pairs whose prompt alone fills it are dropped), or shorten these records"
+            ),
+        };
+        return Err(loc.error(
+            &files[file],
+            format!(
+                "{what} is {len} tokens, more than the model's max_position_embeddings ({max_pos}, in {}); {} of the \
+                 {} pairs are longer than that. {advice}",
+                limits.config.display(),
+                too_long.len(),
+                summary.read
+            ),
+        ));
     }
     summary.kept = pairs.len();
     summary.prompt = Lengths::of(pairs.iter().map(|p| p.prompt.len()).collect());
@@ -294,26 +377,104 @@ pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Re
     Ok((pairs, summary))
 }
 
+/// An id the tokenizer produced that the model has no embedding for: the tokenizer and
+/// config.json belong to different models, or tokens were added to the tokenizer without
+/// resizing the model. The engines refuse such ids, so `prepare` refuses them too.
+fn check_vocab(ids: &PairIds, vocab_size: usize, tok: &PairTokenizer) -> std::result::Result<(), String> {
+    for (part, v) in [("prompt", &ids.prompt), ("chosen", &ids.chosen), ("rejected", &ids.rejected)] {
+        if let Some(&id) = v.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(format!(
+                "the tokenizer gives the {part} the id {id} ({}), outside the model's vocabulary (vocab_size \
+                 {vocab_size}); tokenizer.json and config.json are from different models, or tokens were added to the \
+                 tokenizer without resizing the model's embeddings",
+                tok.token_name(id)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The default source of each file's pairs: its stem, or where two files share a stem
+/// (`a/train.jsonl`, `b/train.jsonl`), the shortest path ending that tells them apart
+/// (`a/train`, `b/train`), so pairs of different files never merge into one source.
+pub fn default_sources(files: &[PathBuf]) -> Result<Vec<String>> {
+    let parts = |p: &Path, k: usize, ext: bool| -> Option<String> {
+        let comps: Vec<String> = p.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+        if k > comps.len() {
+            return None;
+        }
+        let last = if ext {
+            p.file_name()?.to_string_lossy().into_owned()
+        } else {
+            p.file_stem()?.to_string_lossy().into_owned()
+        };
+        let mut v = comps[comps.len() - k..comps.len() - 1].to_vec();
+        v.push(last);
+        Some(v.join("/"))
+    };
+    let mut out: Vec<String> = files.iter().map(|p| parts(p, 1, false).unwrap_or_default()).collect();
+    let stems = out.clone();
+    for (i, stem) in stems.iter().enumerate() {
+        let group: Vec<usize> = (0..files.len()).filter(|&j| &stems[j] == stem).collect();
+        if group.len() < 2 || group[0] != i {
+            continue;
+        }
+        let depth = group.iter().map(|&j| files[j].components().count()).max().unwrap_or(1);
+        let names = (1..=depth)
+            .flat_map(|k| [(k, false), (k, true)])
+            .map(|(k, ext)| group.iter().map(|&j| parts(&files[j], k, ext)).collect::<Option<Vec<String>>>())
+            .find(|names| {
+                names.as_ref().is_some_and(|n| n.iter().collect::<std::collections::HashSet<_>>().len() == n.len())
+            })
+            .flatten();
+        let Some(names) = names else {
+            return Err(Error::file(
+                &files[group[1]],
+                "given twice in --data: each file's pairs would be read twice; name each file once",
+            ));
+        };
+        for (&j, n) in group.iter().zip(names) {
+            out[j] = n;
+        }
+    }
+    Ok(out)
+}
+
+/// What config.json says about the sequences the model takes, if the file exists.
+struct ModelLimits {
+    config: PathBuf,
+    vocab_size: Option<usize>,
+    max_position_embeddings: Option<usize>,
+}
+
+impl ModelLimits {
+    fn read(model_dir: &Path) -> Result<Self> {
+        let config = model_dir.join("config.json");
+        let mut limits = ModelLimits { config: config.clone(), vocab_size: None, max_position_embeddings: None };
+        if !config.exists() {
+            return Ok(limits);
+        }
+        let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&config, format!("malformed JSON: {e}")))?;
+        let field = |name: &str| -> Result<Option<usize>> {
+            match v.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(n) => n
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| Error::file(&config, format!("`{name}` must be a positive integer"))),
+            }
+        };
+        limits.vocab_size = field("vocab_size")?;
+        limits.max_position_embeddings = field("max_position_embeddings")?;
+        Ok(limits)
+    }
+}
+
 fn is_pretokenized(v: &Value) -> bool {
     v.as_object()
         .is_some_and(|o| o.contains_key("prompt_ids") || o.contains_key("chosen_ids") || o.contains_key("rejected_ids"))
-}
-
-/// `vocab_size` from `model_dir/config.json`, if the file exists.
-fn model_vocab_size(model_dir: &Path) -> Result<Option<usize>> {
-    let path = model_dir.join("config.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("malformed JSON: {e}")))?;
-    match v.get("vocab_size") {
-        None | Some(Value::Null) => Ok(None),
-        Some(n) => n
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| Error::file(&path, "`vocab_size` must be a positive integer")),
-    }
 }
 
 /// A parquet file must have the columns of some record format.
@@ -348,17 +509,6 @@ fn check_parquet_columns(path: &Path, f: &Fields) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn progress_bar(n: usize) -> Option<indicatif::ProgressBar> {
-    if n < 5_000 {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(n as u64);
-    let style = indicatif::ProgressStyle::with_template("tokenizing {bar:40} {pos}/{len} pairs, {per_sec}, eta {eta}")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    Some(bar)
 }
 
 #[cfg(test)]

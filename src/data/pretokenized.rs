@@ -63,6 +63,7 @@ fn kind(v: &Value) -> &'static str {
 /// gets the file's stem. Errors name `file:line`.
 pub fn read_pairs(path: &Path, vocab_size: usize) -> Result<Vec<PairExample>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -105,13 +105,18 @@ pub fn read_records(path: &Path) -> Result<Vec<(Loc, Value)>> {
         return read_parquet(path);
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // A UTF-8 byte order mark (some Windows editors write one) is not part of the JSON.
+    let bytes = bytes.strip_prefix(UTF8_BOM).unwrap_or(&bytes);
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if ext == "json" && first == Some(b'[') {
-        read_json_array(path, &bytes)
+        read_json_array(path, bytes)
     } else {
-        read_jsonl(path, &bytes)
+        read_jsonl(path, bytes)
     }
 }
+
+/// The byte order mark some editors put at the start of a UTF-8 file.
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<(Loc, Value)>> {
     let lines: Vec<(usize, &[u8])> = bytes.split(|&b| b == b'\n').enumerate().map(|(i, l)| (i + 1, l)).collect();

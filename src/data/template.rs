@@ -15,6 +15,14 @@ use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
+/// The work one render may do, in minijinja fuel (about one instruction, or 64 bytes of
+/// data made): a fixed allowance plus one fuel per byte of the conversation. Real chat
+/// templates copy each message a few times: Llama 2/3, ChatML and Zephyr's render a 1 MB,
+/// 64-turn conversation in under 1 M fuel (a unit test holds them to that). A template
+/// that loops for minutes (two nested `range(10000)`) runs out in about a second and
+/// fails with a clear error instead.
+const FUEL_BASE: u64 = 20_000_000;
+
 /// A compiled chat template and the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -58,8 +66,19 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             ..self.special.clone()
         };
-        let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
-        tmpl.render(ctx).map_err(|e| describe(&e))
+        let input_bytes: usize = messages.iter().chain(tools).map(|m| m.to_string().len()).sum();
+        let fuel = FUEL_BASE + input_bytes as u64;
+        // Fuel is an environment setting; a clone shares the compiled template.
+        let mut env = self.env.clone();
+        env.set_fuel(Some(fuel));
+        let tmpl = env.get_template(NAME).map_err(|e| describe(&e))?;
+        tmpl.render(ctx).map_err(|e| match e.kind() {
+            ErrorKind::OutOfFuel => format!(
+                "the template took too long: rendering stopped after {fuel} steps (a fixed {FUEL_BASE} plus one \
+                 per byte of the conversation); look for a loop that does not end soon in the template"
+            ),
+            _ => describe(&e),
+        })
     }
 }
 
@@ -349,6 +368,31 @@ mod tests {
 
     fn special() -> Vec<(String, String)> {
         vec![("bos_token".into(), "<s>".into()), ("eos_token".into(), "</s>".into())]
+    }
+
+    /// The fuel the comment on `FUEL_BASE` promises: the shipped templates render a 1 MB
+    /// conversation of 64 turns in under 1 M fuel, a fifth of a budget without the base.
+    #[test]
+    fn real_templates_use_a_small_part_of_the_fuel() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/templates");
+        let turn = |i: usize| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            json!({"role": role, "content": "many words here ".repeat(1 << 10)})
+        };
+        let conv: Vec<Json> = (0..64).map(turn).collect();
+        let bytes: usize = conv.iter().map(|m| m.to_string().len()).sum();
+        assert!(bytes > 1 << 20);
+        for name in ["llama3", "llama2", "chatml", "zephyr"] {
+            let src = std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap();
+            let mut t = ChatTemplate::new(&src, &special()).unwrap();
+            t.env.set_fuel(Some(1_000_000));
+            let out = t.env.get_template(NAME).unwrap().render(minijinja::context! {
+                messages => Value::from(conv.iter().map(to_value).collect::<Vec<_>>()),
+                add_generation_prompt => true,
+                ..t.special.clone()
+            });
+            assert!(out.is_ok(), "{name}: {:?}", out.err());
+        }
     }
 
     #[test]

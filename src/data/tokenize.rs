@@ -187,6 +187,15 @@ impl PairTokenizer {
         !self.split_tokens.is_empty()
     }
 
+    /// The token's text for messages, e.g. `` `<|im_start|>` ``, or "no token" when the id
+    /// is not in the vocabulary.
+    pub fn token_name(&self, id: u32) -> String {
+        match self.tokenizer.id_to_token(id) {
+            Some(t) => format!("`{t}`"),
+            None => "no token of the tokenizer".into(),
+        }
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.template.is_some()
     }
@@ -216,7 +225,9 @@ impl PairTokenizer {
                     conv.extend_from_slice(answer);
                     t.render(&conv, tools, false)
                 };
-                let err = |what: &str, e: String| format!("the chat template failed on the {what}: {e}");
+                let err = |what: &str, e: String| {
+                    format!("the chat template ({}) failed on the {what}: {e}", self.template_path.display())
+                };
                 let prompt_text = t.render(p, tools, true).map_err(|e| err("prompt", e))?;
                 let chosen_text = render(c).map_err(|e| err("prompt + chosen", e))?;
                 let rejected_text = render(r).map_err(|e| err("prompt + rejected", e))?;

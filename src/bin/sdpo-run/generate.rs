@@ -35,7 +35,20 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.temperature.is_finite() && args.temperature >= 0.0,
+        "--temperature {}: expected 0 (greedy) or a positive number",
+        args.temperature
+    );
     let (cfg, w) = load_model(&args.model, None)?;
+    let specs = sdpo::LlamaWeights::specs(&cfg);
+    if let Some((s, _)) = specs.iter().zip(w.tensors()).find(|(_, t)| t.iter().any(|x| !x.is_finite())) {
+        anyhow::bail!(
+            "{}: tensor `{}` holds NaN or inf values; the checkpoint is damaged (or saved from a diverged run)",
+            args.model.display(),
+            s.name
+        );
+    }
     let ids = prompt_ids(&args.model, &args.prompt, args.raw)?;
     let tok_path = args.model.join("tokenizer.json");
     let tokenizer =
@@ -47,7 +60,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         stop: cfg.eos_token_ids.clone(),
     };
-    let out = generate(&engine, &ids, &opts);
+    let out = generate(&engine, &ids, &opts).with_context(|| format!("generating from {}", args.model.display()))?;
     let text = tokenizer.decode(&out, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
     println!("{text}");
     Ok(())

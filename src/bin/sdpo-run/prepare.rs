@@ -16,7 +16,8 @@ pub struct PrepareArgs {
     /// tokens) or chat_template.jinja, and config.json (vocab_size) for pre-tokenized input.
     #[arg(long)]
     pub model: PathBuf,
-    /// Record files (.jsonl, .json, .parquet); each file's stem is its pairs' default source.
+    /// Record files (.jsonl, .json, .parquet); each file's stem is its pairs' default source
+    /// (files with one stem in different folders get `folder/stem`).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Output: pre-tokenized pairs JSONL (prompt_ids, chosen_ids, rejected_ids, source).
