@@ -14,8 +14,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::partition::{partition, partition_report, Partition, PartitionKind};
 use crate::train::{
-    sequence_logps_all, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan, StepRecord,
-    TrainOptions, Where,
+    sequence_logps_all_with_progress, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan,
+    StepRecord, TrainOptions, Where,
 };
 use crate::weights::{save_model, LlamaWeights};
 
@@ -301,6 +301,10 @@ pub fn run(
     let (budget, layout) = (opts.train.micro_batch_tokens, opts.train.layout);
     let eval_refs: Vec<&PairExample> = eval.iter().collect();
     let train_refs: Vec<&PairExample> = train.iter().collect();
+    // A forward pass over many pairs, with progress lines unless quiet.
+    let scoring = |e: &mut dyn Engine, pairs: &[&PairExample], what: &'static str| {
+        sequence_logps_all_with_progress(e, pairs, budget, layout, (!opts.quiet).then_some(what))
+    };
 
     // Where to start: the newest complete state, or the beginning.
     let resumed_dir = if opts.resume { checkpoint::latest(out)? } else { None };
@@ -314,7 +318,7 @@ pub fn run(
     // Eval log-probs of M_0 (saved in every state, so a resume does not need M_0 again).
     let eval_init: Vec<PairLogps> = match &resumed {
         Some((_, d)) => d.eval_init.clone(),
-        None => sequence_logps_all(engine.as_mut(), &eval_refs, budget, layout)?,
+        None => scoring(engine.as_mut(), &eval_refs, "scoring the eval pairs with M_0")?,
     };
 
     // The partition, written once; a resume reads it back so the chunks cannot change.
@@ -324,7 +328,7 @@ pub fn run(
         serde_json::from_str(&text).map_err(|e| Error::file(&part_path, format!("not a partition: {e}")))?
     } else {
         let scores = if opts.partition.needs_scores() {
-            Some(sequence_logps_all(engine.as_mut(), &train_refs, budget, layout)?)
+            Some(scoring(engine.as_mut(), &train_refs, "scoring the training pairs with M_0")?)
         } else {
             None
         };
@@ -390,7 +394,7 @@ pub fn run(
             // M_{t−1} is the policy's current weights: score the chunk with it (or keep a copy).
             match opts.reference {
                 ReferenceMode::Precomputed => {
-                    data.ref_logps = sequence_logps_all(engine.as_mut(), &chunk, budget, layout)?;
+                    data.ref_logps = scoring(engine.as_mut(), &chunk, "scoring the chunk with the reference")?;
                     data.reference = None;
                 }
                 ReferenceMode::Inline => {
@@ -465,7 +469,7 @@ pub fn run(
         let eval_rec = if eval.is_empty() {
             None
         } else {
-            let pol = sequence_logps_all(engine.as_mut(), &eval_refs, budget, layout)?;
+            let pol = scoring(engine.as_mut(), &eval_refs, "scoring the eval pairs")?;
             let r = eval_record(t, &pol, &data.eval_init, &data.eval_prev, beta);
             log.eval(t, &chunk_info.name, &r)?;
             data.eval_prev = pol;

@@ -376,7 +376,7 @@ mod tests {
     fn real_templates_use_a_small_part_of_the_fuel() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/templates");
         let turn = |i: usize| {
-            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            let role = if i.is_multiple_of(2) { "user" } else { "assistant" };
             json!({"role": role, "content": "many words here ".repeat(1 << 10)})
         };
         let conv: Vec<Json> = (0..64).map(turn).collect();
