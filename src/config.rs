@@ -50,6 +50,9 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
+    /// The embedding row that gets no gradient from the input lookup (transformers'
+    /// `nn.Embedding(padding_idx = pad_token_id)`); a negative id counts from the end.
+    pub pad_token_id: Option<u32>,
     pub bos_token_ids: Vec<u32>,
     pub eos_token_ids: Vec<u32>,
     pub dtype: DType,
@@ -162,6 +165,12 @@ impl LlamaConfig {
             }
         };
 
+        let vocab_size = uint("vocab_size")?;
+        let pad_token_id = match get("pad_token_id") {
+            None => None,
+            Some(v) => Some(padding_row(v, vocab_size)?),
+        };
+
         Ok(LlamaConfig {
             hidden_size,
             intermediate_size: uint("intermediate_size")?,
@@ -169,7 +178,7 @@ impl LlamaConfig {
             n_heads,
             n_kv_heads,
             head_dim,
-            vocab_size: uint("vocab_size")?,
+            vocab_size,
             max_position_embeddings: if get("max_position_embeddings").is_some() {
                 uint("max_position_embeddings")?
             } else {
@@ -179,6 +188,7 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             tie_word_embeddings: boolean("tie_word_embeddings", false)?,
+            pad_token_id,
             bos_token_ids: token_ids(get("bos_token_id"), "bos_token_id")?,
             eos_token_ids: token_ids(get("eos_token_id"), "eos_token_id")?,
             dtype,
@@ -265,6 +275,20 @@ fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
         }),
         other => Err(format!("rope type `{other}` is not supported: expected default, linear or llama3")),
     }
+}
+
+/// `pad_token_id` as PyTorch's `nn.Embedding` takes its `padding_idx`: within
+/// `[-vocab_size, vocab_size)`, a negative one counting from the end.
+fn padding_row(v: &Value, vocab_size: usize) -> std::result::Result<u32, String> {
+    let id = v.as_i64().ok_or_else(|| format!("`pad_token_id` must be an integer token id, found {v}"))?;
+    let vocab = vocab_size as i64;
+    if !(-vocab..vocab).contains(&id) {
+        return Err(format!(
+            "`pad_token_id: {id}` is outside the vocabulary (vocab_size {vocab_size}); transformers refuses it too \
+             (nn.Embedding's padding_idx must lie in [-{vocab_size}, {vocab_size})): set it to a token id or null"
+        ));
+    }
+    Ok(id.rem_euclid(vocab) as u32)
 }
 
 fn token_ids(v: Option<&Value>, field: &str) -> std::result::Result<Vec<u32>, String> {
