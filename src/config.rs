@@ -204,8 +204,15 @@ impl LlamaConfig {
             rope_scaling,
             tie_word_embeddings: boolean("tie_word_embeddings", false)?,
             pad_token_id,
-            bos_token_ids: token_ids(get("bos_token_id"), "bos_token_id")?,
-            eos_token_ids: token_ids(get("eos_token_id"), "eos_token_id")?,
+            // Absent, transformers' LlamaConfig takes bos 1 and eos 2; null is none.
+            bos_token_ids: match obj.get("bos_token_id") {
+                None => vec![1],
+                v => token_ids(v.filter(|v| !v.is_null()), "bos_token_id")?,
+            },
+            eos_token_ids: match obj.get("eos_token_id") {
+                None => vec![2],
+                v => token_ids(v.filter(|v| !v.is_null()), "eos_token_id")?,
+            },
             dtype,
             raw,
         })
@@ -402,6 +409,11 @@ mod tests {
         let linear = json!({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0});
         assert_eq!(with("rope_scaling", linear).unwrap().rope_scaling, RopeScaling::Linear { factor: 2.0 });
         assert_eq!(with("eos_token_id", json!([2, 7])).unwrap().eos_token_ids, [2, 7]);
+        assert_eq!(with("eos_token_id", Value::Null).unwrap().eos_token_ids, Vec::<u32>::new());
+        let mut c = base();
+        c.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_token_id"));
+        let c = LlamaConfig::from_json(c).unwrap();
+        assert_eq!((c.bos_token_ids, c.eos_token_ids), (vec![1], vec![2]), "LlamaConfig's defaults");
     }
 
     /// nn.Embedding's padding_idx: within the vocabulary, a negative one from the end.
