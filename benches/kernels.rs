@@ -282,7 +282,7 @@ fn bench_shape(c: &mut Criterion, sum: &mut Summary, shape: Shape) {
             ops::embedding_forward(&mut out, &batch.tokens, &table, h)
         });
         g.run("backward", Work::Bytes(F32 * (3 * n * h + n) as u64), || {
-            ops::embedding_backward(&mut dtable, &dout, &batch.tokens, h)
+            ops::embedding_backward(&mut dtable, &dout, &batch.tokens, h, None)
         });
     }
 
@@ -509,7 +509,7 @@ mod cuda {
             });
             // dout read, gradient rows read and written
             gr.run("backward", Work::Bytes(F32 * u(3 * n * h + n)), || {
-                g.k.embedding_backward(dtp, dop, kp, h).unwrap()
+                g.k.embedding_backward(dtp, dop, kp, h, None).unwrap()
             });
         }
         {

@@ -7,6 +7,8 @@
 //              the backward also writes out again (bit for bit the forward's: the same
 //              expression), so the engine keeps gate|up per layer but not out
 //   embedding: out[t] = table[token[t]]                 dtable[token[t]] += dout[t]
+//              except where token[t] == padding (PyTorch's padding_idx, transformers'
+//              pad_token_id): that row gets nothing from the lookup; padding < 0 is none
 //   casts:     f32 <-> bf16 (round to nearest even)
 // Layouts: swiglu's gate and up are one bf16 matrix gu [rows, 2I], gate in columns 0..I
 // and up in I..2I of each row (one GEMM's output, xn·[Wg; Wu]ᵀ), and its gradient dgu the
@@ -76,14 +78,16 @@ extern "C" __global__ void __launch_bounds__(256) embedding_forward(
     store8(out + (size_t)t * hidden + c, v);
 }
 
-// dtable += scatter(dout); a token may repeat, hence atomics. hidden % 8 == 0.
+// dtable += scatter(dout), row `padding` excepted; a token may repeat, hence atomics.
+// hidden % 8 == 0.
 extern "C" __global__ void __launch_bounds__(256) embedding_backward(
     float* __restrict__ dtable, const float* __restrict__ dout, const unsigned int* __restrict__ tokens, int n,
-    int hidden) {
+    int hidden, int padding) {
     const int per_row = hidden / 8;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n * per_row) return;
     const int t = (int)(idx / per_row), c = (int)(idx % per_row) * 8;
+    if ((long long)tokens[t] == padding) return;
     float v[8];
     load8(dout + (size_t)t * hidden + c, v);
     float* dst = dtable + (size_t)tokens[t] * hidden + c;

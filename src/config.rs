@@ -50,6 +50,9 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
+    /// The embedding row that gets no gradient from the input lookup (transformers'
+    /// `nn.Embedding(padding_idx = pad_token_id)`); a negative id counts from the end.
+    pub pad_token_id: Option<u32>,
     pub bos_token_ids: Vec<u32>,
     pub eos_token_ids: Vec<u32>,
     pub dtype: DType,
@@ -109,10 +112,25 @@ impl LlamaConfig {
         if let Some(w) = get("sliding_window") {
             return Err(format!("`sliding_window: {w}` is not supported: sdpo attends over the whole sequence"));
         }
-        if let Some(act) = get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(format!("`hidden_act: {act}` is not supported: expected silu (SwiGLU)"));
+        // transformers' ACT2FN maps both names to the same SiLU.
+        if let Some(act) = get("hidden_act") {
+            if !matches!(act.as_str(), Some("silu" | "swish")) {
+                return Err(format!("`hidden_act: {act}` is not supported: expected \"silu\" (SwiGLU)"));
             }
+        }
+        if let Some(p) = get("attention_dropout") {
+            if p.as_f64() != Some(0.0) {
+                return Err(format!(
+                    "`attention_dropout: {p}` is not supported: transformers drops attention weights at random \
+                     while training (TRL's disable_dropout does not reach it); set it to 0.0"
+                ));
+            }
+        }
+        if let Some(q) = get("quantization_config") {
+            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unknown");
+            return Err(format!(
+                "`quantization_config` ({method}) is not supported: sdpo trains float32, bfloat16 or float16 weights"
+            ));
         }
 
         let hidden_size = uint("hidden_size")?;
@@ -162,6 +180,12 @@ impl LlamaConfig {
             }
         };
 
+        let vocab_size = uint("vocab_size")?;
+        let pad_token_id = match get("pad_token_id") {
+            None => None,
+            Some(v) => Some(padding_row(v, vocab_size)?),
+        };
+
         Ok(LlamaConfig {
             hidden_size,
             intermediate_size: uint("intermediate_size")?,
@@ -169,7 +193,7 @@ impl LlamaConfig {
             n_heads,
             n_kv_heads,
             head_dim,
-            vocab_size: uint("vocab_size")?,
+            vocab_size,
             max_position_embeddings: if get("max_position_embeddings").is_some() {
                 uint("max_position_embeddings")?
             } else {
@@ -179,8 +203,16 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             tie_word_embeddings: boolean("tie_word_embeddings", false)?,
-            bos_token_ids: token_ids(get("bos_token_id"), "bos_token_id")?,
-            eos_token_ids: token_ids(get("eos_token_id"), "eos_token_id")?,
+            pad_token_id,
+            // Absent, transformers' LlamaConfig takes bos 1 and eos 2; null is none.
+            bos_token_ids: match obj.get("bos_token_id") {
+                None => vec![1],
+                v => token_ids(v.filter(|v| !v.is_null()), "bos_token_id")?,
+            },
+            eos_token_ids: match obj.get("eos_token_id") {
+                None => vec![2],
+                v => token_ids(v.filter(|v| !v.is_null()), "eos_token_id")?,
+            },
             dtype,
             raw,
         })
@@ -254,6 +286,23 @@ fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
             .and_then(Value::as_f64)
             .ok_or_else(|| format!("rope `{kind}` needs a number `{k}` in rope_scaling / rope_parameters"))
     };
+    if let Some(f) = p.get("partial_rotary_factor").filter(|f| f.as_f64() != Some(1.0)) {
+        return Err(format!("`partial_rotary_factor: {f}` is not supported: sdpo rotates the whole head_dim"));
+    }
+    let why = match kind {
+        "dynamic" => {
+            Some("its frequencies change with the longest sequence of each batch beyond max_position_embeddings")
+        }
+        "yarn" | "longrope" => Some("it also scales cos and sin by an attention factor, which the kernels do not"),
+        "proportional" => Some("it leaves part of each head unrotated"),
+        _ => None,
+    };
+    if let Some(why) = why {
+        return Err(format!(
+            "rope type `{kind}` (rope_scaling / rope_parameters) is not supported: {why}; \
+             sdpo implements default, linear and llama3"
+        ));
+    }
     match kind {
         "default" => Ok(RopeScaling::Default),
         "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
@@ -263,15 +312,127 @@ fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        other => Err(format!("rope type `{other}` is not supported: expected default, linear or llama3")),
+        other => Err(format!(
+            "rope type `{other}` (rope_scaling / rope_parameters) is not supported: expected default, linear or llama3"
+        )),
     }
 }
 
-fn token_ids(v: Option<&Value>, field: &str) -> std::result::Result<Vec<u32>, String> {
+/// `pad_token_id` as PyTorch's `nn.Embedding` takes its `padding_idx`: within
+/// `[-vocab_size, vocab_size)`, a negative one counting from the end.
+fn padding_row(v: &Value, vocab_size: usize) -> std::result::Result<u32, String> {
+    let id = v.as_i64().ok_or_else(|| format!("`pad_token_id` must be an integer token id, found {v}"))?;
+    let vocab = vocab_size as i64;
+    if !(-vocab..vocab).contains(&id) {
+        return Err(format!(
+            "`pad_token_id: {id}` is outside the vocabulary (vocab_size {vocab_size}); transformers refuses it too \
+             (nn.Embedding's padding_idx must lie in [-{vocab_size}, {vocab_size})): set it to a token id or null"
+        ));
+    }
+    Ok(id.rem_euclid(vocab) as u32)
+}
+
+pub(crate) fn token_ids(v: Option<&Value>, field: &str) -> std::result::Result<Vec<u32>, String> {
     let bad = |v: &Value| format!("`{field}` must be a token id or a list of them, found {v}");
     match v {
         None => Ok(Vec::new()),
         Some(Value::Array(a)) => a.iter().map(|x| x.as_u64().map(|n| n as u32).ok_or_else(|| bad(x))).collect(),
         Some(x) => x.as_u64().map(|n| vec![n as u32]).ok_or_else(|| bad(x)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "attention_dropout": 0.0, "pretraining_tp": 1, "bos_token_id": 1, "eos_token_id": 2})
+    }
+
+    fn with(field: &str, v: Value) -> std::result::Result<LlamaConfig, String> {
+        let mut c = base();
+        c[field] = v;
+        LlamaConfig::from_json(c)
+    }
+
+    /// Every field DESIGN.md's table marks as refused, one case each: the error names the
+    /// field (or the value it refuses).
+    #[test]
+    fn refused_fields_are_errors_that_name_them() {
+        let rope = |kind: &str| json!({"rope_type": kind, "factor": 2.0, "original_max_position_embeddings": 64});
+        let cases = [
+            ("model_type", json!("mistral"), "model_type `mistral`"),
+            ("architectures", json!(["LlamaForSequenceClassification"]), "LlamaForSequenceClassification"),
+            ("attention_bias", json!(true), "`attention_bias: true`"),
+            ("mlp_bias", json!(true), "`mlp_bias: true`"),
+            ("sliding_window", json!(4096), "`sliding_window: 4096`"),
+            ("hidden_act", json!("gelu"), "`hidden_act: \"gelu\"`"),
+            ("attention_dropout", json!(0.1), "`attention_dropout: 0.1`"),
+            ("quantization_config", json!({"quant_method": "gptq"}), "`quantization_config` (gptq)"),
+            ("rope_scaling", rope("dynamic"), "rope type `dynamic`"),
+            ("rope_scaling", rope("yarn"), "rope type `yarn`"),
+            ("rope_scaling", rope("longrope"), "rope type `longrope`"),
+            ("rope_parameters", rope("proportional"), "rope type `proportional`"),
+            ("rope_parameters", rope("su"), "rope type `su`"),
+            (
+                "rope_scaling",
+                json!({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
+                "`partial_rotary_factor: 0.5`",
+            ),
+            ("rope_scaling", json!({"type": "linear"}), "needs a number `factor`"),
+            ("pad_token_id", json!(100), "`pad_token_id: 100`"),
+            ("pad_token_id", json!(-101), "`pad_token_id: -101`"),
+            ("pad_token_id", json!("<pad>"), "`pad_token_id` must be an integer"),
+            ("eos_token_id", json!([2, "x"]), "`eos_token_id` must be a token id"),
+            ("bos_token_id", json!(-1), "`bos_token_id` must be a token id"),
+            ("torch_dtype", json!("float8_e4m3fn"), "dtype `float8_e4m3fn`"),
+            ("head_dim", json!(7), "head_dim (7) must be even"),
+            ("num_key_value_heads", json!(3), "multiple of num_key_value_heads (3)"),
+            ("tie_word_embeddings", json!("yes"), "`tie_word_embeddings` must be true or false"),
+        ];
+        for (field, v, want) in cases {
+            let err = with(field, v.clone()).err().unwrap_or_else(|| panic!("{field}: {v} was accepted"));
+            assert!(err.contains(want), "{field}: {v}: {err}");
+        }
+    }
+
+    /// Values transformers' Llama computes the same as the defaults: accepted.
+    #[test]
+    fn equivalent_values_are_accepted() {
+        assert!(with("hidden_act", json!("swish")).is_ok(), "ACT2FN's swish is nn.SiLU");
+        assert!(with("attention_dropout", json!(0)).is_ok());
+        assert!(with("pretraining_tp", json!(4)).is_ok(), "transformers 5's Llama does not read it");
+        let linear = json!({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0});
+        assert_eq!(with("rope_scaling", linear).unwrap().rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(with("eos_token_id", json!([2, 7])).unwrap().eos_token_ids, [2, 7]);
+        assert_eq!(with("eos_token_id", Value::Null).unwrap().eos_token_ids, Vec::<u32>::new());
+        let mut c = base();
+        c.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_token_id"));
+        let c = LlamaConfig::from_json(c).unwrap();
+        assert_eq!((c.bos_token_ids, c.eos_token_ids), (vec![1], vec![2]), "LlamaConfig's defaults");
+    }
+
+    /// nn.Embedding's padding_idx: within the vocabulary, a negative one from the end.
+    #[test]
+    fn pad_token_id_is_a_row_of_the_embedding() {
+        assert_eq!(base()["pad_token_id"], Value::Null);
+        assert_eq!(LlamaConfig::from_json(base()).unwrap().pad_token_id, None);
+        assert_eq!(with("pad_token_id", json!(2)).unwrap().pad_token_id, Some(2));
+        assert_eq!(with("pad_token_id", json!(-1)).unwrap().pad_token_id, Some(99));
+        assert_eq!(with("pad_token_id", json!(-100)).unwrap().pad_token_id, Some(0));
+    }
+
+    /// rms_norm_eps is used in float32, as torch adds a Python float to a float32 tensor:
+    /// 1e-5 and its float32 value written as a double are the same eps.
+    #[test]
+    fn rms_norm_eps_is_rounded_to_float32() {
+        let a = with("rms_norm_eps", json!(1e-5)).unwrap().rms_norm_eps;
+        let b = with("rms_norm_eps", json!(9.999999747378752e-06)).unwrap().rms_norm_eps;
+        assert_eq!(a.to_bits(), b.to_bits());
+        assert_eq!(a as f64, 9.999999747378752e-06);
     }
 }

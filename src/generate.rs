@@ -1,6 +1,11 @@
 //! Text generation with the CPU engine's KV cache: greedy (temperature 0) or sampling
 //! from softmax(logits / temperature) with a seeded generator.
 
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::{token_ids, LlamaConfig};
 use crate::engine::cpu::CpuEngine;
 use crate::error::{Error, Result};
 use crate::weights::SplitMix64;
@@ -66,6 +71,19 @@ pub fn generate(engine: &CpuEngine, prompt: &[u32], opts: &GenOptions) -> Result
     Ok(out)
 }
 
+/// The ids that end generation, as transformers' `generate` takes them: the model
+/// folder's generation_config.json when there is one (its `eos_token_id`, an id or a list;
+/// none there means generation stops only at its length), else config.json's `eos_token_id`.
+pub fn eos_token_ids(model: &Path, cfg: &LlamaConfig) -> Result<Vec<u32>> {
+    let file = model.join("generation_config.json");
+    if !file.is_file() {
+        return Ok(cfg.eos_token_ids.clone());
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
+    token_ids(v.get("eos_token_id").filter(|x| !x.is_null()), "eos_token_id").map_err(|m| Error::file(&file, m))
+}
+
 fn engine_max_len(engine: &CpuEngine) -> usize {
     use crate::engine::Engine;
     engine.config().max_position_embeddings
@@ -103,6 +121,29 @@ pub fn pick(logits: &[f32], temperature: f64, rng: &mut SplitMix64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(eos: Value) -> LlamaConfig {
+        LlamaConfig::from_json(serde_json::json!({"hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10, "eos_token_id": eos}))
+        .unwrap()
+    }
+
+    /// generation_config.json's list wins over config.json's id, as transformers loads it;
+    /// without the file, config.json's.
+    #[test]
+    fn eos_ids_come_from_generation_config_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(serde_json::json!(2));
+        assert_eq!(eos_token_ids(dir.path(), &cfg).unwrap(), [2]);
+        let gen = dir.path().join("generation_config.json");
+        std::fs::write(&gen, r#"{"bos_token_id": 1, "eos_token_id": [7, 2]}"#).unwrap();
+        assert_eq!(eos_token_ids(dir.path(), &cfg).unwrap(), [7, 2]);
+        std::fs::write(&gen, r#"{"eos_token_id": null}"#).unwrap();
+        assert_eq!(eos_token_ids(dir.path(), &cfg).unwrap(), Vec::<u32>::new());
+        std::fs::write(&gen, r#"{"eos_token_id": "</s>"}"#).unwrap();
+        let err = eos_token_ids(dir.path(), &cfg).unwrap_err().to_string();
+        assert!(err.contains("generation_config.json") && err.contains("`eos_token_id`"), "{err}");
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -266,6 +266,58 @@ fn gradients_match_finite_differences_of_the_f64_model() {
     }
 }
 
+/// `pad_token_id` set: its embedding row gets no gradient from the lookup (PyTorch's
+/// `nn.Embedding(padding_idx)`, which transformers builds), but a tied LM head's share
+/// still reaches it. Checked against the same model untied, with the LM head a copy of
+/// the embedding and no padding: the tied gradient is the sum of that model's embedding
+/// and LM-head gradients, except on the padding row, which holds the LM head's alone.
+#[test]
+fn the_pad_tokens_row_gets_no_gradient_from_the_lookup() {
+    let pad = 5u32;
+    let with_pad = |tied: bool| {
+        let mut c = config(tied, 2).raw;
+        c["pad_token_id"] = pad.into();
+        LlamaConfig::from_json(c).unwrap()
+    };
+    let mut p = pairs(7, 3, 37);
+    p[0].prompt.push(pad); // the pad token occurs in a prompt and in both answers
+    p[1].chosen.insert(0, pad);
+    p[2].rejected.insert(0, pad);
+    let b = batch(&p, Layout::Shared);
+    let loss = LossConfig { kind: LossKind::Sigmoid, beta: 0.5, label_smoothing: 0.0, sft_weight: 0.0 };
+    let grads = |cfg: LlamaConfig, w: LlamaWeights| {
+        let reference = shifted(&CpuEngine::new(cfg.clone(), w.clone()).unwrap().sequence_logps(&b).unwrap());
+        let mut eng = CpuEngine::new(cfg, w).unwrap();
+        eng.train_step(&b, &reference, &loss, 1.0).unwrap();
+        eng.grads().unwrap()
+    };
+    let h = 12;
+    let row = pad as usize * h..(pad as usize + 1) * h;
+
+    // Untied: the padding row is exactly zero, everything else as without padding.
+    let w = weights(&config(false, 2), 21);
+    let plain = grads(config(false, 2), w.clone());
+    let padded = grads(with_pad(false), w);
+    assert!(plain.embed[row.clone()].iter().any(|&x| x != 0.0), "the pad token must occur in the batch");
+    assert!(padded.embed[row.clone()].iter().all(|&x| x == 0.0), "untied: the padding row gets no gradient");
+    for (i, (a, b)) in padded.tensors().into_iter().zip(plain.tensors()).enumerate() {
+        let other_rows = |t: &[f32]| if i == 0 { [&t[..row.start], &t[row.end..]].concat() } else { t.to_vec() };
+        assert_eq!(other_rows(a), other_rows(b), "untied: tensor {i} changes with padding");
+    }
+
+    // Tied: the padding row is the LM head's share of the untied twin.
+    let tied_w = weights(&config(true, 2), 21);
+    let mut untied_w = tied_w.clone();
+    untied_w.lm_head = Some(tied_w.embed.clone());
+    let split = grads(config(false, 2), untied_w);
+    let tied = grads(with_pad(true), tied_w);
+    let head = split.lm_head.as_ref().unwrap();
+    let want: Vec<f32> =
+        (0..37 * h).map(|i| if row.contains(&i) { head[i] } else { head[i] + split.embed[i] }).collect();
+    assert!(rel(&tied.embed, &want) < 1e-6, "tied: {:.2e}", rel(&tied.embed, &want));
+    assert!(rel(&tied.embed[row.clone()], &head[row]) < 1e-6, "tied: the padding row is the LM head's share");
+}
+
 #[test]
 fn shared_and_concatenated_layouts_agree() {
     let cfg = config(false, 2);

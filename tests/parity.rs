@@ -30,7 +30,7 @@ use sdpo::weights::load_tensors_f32;
 use sdpo::{AdamWConfig, Engine, Layout, LlamaWeights, PairBatch, PairExample, PairLogps};
 use serde_json::Value;
 
-const MODELS: [&str; 4] = ["gqa", "tied", "llama3", "odd"];
+const MODELS: [&str; 6] = ["gqa", "tied", "llama3", "odd", "pad", "eps32"];
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
@@ -230,6 +230,26 @@ fn llama3_rope_matches_pytorch() {
 fn odd_sizes_match_pytorch() {
     check_model("odd", Layout::Shared);
     check_model("odd", Layout::Concatenated);
+}
+
+/// pad_token_id = eos_token_id = 2 with tied embeddings, eos in every answer and in some
+/// prompts: row 2 of the embedding gets the LM head's share of the gradient and none from
+/// the lookup, as `nn.Embedding(padding_idx)` gives it.
+#[test]
+fn pad_token_row_matches_pytorch() {
+    let fx = load("pad");
+    assert_eq!((fx.cfg.pad_token_id, fx.cfg.eos_token_ids.as_slice()), (Some(2), &[2][..]));
+    check_model("pad", Layout::Shared);
+    check_model("pad", Layout::Concatenated);
+}
+
+/// rms_norm_eps stored as float32(0.01) written as a double: the norms use it as torch does.
+#[test]
+fn float32_rms_norm_eps_matches_pytorch() {
+    let fx = load("eps32");
+    assert_eq!(fx.cfg.rms_norm_eps, 0.01f32);
+    check_model("eps32", Layout::Shared);
+    check_model("eps32", Layout::Concatenated);
 }
 
 #[test]

@@ -50,6 +50,16 @@ MODELS = {
     # odd sizes: hidden 48, 3 heads of 16, one kv head, intermediate 52 (not a multiple of 8)
     "odd": (dict(hidden_size=48, intermediate_size=52, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
                  vocab_size=97, tie_word_embeddings=False, rms_norm_eps=1e-5), 4, None, set()),
+    # pad_token_id == eos_token_id (as many instruct checkpoints set it), tied embeddings:
+    # nn.Embedding(padding_idx=2) gives row 2 no gradient from the lookup, only the LM
+    # head's. Every answer ends in eos and some prompts hold it, as templated data does.
+    # Sizes the CUDA engine takes (head_dim 16).
+    "pad": (dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                 vocab_size=80, tie_word_embeddings=True, pad_token_id=2), 5, 1.0, {"eos_in_data"}),
+    # rms_norm_eps stored as float32(0.01) printed as a double, as configs converted through
+    # float32 store it; large enough to weigh in every norm (mean squares are ~0.02).
+    "eps32": (dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+                   vocab_size=72, tie_word_embeddings=False, rms_norm_eps=0.009999999776482582), 6, None, set()),
 }
 
 PROMPT_LENS = [1, 12, 5, 8, 3]
@@ -78,14 +88,21 @@ def init_weights(model, gen):
                 p.copy_(0.15 * torch.randn(p.shape, generator=gen))
 
 
-def make_pairs(vocab, gen, source):
+def make_pairs(vocab, gen, source, eos=None):
+    """Random ids; with `eos`, every answer ends in it and every other prompt holds it."""
     def ids(n):
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
-    return [dict(prompt_ids=ids(p), chosen_ids=ids(c), rejected_ids=ids(r), source=source)
-            for p, c, r in zip(PROMPT_LENS, CHOSEN_LENS, REJECTED_LENS)]
+    pairs = [dict(prompt_ids=ids(p), chosen_ids=ids(c), rejected_ids=ids(r), source=source)
+             for p, c, r in zip(PROMPT_LENS, CHOSEN_LENS, REJECTED_LENS)]
+    if eos is not None:
+        for i, p in enumerate(pairs):
+            p["chosen_ids"][-1] = p["rejected_ids"][-1] = eos
+            if i % 2 == 1:
+                p["prompt_ids"][len(p["prompt_ids"]) // 2] = eos
+    return pairs
 
 
-def trl_sequences(pairs):
+def trl_sequences(pairs, pad):
     """TRL's layout: 2n right-padded sequences, chosen first; (input ids, attention mask, completion mask)."""
     seqs, masks = [], []
     for key in ("chosen_ids", "rejected_ids"):
@@ -93,7 +110,7 @@ def trl_sequences(pairs):
             seqs.append(p["prompt_ids"] + p[key])
             masks.append([0] * len(p["prompt_ids"]) + [1] * len(p[key]))
     L = max(len(s) for s in seqs)
-    input_ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs])
+    input_ids = torch.tensor([s + [pad] * (L - len(s)) for s in seqs])
     attention = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
     completion = torch.tensor([m + [0] * (L - len(m)) for m in masks])
     return input_ids, attention, completion
@@ -101,7 +118,9 @@ def trl_sequences(pairs):
 
 def sequence_logps(model, pairs):
     """Per pair: sums of completion log-probs in TRL's layout, and token counts."""
-    input_ids, attention, completion = trl_sequences(pairs)
+    # TRL pads with the tokenizer's pad id (the model's pad_token_id here), else 0.
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    input_ids, attention, completion = trl_sequences(pairs, pad)
     logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = completion[:, 1:].float()
@@ -139,7 +158,7 @@ def build(name, over, seed, clip, extras):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.03 * torch.randn(p.shape, generator=gen))
-    pairs = make_pairs(cfg.vocab_size, gen, name)
+    pairs = make_pairs(cfg.vocab_size, gen, name, cfg.eos_token_id if "eos_in_data" in extras else None)
 
     d = os.path.join(OUT, name)
     shutil.rmtree(d, ignore_errors=True)

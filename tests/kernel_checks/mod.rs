@@ -622,7 +622,7 @@ pub fn elementwise(g: &Gpu) {
     let mut out = vec![0f32; tokens.len() * hidden];
     ops::embedding_forward(&mut out, &tokens, &table, hidden);
     let mut dtable = vec![0f32; vocab * hidden];
-    ops::embedding_backward(&mut dtable, &dout, &tokens, hidden);
+    ops::embedding_backward(&mut dtable, &dout, &tokens, hidden, None);
     let (t_d, tok_d, do_d) =
         (g.upload(&to_bf16(&table)).unwrap(), g.upload(&tokens).unwrap(), g.upload(&dout).unwrap());
     let o_d = g.alloc::<f32>(tokens.len() * hidden).unwrap();
@@ -630,8 +630,20 @@ pub fn elementwise(g: &Gpu) {
     poison_f32(g, g.ptr(&o_d));
     g.k.embedding_forward(g.ptr(&o_d), g.ptr(&t_d), g.ptr(&tok_d), hidden).unwrap();
     assert_eq!(g.download(g.ptr(&o_d)).unwrap(), out, "embedding gather is exact");
-    g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden).unwrap();
+    g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden, None).unwrap();
     check("embedding backward (scatter-add)", &g.download(g.ptr(&dt_d)).unwrap(), &dtable);
+
+    // With a padding row: a token that occurs several times, its row left exactly as it was.
+    let pad = tokens[3];
+    assert!(tokens.iter().filter(|&&t| t == pad).count() > 1);
+    let mut dtable = vec![0f32; vocab * hidden];
+    ops::embedding_backward(&mut dtable, &dout, &tokens, hidden, Some(pad));
+    let dt_d = g.alloc::<f32>(vocab * hidden).unwrap();
+    g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden, Some(pad)).unwrap();
+    let got = g.download(g.ptr(&dt_d)).unwrap();
+    let row = pad as usize * hidden..(pad as usize + 1) * hidden;
+    assert!(got[row].iter().all(|&x| x == 0.0), "embedding backward: the padding row gets no gradient");
+    check("embedding backward (padding row)", &got, &dtable);
 }
 
 /// The engine keeps swiglu_backward's copy of act in place of the forward's: the same
@@ -881,7 +893,7 @@ pub fn engine_on_fixtures(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngine
     // The fixtures the CUDA engine can run (head_dim 16 and multiples of 8); the others
     // (head_dim 8, intermediate 52) are refused by CudaEngine (tests/kernel_sim.rs).
     let mut ran = 0;
-    for model in ["gqa", "tied", "llama3", "odd"] {
+    for model in ["gqa", "tied", "llama3", "odd", "pad", "eps32"] {
         let cfg = LlamaConfig::from_path(&fixture(&format!("{model}/policy"))).unwrap();
         let w = LlamaWeights::load(&fixture(&format!("{model}/policy")), &cfg).unwrap();
         if let Some(why) = sdpo::engine::cuda::model::unsupported(&cfg) {

@@ -58,7 +58,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         seed: args.seed,
-        stop: cfg.eos_token_ids.clone(),
+        stop: sdpo::generate::eos_token_ids(&args.model, &cfg)?,
     };
     let out = generate(&engine, &ids, &opts).with_context(|| format!("generating from {}", args.model.display()))?;
     let text = tokenizer.decode(&out, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;

@@ -239,7 +239,8 @@ impl CpuEngine {
                 mask,
             );
         }
-        ops::embedding_backward(&mut grads.embed, &dx, &batch.tokens, h);
+        // The pad token's row gets its LM-head share above (when tied), none from the lookup.
+        ops::embedding_backward(&mut grads.embed, &dx, &batch.tokens, h, cfg.pad_token_id);
         *spare_back = Some(s);
     }
 

@@ -271,10 +271,15 @@ pub fn embedding_forward(out: &mut [f32], tokens: &[u32], embed: &[f32], hidden:
     });
 }
 
-/// `dembed[tokens[t]] += dout[t]` (a scatter-add: a token may repeat).
-pub fn embedding_backward(dembed: &mut [f32], dout: &[f32], tokens: &[u32], hidden: usize) {
+/// `dembed[tokens[t]] += dout[t]` (a scatter-add: a token may repeat), except for the
+/// `padding` row, which gets nothing: PyTorch's `nn.Embedding(padding_idx)`, which
+/// transformers builds with `pad_token_id`.
+pub fn embedding_backward(dembed: &mut [f32], dout: &[f32], tokens: &[u32], hidden: usize, padding: Option<u32>) {
     let _p = profile::scope(Category::NormElementwise);
     for (row, &tok) in dout.chunks_exact(hidden).zip(tokens) {
+        if Some(tok) == padding {
+            continue;
+        }
         let t = tok as usize * hidden;
         for (d, g) in dembed[t..t + hidden].iter_mut().zip(row) {
             *d += g;
@@ -990,11 +995,30 @@ mod tests {
         assert_eq!(&out[2 * h..3 * h], &embed[3 * h..4 * h]);
         let dout = rng.normals(tokens.len() * h, 1.0);
         let mut de = vec![1f32; v * h];
-        embedding_backward(&mut de, &dout, &tokens, h);
+        embedding_backward(&mut de, &dout, &tokens, h, None);
         for j in 0..h {
             let want = 1.0 + dout[j] as f64 + dout[2 * h + j] as f64 + dout[4 * h + j] as f64;
             assert!((de[3 * h + j] as f64 - want).abs() < 1e-6);
             assert_eq!(de[h + j], 1.0); // token 1 never appears
+        }
+    }
+
+    /// The padding row is left as it was, however often its token occurs; the other rows
+    /// get their scatter-add as without padding.
+    #[test]
+    fn embedding_backward_skips_the_padding_row() {
+        let mut rng = SplitMix64(3);
+        let (v, h) = (9, 5);
+        let tokens = [3u32, 0, 3, 8, 3, 0];
+        let dout = rng.normals(tokens.len() * h, 1.0);
+        let mut plain = vec![1f32; v * h];
+        embedding_backward(&mut plain, &dout, &tokens, h, None);
+        let mut padded = vec![1f32; v * h];
+        embedding_backward(&mut padded, &dout, &tokens, h, Some(3));
+        assert!(padded[3 * h..4 * h].iter().all(|&x| x == 1.0), "the padding row gets no gradient");
+        assert_ne!(plain[3 * h..4 * h], padded[3 * h..4 * h]);
+        for r in (0..v).filter(|&r| r != 3) {
+            assert_eq!(plain[r * h..(r + 1) * h], padded[r * h..(r + 1) * h], "row {r}");
         }
     }
 

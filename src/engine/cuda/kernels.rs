@@ -1076,13 +1076,15 @@ impl Kernels {
         Ok(())
     }
 
-    /// `dtable[tokens[t]] += dout[t]`.
+    /// `dtable[tokens[t]] += dout[t]` for every token but `padding` (whose row gets
+    /// nothing, as PyTorch's `nn.Embedding(padding_idx)`).
     pub fn embedding_backward(
         &self,
         dtable: DPtr<f32>,
         dout: DPtr<f32>,
         tokens: DPtr<u32>,
         hidden: usize,
+        padding: Option<u32>,
     ) -> Result<()> {
         let n = tokens.len;
         need(hidden.is_multiple_of(8), || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
@@ -1093,7 +1095,12 @@ impl Kernels {
         need_vec("embedding_backward: dout", &dout)?;
         need_vec("embedding_backward: dtable", &dtable)?;
         let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
-        launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
+        let padding = match padding {
+            Some(p) => to_i32("padding", p as usize)?,
+            None => -1,
+        };
+        launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32,
+            padding);
         Ok(())
     }
 

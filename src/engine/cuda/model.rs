@@ -924,7 +924,7 @@ impl CudaEngine {
         gm.gemm_f32(head_grad, dlogits, xr16, &GemmShape::new(v, h, total, true, false), 1.0, 1.0)?;
         let g = &self.gpu;
         g.k.zero(dxf)?;
-        g.k.embedding_backward(dxf, dxr, g.ptr(&b.rows), h)?; // scatter back to the rows
+        g.k.embedding_backward(dxf, dxr, g.ptr(&b.rows), h, None)?; // scatter back to the rows
         let fnorm = self.final_norm();
         self.prof.section(&self.gpu, Category::NormElementwise)?;
         let g = &self.gpu;
@@ -1004,7 +1004,7 @@ impl CudaEngine {
             self.gpu.k.rmsnorm_backward(dx, dx16_next, gin, dxn, xhat1, win, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
-        g.k.embedding_backward(self.tensor_f32(self.grad(), 0)?, dx, g.ptr(&b.tokens), h)?;
+        g.k.embedding_backward(self.tensor_f32(self.grad(), 0)?, dx, g.ptr(&b.tokens), h, self.cfg.pad_token_id)?;
         self.prof.pause(&self.gpu)
     }
 
