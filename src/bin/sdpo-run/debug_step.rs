@@ -5,7 +5,7 @@
 //! `DIR/grads.safetensors` (the fp32 gradient of the mean loss for every parameter, under its
 //! Hugging Face name). No optimizer step is taken and no weights are written.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use clap::{Args, ValueEnum};
@@ -88,8 +88,18 @@ pub fn run(args: DebugStepArgs) -> Result<()> {
     }
     let existing = if args.overwrite { Existing::Replace } else { Existing::Refuse };
     let folder = OutputFolder::claim(&args.out, FolderKind::DebugStep, existing, "pass --overwrite to replace it")?;
+    let result = step(&args, &reference_dir, &loss_cfg, &folder);
+    if result.is_err() {
+        // A folder this run created and left empty goes; an earlier output stays.
+        folder.abandon(|_| false);
+    }
+    result
+}
+
+/// The step itself, once `folder` (--out) is held.
+fn step(args: &DebugStepArgs, reference_dir: &Path, loss_cfg: &LossConfig, folder: &OutputFolder) -> Result<()> {
     let (cfg, weights) = load(&args.model, "model")?;
-    let (ref_cfg, ref_weights) = load(&reference_dir, "reference")?;
+    let (ref_cfg, ref_weights) = load(reference_dir, "reference")?;
     ensure!(
         ref_cfg.vocab_size == cfg.vocab_size,
         "the reference {} has vocab_size {}, the model {} has {}: they must share a tokenizer",
@@ -118,16 +128,16 @@ pub fn run(args: DebugStepArgs) -> Result<()> {
     }
     let mut e = engine::open(args.device, cfg.clone(), weights).context("starting the engine")?;
     let policy =
-        e.train_step(&batch, &reference, &loss_cfg, 1.0 / pairs.len() as f64).context("forward and backward")?;
+        e.train_step(&batch, &reference, loss_cfg, 1.0 / pairs.len() as f64).context("forward and backward")?;
     let grads = e.grads().context("reading the gradients")?;
 
-    let metrics = Metrics::from_pairs(&policy, &reference, &loss_cfg);
+    let metrics = Metrics::from_pairs(&policy, &reference, loss_cfg);
     let per_pair: Vec<Value> = policy
         .iter()
         .zip(&reference)
         .zip(&pairs)
         .map(|((p, r), ex)| {
-            let l = pair_loss(p, r, &loss_cfg);
+            let l = pair_loss(p, r, loss_cfg);
             json!({
                 "policy_chosen_logp": p.chosen, "policy_rejected_logp": p.rejected,
                 "reference_chosen_logp": r.chosen, "reference_rejected_logp": r.rejected,
