@@ -86,6 +86,17 @@ def failure(lines):
     return rest[-1] if rest else "no output"
 
 
+def finite(v):
+    """`v` with every NaN and infinity replaced by None: summary.json stays strict JSON."""
+    if isinstance(v, float):
+        return v if v == v and abs(v) != float("inf") else None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [finite(x) for x in v]
+    return v
+
+
 def fmt(x, digits=3):
     """`digits` significant digits, whole numbers from 100 on (no exponent)."""
     if x is None:
@@ -118,9 +129,9 @@ def parse_env(lines, _):
     return fig, env
 
 
-def parse_list(lines, _):
+def parse_list(lines, status):
     n = sum(1 for l in lines if l.endswith(": test"))
-    return f"{n} GPU tests", n
+    return (f"{n} GPU tests" if status == "ok" else failure(lines)[:110]), n
 
 
 def parse_test(lines, status):
@@ -173,8 +184,8 @@ def parse_attention(lines, status):
     run = last_run(lines, lambda j: j.get("kind") == "attention")
     if run is None:
         return failure(lines)[:110], None
-    return (f"fwd+bwd {run['fwd_bwd_ms']:.3f} ms, {run['tflops_fwd_bwd']:.0f} TFLOP/s "
-            f"(fwd {run['tflops_fwd']:.0f}, bwd {run['tflops_bwd']:.0f})"), run
+    return (f"fwd+bwd {run['fwd_bwd_ms']:.3f} ms, {fmt(run['tflops_fwd_bwd'])} TFLOP/s "
+            f"(fwd {fmt(run['tflops_fwd'])}, bwd {fmt(run['tflops_bwd'])})"), run
 
 
 KERNEL_CELL = r"(-|[0-9.]+ (?:µs|ms|s)\s+[0-9.]+ (?:GB|TFLOP)/s)"
@@ -256,7 +267,7 @@ def main(work, results, budget_ms, elapsed_ms, final, div):
             f"{'complete' if s['complete'] else 'RUNNING or CUT SHORT'}, {s['elapsed_s']:.0f} of {s['budget_s']:.0f} s")
     rows = [head, f"{'step':<44} {'status':<16} {'seconds':>7}  key figure"]
     rows += [f"{t['name']:<44} {t['status']:<16} {t['seconds']:>7}  {t['figure'][:110]}" for t in s["steps"]]
-    for fname, text in (("table.txt", "\n".join(rows) + "\n"), ("summary.json", json.dumps(s, indent=1) + "\n")):
+    for fname, text in (("table.txt", "\n".join(rows) + "\n"), ("summary.json", json.dumps(finite(s), indent=1, allow_nan=False) + "\n")):
         with open(os.path.join(results, fname), "w", encoding="utf-8") as f:
             f.write(text)
 
