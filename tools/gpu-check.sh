@@ -350,7 +350,7 @@ find_libraries() {
     case ":$path:" in *":$d:"*) ;; *) path=${path:+$path:}$d ;; esac
   done
   path=$path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  BIN_ENV=(env "LD_LIBRARY_PATH=$path" "SDPO_CACHE=$WORK/cache")
+  BIN_ENV=(env "LD_LIBRARY_PATH=$path" "SDPO_CACHE=$WORK/cache" "CRITERION_HOME=$WORK/criterion")
   [ -n "$nvrtc" ] && BIN_ENV+=("SDPO_NVRTC_LIB=$nvrtc")
   [ ${#inc[@]} -gt 0 ] && BIN_ENV+=("SDPO_CUDA_INCLUDE=$(IFS=:; echo "${inc[*]}")")
   echo "the binaries run under: ${BIN_ENV[*]:1}"
