@@ -14,8 +14,8 @@
 //! the engine trains on, 4096 rows (8 pairs: prompt 256, answers 128 and 128, shared
 //! layout), bf16 where the engine keeps bf16, and the calls the engine makes: the fused
 //! q/k/v projection, o, gate (up is the same GEMM) and down, each with its output type and
-//! β; the LM head on one chunk of 256 rows (the engine's chunk is ~32M logits) and the
-//! log-softmax kernel on its logits; AdamW and the gradient norm over one layer's
+//! β; the LM head on 256 rows (half the engine's chunk, which is 512 rows, ~64M fp32
+//! logits, at this vocabulary) and the log-softmax kernel on its logits; AdamW and the gradient norm over one layer's
 //! parameters. Launches are asynchronous, so a sample is `iters` launches between two
 //! stream synchronisations. Without a GPU (or without the `cuda` feature) one line says
 //! `CUDA benchmarks skipped: <why>` and only the CPU benchmarks run.
@@ -374,7 +374,7 @@ mod cuda {
     const PAIRS: usize = 8;
     const PROMPT: usize = 256;
     const ANSWER: usize = 128;
-    /// LM-head rows of one chunk.
+    /// LM-head rows timed: half of one of the engine's logits chunks (512 rows at V 128256).
     const HEAD_ROWS: usize = 256;
     const BF16: u64 = 2;
 
@@ -523,7 +523,7 @@ mod cuda {
             gr.run("cast_bf16_f32", Work::Bytes((F32 + BF16) * u(cnt)), || g.k.cast_bf16_f32(x32p, yp, cnt).unwrap());
         }
 
-        // --- GEMMs: the engine's calls, per layer and for one LM-head chunk
+        // --- GEMMs: the engine's calls, per layer and for HEAD_ROWS LM-head rows
         let (f32o, bf16o) = (OutType::F32, OutType::Bf16);
         let linears = [
             Linear { name: "qkv_proj", rows: n, in_dim: h, out_dim: qkvd, y: bf16o, y_beta: 0.0, dx: f32o },
@@ -598,7 +598,7 @@ mod cuda {
             });
         }
 
-        // --- log-softmax + gather on one LM-head chunk's logits (the GEMM is `linear lm_head`)
+        // --- log-softmax + gather on HEAD_ROWS rows of logits (the GEMM is `linear lm_head`)
         {
             let g = &*gpu;
             let rows = HEAD_ROWS;

@@ -8,27 +8,27 @@
 //   m ← m + (1 − β1)(g − m)     v ← β2·v + (1 − β2)·g²
 //   p ← p − step_size · m / (sqrt(v)/bc2_sqrt + eps)
 //   with step_size = lr / (1 − β1^step), bc2_sqrt = sqrt(1 − β2^step)
-// then g is zeroed, so one pass over memory replaces three.
+// then g is zeroed: one pass over memory, where clipping, the update and a memset of the
+// gradients would each take one.
 // Master weights: an fp32 p is stored as hi = its bits + 0x8000, top half (p rounded to
 // bf16, ties away from zero: the bf16 working copy the GEMMs read) and lo = the bits minus
 // hi << 16 (a signed 16-bit remainder, in [−0x8000, 0x7fff]). hi << 16 + lo gives the bits
 // back exactly (32-bit wrapping arithmetic), so p is fp32 to the last bit while the
-// working copy costs nothing extra: 4 bytes per parameter where an fp32 master and a bf16
-// copy took 6. The working copy differs from round-to-nearest-even only on exact ties
+// working copy costs nothing extra: 4 bytes per parameter, not the 6 of an fp32 master
+// beside a bf16 copy. The working copy differs from round-to-nearest-even only on exact ties
 // (low half 0x8000: one value in 65,536), by one bf16 ulp. src/engine/cuda/mod.rs
 // (split_master, join_master) is the host's side of the same format.
 // grad_norm: Σ g² in f64, per block (grad_norm_forward) then over blocks
 // (grad_norm_forward_reduce); the host takes the square root.
 // Layouts: flat arrays of `count` elements (a tensor, or all parameters at once): p_hi,
 // p_lo 16-bit, m, v, g f32. Work split: one thread per 4 elements (16-byte f32 accesses,
-// 8-byte halves) in a grid-stride loop; grad_norm uses a grid of a few blocks per SM (the
-// launcher's grad_norm_blocks: 4 per SM, where the registers would let 8 stay resident)
-// and 256-thread blocks, and each thread issues 4 independent 16-byte loads, one grid
-// stride apart, before summing them in the same order as before (64 bytes in flight per
-// thread, 64 KB per SM at 4 blocks, where one load per iteration gave 16 KB; ptxas 12.9
-// keeps all four ahead at 32 registers on sm_90a; the effect on speed is expected, not
-// measured on a GPU); what is left past the last group of 4 strides goes one float4 at a
-// time.
+// 8-byte halves) in a grid-stride loop of 256-thread blocks. Both grids are one wave: as
+// many blocks as the driver's occupancy query says fit on the SMs at once (the launchers
+// in src/engine/cuda/kernels.rs). In grad_norm each thread issues 4 independent 16-byte
+// loads, one grid stride apart, before summing them in order: 64 bytes in flight per
+// thread where one load at a time gives 16, as DRAM latency asks ~25 KB in flight per SM
+// (ptxas 12.9 keeps all four ahead at 32 registers on sm_90a); what is left past the last
+// group of 4 strides goes one float4 at a time.
 // Bytes per call: AdamW reads 16·count (hi, lo, m, v, g), writes 16·count (hi, lo, m, v,
 // g zeroed): 32 bytes per parameter; ~12 FLOPs per parameter. grad_norm reads 4·count.
 #include "common.cuh"

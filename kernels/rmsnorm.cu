@@ -8,7 +8,7 @@
 // keeps for backward instead of x, half the bytes), dy [n, H] f32 (a GEMM's fp32 output),
 // dx [n, H] f32 (= or += into the residual gradient), dw [H] f32 (+=), and optionally
 // dx16 [n, H] bf16: bf16(dx) after the = or +=, the next GEMMs' input, rounded to nearest
-// even like the cast kernel (cast_forward_f32_bf16) whose launch it replaces.
+// even as the cast kernel (cast_forward_f32_bf16) rounds, so no separate cast is launched.
 // The backward takes x̂ (bf16) and rstd; rmsnorm_apply gives y again from x̂ for the
 // backward's weight gradients: bf16(x̂_bf16 ∘ w), which can differ from the forward's
 // bf16(x̂ ∘ w) in the last bit (rounded twice).
@@ -18,16 +18,15 @@
 // then each thread runs down the batch over its own float4 columns, writing dx and
 // summing dy∘x̂ in registers; its partial dw for those columns lives in shared memory that
 // only it touches (dw_acc, H floats), read and written once per batch, and is added into
-// dw once per block with one global atomic per column. No shared-memory atomics: the
-// previous version did one per element of every row (nH per call), the 32 lanes of each
-// on 4 banks and all 8 warps on the same addresses; now it is one conflict-free float4
-// read-modify-write per 4 columns per 8 rows. Expected to be faster; unmeasured on a GPU.
-// The cost is registers (96: phase 2 loads 4 rows at a time, 8-12 float4 per thread in
+// dw once per block with one global atomic per column. No shared-memory atomics: one
+// conflict-free float4 read-modify-write per 4 columns per 8 rows, where an atomic per
+// element (nH per call) would put a warp's 32 lanes on 4 banks and all 8 warps on the
+// same addresses. The cost is registers (96: phase 2 loads 4 rows at a time, 8-12 float4 per thread in
 // flight), 2 blocks per SM, which is all the launcher's grid puts on an SM.
 // Bytes per call: forward reads 4nH + 2H, writes 2nH + 4n (+ 2nH with x̂); backward reads
 // 4nH·2 + 2nH·2 (dy f32, x̂ bf16; the second reads come a batch later at most and hit L2) +
 // 2H per row in phase 1 and per batch in phase 2 (L1/L2), writes 4nH (+ 2nH with dx16;
-// the separate cast read 4nH and wrote 2nH) and reads 4nH more when accumulating. x, dy,
+// a separate cast would read 4nH and write 2nH) and reads 4nH more when accumulating. x, dy,
 // dx move in 16-byte coalesced accesses, dx16 in 8-byte ones, w in 16 bytes in phase 1
 // and 8 bytes in phase 2 (4 columns per thread, so that a warp's x/dy/dx accesses are 512
 // contiguous bytes). rmsnorm_apply: reads 2nH + 2H, writes 2nH. FLOPs:
