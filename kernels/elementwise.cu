@@ -22,7 +22,7 @@
 // Bytes per call (c = rows·I for swiglu, count for casts): swiglu fwd 6c (gu read, out
 // written), bwd 12c (gu, dout read; dgu, out written); casts 6c; embedding fwd 6nH (+4n),
 // bwd 8nH read-modify-write through L2 atomics (two 16-byte atomics per thread on sm_90,
-// eight scalar ones before).
+// eight scalar ones on sm_80).
 #include "common.cuh"
 
 SDPO_DEVICE float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }

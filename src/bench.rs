@@ -587,7 +587,7 @@ impl BenchReport {
     }
 }
 
-// --- attention alone: issue 6's "attention forward + backward vs PyTorch SDPA (flash)"
+// --- attention alone: forward + backward, against PyTorch SDPA's flash backend
 
 /// Sizes of `sdpo-run bench --attention`: `batch` independent causal sequences of
 /// `seq_len` tokens, `heads` query heads sharing `kv_heads` key/value heads of `head_dim`.
@@ -606,7 +606,7 @@ pub struct AttentionSizes {
 }
 
 impl AttentionSizes {
-    /// Issue 6's aim: head dim 128, sequence 2048, causal (4 sequences of 32 heads, so the
+    /// The GPU sizes: head dim 128, sequence 2048, causal (4 sequences of 32 heads, so the
     /// GPU is full, as in FlashAttention's own benchmarks).
     pub const CUDA_DEFAULT: AttentionSizes =
         AttentionSizes { batch: 4, seq_len: 2048, heads: 32, kv_heads: 32, head_dim: 128 };

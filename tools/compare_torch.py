@@ -48,7 +48,7 @@ is faster), peak memory (<1: sdpo-run uses less), and both MFUs. Attention lines
 give "RATIO attention fwd_bwd xR (fwd x.., bwd x..) ...": PyTorch's time over sdpo-run's,
 i.e. sdpo-run's throughput over PyTorch's (>1: sdpo-run is faster).
 
-Attention alone (issue 6's aim), against `sdpo-run bench --attention`:
+Attention alone, against `sdpo-run bench --attention`:
 
     python tools/compare_torch.py --attention --device cpu --batch 1 --seq-len 512
     python tools/compare_torch.py --attention --device cuda      # B 4, S 2048, 32 heads of 128

@@ -435,7 +435,7 @@ for t in "${ORDERED[@]}"; do
   [ "$t" = gpu_smoke ] || PARITY_MS=$((PARITY_MS - LAST_MS))
 done
 
-# The headline: issue 6's sizes, llama-1b, prompt 256 + answers 512, 8 pairs (10240
+# The headline: llama-1b, prompt 256 + answers 512, 8 pairs (10240
 # tokens) per step, then the PyTorch anchor on the same sizes (eager; torch.compile last).
 TRAIN=(--device cuda --shape llama-1b --prompt-len 256 --answer-len 512 --micro-batch-tokens 10240 --steps 5 --warmup 1)
 EXPECT='"tool":"sdpo-run"' bin_step train-bench train $((150 * S)) sdpo-run bench "${TRAIN[@]}"
