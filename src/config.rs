@@ -32,8 +32,18 @@ impl DType {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     Default,
-    Linear { factor: f64 },
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Dynamic NTK: the default frequencies for positions below `max_position_embeddings`,
+    /// which is all it ever sees here (`engine::check_inputs` refuses positions beyond it).
+    Dynamic,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -225,7 +235,7 @@ impl LlamaConfig {
         let base: Vec<f64> =
             (0..d / 2).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32) as f64).collect();
         match self.rope_scaling {
-            RopeScaling::Default => base.iter().map(|&f| f as f32).collect(),
+            RopeScaling::Default | RopeScaling::Dynamic => base.iter().map(|&f| f as f32).collect(),
             RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
             RopeScaling::Llama3 {
                 factor,
@@ -290,9 +300,6 @@ fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
         return Err(format!("`partial_rotary_factor: {f}` is not supported: sdpo rotates the whole head_dim"));
     }
     let why = match kind {
-        "dynamic" => {
-            Some("its frequencies change with the longest sequence of each batch beyond max_position_embeddings")
-        }
         "yarn" | "longrope" => Some("it also scales cos and sin by an attention factor, which the kernels do not"),
         "proportional" => Some("it leaves part of each head unrotated"),
         _ => None,
@@ -300,11 +307,12 @@ fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
     if let Some(why) = why {
         return Err(format!(
             "rope type `{kind}` (rope_scaling / rope_parameters) is not supported: {why}; \
-             sdpo implements default, linear and llama3"
+             sdpo implements default, dynamic (within max_position_embeddings), linear and llama3"
         ));
     }
     match kind {
         "default" => Ok(RopeScaling::Default),
+        "dynamic" => Ok(RopeScaling::Dynamic),
         "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
@@ -313,7 +321,7 @@ fn parse_rope(p: &Value) -> std::result::Result<RopeScaling, String> {
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
         other => Err(format!(
-            "rope type `{other}` (rope_scaling / rope_parameters) is not supported: expected default, linear or llama3"
+            "rope type `{other}` (rope_scaling / rope_parameters) is not supported: expected default, dynamic, linear or llama3"
         )),
     }
 }
@@ -373,7 +381,6 @@ mod tests {
             ("hidden_act", json!("gelu"), "`hidden_act: \"gelu\"`"),
             ("attention_dropout", json!(0.1), "`attention_dropout: 0.1`"),
             ("quantization_config", json!({"quant_method": "gptq"}), "`quantization_config` (gptq)"),
-            ("rope_scaling", rope("dynamic"), "rope type `dynamic`"),
             ("rope_scaling", rope("yarn"), "rope type `yarn`"),
             ("rope_scaling", rope("longrope"), "rope type `longrope`"),
             ("rope_parameters", rope("proportional"), "rope type `proportional`"),
@@ -408,6 +415,9 @@ mod tests {
         assert!(with("pretraining_tp", json!(4)).is_ok(), "transformers 5's Llama does not read it");
         let linear = json!({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0});
         assert_eq!(with("rope_scaling", linear).unwrap().rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        // dynamic NTK at seq_len = max_position_embeddings: base·(factor − (factor − 1))^… = base
+        let dynamic = with("rope_scaling", json!({"rope_type": "dynamic", "factor": 3.7})).unwrap();
+        assert_eq!(dynamic.inv_freq(), LlamaConfig::from_json(base()).unwrap().inv_freq());
         assert_eq!(with("eos_token_id", json!([2, 7])).unwrap().eos_token_ids, [2, 7]);
         assert_eq!(with("eos_token_id", Value::Null).unwrap().eos_token_ids, Vec::<u32>::new());
         let mut c = base();

@@ -515,6 +515,22 @@ fn bad_inputs_are_an_error() {
     let one = shifted(&eng.sequence_logps(&batch(&p[..1], Layout::Shared)).unwrap());
     let err = eng.train_step(&b, &one, &LossConfig::default(), 1.0).unwrap_err().to_string();
     assert!(err.contains("1 reference log-prob pairs for a batch of 2 pairs"), "{err}");
+
+    // A dynamic rope is the default one below max_position_embeddings, and refused past it.
+    let mut raw = config(true, 2).raw;
+    raw["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0});
+    raw["max_position_embeddings"] = 6.into();
+    let dynamic = LlamaConfig::from_json(raw).unwrap();
+    let mut eng = CpuEngine::new(dynamic.clone(), weights(&dynamic, 93)).unwrap();
+    let p = pairs(3, 8, 37);
+    let longest = p.iter().map(|x| x.prompt.len() + x.chosen.len().max(x.rejected.len())).max().unwrap();
+    assert!(longest > 6, "the pairs reach past position 5");
+    let err = eng.sequence_logps(&batch(&p, Layout::Shared)).unwrap_err().to_string();
+    assert!(err.contains("past max_position_embeddings (6)") && err.contains("--max-length"), "{err}");
+    let short: Vec<PairExample> =
+        p.into_iter().filter(|x| x.prompt.len() + x.chosen.len().max(x.rejected.len()) <= 6).collect();
+    assert!(!short.is_empty());
+    eng.sequence_logps(&batch(&short, Layout::Shared)).unwrap();
 }
 
 /// The engine keeps its activation buffers between steps; a smaller batch after a larger

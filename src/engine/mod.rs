@@ -10,7 +10,7 @@ pub mod profile;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::data::PairBatch;
 use crate::dpo::{LossConfig, PairLogps};
 use crate::error::{Error, Result};
@@ -110,6 +110,17 @@ pub fn check_inputs(cfg: &LlamaConfig, batch: &PairBatch, reference: Option<&[Pa
              the tokenizer does not match the model",
             cfg.vocab_size
         )));
+    }
+    // Dynamic NTK rope changes its frequencies past max_position_embeddings; below it, it
+    // is the default rope that both engines compute.
+    if cfg.rope_scaling == RopeScaling::Dynamic {
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= cfg.max_position_embeddings) {
+            return Err(Error::invalid(format!(
+                "position {p} is past max_position_embeddings ({}), where this model's dynamic rope \
+                 rescales its frequencies, which sdpo does not; cut the data with --max-length",
+                cfg.max_position_embeddings
+            )));
+        }
     }
     match reference {
         Some(r) if r.len() != batch.n_pairs => Err(Error::invalid(format!(
