@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod model;
 pub mod nvrtc;
 pub mod occupancy;
+mod params;
 pub mod sim;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

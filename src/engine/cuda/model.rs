@@ -41,6 +41,7 @@ use cudarc::driver::CudaEvent;
 
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
+use super::params::{ParamLayout, Params};
 use super::{gb, join_master, split_master, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
@@ -219,10 +220,6 @@ impl Shared {
     }
 }
 
-/// A layer's tensors (`CudaEngine::li`) that run as one GEMM: q|k|v and gate|up.
-const QKV: (usize, usize) = (1, 3);
-const GATE_UP: (usize, usize) = (6, 7);
-
 /// Width of a layer's fused q|k|v projection.
 fn qkv_dim(cfg: &LlamaConfig) -> usize {
     cfg.q_dim() + 2 * cfg.kv_dim()
@@ -245,18 +242,20 @@ struct BatchDev {
 pub struct CudaEngine {
     cfg: LlamaConfig,
     gpu: Gpu,
-    /// Per tensor in `specs` order: (offset, length) in the flat buffers.
-    offsets: Vec<(usize, usize)>,
-    names: Vec<String>,
-    total: usize,
+    /// Where each tensor lies in the flat buffers (`wbf`, `master_lo`, `grad`, `moments`).
+    layout: ParamLayout,
     /// The fp32 master weights, as two halves: `wbf`, the bf16 working copy the GEMMs
     /// read (each master rounded), and `master_lo`, the 16-bit remainder that makes it
     /// exact (kernels/adamw.cu): 4 bytes per parameter, not 6 for an fp32 master and a
     /// bf16 copy.
     wbf: DBuf<Bf16>,
     master_lo: DBuf<u16>,
+    /// The weights the kernels and GEMMs read: named views of `wbf`.
+    w: Params<DPtr<Bf16>>,
     /// fp32 gradients, from the first training step on (forward-only engines hold none).
     grad: Option<DBuf<f32>>,
+    /// Named views of `grad`.
+    dw: Option<Params<DPtr<f32>>>,
     moments: Option<(DBuf<f32>, DBuf<f32>, u64)>,
     inv_freq: DBuf<f32>,
     zero_freq: DBuf<f32>,
@@ -339,18 +338,7 @@ impl MemoryPlan {
 /// moments, every layer's activations, the softmax and the backward's buffers, which
 /// forward-only use (reference log-probs, eval, scoring) does not allocate.
 pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    plan(cfg, flat_len(cfg), tokens, head_rows, train)
-}
-
-/// Elements a tensor of `numel` takes in the flat parameter buffers: padded to a multiple
-/// of 8, so that every tensor starts 32-byte aligned in f32 and 16-byte aligned in bf16.
-fn padded(numel: usize) -> usize {
-    numel.div_ceil(8) * 8
-}
-
-/// Elements of the flat parameter buffers.
-fn flat_len(cfg: &LlamaConfig) -> usize {
-    LlamaWeights::specs(cfg).iter().map(|s| padded(s.numel())).sum()
+    plan(cfg, ParamLayout::total_of(cfg), tokens, head_rows, train)
 }
 
 /// `memory_plan` for `params` elements of flat parameter buffers.
@@ -402,7 +390,7 @@ fn batch_bytes(p: &MemoryPlan) -> u64 {
 /// bytes (`None`: it does), and the most tokens (in 64s) that would, at the same share of
 /// head rows.
 fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: u64) -> Option<String> {
-    let params = flat_len(cfg);
+    let params = ParamLayout::total_of(cfg);
     let full = plan(cfg, params, n, rows, train);
     let need = batch_bytes(&full);
     if need <= available {
@@ -453,16 +441,10 @@ impl CudaEngine {
             return Err(Error::invalid(why));
         }
         let hd = cfg.head_dim;
-        let specs = LlamaWeights::specs(&cfg);
-        let mut offsets = Vec::with_capacity(specs.len());
-        let mut total = 0;
-        for s in &specs {
-            offsets.push((total, s.numel()));
-            total += padded(s.numel());
-        }
-        let names = specs.iter().map(|s| s.name.clone()).collect();
-        let wbf = gpu.alloc::<Bf16>(total)?;
-        let master_lo = gpu.alloc::<u16>(total)?;
+        let layout = ParamLayout::new(&cfg)?;
+        let wbf = gpu.alloc::<Bf16>(layout.total)?;
+        let master_lo = gpu.alloc::<u16>(layout.total)?;
+        let w = layout.views(gpu.ptr(&wbf))?;
         let inv_freq = gpu.upload(&cfg.inv_freq())?;
         let zero_freq = gpu.upload(&vec![0f32; hd / 2])?;
         let norm_partial = gpu.alloc::<f64>(gpu.k.grad_norm_blocks())?;
@@ -471,12 +453,12 @@ impl CudaEngine {
         let mut e = CudaEngine {
             cfg,
             gpu,
-            offsets,
-            names,
-            total,
+            layout,
             wbf,
             master_lo,
+            w,
             grad: None,
+            dw: None,
             moments: None,
             inv_freq,
             zero_freq,
@@ -502,57 +484,10 @@ impl CudaEngine {
 
     // --- parameters
 
+    /// Tensor `i` (in `specs` order) of a flat buffer.
     fn tensor_f32(&self, buf: &DBuf<f32>, i: usize) -> Result<DPtr<f32>> {
-        let (o, l) = self.offsets[i];
-        self.gpu.ptr(buf).slice(o, l)
-    }
-
-    fn w16(&self, i: usize) -> Result<DPtr<Bf16>> {
-        let (o, l) = self.offsets[i];
-        self.gpu.ptr(&self.wbf).slice(o, l)
-    }
-
-    /// Index in `specs` of layer `l`'s tensor `j` (0 input_norm, 1 q, 2 k, 3 v, 4 o,
-    /// 5 post_norm, 6 gate, 7 up, 8 down); the embedding is 0, then the layers.
-    fn li(l: usize, j: usize) -> usize {
-        1 + 9 * l + j
-    }
-    fn final_norm(&self) -> usize {
-        1 + 9 * self.cfg.n_layers
-    }
-    /// The LM head's tensor: its own, or the tied embedding.
-    fn head_index(&self) -> usize {
-        if self.cfg.tie_word_embeddings {
-            0
-        } else {
-            self.final_norm() + 1
-        }
-    }
-
-    /// Tensors `first..=last` as one span of the flat buffers (they must be adjacent:
-    /// q, k, v of a layer form one [q+2kv, hidden] matrix).
-    fn adjacent(&self, first: usize, last: usize) -> Result<(usize, usize)> {
-        let mut len = 0;
-        for i in first..=last {
-            if self.offsets[i].0 != self.offsets[first].0 + len {
-                return Err(Error::Cuda(format!("tensors {first}..={last} are not adjacent in the flat buffers")));
-            }
-            len += self.offsets[i].1;
-        }
-        Ok((self.offsets[first].0, len))
-    }
-
-    /// Layer `l`'s tensors `first..=last` (`QKV`, `GATE_UP`), adjacent in the flat buffers,
-    /// as one `[rows, hidden]` matrix of the bf16 working copy: one GEMM for all of them.
-    fn fused16(&self, l: usize, (first, last): (usize, usize)) -> Result<DPtr<Bf16>> {
-        let (o, len) = self.adjacent(Self::li(l, first), Self::li(l, last))?;
-        self.gpu.ptr(&self.wbf).slice(o, len)
-    }
-
-    /// The gradients of `fused16`'s tensors, as one matrix.
-    fn fused_grad(&self, l: usize, (first, last): (usize, usize)) -> Result<DPtr<f32>> {
-        let (o, len) = self.adjacent(Self::li(l, first), Self::li(l, last))?;
-        self.gpu.ptr(self.grad()).slice(o, len)
+        let t = self.layout.tensors[i].1;
+        self.gpu.ptr(buf).slice(t.offset, t.len)
     }
 
     /// The gradient buffer (`ensure_grad` allocated it).
@@ -560,9 +495,16 @@ impl CudaEngine {
         self.grad.as_ref().expect("ensure_grad ran before any gradient use")
     }
 
+    /// The named views of the gradient buffer (`ensure_grad` allocated it).
+    fn dw(&self) -> &Params<DPtr<f32>> {
+        self.dw.as_ref().expect("ensure_grad ran before any gradient use")
+    }
+
     fn ensure_grad(&mut self) -> Result<()> {
         if self.grad.is_none() {
-            self.grad = Some(self.gpu.alloc::<f32>(self.total)?);
+            let grad = self.gpu.alloc::<f32>(self.layout.total)?;
+            self.dw = Some(self.layout.views(self.gpu.ptr(&grad))?);
+            self.grad = Some(grad);
             self.note_memory();
         }
         Ok(())
@@ -575,8 +517,8 @@ impl CudaEngine {
     /// The tensors of a flat buffer's contents.
     fn unflatten(&self, flat: &[f32]) -> LlamaWeights {
         let mut w = LlamaWeights::zeros(&self.cfg);
-        for (t, &(o, l)) in w.tensors_mut().into_iter().zip(&self.offsets) {
-            t.copy_from_slice(&flat[o..o + l]);
+        for (t, (_, s)) in w.tensors_mut().into_iter().zip(&self.layout.tensors) {
+            t.copy_from_slice(&flat[s.offset..s.offset + s.len]);
         }
         w
     }
@@ -591,8 +533,9 @@ impl CudaEngine {
                 specs.len()
             )));
         }
-        let mut flat = vec![0f32; self.total];
-        for ((t, s), &(o, l)) in tensors.iter().zip(&specs).zip(&self.offsets) {
+        let mut flat = vec![0f32; self.layout.total];
+        for ((t, s), (_, span)) in tensors.iter().zip(&specs).zip(&self.layout.tensors) {
+            let (o, l) = (span.offset, span.len);
             if t.len() != l {
                 return Err(Error::invalid(format!(
                     "{what}: tensor `{}` has {} values, expected {l} (shape {:?})",
@@ -656,10 +599,10 @@ impl CudaEngine {
         // What is held now (as planned for the kind of pass it was made for; a regrowth
         // frees it first), and what this pass holds, with the gradients (this step) and
         // moments (the first update) that training adds if not allocated yet.
-        let now = plan(&self.cfg, self.total, cap, head_rows, trained);
+        let now = plan(&self.cfg, self.layout.total, cap, head_rows, trained);
         let held = now.saved_activations + now.scratch + now.head + shared;
         let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || trained);
-        let after = plan(&self.cfg, self.total, n, rows, train);
+        let after = plan(&self.cfg, self.layout.total, n, rows, train);
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
         let pending = missing(self.grad.is_none(), after.grads) + missing(self.moments.is_none(), after.moments);
         if batch_bytes(&after) + pending <= held {
@@ -796,16 +739,16 @@ impl CudaEngine {
 
         // Sections for the profiler; the residual adds are the GEMMs' (x += …, in place).
         self.prof.section(g, Category::NormElementwise)?;
-        g.k.embedding_forward(x, self.w16(0)?, tokens, h)?;
+        g.k.embedding_forward(x, self.w.embed, tokens, h)?;
         for l in 0..cfg.n_layers {
             // Forward only: one set of buffers serves every layer in turn.
             let la = &layers[if train { l } else { 0 }];
+            let lw = self.w.layers[l];
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, self.w16(Self::li(l, 0))?, n, h, eps)?;
-            let wqkv = self.fused16(l, QKV)?;
+            k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, lw.attn_norm, n, h, eps)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_bf16(la.qkv, xn, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
+            self.gpu.gemm.gemm_bf16(la.qkv, xn, lw.wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rope_forward(la.qkv, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd)?;
@@ -814,22 +757,20 @@ impl CudaEngine {
                 (la.qkv, la.qkv.slice(qd, la.qkv.len - qd)?, la.qkv.slice(qd + kvd, la.qkv.len - qd - kvd)?);
             self.prof.section(&self.gpu, Category::Attention)?;
             k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
-            let wo = self.w16(Self::li(l, 4))?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(x, la.att, wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?; // x_mid
+            self.gpu.gemm.gemm_f32(x, la.att, lw.wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?; // x_mid
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x, self.w16(Self::li(l, 5))?, n, h, eps)?;
-            let (wgu, wd) = (self.fused16(l, GATE_UP)?, self.w16(Self::li(l, 8))?);
+            k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x, lw.mlp_norm, n, h, eps)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_bf16(la.gu, xn, wgu, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
+            self.gpu.gemm.gemm_bf16(la.gu, xn, lw.w_gate_up, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_forward(act, la.gu, n, i)?;
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(x, act, wd, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
+            self.gpu.gemm.gemm_f32(x, act, lw.w_down, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
         }
         self.prof.section(&self.gpu, Category::NormElementwise)?;
-        self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(xhat_f), x, self.w16(self.final_norm())?, n, h, eps)?;
+        self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(xhat_f), x, self.w.final_norm, n, h, eps)?;
         self.prof.section(&self.gpu, Category::LmHead)?;
         self.head_forward(b, train)?;
         // The host reads the log-probs next.
@@ -852,7 +793,7 @@ impl CudaEngine {
         // A row gather is an embedding lookup into xf.
         g.k.embedding_forward(xr32, xf, g.ptr(&b.rows), h)?;
         g.k.cast_f32_bf16(xr16, xr32, total * h)?;
-        let w = self.w16(self.head_index())?;
+        let w = self.w.lm_head;
         for r0 in (0..total).step_by(chunk) {
             let rows = chunk.min(total - r0);
             let shape = GemmShape::new(rows, v, h, false, true);
@@ -914,8 +855,7 @@ impl CudaEngine {
         let dlogits = shared.probs(total, v)?;
         let hb = self.head.as_ref().expect("forward ran");
         let (dxr, xr16) = (hb.xr32.slice(0, total * h)?, hb.xr16.slice(0, total * h)?);
-        let head_grad = self.tensor_f32(self.grad(), self.head_index())?;
-        let w_head = self.w16(self.head_index())?;
+        let (head_grad, w_head) = (self.dw().lm_head, self.w.lm_head);
         let g = &self.gpu;
         let (logp, tgt) = (g.ptr(&b.row_logp), g.ptr(&b.targets));
         g.k.logprobs_backward(dlogits, logp, tgt, g.ptr(&dl_dev), total, v, v)?;
@@ -925,10 +865,9 @@ impl CudaEngine {
         let g = &self.gpu;
         g.k.zero(dxf)?;
         g.k.embedding_backward(dxf, dxr, g.ptr(&b.rows), h)?; // scatter back to the rows
-        let fnorm = self.final_norm();
         self.prof.section(&self.gpu, Category::NormElementwise)?;
         let g = &self.gpu;
-        let (gnorm, wnorm) = (self.tensor_f32(self.grad(), fnorm)?, self.w16(fnorm)?);
+        let (gnorm, wnorm) = (self.dw().final_norm, self.w.final_norm);
         // dx16: the last layer's MLP input gradient, for its GEMMs.
         g.k.rmsnorm_backward(dx, dx16, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
 
@@ -937,41 +876,36 @@ impl CudaEngine {
         let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
         let d = self.dims(n);
         for l in (0..cfg.n_layers).rev() {
-            let la = layers[l];
-            let gws = (0..9).map(|j| self.tensor_f32(self.grad(), Self::li(l, j))).collect::<Result<Vec<_>>>()?;
-            let gw = |j: usize| -> Result<DPtr<f32>> { Ok(gws[j]) };
+            let (la, lw, lg) = (layers[l], self.w.layers[l], self.dw().layers[l]);
             // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up, [gate | up] = xn2·[Wg;Wu]ᵀ.
             // dx16 = bf16(dx): the norm backward before this wrote it.
-            let (wgu, wd) = (self.fused16(l, GATE_UP)?, self.w16(Self::li(l, 8))?);
-            let (ggu, gd) = (self.fused_grad(l, GATE_UP)?, gw(8)?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_bf16(dact, dx16, wd, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
+            gm.gemm_bf16(dact, dx16, lw.w_down, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             let gu = la.gu.slice(0, n * 2 * i)?;
             self.gpu.k.swiglu_backward(dgu, act, dact, gu, n, i)?; // act: this layer's again
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_f32(gd, dx16, act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
+            gm.gemm_f32(lg.w_down, dx16, act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
             // dxn = dgate·Wg + dup·Wu as one GEMM over K = 2·intermediate.
-            gm.gemm_f32(dxn, dgu, wgu, &GemmShape::new(n, h, 2 * i, false, false), 1.0, 0.0)?;
-            let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
+            gm.gemm_f32(dxn, dgu, lw.w_gate_up, &GemmShape::new(n, h, 2 * i, false, false), 1.0, 0.0)?;
             let xhat2 = la.xhat2.slice(0, n * h)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_apply(xn, xhat2, wpost, n, h)?; // this layer's xn2 again
+            self.gpu.k.rmsnorm_apply(xn, xhat2, lw.mlp_norm, n, h)?; // this layer's xn2 again
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             // [dWg; dWu] += [dgate | dup]ᵀ·xn2, into the adjacent gradients.
-            gm.gemm_f32(ggu, dgu, xn, &GemmShape::new(2 * i, h, n, true, false), 1.0, 1.0)?;
+            gm.gemm_f32(lg.w_gate_up, dgu, xn, &GemmShape::new(2 * i, h, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, dx16, gpost, dxn, xhat2, wpost, la.rstd2, n, h, true)?;
+            let k = &self.gpu.k;
+            k.rmsnorm_backward(dx, dx16, lg.mlp_norm, dxn, xhat2, lw.mlp_norm, la.rstd2, n, h, true)?;
 
             // attention: x_mid = x + att·Woᵀ (dx16 = bf16(dx) from the norm above)
-            let (wo, go) = (self.w16(Self::li(l, 4))?, gw(4)?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_bf16(datt, dx16, wo, &GemmShape::new(n, qd, h, false, false), 1.0, 0.0)?;
-            gm.gemm_f32(go, dx16, la.att, &GemmShape::new(h, qd, n, true, false), 1.0, 1.0)?;
+            gm.gemm_bf16(datt, dx16, lw.wo, &GemmShape::new(n, qd, h, false, false), 1.0, 0.0)?;
+            gm.gemm_f32(lg.wo, dx16, la.att, &GemmShape::new(h, qd, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::Attention)?;
             let k = &self.gpu.k;
             k.attention_backward_delta(delta, datt, la.att, &d)?;
@@ -988,20 +922,20 @@ impl CudaEngine {
             k.rope_backward(dk16, dk32, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let dv16 = dqkv16.slice(qd + kvd, dqkv16.len - qd - kvd)?;
             k.rope_backward(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
-            let (wqkv, gqkv) = (self.fused16(l, QKV)?, self.fused_grad(l, QKV)?);
             self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
-            let (gin, win, xhat1) = (gw(0)?, self.w16(Self::li(l, 0))?, la.xhat1.slice(0, n * h)?);
+            gm.gemm_f32(dxn, dqkv16, lw.wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
+            let xhat1 = la.xhat1.slice(0, n * h)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_apply(xn, xhat1, win, n, h)?; // this layer's xn1 again
+            self.gpu.k.rmsnorm_apply(xn, xhat1, lw.attn_norm, n, h)?; // this layer's xn1 again
             self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(gqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
+            self.gpu.gemm.gemm_f32(lg.wqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
             self.prof.section(&self.gpu, Category::NormElementwise)?;
             // dx16 for the next (lower) layer's MLP; layer 0's dx goes to the f32 embedding
             // backward only.
             let dx16_next = if l > 0 { dx16 } else { null() };
-            self.gpu.k.rmsnorm_backward(dx, dx16_next, gin, dxn, xhat1, win, la.rstd1, n, h, true)?;
+            let k = &self.gpu.k;
+            k.rmsnorm_backward(dx, dx16_next, lg.attn_norm, dxn, xhat1, lw.attn_norm, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
         g.k.embedding_backward(self.tensor_f32(self.grad(), 0)?, dx, g.ptr(&b.tokens), h)?;
@@ -1107,8 +1041,8 @@ impl Engine for CudaEngine {
             None => 1.0,
         };
         if self.moments.is_none() {
-            let m = self.gpu.alloc::<f32>(self.total)?;
-            let v = self.gpu.alloc::<f32>(self.total)?;
+            let m = self.gpu.alloc::<f32>(self.layout.total)?;
+            let v = self.gpu.alloc::<f32>(self.layout.total)?;
             self.moments = Some((m, v, 0));
             self.note_memory();
         }
@@ -1123,16 +1057,17 @@ impl Engine for CudaEngine {
         let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(&self.master_lo), self.gpu.ptr(self.grad()));
         // Runs of adjacent tensors with the same weight decay go in one launch (padding
         // between tensors is zero in every buffer and stays zero).
-        let wd_of = |i: usize| if self.names[i].contains("norm") { 0.0 } else { opt.weight_decay };
+        let tensors = &self.layout.tensors;
+        let wd_of = |i: usize| if tensors[i].0.contains("norm") { 0.0 } else { opt.weight_decay };
         let mut i = 0;
-        while i < self.offsets.len() {
+        while i < tensors.len() {
             let wd = wd_of(i);
             let mut j = i;
-            while j + 1 < self.offsets.len() && wd_of(j + 1) == wd {
+            while j + 1 < tensors.len() && wd_of(j + 1) == wd {
                 j += 1;
             }
-            let start = self.offsets[i].0;
-            let end = self.offsets[j].0 + self.offsets[j].1;
+            let start = tensors[i].1.offset;
+            let end = tensors[j].1.offset + tensors[j].1.len;
             let len = end - start;
             self.gpu.k.adamw_update(
                 hp.slice(start, len)?,
