@@ -36,9 +36,6 @@
 
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaEvent;
-
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
 use super::params::{ParamLayout, Params};
@@ -267,7 +264,6 @@ pub struct CudaEngine {
     head_chunk: usize,
     shared: Option<Shared>,
     peak_bytes: u64,
-    prof: Profiler,
 }
 
 /// Why the CUDA engine cannot run a model of this config (`None`: it can).
@@ -469,7 +465,6 @@ impl CudaEngine {
             head_chunk,
             shared: None,
             peak_bytes: 0,
-            prof: Profiler::default(),
         };
         e.set_weights(&weights)?;
         e.note_memory();
@@ -709,7 +704,7 @@ impl CudaEngine {
     /// Runs the model over the batch and the LM head over its target rows; leaves the
     /// per-row log-probs in `b.row_logp`.
     fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
-        self.prof.drop_open();
+        self.gpu.prof.drop_open();
         self.check_room(n, b.plan.rows.len(), train)?;
         self.ensure_acts(n, train)?;
         self.ensure_head(b.plan.rows.len())?;
@@ -737,49 +732,36 @@ impl CudaEngine {
         let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
         let d = self.dims(n);
 
-        // Sections for the profiler; the residual adds are the GEMMs' (x += …, in place).
-        self.prof.section(g, Category::NormElementwise)?;
+        // The residual adds are the GEMMs' (x += …, in place).
         g.k.embedding_forward(x, self.w.embed, tokens, h)?;
         for l in 0..cfg.n_layers {
             // Forward only: one set of buffers serves every layer in turn.
             let la = &layers[if train { l } else { 0 }];
             let lw = self.w.layers[l];
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, lw.attn_norm, n, h, eps)?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.qkv, xn, lw.wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rope_forward(la.qkv, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd)?;
             k.rope_forward(la.qkv.slice(qd, la.qkv.len - qd)?, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd)?;
             let (q, kk, v) =
                 (la.qkv, la.qkv.slice(qd, la.qkv.len - qd)?, la.qkv.slice(qd + kvd, la.qkv.len - qd - kvd)?);
-            self.prof.section(&self.gpu, Category::Attention)?;
             k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(x, la.att, lw.wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?; // x_mid
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x, lw.mlp_norm, n, h, eps)?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_bf16(la.gu, xn, lw.w_gate_up, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.swiglu_forward(act, la.gu, n, i)?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(x, act, lw.w_down, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
         }
-        self.prof.section(&self.gpu, Category::NormElementwise)?;
         self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(xhat_f), x, self.w.final_norm, n, h, eps)?;
-        self.prof.section(&self.gpu, Category::LmHead)?;
-        self.head_forward(b, train)?;
-        // The host reads the log-probs next.
-        self.prof.pause(&self.gpu)
+        self.head_forward(b, train)
     }
 
     /// The LM head over the batch's head rows: gathered from xf, then chunk by chunk the
     /// logits and their log-probs (and, in training, the softmax kept for the backward).
     fn head_forward(&mut self, b: &BatchDev, train: bool) -> Result<()> {
+        let _head = self.gpu.prof.scope(Category::LmHead);
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let total = b.plan.rows.len();
         let hb = self.head.as_ref().expect("allocated in forward");
@@ -850,7 +832,7 @@ impl CudaEngine {
 
         // LM head over all its rows at once, from the forward's softmax: dlogits in place
         // of it, the rows' dxf = dlogits·W, dW_head += dlogitsᵀ·x.
-        self.prof.section(&self.gpu, Category::LmHead)?;
+        let head = self.gpu.prof.scope(Category::LmHead);
         let total = b.plan.rows.len();
         let dlogits = shared.probs(total, v)?;
         let hb = self.head.as_ref().expect("forward ran");
@@ -865,7 +847,7 @@ impl CudaEngine {
         let g = &self.gpu;
         g.k.zero(dxf)?;
         g.k.embedding_backward(dxf, dxr, g.ptr(&b.rows), h)?; // scatter back to the rows
-        self.prof.section(&self.gpu, Category::NormElementwise)?;
+        drop(head);
         let g = &self.gpu;
         let (gnorm, wnorm) = (self.dw().final_norm, self.w.final_norm);
         // dx16: the last layer's MLP input gradient, for its GEMMs.
@@ -879,34 +861,26 @@ impl CudaEngine {
             let (la, lw, lg) = (layers[l], self.w.layers[l], self.dw().layers[l]);
             // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up, [gate | up] = xn2·[Wg;Wu]ᵀ.
             // dx16 = bf16(dx): the norm backward before this wrote it.
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_bf16(dact, dx16, lw.w_down, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let gu = la.gu.slice(0, n * 2 * i)?;
             self.gpu.k.swiglu_backward(dgu, act, dact, gu, n, i)?; // act: this layer's again
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(lg.w_down, dx16, act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
             // dxn = dgate·Wg + dup·Wu as one GEMM over K = 2·intermediate.
             gm.gemm_f32(dxn, dgu, lw.w_gate_up, &GemmShape::new(n, h, 2 * i, false, false), 1.0, 0.0)?;
             let xhat2 = la.xhat2.slice(0, n * h)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.rmsnorm_apply(xn, xhat2, lw.mlp_norm, n, h)?; // this layer's xn2 again
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             // [dWg; dWu] += [dgate | dup]ᵀ·xn2, into the adjacent gradients.
             gm.gemm_f32(lg.w_gate_up, dgu, xn, &GemmShape::new(2 * i, h, n, true, false), 1.0, 1.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rmsnorm_backward(dx, dx16, lg.mlp_norm, dxn, xhat2, lw.mlp_norm, la.rstd2, n, h, true)?;
 
             // attention: x_mid = x + att·Woᵀ (dx16 = bf16(dx) from the norm above)
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_bf16(datt, dx16, lw.wo, &GemmShape::new(n, qd, h, false, false), 1.0, 0.0)?;
             gm.gemm_f32(lg.wo, dx16, la.att, &GemmShape::new(h, qd, n, true, false), 1.0, 1.0)?;
-            self.prof.section(&self.gpu, Category::Attention)?;
             let k = &self.gpu.k;
             k.attention_backward_delta(delta, datt, la.att, &d)?;
             let (q, kk, vv) =
@@ -915,22 +889,17 @@ impl CudaEngine {
             let dv32 = dqkv32.slice(qd + kvd, dqkv32.len - qd - kvd)?;
             k.attention_backward(dqkv32, dk32, dv32, qkvd, qkvd, datt, q, kk, vv, la.lse, delta, &mask, &d)?;
             // dq, dk back through RoPE; dv copied (rotation by 0) — all into bf16 dqkv.
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rope_backward(dqkv16, dqkv32, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd, qkvd)?;
             let dk16 = dqkv16.slice(qd, dqkv16.len - qd)?;
             k.rope_backward(dk16, dk32, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let dv16 = dqkv16.slice(qd + kvd, dqkv16.len - qd - kvd)?;
             k.rope_backward(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(dxn, dqkv16, lw.wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
             let xhat1 = la.xhat1.slice(0, n * h)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             self.gpu.k.rmsnorm_apply(xn, xhat1, lw.attn_norm, n, h)?; // this layer's xn1 again
-            self.prof.section(&self.gpu, Category::Gemm)?;
             self.gpu.gemm.gemm_f32(lg.wqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             // dx16 for the next (lower) layer's MLP; layer 0's dx goes to the f32 embedding
             // backward only.
             let dx16_next = if l > 0 { dx16 } else { null() };
@@ -939,14 +908,13 @@ impl CudaEngine {
         }
         let g = &self.gpu;
         g.k.embedding_backward(self.tensor_f32(self.grad(), 0)?, dx, g.ptr(&b.tokens), h)?;
-        self.prof.pause(&self.gpu)
+        Ok(())
     }
 
     /// Global L2 norm of the gradient buffer (padding is zero, so it does not count).
     fn grad_norm(&mut self) -> Result<f64> {
         let g = &self.gpu;
         g.k.grad_norm(g.ptr(&self.norm_out), g.ptr(&self.norm_partial), g.ptr(self.grad()), false)?;
-        self.prof.pause(g)?; // the download waits for the stream
         Ok(g.download(g.ptr(&self.norm_out))?[0].sqrt())
     }
 
@@ -988,7 +956,7 @@ impl Engine for CudaEngine {
         let b = self.upload_batch(batch)?;
         self.forward(&b, batch.n_tokens(), false)?;
         let logp = self.target_logps(&b)?;
-        self.prof.collect()?;
+        self.gpu.prof.collect()?;
         self.note_memory();
         Ok(PairLogps::sum_targets(batch, &logp))
     }
@@ -1018,7 +986,7 @@ impl Engine for CudaEngine {
         }
         self.backward(&b, n, &dl_rows)?;
         self.gpu.sync()?;
-        self.prof.collect()?;
+        self.gpu.prof.collect()?;
         self.note_memory();
         Ok(policy)
     }
@@ -1026,9 +994,8 @@ impl Engine for CudaEngine {
     /// Clips as torch's `clip_grad_norm_` and updates as `torch.optim.AdamW`, with no
     /// weight decay on `*norm*` tensors (HF Trainer), like the CPU engine.
     fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> Result<f64> {
-        self.prof.drop_open();
+        self.gpu.prof.drop_open();
         self.ensure_grad()?; // no training step yet: zero gradients
-        self.prof.section(&self.gpu, Category::Optimizer)?;
         let norm = self.grad_norm()?;
         if !norm.is_finite() {
             self.zero_grads();
@@ -1051,7 +1018,6 @@ impl Engine for CudaEngine {
             mo.2 += 1;
             mo.2
         };
-        self.prof.section(&self.gpu, Category::Optimizer)?;
         let (m, v, _) = self.moments.as_ref().expect("set above");
         let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
         let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(&self.master_lo), self.gpu.ptr(self.grad()));
@@ -1086,9 +1052,8 @@ impl Engine for CudaEngine {
             i = j + 1;
         }
         // adamw_update zeroed the gradients it read; the padding between tensors is zero.
-        self.prof.pause(&self.gpu)?;
         self.gpu.sync()?;
-        self.prof.collect()?;
+        self.gpu.prof.collect()?;
         Ok(norm)
     }
 
@@ -1141,19 +1106,19 @@ impl Engine for CudaEngine {
     }
 
     /// Sections of the step timed by CUDA events on the stream (wall clock on the
-    /// simulator); see `Profiler`.
+    /// simulator); see `profile.rs`.
     fn set_profiling(&mut self, on: bool) -> bool {
-        self.prof = Profiler { on, ..Profiler::default() };
+        self.gpu.prof.reset(on);
         true
     }
 
     fn take_profile(&mut self) -> Option<Profile> {
-        if !self.prof.on {
+        if !self.gpu.prof.is_on() {
             return None;
         }
         // Steps collect as they end; this only reads what a failed step left (or fails).
-        self.prof.collect().ok()?;
-        Some(std::mem::take(&mut self.prof.total))
+        self.gpu.prof.collect().ok()?;
+        Some(self.gpu.prof.take())
     }
 
     fn peak_memory_bytes(&self) -> Option<u64> {
@@ -1181,125 +1146,6 @@ fn gemm_peak_operand(len: usize) -> Vec<Bf16> {
             ((x >> 40) as u16 & 0x807f) | 0x3f00
         })
         .collect()
-}
-
-// --- profiling
-
-/// A cut on the engine's timeline: a CUDA event recorded on its stream, or, on the kernel
-/// simulator (where every launch has finished when it returns), the wall clock.
-enum Cut {
-    Event(CudaEvent),
-    Wall(Instant),
-}
-
-/// Time per op category while `Engine::set_profiling` is on.
-///
-/// The step is cut into sections, each charged to one category: `section(c)` ends the
-/// open section and opens one for `c` (nothing when `c` is already open, so a run of one
-/// family costs one cut), and `pause()` ends it before the host waits on the stream or
-/// works on its own, so the device's idle time is charged to no one. Work outside every
-/// section (batch uploads, the loss on the host, waiting on the stream) is what
-/// `sdpo-run bench` reports as "other". On a device the cuts are events on the one stream,
-/// read by `collect` once the step has synchronised: a section's time is the device's time
-/// from its first launch to its last, launch gaps included. Events are kept for reuse, not
-/// created per cut. Off, each call is one branch.
-#[derive(Default)]
-struct Profiler {
-    on: bool,
-    /// Cuts since the last `collect`; sections refer to them by index.
-    cuts: Vec<Cut>,
-    /// Ended sections not yet read: (start cut, end cut, category).
-    ended: Vec<(usize, usize, Category)>,
-    open: Option<(usize, Category)>,
-    /// Events already read, to record again.
-    spare: Vec<CudaEvent>,
-    total: Profile,
-}
-
-impl Profiler {
-    fn cut(&mut self, gpu: &Gpu) -> Result<usize> {
-        let cut = match &gpu.stream {
-            None => Cut::Wall(Instant::now()),
-            Some(stream) => {
-                let event = match self.spare.pop() {
-                    Some(e) => e,
-                    // cudarc's default flags disable timing: ask for a timing event.
-                    None => stream
-                        .context()
-                        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                        .map_err(|e| Error::Cuda(format!("profiling: creating an event: {e}")))?,
-                };
-                event.record(stream).map_err(|e| Error::Cuda(format!("profiling: recording an event: {e}")))?;
-                Cut::Event(event)
-            }
-        };
-        self.cuts.push(cut);
-        Ok(self.cuts.len() - 1)
-    }
-
-    /// Charges what the stream runs from here on to `c`.
-    #[inline]
-    fn section(&mut self, gpu: &Gpu, c: Category) -> Result<()> {
-        if !self.on || self.open.is_some_and(|(_, o)| o == c) {
-            return Ok(());
-        }
-        let i = self.cut(gpu)?;
-        if let Some((start, o)) = self.open.take() {
-            self.ended.push((start, i, o));
-        }
-        self.open = Some((i, c));
-        Ok(())
-    }
-
-    /// Ends the open section, if any.
-    #[inline]
-    fn pause(&mut self, gpu: &Gpu) -> Result<()> {
-        if let Some((start, o)) = self.open.take() {
-            let i = self.cut(gpu)?;
-            self.ended.push((start, i, o));
-        }
-        Ok(())
-    }
-
-    /// Forgets a section left open by a step that failed half-way, so that the next step
-    /// does not charge the time in between to it.
-    #[inline]
-    fn drop_open(&mut self) {
-        self.open = None;
-    }
-
-    /// Adds the ended sections to the totals (waits for their end events: call it after
-    /// the step has synchronised) and recycles the events.
-    fn collect(&mut self) -> Result<()> {
-        if self.cuts.is_empty() {
-            return Ok(());
-        }
-        for (start, end, c) in std::mem::take(&mut self.ended) {
-            let secs = match (&self.cuts[start], &self.cuts[end]) {
-                (Cut::Event(a), Cut::Event(b)) => {
-                    a.elapsed_ms(b).map_err(|e| Error::Cuda(format!("profiling: reading events: {e}")))? as f64 / 1e3
-                }
-                (Cut::Wall(a), Cut::Wall(b)) => b.duration_since(*a).as_secs_f64(),
-                _ => unreachable!("one engine's cuts are all events or all instants"),
-            };
-            let total = &mut self.total;
-            *match c {
-                Category::Attention => &mut total.attention_s,
-                Category::Gemm => &mut total.gemm_s,
-                Category::LmHead => &mut total.lm_head_logprobs_s,
-                Category::NormElementwise => &mut total.norm_elementwise_s,
-                Category::Optimizer => &mut total.optimizer_s,
-            } += secs;
-        }
-        // A section still open here started in a step that failed; it is dropped.
-        self.open = None;
-        for cut in self.cuts.drain(..) {
-            if let Cut::Event(e) = cut {
-                self.spare.push(e);
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
