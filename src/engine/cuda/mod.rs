@@ -14,9 +14,11 @@
 //! `$SDPO_CACHE` or `~/.cache/sdpo/kernels`, keyed by a hash of source, headers, options,
 //! NVRTC version and arch.
 
+mod buffers;
 pub mod gemm;
 pub mod host;
 pub mod kernels;
+mod memory;
 pub mod model;
 pub mod nvrtc;
 pub mod occupancy;

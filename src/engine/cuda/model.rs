@@ -17,6 +17,12 @@
 //! buffers use its memory before it is written, and their backward buffers once those two
 //! GEMMs have read it (`Shared`).
 //!
+//! Files: `params.rs` lays the parameters out in the flat buffers and names their views
+//! (`Params`, `LayerParams`); `buffers.rs` holds the activation, LM-head and shared
+//! buffers; `memory.rs` plans what they take (`memory_plan`) and whether a micro-batch
+//! fits; `profile.rs` times each op category where the launchers run; this file is the
+//! engine: forward, backward and the optimizer step over those named buffers.
+//!
 //! Data flow of one layer (row-major [tokens, features]; f32 unless marked bf16):
 //!   xn1 (bf16) = rmsnorm(x)        qkv (bf16) = xn1·[Wq;Wk;Wv]ᵀ    rope(q), rope(k) in place
 //!   att (bf16), lse = attention(q, k, v)                  x += att·Woᵀ  (x_mid)
@@ -31,15 +37,18 @@
 //! residual stream (the GEMMs add into it in place; the norms' backward takes x̂), not
 //! act (swiglu_backward writes it again before the down projection's weight gradient
 //! needs it) and not xn1, xn2 (rmsnorm_apply writes them again from x̂ before the weight
-//! gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the 84,104 bytes per token and
-//! layer a copy of everything would take.
+//! gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the 84,104
+//! bytes per token and layer a copy of everything would take.
 
 use std::time::Instant;
 
+use super::buffers::{Acts, Head, Role, Shared};
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
+use super::memory::{batch_bytes, head_chunk_rows, plan, qkv_dim, room_error};
+pub use super::memory::{memory_plan, MemoryPlan};
 use super::params::{ParamLayout, Params};
-use super::{gb, join_master, split_master, DBuf, Gpu};
+use super::{join_master, split_master, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
 use crate::dpo::{target_grads, LossConfig, PairLogps};
@@ -48,179 +57,6 @@ use crate::engine::profile::{Category, Profile};
 use crate::engine::{check_inputs, AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::weights::LlamaWeights;
-
-/// Owns device allocations; the engine addresses them through `DPtr` views.
-#[derive(Default)]
-struct Pool {
-    f32s: Vec<DBuf<f32>>,
-    u16s: Vec<DBuf<u16>>,
-}
-
-impl Pool {
-    fn f32(&mut self, gpu: &Gpu, len: usize) -> Result<DPtr<f32>> {
-        let s = gpu.alloc::<f32>(len)?;
-        let p = gpu.ptr(&s).slice(0, len)?;
-        self.f32s.push(s);
-        Ok(p)
-    }
-    fn bf16(&mut self, gpu: &Gpu, len: usize) -> Result<DPtr<Bf16>> {
-        let s = gpu.alloc::<u16>(len)?;
-        let p = gpu.ptr(&s).slice(0, len)?;
-        self.u16s.push(s);
-        Ok(p)
-    }
-}
-
-/// One layer's saved activations (for `cap` tokens).
-#[derive(Clone, Copy)]
-struct LayerActs {
-    rstd1: DPtr<f32>,
-    qkv: DPtr<Bf16>,
-    att: DPtr<Bf16>,
-    lse: DPtr<f32>,
-    /// The two norms' inputs normalized, x·rstd (bf16), for their backward (null in the
-    /// forward-only set).
-    xhat1: DPtr<Bf16>,
-    xhat2: DPtr<Bf16>,
-    rstd2: DPtr<f32>,
-    /// [gate | up] `[cap, 2·intermediate]`: the fused GEMM's output, swiglu's input.
-    gu: DPtr<Bf16>,
-}
-
-/// Activations for up to `cap` tokens: every layer's after a training forward, one
-/// layer's set for forward-only use (reference log-probs, eval, scoring), where each
-/// layer's activations die with it.
-struct Acts {
-    cap: usize,
-    layers: Vec<LayerActs>,
-    rstd_f: DPtr<f32>,
-    xf: DPtr<Bf16>,
-    role: Role,
-    _pool: Pool,
-}
-
-enum Role {
-    /// A forward-only set owns its working buffers.
-    Forward(Work),
-    /// A training set keeps the final norm's x̂ for the backward, and takes its working
-    /// buffers from `Shared`.
-    Train { xhat_f: DPtr<Bf16> },
-}
-
-/// The working buffers of the layer at hand (for `cap` tokens).
-#[derive(Clone, Copy)]
-struct Work {
-    /// The residual stream (f32), which the attention and MLP output GEMMs add into in
-    /// place. The backward does not read it: the norms keep x̂ (bf16) and rstd instead.
-    x: DPtr<f32>,
-    /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
-    /// the norm, the backward writes it again from x̂ (rmsnorm_apply) for their weight
-    /// gradients, instead of keeping two per layer.
-    xn: DPtr<Bf16>,
-    /// silu(gate)·up of the layer at hand: the forward writes it, the backward writes it
-    /// again (swiglu_backward) instead of keeping one per layer.
-    act: DPtr<Bf16>,
-}
-
-impl Acts {
-    fn training(&self) -> bool {
-        matches!(self.role, Role::Train { .. })
-    }
-}
-
-/// The layers' backward buffers for `cap` tokens, views into `Shared`.
-#[derive(Clone, Copy)]
-struct BackActs {
-    dx: DPtr<f32>,
-    dx16: DPtr<Bf16>,
-    dxn: DPtr<f32>,
-    dxf: DPtr<f32>,
-    dact: DPtr<Bf16>,
-    /// [dgate | dup], the layout of `gu`.
-    dgu: DPtr<Bf16>,
-    datt: DPtr<Bf16>,
-    delta: DPtr<f32>,
-    dqkv32: DPtr<f32>,
-    dqkv16: DPtr<Bf16>,
-}
-
-/// LM-head buffers for up to `rows` rows (grow-only): the rows gathered from xf, and one
-/// chunk's fp32 logits.
-struct Head {
-    rows: usize,
-    chunk: usize,
-    /// `[rows, h]`: the gather's f32 output in forward, dlogits·W in backward.
-    xr32: DPtr<f32>,
-    xr16: DPtr<Bf16>,
-    logits: DPtr<f32>,
-    _pool: Pool,
-}
-
-/// Training only (grow-only): memory that three phases of a training step use in turn.
-/// The layers' forward: `Work` (x from the start, xn and act after the backward's
-/// buffers). The LM head: every row's softmax (bf16 `[rows, V]`, from the start), turned
-/// into dlogits in place by the backward. The layers' backward, once the head's two GEMMs
-/// have read dlogits: `BackActs` from the start, and xn and act again. Each phase's
-/// buffers are dead in the others (one stream, in order), so it takes the largest phase,
-/// not their sum. Its token capacity `cap` is the activations'.
-struct Shared {
-    rows: usize,
-    cap: usize,
-    mem: DPtr<u16>,
-    _pool: Pool,
-}
-
-impl Shared {
-    /// The softmax of `rows` rows of `vocab`.
-    fn probs(&self, rows: usize, vocab: usize) -> Result<DPtr<Bf16>> {
-        self.mem.cast(0, rows * vocab)
-    }
-
-    /// The working buffers of a training set: x from the start (over the backward's
-    /// buffers, which are dead while it lives), xn and act after the backward's buffers.
-    fn work(&self, cfg: &LlamaConfig) -> Result<Work> {
-        let (h, i, cap) = (cfg.hidden_size, cfg.intermediate_size, self.cap);
-        let after = back_bytes(cfg) * cap / 2; // in bf16 elements
-        Ok(Work {
-            x: self.mem.cast(0, cap * h)?,
-            xn: self.mem.cast(after, cap * h)?,
-            act: self.mem.cast(after + cap * h, cap * i)?,
-        })
-    }
-
-    /// The backward's buffers, one after another from the start (each a whole number of
-    /// 256-byte blocks at `cap`, a multiple of 64, so no padding between them).
-    fn back(&self, cfg: &LlamaConfig) -> Result<BackActs> {
-        let (h, i, qd, qkvd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), qkv_dim(cfg), cfg.n_heads);
-        let cap = self.cap;
-        let mut at = 0; // in bf16 elements
-        let mut take = |elems: usize, size: usize| {
-            let start = at;
-            at += elems * size / 2;
-            start
-        };
-        let m = self.mem;
-        let back = BackActs {
-            dx: m.cast(take(cap * h, 4), cap * h)?,
-            dxn: m.cast(take(cap * h, 4), cap * h)?,
-            dxf: m.cast(take(cap * h, 4), cap * h)?,
-            delta: m.cast(take(cap * nh, 4), cap * nh)?,
-            dqkv32: m.cast(take(cap * qkvd, 4), cap * qkvd)?,
-            dx16: m.cast(take(cap * h, 2), cap * h)?,
-            dact: m.cast(take(cap * i, 2), cap * i)?,
-            dgu: m.cast(take(cap * 2 * i, 2), cap * 2 * i)?,
-            datt: m.cast(take(cap * qd, 2), cap * qd)?,
-            dqkv16: m.cast(take(cap * qkvd, 2), cap * qkvd)?,
-        };
-        debug_assert_eq!(at, back_bytes(cfg) * cap / 2, "`work` places xn right after these");
-        Ok(back)
-    }
-}
-
-/// Width of a layer's fused q|k|v projection.
-fn qkv_dim(cfg: &LlamaConfig) -> usize {
-    cfg.q_dim() + 2 * cfg.kv_dim()
-}
 
 /// Batch data on the device.
 struct BatchDev {
@@ -281,140 +117,6 @@ pub fn unsupported(cfg: &LlamaConfig) -> Option<String> {
         ));
     }
     None
-}
-
-/// Rows per LM-head logits chunk: about 64M fp32 logits (256 MB) at a time, in whole
-/// 64-row tiles of the GEMM: 512 rows at a 128K vocabulary, where each chunk's GEMM does
-/// ~340 FLOPs per byte it moves (the bf16 head weight read, the f32 logits written; an
-/// H200 is compute-bound above ~206 (989 TFLOP/s over 4.8 TB/s), where 256-row chunks sat).
-fn head_chunk_rows(vocab: usize) -> usize {
-    ((64usize << 20) / vocab.max(1) / 64 * 64).clamp(64, 8192)
-}
-
-/// Device memory the engine allocates for a model, by part, in bytes: what `with_gpu`, the
-/// first `optimizer_step` and the grow-only activation, LM-head and softmax buffers take
-/// for micro-batches of up to `tokens` tokens and `head_rows` LM-head rows. Left out:
-/// cuBLASLt's workspace and the kernel modules (allocated by the libraries), each batch's
-/// uploads (~20 bytes per token), and buffers under a megabyte (rotary tables,
-/// gradient-norm partials). tests/kernel_sim.rs checks it against the allocations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct MemoryPlan {
-    /// Master weights (bf16 working copy + 16-bit remainder).
-    pub weights: u64,
-    /// fp32 gradients (from the first training step).
-    pub grads: u64,
-    /// AdamW's fp32 m and v (from the first optimizer step).
-    pub moments: u64,
-    /// What every layer keeps for the backward (forward only: one layer's buffers).
-    pub saved_activations: u64,
-    /// The final norm's output, and the residual stream and one layer's working buffers
-    /// (forward only: training keeps those in `softmax_or_backward`).
-    pub scratch: u64,
-    /// The gathered head rows and one chunk of fp32 logits.
-    pub head: u64,
-    /// The bf16 softmax of every head row, in memory that the layers' working buffers use
-    /// before it is written and, with the backward's buffers, after the head's backward has
-    /// read it: the largest of the three (training only).
-    pub softmax_or_backward: u64,
-}
-
-impl MemoryPlan {
-    pub fn total(&self) -> u64 {
-        self.weights
-            + self.grads
-            + self.moments
-            + self.saved_activations
-            + self.scratch
-            + self.head
-            + self.softmax_or_backward
-    }
-}
-
-/// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the gradients, the
-/// moments, every layer's activations, the softmax and the backward's buffers, which
-/// forward-only use (reference log-probs, eval, scoring) does not allocate.
-pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    plan(cfg, ParamLayout::total_of(cfg), tokens, head_rows, train)
-}
-
-/// `memory_plan` for `params` elements of flat parameter buffers.
-fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    let (h, i, qd, nh, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads, cfg.vocab_size);
-    let qkvd = qkv_dim(cfg);
-    let cap = tokens.next_multiple_of(64);
-    let chunk = head_chunk_rows(v).min(head_rows);
-    let (f32b, bf16b) = (4, 2);
-    let t = |x: usize| if train { x } else { 0 };
-    // Per token (ensure_acts): `LayerActs` (one set per layer, or one without x̂ in all),
-    // `Acts`' single buffers: rstd and the output of the final norm, and either its x̂
-    // (training) or `Work` (x, xn, act: forward only).
-    let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * i) + t(bf16b * 2 * h);
-    let work = f32b * h + bf16b * (h + i);
-    let single = f32b + bf16b * h + if train { bf16b * h } else { work };
-    let b = |x: usize| x as u64;
-    MemoryPlan {
-        weights: b(params * 2 * 2),
-        grads: b(t(params * f32b)),
-        moments: b(t(params * 2 * f32b)),
-        saved_activations: b(cap * if train { cfg.n_layers } else { 1 } * layer),
-        scratch: b(cap * single),
-        head: b(head_rows * h * (f32b + bf16b) + chunk * v * f32b),
-        softmax_or_backward: b(t(shared_bytes(cfg, head_rows, cap))),
-    }
-}
-
-/// Bytes of `Shared` for `rows` head rows and `cap` tokens: the softmax, or the backward's
-/// buffers with xn and act, whichever is larger (x fits inside the backward's buffers).
-fn shared_bytes(cfg: &LlamaConfig, rows: usize, cap: usize) -> usize {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    (rows * cfg.vocab_size * 2).max(cap * (back_bytes(cfg) + 2 * (h + i)))
-}
-
-/// Bytes per token of the backward's buffers (`BackActs`).
-fn back_bytes(cfg: &LlamaConfig) -> usize {
-    let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
-    let qkvd = qkv_dim(cfg);
-    4 * (3 * h + nh + qkvd) + 2 * (h + 3 * i + qd + qkvd)
-}
-
-/// The part of a plan that grows with the micro-batch.
-fn batch_bytes(p: &MemoryPlan) -> u64 {
-    p.saved_activations + p.scratch + p.head + p.softmax_or_backward
-}
-
-/// Why a micro-batch of `n` tokens and `rows` head rows does not fit in `available`
-/// bytes (`None`: it does), and the most tokens (in 64s) that would, at the same share of
-/// head rows.
-fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: u64) -> Option<String> {
-    let params = ParamLayout::total_of(cfg);
-    let full = plan(cfg, params, n, rows, train);
-    let need = batch_bytes(&full);
-    if need <= available {
-        return None;
-    }
-    let fit = |k: usize| batch_bytes(&plan(cfg, params, k, (k * rows).div_ceil(n), train)) <= available;
-    // Nearly linear in the tokens (one logits chunk is not): start from the linear
-    // estimate and step down.
-    let mut k = (n as f64 * available as f64 / need as f64) as usize / 64 * 64;
-    while k > 0 && !fit(k) {
-        k -= 64;
-    }
-    let advice = if k > 0 {
-        format!("lower --micro-batch-tokens to {k} or less")
-    } else {
-        "not even 64 tokens fit beside the model's weights, gradients and AdamW state: train a smaller model".into()
-    };
-    Some(format!(
-        "a micro-batch of {n} tokens needs {} of device memory (saved activations {}, scratch {}, LM head {}, \
-         softmax / backward buffers {}), and {} are free beside the model's state ({}); {advice}",
-        gb(need),
-        gb(full.saved_activations),
-        gb(full.scratch),
-        gb(full.head),
-        gb(full.softmax_or_backward),
-        gb(available),
-        gb(full.weights + full.grads + full.moments),
-    ))
 }
 
 impl CudaEngine {
@@ -554,32 +256,7 @@ impl CudaEngine {
         let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap)).next_multiple_of(64);
         let train = train || self.acts.as_ref().is_some_and(|a| a.training());
         self.acts = None; // free the old set first
-        let cfg = &self.cfg;
-        let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
-        let qkvd = qkv_dim(cfg);
-        let g = &self.gpu;
-        let mut p = Pool::default();
-        // x̂ (bf16, cap × hidden), for training only.
-        let xhat = |p: &mut Pool| if train { p.bf16(g, cap * h) } else { Ok(null()) };
-        let n_sets = if train { cfg.n_layers } else { 1 };
-        let mut layers = Vec::with_capacity(n_sets);
-        for _ in 0..n_sets {
-            layers.push(LayerActs {
-                rstd1: p.f32(g, cap)?,
-                qkv: p.bf16(g, cap * qkvd)?,
-                att: p.bf16(g, cap * qd)?,
-                lse: p.f32(g, cap * nh)?,
-                xhat1: xhat(&mut p)?,
-                xhat2: xhat(&mut p)?,
-                rstd2: p.f32(g, cap)?,
-                gu: p.bf16(g, cap * 2 * i)?,
-            });
-        }
-        let role = match train {
-            true => Role::Train { xhat_f: xhat(&mut p)? },
-            false => Role::Forward(Work { x: p.f32(g, cap * h)?, xn: p.bf16(g, cap * h)?, act: p.bf16(g, cap * i)? }),
-        };
-        self.acts = Some(Acts { cap, layers, rstd_f: p.f32(g, cap)?, xf: p.bf16(g, cap * h)?, role, _pool: p });
+        self.acts = Some(Acts::new(&self.gpu, &self.cfg, cap, train)?);
         self.note_memory();
         Ok(())
     }
@@ -617,18 +294,7 @@ impl CudaEngine {
             return Ok(());
         }
         self.head = None;
-        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let chunk = self.head_chunk.min(rows);
-        let g = &self.gpu;
-        let mut p = Pool::default();
-        self.head = Some(Head {
-            rows,
-            chunk,
-            xr32: p.f32(g, rows * h)?,
-            xr16: p.bf16(g, rows * h)?,
-            logits: p.f32(g, chunk * v)?,
-            _pool: p,
-        });
+        self.head = Some(Head::new(&self.gpu, &self.cfg, rows, self.head_chunk.min(rows))?);
         self.note_memory();
         Ok(())
     }
@@ -654,9 +320,7 @@ impl CudaEngine {
             None => (rows, cap),
         };
         self.shared = None;
-        let mut pool = Pool::default();
-        let mem = pool.bf16(&self.gpu, shared_bytes(&self.cfg, rows, cap) / 2)?;
-        self.shared = Some(Shared { rows, cap, mem, _pool: pool });
+        self.shared = Some(Shared::new(&self.gpu, &self.cfg, rows, cap)?);
         self.note_memory();
         Ok(())
     }
@@ -1151,29 +815,6 @@ fn gemm_peak_operand(len: usize) -> Vec<Bf16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::Shape;
-
-    /// Llama 3 8B on an H200 (139 GiB, ~0.7 GB of it the context, cuBLASLt and the
-    /// modules): micro-batches of pairs of prompt 256 + answers 512 (1,280 tokens, 1,024
-    /// head rows each).
-    #[test]
-    fn a_micro_batch_too_large_for_the_device_names_one_that_fits() {
-        let cfg = Shape::Llama8b.config();
-        let state = |p: &MemoryPlan| p.weights + p.grads + p.moments;
-        let plan = |pairs: usize| memory_plan(&cfg, 1280 * pairs, 1024 * pairs, true);
-        let available = (139u64 << 30) - 700_000_000 - state(&plan(1));
-        assert_eq!(room_error(&cfg, 4 * 1280, 4 * 1024, true, available), None, "4 pairs fit: {:?}", plan(4));
-        let why = room_error(&cfg, 8 * 1280, 8 * 1024, true, available).expect("8 pairs do not fit");
-        println!("{why}");
-        let fits: usize =
-            why.split("to ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).expect("a token count");
-        assert!((4 * 1280..8 * 1280).contains(&fits), "{fits}");
-        // Those tokens fit, and 64 more do not (at the same share of head rows).
-        assert_eq!(room_error(&cfg, fits, (fits * 4).div_ceil(5), true, available), None);
-        assert!(room_error(&cfg, fits + 64, ((fits + 64) * 4).div_ceil(5), true, available).is_some());
-        let why = room_error(&cfg, 1280, 1024, true, 100_000_000).expect("0.1 GB holds no micro-batch");
-        assert!(why.contains("train a smaller model"), "{why}");
-    }
 
     #[test]
     fn gemm_peak_operand_is_random_and_in_range() {
