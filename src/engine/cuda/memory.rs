@@ -1,7 +1,11 @@
 //! What the CUDA engine allocates, by part (`MemoryPlan`), and whether a micro-batch fits
 //! in the device's free memory (`room_error`).
 
+use std::mem::size_of;
+
+use super::buffers::{Dims, FinalNorm, Head, LayerActs, Shared, Work};
 use super::gb;
+use super::kernels::Bf16;
 use super::params::ParamLayout;
 use crate::config::LlamaConfig;
 
@@ -66,42 +70,31 @@ pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bo
 
 /// `memory_plan` for `params` elements of flat parameter buffers.
 pub fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    let (h, i, qd, nh, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads, cfg.vocab_size);
-    let qkvd = qkv_dim(cfg);
     let cap = tokens.next_multiple_of(64);
-    let chunk = head_chunk_rows(v).min(head_rows);
-    let (f32b, bf16b) = (4, 2);
+    let chunk = head_chunk_rows(cfg.vocab_size).min(head_rows);
     let t = |x: usize| if train { x } else { 0 };
-    // Per token (ensure_acts): `LayerActs` (one set per layer, or one without x̂ in all),
-    // `Acts`' single buffers: rstd and the output of the final norm, and either its x̂
-    // (training) or `Work` (x, xn, act: forward only).
-    let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * i) + t(bf16b * 2 * h);
-    let work = f32b * h + bf16b * (h + i);
-    let single = f32b + bf16b * h + if train { bf16b * h } else { work };
-    let b = |x: usize| x as u64;
+    // Per token (`Acts`): `LayerActs` (one set per layer, or one without x̂ in all), the
+    // final norm's, and `Work` (forward only: training keeps it in `Shared`).
+    let d = Dims::new(cfg, train);
+    let layer = LayerActs::bytes_per_token(&d);
+    let single = FinalNorm::bytes_per_token(&d) + if train { 0 } else { Work::bytes_per_token(&d) };
+    let (f32b, b) = (size_of::<f32>(), |x: usize| x as u64);
     MemoryPlan {
         weights: b(params * 2 * 2),
         grads: b(t(params * f32b)),
         moments: b(t(params * 2 * f32b)),
         saved_activations: b(cap * if train { cfg.n_layers } else { 1 } * layer),
         scratch: b(cap * single),
-        head: b(head_rows * h * (f32b + bf16b) + chunk * v * f32b),
+        head: b(Head::bytes(cfg, head_rows, chunk)),
         softmax_or_backward: b(t(shared_bytes(cfg, head_rows, cap))),
     }
 }
 
 /// Bytes of `Shared` for `rows` head rows and `cap` tokens: the softmax, or the backward's
-/// buffers with xn and act, whichever is larger (x fits inside the backward's buffers).
+/// buffers with `Work` ending after them, whichever is larger.
 pub fn shared_bytes(cfg: &LlamaConfig, rows: usize, cap: usize) -> usize {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    (rows * cfg.vocab_size * 2).max(cap * (back_bytes(cfg) + 2 * (h + i)))
-}
-
-/// Bytes per token of the backward's buffers (`BackActs`).
-pub fn back_bytes(cfg: &LlamaConfig) -> usize {
-    let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
-    let qkvd = qkv_dim(cfg);
-    4 * (3 * h + nh + qkvd) + 2 * (h + 3 * i + qd + qkvd)
+    let d = Dims::new(cfg, true);
+    (rows * cfg.vocab_size * size_of::<Bf16>()).max(cap * (Shared::work_at(&d) + Work::bytes_per_token(&d)))
 }
 
 /// The part of a plan that grows with the micro-batch.

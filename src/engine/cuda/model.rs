@@ -42,7 +42,7 @@
 
 use std::time::Instant;
 
-use super::buffers::{Acts, Head, Role, Shared};
+use super::buffers::{Acts, Head, Shared};
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
 use super::memory::{batch_bytes, head_chunk_rows, plan, qkv_dim, room_error};
@@ -381,14 +381,14 @@ impl CudaEngine {
         let qkvd = qkv_dim(&cfg);
         let eps = cfg.rms_norm_eps;
         let a = self.acts.as_ref().expect("allocated above");
-        let (work, xhat_f) = match a.role {
-            Role::Forward(w) => (w, null()),
-            Role::Train { xhat_f } => (self.shared.as_ref().expect("allocated above").work(&cfg)?, xhat_f),
+        let work = match a.work {
+            Some(w) => w,
+            None => self.shared.as_ref().expect("allocated above").work(&cfg)?,
         };
         let (x, xn, act) = (work.x.slice(0, n * h)?, work.xn, work.act);
         // What only the backward reads (the norms' x̂) is written in training only.
         let keep = |p: DPtr<Bf16>| if train { p } else { null() };
-        let (layers, rstd_f, xf) = (a.layers.clone(), a.rstd_f, a.xf);
+        let (layers, rstd_f, xf, xhat_f) = (a.layers.clone(), a.fin.rstd_f, a.fin.xf, a.fin.xhat_f);
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
         let pos = g.ptr(&b.positions);
@@ -430,7 +430,7 @@ impl CudaEngine {
         let total = b.plan.rows.len();
         let hb = self.head.as_ref().expect("allocated in forward");
         let (xr32, xr16, logits, chunk) = (hb.xr32.slice(0, total * h)?, hb.xr16, hb.logits, hb.chunk);
-        let xf = self.acts.as_ref().expect("allocated in forward").xf;
+        let xf = self.acts.as_ref().expect("allocated in forward").fin.xf;
         let probs = match train {
             true => Some(self.shared.as_ref().expect("allocated in forward").probs(total, v)?),
             false => None,
@@ -480,8 +480,7 @@ impl CudaEngine {
         let qkvd = qkv_dim(&cfg);
         let dl_dev = self.gpu.upload(dlogp_rows)?;
         let a = self.acts.as_ref().expect("forward ran");
-        let Role::Train { xhat_f } = a.role else { unreachable!("a training forward made a training set") };
-        let xhat_f = xhat_f.slice(0, n * h)?;
+        let xhat_f = a.fin.xhat_f.slice(0, n * h)?; // a training forward made a training set
         let shared = self.shared.as_ref().expect("a training forward allocated it");
         // The backward's buffers, xn and act share the softmax's memory: nothing below
         // writes them before the head's two GEMMs have read dlogits (one stream, in order).
@@ -492,7 +491,7 @@ impl CudaEngine {
         let (dact, dgu) = (bk.dact.slice(0, n * i)?, bk.dgu.slice(0, n * 2 * i)?);
         let (xn, act) = (work.xn.slice(0, n * h)?, work.act.slice(0, n * i)?);
         let (datt, delta, dqkv32, dqkv16) = (bk.datt, bk.delta, bk.dqkv32, bk.dqkv16);
-        let rstd_f = a.rstd_f;
+        let rstd_f = a.fin.rstd_f;
 
         // LM head over all its rows at once, from the forward's softmax: dlogits in place
         // of it, the rows' dxf = dlogits·W, dW_head += dlogitsᵀ·x.
