@@ -65,6 +65,16 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// The decay for the tensor `name`: none for the RMSNorm weights, which the Hugging
+    /// Face Trainer puts in its no-decay group (with biases, which Llama has none of).
+    pub fn decay_of(&self, name: &str) -> f64 {
+        if name.contains("norm") {
+            0.0
+        } else {
+            self.weight_decay
+        }
+    }
+
     /// Refuses settings outside their meaningful ranges, naming the flag.
     pub fn check(&self) -> crate::Result<()> {
         let bad =

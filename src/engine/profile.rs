@@ -11,7 +11,7 @@
 //! engine, whose kernels run asynchronously, does not use them: it cuts its stream into
 //! sections with CUDA events, reads them after each step synchronises, and reports
 //! through the same `Profile` struct (wall-clock sections on the kernel simulator; see
-//! `Profiler` in `engine/cuda/model.rs`).
+//! `engine/cuda/profile.rs`).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

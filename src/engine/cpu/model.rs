@@ -439,7 +439,7 @@ impl Engine for CpuEngine {
         let params = self.w.tensors_mut().into_iter().zip(self.grads.tensors());
         let moments = state.m.tensors_mut().into_iter().zip(state.v.tensors_mut());
         for ((spec, (p, g)), (m, v)) in specs.iter().zip(params).zip(moments) {
-            let wd = if spec.name.contains("norm") { 0.0 } else { opt.weight_decay };
+            let wd = opt.decay_of(&spec.name);
             ops::adamw_update(p, m, v, g, lr, opt.beta1, opt.beta2, opt.eps, wd, state.step);
         }
         self.zero_grads();

@@ -22,6 +22,8 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::kernels::{Bf16, DPtr};
+use super::profile::Prof;
+use crate::engine::profile::Category;
 use crate::error::{Error, Result};
 
 /// The output type of a GEMM.
@@ -101,6 +103,8 @@ pub struct Gemm {
     workspace: Option<CudaSlice<u8>>,
     /// Keyed by shape, output type and the operands' alignments (`AlignKey`).
     algos: HashMap<(GemmShape, OutType, AlignKey), sys::cublasLtMatmulAlgo_t>,
+    /// Charged with every GEMM, as `Category::Gemm`.
+    pub prof: Prof,
 }
 
 /// The alignments (bytes) of cuBLAS's A and B pointers (our b and a) and of C, which is
@@ -159,12 +163,24 @@ impl Gemm {
         let size = if major >= 9 { 32 << 20 } else { 4 << 20 };
         // SAFETY: the workspace is scratch memory; its contents are never read by us.
         let workspace = unsafe { stream.alloc::<u8>(size) }.map_err(|e| Error::Cuda(format!("workspace: {e}")))?;
-        Ok(Gemm { handle, stream: Some(stream), workspace: Some(workspace), algos: HashMap::new() })
+        Ok(Gemm {
+            handle,
+            stream: Some(stream),
+            workspace: Some(workspace),
+            algos: HashMap::new(),
+            prof: Prof::default(),
+        })
     }
 
     /// On the host (the kernel simulator): the same checks, then `host::gemm`.
     pub fn host() -> Self {
-        Gemm { handle: std::ptr::null_mut(), stream: None, workspace: None, algos: HashMap::new() }
+        Gemm {
+            handle: std::ptr::null_mut(),
+            stream: None,
+            workspace: None,
+            algos: HashMap::new(),
+            prof: Prof::default(),
+        }
     }
 
     fn descs(&self, s: &GemmShape, out: OutType) -> Result<Descs> {
@@ -218,6 +234,7 @@ impl Gemm {
                 a.len, b.len
             )));
         }
+        self.prof.launch(Category::Gemm)?;
         let (Some(stream), Some(workspace)) = (self.stream.clone(), self.workspace.as_ref()) else {
             // SAFETY: host-mode pointers spanning the shape (checked above).
             unsafe { super::host::gemm(c, out == OutType::Bf16, a, b, s, alpha, beta) };

@@ -20,6 +20,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
+use super::profile::{kernel_category, Prof};
 use super::sim::KernelSim;
 use super::{arch_for, host, kernel_image, KERNEL_SOURCES};
 use crate::error::{Error, Result};
@@ -237,6 +238,8 @@ pub struct Kernels {
     /// only a launch of one of them fails, not the whole load.
     unavailable: HashMap<&'static str, String>,
     _modules: Vec<Arc<CudaModule>>,
+    /// Charged with every launch (`launch!`), by the kernel's category.
+    pub prof: Prof,
 }
 
 impl Kernels {
@@ -309,6 +312,7 @@ impl Kernels {
             funcs,
             unavailable,
             _modules: modules,
+            prof: Prof::default(),
         })
     }
 
@@ -325,6 +329,7 @@ impl Kernels {
             funcs: HashMap::new(),
             unavailable: HashMap::new(),
             _modules: Vec::new(),
+            prof: Prof::default(),
         }
     }
 
@@ -560,6 +565,7 @@ pub fn check_launch(kernel: &str, cfg: &LaunchConfig, args: &[ArgKind]) -> Resul
 /// block size and the shared memory with the kernel's declaration.
 macro_rules! launch {
     ($k:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        $k.prof.launch(kernel_category($name))?;
         if let Some(sim) = &$k.sim {
             let args = [$( { let a = $arg; (kind_of(&a), KernelArg::slot(a)) } ),*];
             check_launch($name, &$cfg, &args.map(|a| a.0))?;

@@ -14,12 +14,16 @@
 //! `$SDPO_CACHE` or `~/.cache/sdpo/kernels`, keyed by a hash of source, headers, options,
 //! NVRTC version and arch.
 
+mod buffers;
 pub mod gemm;
 pub mod host;
 pub mod kernels;
+mod memory;
 pub mod model;
 pub mod nvrtc;
 pub mod occupancy;
+mod params;
+pub mod profile;
 pub mod sim;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -125,6 +129,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZero
 
 use host::HostMem;
 use kernels::{Bf16, DPtr, Kernels};
+use profile::Prof;
 
 /// Why there is no usable GPU here, or `None` when libcuda loads and sees a device.
 pub fn gpu_unavailable() -> Option<String> {
@@ -164,6 +169,9 @@ pub struct Gpu {
     pub stream: Option<Arc<CudaStream>>,
     pub k: Kernels,
     pub gemm: gemm::Gemm,
+    /// Time per op category (shared with `k` and `gemm`); the host's waits on the stream
+    /// (`download`, `write`, `sync`) end its open section.
+    pub prof: Prof,
     pub name: String,
     /// Device memory in use right after the context was created (the context itself and
     /// any other process's), which `mem_used` leaves out.
@@ -190,18 +198,22 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let (major, _) = ctx.compute_capability().map_err(cuda)?;
-        let k = Kernels::load(&ctx, stream.clone())?;
-        let gemm = gemm::Gemm::new(stream.clone(), major)?;
+        let prof = Prof::new(Some(stream.clone()));
+        let mut k = Kernels::load(&ctx, stream.clone())?;
+        let mut gemm = gemm::Gemm::new(stream.clone(), major)?;
+        (k.prof, gemm.prof) = (prof.clone(), prof.clone());
         let name = ctx.name().map_err(cuda)?;
-        Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, name, mem_base, allocated: AtomicU64::new(0) })
+        Ok(Gpu { ctx: Some(ctx), stream: Some(stream), k, gemm, prof, name, mem_base, allocated: AtomicU64::new(0) })
     }
 
     /// The kernel simulator (see `sim.rs`): host memory, the kernels' own code, the GEMM
     /// computed on the host (`host.rs`).
     pub fn sim(sim: sim::KernelSim) -> Self {
-        let (k, gemm) = (Kernels::sim(sim), gemm::Gemm::host());
+        let prof = Prof::new(None);
+        let (mut k, mut gemm) = (Kernels::sim(sim), gemm::Gemm::host());
+        (k.prof, gemm.prof) = (prof.clone(), prof.clone());
         let name = "kernel simulator".into();
-        Gpu { ctx: None, stream: None, k, gemm, name, mem_base: 0, allocated: AtomicU64::new(0) }
+        Gpu { ctx: None, stream: None, k, gemm, prof, name, mem_base: 0, allocated: AtomicU64::new(0) }
     }
 
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, len: usize) -> Result<DBuf<T>> {
@@ -234,6 +246,7 @@ impl Gpu {
 
     /// Copies `p` to the host (synchronises the stream).
     pub fn download<T: DeviceRepr + Default + Clone>(&self, p: DPtr<T>) -> Result<Vec<T>> {
+        self.prof.pause()?;
         let mut out = vec![T::default(); p.len];
         match &self.stream {
             // SAFETY: a host-mode DPtr addresses `len` host elements.
@@ -251,6 +264,7 @@ impl Gpu {
 
     /// Copies `host` into the memory at `p` (same length).
     pub fn write<T: DeviceRepr + Clone>(&self, p: DPtr<T>, host: &[T]) -> Result<()> {
+        self.prof.pause()?;
         if host.len() != p.len {
             return Err(Error::invalid(format!("write: {} host values into {} device elements", host.len(), p.len)));
         }
@@ -279,6 +293,7 @@ impl Gpu {
     }
 
     pub fn sync(&self) -> Result<()> {
+        self.prof.pause()?;
         match &self.stream {
             None => Ok(()),
             Some(s) => s.synchronize().map_err(driver_err("synchronize")),

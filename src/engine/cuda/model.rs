@@ -17,6 +17,12 @@
 //! buffers use its memory before it is written, and their backward buffers once those two
 //! GEMMs have read it (`Shared`).
 //!
+//! Files: `params.rs` lays the parameters out in the flat buffers and names their views
+//! (`Params`, `LayerParams`); `buffers.rs` holds the activation, LM-head and shared
+//! buffers; `memory.rs` plans what they take (`memory_plan`) and whether a micro-batch
+//! fits; `profile.rs` times each op category where the launchers run; this file is the
+//! engine: forward, backward and the optimizer step over those named buffers.
+//!
 //! Data flow of one layer (row-major [tokens, features]; f32 unless marked bf16):
 //!   xn1 (bf16) = rmsnorm(x)        qkv (bf16) = xn1·[Wq;Wk;Wv]ᵀ    rope(q), rope(k) in place
 //!   att (bf16), lse = attention(q, k, v)                  x += att·Woᵀ  (x_mid)
@@ -31,17 +37,18 @@
 //! residual stream (the GEMMs add into it in place; the norms' backward takes x̂), not
 //! act (swiglu_backward writes it again before the down projection's weight gradient
 //! needs it) and not xn1, xn2 (rmsnorm_apply writes them again from x̂ before the weight
-//! gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the 84,104 bytes per token and
-//! layer a copy of everything would take.
+//! gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the 84,104
+//! bytes per token and layer a copy of everything would take.
 
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaEvent;
-
+use super::buffers::{Acts, Head, Shared};
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
-use super::{gb, join_master, split_master, DBuf, Gpu};
+use super::memory::{batch_bytes, head_chunk_rows, plan, qkv_dim, room_error};
+pub use super::memory::{memory_plan, MemoryPlan};
+use super::params::{ParamLayout, Params};
+use super::{join_master, split_master, DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::data::PairBatch;
 use crate::dpo::{target_grads, LossConfig, PairLogps};
@@ -50,183 +57,6 @@ use crate::engine::profile::{Category, Profile};
 use crate::engine::{check_inputs, AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::weights::LlamaWeights;
-
-/// Owns device allocations; the engine addresses them through `DPtr` views.
-#[derive(Default)]
-struct Pool {
-    f32s: Vec<DBuf<f32>>,
-    u16s: Vec<DBuf<u16>>,
-}
-
-impl Pool {
-    fn f32(&mut self, gpu: &Gpu, len: usize) -> Result<DPtr<f32>> {
-        let s = gpu.alloc::<f32>(len)?;
-        let p = gpu.ptr(&s).slice(0, len)?;
-        self.f32s.push(s);
-        Ok(p)
-    }
-    fn bf16(&mut self, gpu: &Gpu, len: usize) -> Result<DPtr<Bf16>> {
-        let s = gpu.alloc::<u16>(len)?;
-        let p = gpu.ptr(&s).slice(0, len)?;
-        self.u16s.push(s);
-        Ok(p)
-    }
-}
-
-/// One layer's saved activations (for `cap` tokens).
-#[derive(Clone, Copy)]
-struct LayerActs {
-    rstd1: DPtr<f32>,
-    qkv: DPtr<Bf16>,
-    att: DPtr<Bf16>,
-    lse: DPtr<f32>,
-    /// The two norms' inputs normalized, x·rstd (bf16), for their backward (null in the
-    /// forward-only set).
-    xhat1: DPtr<Bf16>,
-    xhat2: DPtr<Bf16>,
-    rstd2: DPtr<f32>,
-    /// [gate | up] `[cap, 2·intermediate]`: the fused GEMM's output, swiglu's input.
-    gu: DPtr<Bf16>,
-}
-
-/// Activations for up to `cap` tokens: every layer's after a training forward, one
-/// layer's set for forward-only use (reference log-probs, eval, scoring), where each
-/// layer's activations die with it.
-struct Acts {
-    cap: usize,
-    layers: Vec<LayerActs>,
-    rstd_f: DPtr<f32>,
-    xf: DPtr<Bf16>,
-    role: Role,
-    _pool: Pool,
-}
-
-enum Role {
-    /// A forward-only set owns its working buffers.
-    Forward(Work),
-    /// A training set keeps the final norm's x̂ for the backward, and takes its working
-    /// buffers from `Shared`.
-    Train { xhat_f: DPtr<Bf16> },
-}
-
-/// The working buffers of the layer at hand (for `cap` tokens).
-#[derive(Clone, Copy)]
-struct Work {
-    /// The residual stream (f32), which the attention and MLP output GEMMs add into in
-    /// place. The backward does not read it: the norms keep x̂ (bf16) and rstd instead.
-    x: DPtr<f32>,
-    /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
-    /// the norm, the backward writes it again from x̂ (rmsnorm_apply) for their weight
-    /// gradients, instead of keeping two per layer.
-    xn: DPtr<Bf16>,
-    /// silu(gate)·up of the layer at hand: the forward writes it, the backward writes it
-    /// again (swiglu_backward) instead of keeping one per layer.
-    act: DPtr<Bf16>,
-}
-
-impl Acts {
-    fn training(&self) -> bool {
-        matches!(self.role, Role::Train { .. })
-    }
-}
-
-/// The layers' backward buffers for `cap` tokens, views into `Shared`.
-#[derive(Clone, Copy)]
-struct BackActs {
-    dx: DPtr<f32>,
-    dx16: DPtr<Bf16>,
-    dxn: DPtr<f32>,
-    dxf: DPtr<f32>,
-    dact: DPtr<Bf16>,
-    /// [dgate | dup], the layout of `gu`.
-    dgu: DPtr<Bf16>,
-    datt: DPtr<Bf16>,
-    delta: DPtr<f32>,
-    dqkv32: DPtr<f32>,
-    dqkv16: DPtr<Bf16>,
-}
-
-/// LM-head buffers for up to `rows` rows (grow-only): the rows gathered from xf, and one
-/// chunk's fp32 logits.
-struct Head {
-    rows: usize,
-    chunk: usize,
-    /// `[rows, h]`: the gather's f32 output in forward, dlogits·W in backward.
-    xr32: DPtr<f32>,
-    xr16: DPtr<Bf16>,
-    logits: DPtr<f32>,
-    _pool: Pool,
-}
-
-/// Training only (grow-only): memory that three phases of a training step use in turn.
-/// The layers' forward: `Work` (x from the start, xn and act after the backward's
-/// buffers). The LM head: every row's softmax (bf16 `[rows, V]`, from the start), turned
-/// into dlogits in place by the backward. The layers' backward, once the head's two GEMMs
-/// have read dlogits: `BackActs` from the start, and xn and act again. Each phase's
-/// buffers are dead in the others (one stream, in order), so it takes the largest phase,
-/// not their sum. Its token capacity `cap` is the activations'.
-struct Shared {
-    rows: usize,
-    cap: usize,
-    mem: DPtr<u16>,
-    _pool: Pool,
-}
-
-impl Shared {
-    /// The softmax of `rows` rows of `vocab`.
-    fn probs(&self, rows: usize, vocab: usize) -> Result<DPtr<Bf16>> {
-        self.mem.cast(0, rows * vocab)
-    }
-
-    /// The working buffers of a training set: x from the start (over the backward's
-    /// buffers, which are dead while it lives), xn and act after the backward's buffers.
-    fn work(&self, cfg: &LlamaConfig) -> Result<Work> {
-        let (h, i, cap) = (cfg.hidden_size, cfg.intermediate_size, self.cap);
-        let after = back_bytes(cfg) * cap / 2; // in bf16 elements
-        Ok(Work {
-            x: self.mem.cast(0, cap * h)?,
-            xn: self.mem.cast(after, cap * h)?,
-            act: self.mem.cast(after + cap * h, cap * i)?,
-        })
-    }
-
-    /// The backward's buffers, one after another from the start (each a whole number of
-    /// 256-byte blocks at `cap`, a multiple of 64, so no padding between them).
-    fn back(&self, cfg: &LlamaConfig) -> Result<BackActs> {
-        let (h, i, qd, qkvd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), qkv_dim(cfg), cfg.n_heads);
-        let cap = self.cap;
-        let mut at = 0; // in bf16 elements
-        let mut take = |elems: usize, size: usize| {
-            let start = at;
-            at += elems * size / 2;
-            start
-        };
-        let m = self.mem;
-        let back = BackActs {
-            dx: m.cast(take(cap * h, 4), cap * h)?,
-            dxn: m.cast(take(cap * h, 4), cap * h)?,
-            dxf: m.cast(take(cap * h, 4), cap * h)?,
-            delta: m.cast(take(cap * nh, 4), cap * nh)?,
-            dqkv32: m.cast(take(cap * qkvd, 4), cap * qkvd)?,
-            dx16: m.cast(take(cap * h, 2), cap * h)?,
-            dact: m.cast(take(cap * i, 2), cap * i)?,
-            dgu: m.cast(take(cap * 2 * i, 2), cap * 2 * i)?,
-            datt: m.cast(take(cap * qd, 2), cap * qd)?,
-            dqkv16: m.cast(take(cap * qkvd, 2), cap * qkvd)?,
-        };
-        debug_assert_eq!(at, back_bytes(cfg) * cap / 2, "`work` places xn right after these");
-        Ok(back)
-    }
-}
-
-/// A layer's tensors (`CudaEngine::li`) that run as one GEMM: q|k|v and gate|up.
-const QKV: (usize, usize) = (1, 3);
-const GATE_UP: (usize, usize) = (6, 7);
-
-/// Width of a layer's fused q|k|v projection.
-fn qkv_dim(cfg: &LlamaConfig) -> usize {
-    cfg.q_dim() + 2 * cfg.kv_dim()
-}
 
 /// Batch data on the device.
 struct BatchDev {
@@ -245,18 +75,20 @@ struct BatchDev {
 pub struct CudaEngine {
     cfg: LlamaConfig,
     gpu: Gpu,
-    /// Per tensor in `specs` order: (offset, length) in the flat buffers.
-    offsets: Vec<(usize, usize)>,
-    names: Vec<String>,
-    total: usize,
+    /// Where each tensor lies in the flat buffers (`wbf`, `master_lo`, `grad`, `moments`).
+    layout: ParamLayout,
     /// The fp32 master weights, as two halves: `wbf`, the bf16 working copy the GEMMs
     /// read (each master rounded), and `master_lo`, the 16-bit remainder that makes it
     /// exact (kernels/adamw.cu): 4 bytes per parameter, not 6 for an fp32 master and a
     /// bf16 copy.
     wbf: DBuf<Bf16>,
     master_lo: DBuf<u16>,
+    /// The weights the kernels and GEMMs read: named views of `wbf`.
+    w: Params<DPtr<Bf16>>,
     /// fp32 gradients, from the first training step on (forward-only engines hold none).
     grad: Option<DBuf<f32>>,
+    /// Named views of `grad`.
+    dw: Option<Params<DPtr<f32>>>,
     moments: Option<(DBuf<f32>, DBuf<f32>, u64)>,
     inv_freq: DBuf<f32>,
     zero_freq: DBuf<f32>,
@@ -268,7 +100,6 @@ pub struct CudaEngine {
     head_chunk: usize,
     shared: Option<Shared>,
     peak_bytes: u64,
-    prof: Profiler,
 }
 
 /// Why the CUDA engine cannot run a model of this config (`None`: it can).
@@ -286,151 +117,6 @@ pub fn unsupported(cfg: &LlamaConfig) -> Option<String> {
         ));
     }
     None
-}
-
-/// Rows per LM-head logits chunk: about 64M fp32 logits (256 MB) at a time, in whole
-/// 64-row tiles of the GEMM: 512 rows at a 128K vocabulary, where each chunk's GEMM does
-/// ~340 FLOPs per byte it moves (the bf16 head weight read, the f32 logits written; an
-/// H200 is compute-bound above ~206 (989 TFLOP/s over 4.8 TB/s), where 256-row chunks sat).
-fn head_chunk_rows(vocab: usize) -> usize {
-    ((64usize << 20) / vocab.max(1) / 64 * 64).clamp(64, 8192)
-}
-
-/// Device memory the engine allocates for a model, by part, in bytes: what `with_gpu`, the
-/// first `optimizer_step` and the grow-only activation, LM-head and softmax buffers take
-/// for micro-batches of up to `tokens` tokens and `head_rows` LM-head rows. Left out:
-/// cuBLASLt's workspace and the kernel modules (allocated by the libraries), each batch's
-/// uploads (~20 bytes per token), and buffers under a megabyte (rotary tables,
-/// gradient-norm partials). tests/kernel_sim.rs checks it against the allocations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct MemoryPlan {
-    /// Master weights (bf16 working copy + 16-bit remainder).
-    pub weights: u64,
-    /// fp32 gradients (from the first training step).
-    pub grads: u64,
-    /// AdamW's fp32 m and v (from the first optimizer step).
-    pub moments: u64,
-    /// What every layer keeps for the backward (forward only: one layer's buffers).
-    pub saved_activations: u64,
-    /// The final norm's output, and the residual stream and one layer's working buffers
-    /// (forward only: training keeps those in `softmax_or_backward`).
-    pub scratch: u64,
-    /// The gathered head rows and one chunk of fp32 logits.
-    pub head: u64,
-    /// The bf16 softmax of every head row, in memory that the layers' working buffers use
-    /// before it is written and, with the backward's buffers, after the head's backward has
-    /// read it: the largest of the three (training only).
-    pub softmax_or_backward: u64,
-}
-
-impl MemoryPlan {
-    pub fn total(&self) -> u64 {
-        self.weights
-            + self.grads
-            + self.moments
-            + self.saved_activations
-            + self.scratch
-            + self.head
-            + self.softmax_or_backward
-    }
-}
-
-/// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the gradients, the
-/// moments, every layer's activations, the softmax and the backward's buffers, which
-/// forward-only use (reference log-probs, eval, scoring) does not allocate.
-pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    plan(cfg, flat_len(cfg), tokens, head_rows, train)
-}
-
-/// Elements a tensor of `numel` takes in the flat parameter buffers: padded to a multiple
-/// of 8, so that every tensor starts 32-byte aligned in f32 and 16-byte aligned in bf16.
-fn padded(numel: usize) -> usize {
-    numel.div_ceil(8) * 8
-}
-
-/// Elements of the flat parameter buffers.
-fn flat_len(cfg: &LlamaConfig) -> usize {
-    LlamaWeights::specs(cfg).iter().map(|s| padded(s.numel())).sum()
-}
-
-/// `memory_plan` for `params` elements of flat parameter buffers.
-fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
-    let (h, i, qd, nh, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads, cfg.vocab_size);
-    let qkvd = qkv_dim(cfg);
-    let cap = tokens.next_multiple_of(64);
-    let chunk = head_chunk_rows(v).min(head_rows);
-    let (f32b, bf16b) = (4, 2);
-    let t = |x: usize| if train { x } else { 0 };
-    // Per token (ensure_acts): `LayerActs` (one set per layer, or one without x̂ in all),
-    // `Acts`' single buffers: rstd and the output of the final norm, and either its x̂
-    // (training) or `Work` (x, xn, act: forward only).
-    let layer = f32b * (2 + nh) + bf16b * (qkvd + qd + 2 * i) + t(bf16b * 2 * h);
-    let work = f32b * h + bf16b * (h + i);
-    let single = f32b + bf16b * h + if train { bf16b * h } else { work };
-    let b = |x: usize| x as u64;
-    MemoryPlan {
-        weights: b(params * 2 * 2),
-        grads: b(t(params * f32b)),
-        moments: b(t(params * 2 * f32b)),
-        saved_activations: b(cap * if train { cfg.n_layers } else { 1 } * layer),
-        scratch: b(cap * single),
-        head: b(head_rows * h * (f32b + bf16b) + chunk * v * f32b),
-        softmax_or_backward: b(t(shared_bytes(cfg, head_rows, cap))),
-    }
-}
-
-/// Bytes of `Shared` for `rows` head rows and `cap` tokens: the softmax, or the backward's
-/// buffers with xn and act, whichever is larger (x fits inside the backward's buffers).
-fn shared_bytes(cfg: &LlamaConfig, rows: usize, cap: usize) -> usize {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    (rows * cfg.vocab_size * 2).max(cap * (back_bytes(cfg) + 2 * (h + i)))
-}
-
-/// Bytes per token of the backward's buffers (`BackActs`).
-fn back_bytes(cfg: &LlamaConfig) -> usize {
-    let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
-    let qkvd = qkv_dim(cfg);
-    4 * (3 * h + nh + qkvd) + 2 * (h + 3 * i + qd + qkvd)
-}
-
-/// The part of a plan that grows with the micro-batch.
-fn batch_bytes(p: &MemoryPlan) -> u64 {
-    p.saved_activations + p.scratch + p.head + p.softmax_or_backward
-}
-
-/// Why a micro-batch of `n` tokens and `rows` head rows does not fit in `available`
-/// bytes (`None`: it does), and the most tokens (in 64s) that would, at the same share of
-/// head rows.
-fn room_error(cfg: &LlamaConfig, n: usize, rows: usize, train: bool, available: u64) -> Option<String> {
-    let params = flat_len(cfg);
-    let full = plan(cfg, params, n, rows, train);
-    let need = batch_bytes(&full);
-    if need <= available {
-        return None;
-    }
-    let fit = |k: usize| batch_bytes(&plan(cfg, params, k, (k * rows).div_ceil(n), train)) <= available;
-    // Nearly linear in the tokens (one logits chunk is not): start from the linear
-    // estimate and step down.
-    let mut k = (n as f64 * available as f64 / need as f64) as usize / 64 * 64;
-    while k > 0 && !fit(k) {
-        k -= 64;
-    }
-    let advice = if k > 0 {
-        format!("lower --micro-batch-tokens to {k} or less")
-    } else {
-        "not even 64 tokens fit beside the model's weights, gradients and AdamW state: train a smaller model".into()
-    };
-    Some(format!(
-        "a micro-batch of {n} tokens needs {} of device memory (saved activations {}, scratch {}, LM head {}, \
-         softmax / backward buffers {}), and {} are free beside the model's state ({}); {advice}",
-        gb(need),
-        gb(full.saved_activations),
-        gb(full.scratch),
-        gb(full.head),
-        gb(full.softmax_or_backward),
-        gb(available),
-        gb(full.weights + full.grads + full.moments),
-    ))
 }
 
 impl CudaEngine {
@@ -453,16 +139,10 @@ impl CudaEngine {
             return Err(Error::invalid(why));
         }
         let hd = cfg.head_dim;
-        let specs = LlamaWeights::specs(&cfg);
-        let mut offsets = Vec::with_capacity(specs.len());
-        let mut total = 0;
-        for s in &specs {
-            offsets.push((total, s.numel()));
-            total += padded(s.numel());
-        }
-        let names = specs.iter().map(|s| s.name.clone()).collect();
-        let wbf = gpu.alloc::<Bf16>(total)?;
-        let master_lo = gpu.alloc::<u16>(total)?;
+        let layout = ParamLayout::new(&cfg)?;
+        let wbf = gpu.alloc::<Bf16>(layout.total)?;
+        let master_lo = gpu.alloc::<u16>(layout.total)?;
+        let w = layout.views(gpu.ptr(&wbf))?;
         let inv_freq = gpu.upload(&cfg.inv_freq())?;
         let zero_freq = gpu.upload(&vec![0f32; hd / 2])?;
         let norm_partial = gpu.alloc::<f64>(gpu.k.grad_norm_blocks())?;
@@ -471,12 +151,12 @@ impl CudaEngine {
         let mut e = CudaEngine {
             cfg,
             gpu,
-            offsets,
-            names,
-            total,
+            layout,
             wbf,
             master_lo,
+            w,
             grad: None,
+            dw: None,
             moments: None,
             inv_freq,
             zero_freq,
@@ -487,7 +167,6 @@ impl CudaEngine {
             head_chunk,
             shared: None,
             peak_bytes: 0,
-            prof: Profiler::default(),
         };
         e.set_weights(&weights)?;
         e.note_memory();
@@ -502,67 +181,21 @@ impl CudaEngine {
 
     // --- parameters
 
-    fn tensor_f32(&self, buf: &DBuf<f32>, i: usize) -> Result<DPtr<f32>> {
-        let (o, l) = self.offsets[i];
-        self.gpu.ptr(buf).slice(o, l)
-    }
-
-    fn w16(&self, i: usize) -> Result<DPtr<Bf16>> {
-        let (o, l) = self.offsets[i];
-        self.gpu.ptr(&self.wbf).slice(o, l)
-    }
-
-    /// Index in `specs` of layer `l`'s tensor `j` (0 input_norm, 1 q, 2 k, 3 v, 4 o,
-    /// 5 post_norm, 6 gate, 7 up, 8 down); the embedding is 0, then the layers.
-    fn li(l: usize, j: usize) -> usize {
-        1 + 9 * l + j
-    }
-    fn final_norm(&self) -> usize {
-        1 + 9 * self.cfg.n_layers
-    }
-    /// The LM head's tensor: its own, or the tied embedding.
-    fn head_index(&self) -> usize {
-        if self.cfg.tie_word_embeddings {
-            0
-        } else {
-            self.final_norm() + 1
-        }
-    }
-
-    /// Tensors `first..=last` as one span of the flat buffers (they must be adjacent:
-    /// q, k, v of a layer form one [q+2kv, hidden] matrix).
-    fn adjacent(&self, first: usize, last: usize) -> Result<(usize, usize)> {
-        let mut len = 0;
-        for i in first..=last {
-            if self.offsets[i].0 != self.offsets[first].0 + len {
-                return Err(Error::Cuda(format!("tensors {first}..={last} are not adjacent in the flat buffers")));
-            }
-            len += self.offsets[i].1;
-        }
-        Ok((self.offsets[first].0, len))
-    }
-
-    /// Layer `l`'s tensors `first..=last` (`QKV`, `GATE_UP`), adjacent in the flat buffers,
-    /// as one `[rows, hidden]` matrix of the bf16 working copy: one GEMM for all of them.
-    fn fused16(&self, l: usize, (first, last): (usize, usize)) -> Result<DPtr<Bf16>> {
-        let (o, len) = self.adjacent(Self::li(l, first), Self::li(l, last))?;
-        self.gpu.ptr(&self.wbf).slice(o, len)
-    }
-
-    /// The gradients of `fused16`'s tensors, as one matrix.
-    fn fused_grad(&self, l: usize, (first, last): (usize, usize)) -> Result<DPtr<f32>> {
-        let (o, len) = self.adjacent(Self::li(l, first), Self::li(l, last))?;
-        self.gpu.ptr(self.grad()).slice(o, len)
-    }
-
     /// The gradient buffer (`ensure_grad` allocated it).
     fn grad(&self) -> &DBuf<f32> {
         self.grad.as_ref().expect("ensure_grad ran before any gradient use")
     }
 
+    /// The named views of the gradient buffer (`ensure_grad` allocated it).
+    fn dw(&self) -> &Params<DPtr<f32>> {
+        self.dw.as_ref().expect("ensure_grad ran before any gradient use")
+    }
+
     fn ensure_grad(&mut self) -> Result<()> {
         if self.grad.is_none() {
-            self.grad = Some(self.gpu.alloc::<f32>(self.total)?);
+            let grad = self.gpu.alloc::<f32>(self.layout.total)?;
+            self.dw = Some(self.layout.views(self.gpu.ptr(&grad))?);
+            self.grad = Some(grad);
             self.note_memory();
         }
         Ok(())
@@ -575,8 +208,8 @@ impl CudaEngine {
     /// The tensors of a flat buffer's contents.
     fn unflatten(&self, flat: &[f32]) -> LlamaWeights {
         let mut w = LlamaWeights::zeros(&self.cfg);
-        for (t, &(o, l)) in w.tensors_mut().into_iter().zip(&self.offsets) {
-            t.copy_from_slice(&flat[o..o + l]);
+        for (t, (_, s)) in w.tensors_mut().into_iter().zip(&self.layout.tensors) {
+            t.copy_from_slice(&flat[s.offset..s.offset + s.len]);
         }
         w
     }
@@ -591,8 +224,9 @@ impl CudaEngine {
                 specs.len()
             )));
         }
-        let mut flat = vec![0f32; self.total];
-        for ((t, s), &(o, l)) in tensors.iter().zip(&specs).zip(&self.offsets) {
+        let mut flat = vec![0f32; self.layout.total];
+        for ((t, s), (_, span)) in tensors.iter().zip(&specs).zip(&self.layout.tensors) {
+            let (o, l) = (span.offset, span.len);
             if t.len() != l {
                 return Err(Error::invalid(format!(
                     "{what}: tensor `{}` has {} values, expected {l} (shape {:?})",
@@ -616,32 +250,7 @@ impl CudaEngine {
         let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap)).next_multiple_of(64);
         let train = train || self.acts.as_ref().is_some_and(|a| a.training());
         self.acts = None; // free the old set first
-        let cfg = &self.cfg;
-        let (h, i, qd, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
-        let qkvd = qkv_dim(cfg);
-        let g = &self.gpu;
-        let mut p = Pool::default();
-        // x̂ (bf16, cap × hidden), for training only.
-        let xhat = |p: &mut Pool| if train { p.bf16(g, cap * h) } else { Ok(null()) };
-        let n_sets = if train { cfg.n_layers } else { 1 };
-        let mut layers = Vec::with_capacity(n_sets);
-        for _ in 0..n_sets {
-            layers.push(LayerActs {
-                rstd1: p.f32(g, cap)?,
-                qkv: p.bf16(g, cap * qkvd)?,
-                att: p.bf16(g, cap * qd)?,
-                lse: p.f32(g, cap * nh)?,
-                xhat1: xhat(&mut p)?,
-                xhat2: xhat(&mut p)?,
-                rstd2: p.f32(g, cap)?,
-                gu: p.bf16(g, cap * 2 * i)?,
-            });
-        }
-        let role = match train {
-            true => Role::Train { xhat_f: xhat(&mut p)? },
-            false => Role::Forward(Work { x: p.f32(g, cap * h)?, xn: p.bf16(g, cap * h)?, act: p.bf16(g, cap * i)? }),
-        };
-        self.acts = Some(Acts { cap, layers, rstd_f: p.f32(g, cap)?, xf: p.bf16(g, cap * h)?, role, _pool: p });
+        self.acts = Some(Acts::new(&self.gpu, &self.cfg, cap, train)?);
         self.note_memory();
         Ok(())
     }
@@ -656,10 +265,10 @@ impl CudaEngine {
         // What is held now (as planned for the kind of pass it was made for; a regrowth
         // frees it first), and what this pass holds, with the gradients (this step) and
         // moments (the first update) that training adds if not allocated yet.
-        let now = plan(&self.cfg, self.total, cap, head_rows, trained);
+        let now = plan(&self.cfg, self.layout.total, cap, head_rows, trained);
         let held = now.saved_activations + now.scratch + now.head + shared;
         let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || trained);
-        let after = plan(&self.cfg, self.total, n, rows, train);
+        let after = plan(&self.cfg, self.layout.total, n, rows, train);
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
         let pending = missing(self.grad.is_none(), after.grads) + missing(self.moments.is_none(), after.moments);
         if batch_bytes(&after) + pending <= held {
@@ -679,18 +288,7 @@ impl CudaEngine {
             return Ok(());
         }
         self.head = None;
-        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let chunk = self.head_chunk.min(rows);
-        let g = &self.gpu;
-        let mut p = Pool::default();
-        self.head = Some(Head {
-            rows,
-            chunk,
-            xr32: p.f32(g, rows * h)?,
-            xr16: p.bf16(g, rows * h)?,
-            logits: p.f32(g, chunk * v)?,
-            _pool: p,
-        });
+        self.head = Some(Head::new(&self.gpu, &self.cfg, rows, self.head_chunk.min(rows))?);
         self.note_memory();
         Ok(())
     }
@@ -716,9 +314,7 @@ impl CudaEngine {
             None => (rows, cap),
         };
         self.shared = None;
-        let mut pool = Pool::default();
-        let mem = pool.bf16(&self.gpu, shared_bytes(&self.cfg, rows, cap) / 2)?;
-        self.shared = Some(Shared { rows, cap, mem, _pool: pool });
+        self.shared = Some(Shared::new(&self.gpu, &self.cfg, rows, cap)?);
         self.note_memory();
         Ok(())
     }
@@ -766,7 +362,7 @@ impl CudaEngine {
     /// Runs the model over the batch and the LM head over its target rows; leaves the
     /// per-row log-probs in `b.row_logp`.
     fn forward(&mut self, b: &BatchDev, n: usize, train: bool) -> Result<()> {
-        self.prof.drop_open();
+        self.gpu.prof.drop_open();
         self.check_room(n, b.plan.rows.len(), train)?;
         self.ensure_acts(n, train)?;
         self.ensure_head(b.plan.rows.len())?;
@@ -779,14 +375,14 @@ impl CudaEngine {
         let qkvd = qkv_dim(&cfg);
         let eps = cfg.rms_norm_eps;
         let a = self.acts.as_ref().expect("allocated above");
-        let (work, xhat_f) = match a.role {
-            Role::Forward(w) => (w, null()),
-            Role::Train { xhat_f } => (self.shared.as_ref().expect("allocated above").work(&cfg)?, xhat_f),
+        let work = match a.work {
+            Some(w) => w,
+            None => self.shared.as_ref().expect("allocated above").work(&cfg)?,
         };
         let (x, xn, act) = (work.x.slice(0, n * h)?, work.xn, work.act);
         // What only the backward reads (the norms' x̂) is written in training only.
         let keep = |p: DPtr<Bf16>| if train { p } else { null() };
-        let (layers, rstd_f, xf) = (a.layers.clone(), a.rstd_f, a.xf);
+        let (layers, rstd_f, xf, xhat_f) = (a.layers.clone(), a.fin.rstd_f, a.fin.xf, a.fin.xhat_f);
         let g = &self.gpu;
         let tokens = g.ptr(&b.tokens);
         let pos = g.ptr(&b.positions);
@@ -794,56 +390,41 @@ impl CudaEngine {
         let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
         let d = self.dims(n);
 
-        // Sections for the profiler; the residual adds are the GEMMs' (x += …, in place).
-        self.prof.section(g, Category::NormElementwise)?;
-        g.k.embedding_forward(x, self.w16(0)?, tokens, h)?;
+        // The residual adds are the GEMMs' (x += …, in place).
+        g.k.embedding_forward(x, self.w.embed, tokens, h)?;
         for l in 0..cfg.n_layers {
             // Forward only: one set of buffers serves every layer in turn.
             let la = &layers[if train { l } else { 0 }];
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            let lw = self.w.layers[l];
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, self.w16(Self::li(l, 0))?, n, h, eps)?;
-            let wqkv = self.fused16(l, QKV)?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_bf16(la.qkv, xn, wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            k.rmsnorm_forward(xn, la.rstd1, keep(la.xhat1), x, lw.attn_norm, n, h, eps)?;
+            self.gpu.gemm.gemm_bf16(la.qkv, xn, lw.wqkv, &GemmShape::new(n, qkvd, h, false, true), 1.0, 0.0)?;
             let k = &self.gpu.k;
             k.rope_forward(la.qkv, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd)?;
             k.rope_forward(la.qkv.slice(qd, la.qkv.len - qd)?, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd)?;
             let (q, kk, v) =
                 (la.qkv, la.qkv.slice(qd, la.qkv.len - qd)?, la.qkv.slice(qd + kvd, la.qkv.len - qd - kvd)?);
-            self.prof.section(&self.gpu, Category::Attention)?;
             k.attention_forward(la.att, la.lse, q, kk, v, &mask, &d)?;
-            let wo = self.w16(Self::li(l, 4))?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(x, la.att, wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?; // x_mid
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            self.gpu.gemm.gemm_f32(x, la.att, lw.wo, &GemmShape::new(n, h, qd, false, true), 1.0, 1.0)?; // x_mid
             let k = &self.gpu.k;
-            k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x, self.w16(Self::li(l, 5))?, n, h, eps)?;
-            let (wgu, wd) = (self.fused16(l, GATE_UP)?, self.w16(Self::li(l, 8))?);
-            self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_bf16(la.gu, xn, wgu, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            k.rmsnorm_forward(xn, la.rstd2, keep(la.xhat2), x, lw.mlp_norm, n, h, eps)?;
+            self.gpu.gemm.gemm_bf16(la.gu, xn, lw.w_gate_up, &GemmShape::new(n, 2 * i, h, false, true), 1.0, 0.0)?;
             self.gpu.k.swiglu_forward(act, la.gu, n, i)?;
-            self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(x, act, wd, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
+            self.gpu.gemm.gemm_f32(x, act, lw.w_down, &GemmShape::new(n, h, i, false, true), 1.0, 1.0)?;
         }
-        self.prof.section(&self.gpu, Category::NormElementwise)?;
-        self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(xhat_f), x, self.w16(self.final_norm())?, n, h, eps)?;
-        self.prof.section(&self.gpu, Category::LmHead)?;
-        self.head_forward(b, train)?;
-        // The host reads the log-probs next.
-        self.prof.pause(&self.gpu)
+        self.gpu.k.rmsnorm_forward(xf, rstd_f, keep(xhat_f), x, self.w.final_norm, n, h, eps)?;
+        self.head_forward(b, train)
     }
 
     /// The LM head over the batch's head rows: gathered from xf, then chunk by chunk the
     /// logits and their log-probs (and, in training, the softmax kept for the backward).
     fn head_forward(&mut self, b: &BatchDev, train: bool) -> Result<()> {
+        let _head = self.gpu.prof.scope(Category::LmHead);
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let total = b.plan.rows.len();
         let hb = self.head.as_ref().expect("allocated in forward");
         let (xr32, xr16, logits, chunk) = (hb.xr32.slice(0, total * h)?, hb.xr16, hb.logits, hb.chunk);
-        let xf = self.acts.as_ref().expect("allocated in forward").xf;
+        let xf = self.acts.as_ref().expect("allocated in forward").fin.xf;
         let probs = match train {
             true => Some(self.shared.as_ref().expect("allocated in forward").probs(total, v)?),
             false => None,
@@ -852,7 +433,7 @@ impl CudaEngine {
         // A row gather is an embedding lookup into xf.
         g.k.embedding_forward(xr32, xf, g.ptr(&b.rows), h)?;
         g.k.cast_f32_bf16(xr16, xr32, total * h)?;
-        let w = self.w16(self.head_index())?;
+        let w = self.w.lm_head;
         for r0 in (0..total).step_by(chunk) {
             let rows = chunk.min(total - r0);
             let shape = GemmShape::new(rows, v, h, false, true);
@@ -893,8 +474,7 @@ impl CudaEngine {
         let qkvd = qkv_dim(&cfg);
         let dl_dev = self.gpu.upload(dlogp_rows)?;
         let a = self.acts.as_ref().expect("forward ran");
-        let Role::Train { xhat_f } = a.role else { unreachable!("a training forward made a training set") };
-        let xhat_f = xhat_f.slice(0, n * h)?;
+        let xhat_f = a.fin.xhat_f.slice(0, n * h)?; // a training forward made a training set
         let shared = self.shared.as_ref().expect("a training forward allocated it");
         // The backward's buffers, xn and act share the softmax's memory: nothing below
         // writes them before the head's two GEMMs have read dlogits (one stream, in order).
@@ -905,17 +485,16 @@ impl CudaEngine {
         let (dact, dgu) = (bk.dact.slice(0, n * i)?, bk.dgu.slice(0, n * 2 * i)?);
         let (xn, act) = (work.xn.slice(0, n * h)?, work.act.slice(0, n * i)?);
         let (datt, delta, dqkv32, dqkv16) = (bk.datt, bk.delta, bk.dqkv32, bk.dqkv16);
-        let rstd_f = a.rstd_f;
+        let rstd_f = a.fin.rstd_f;
 
         // LM head over all its rows at once, from the forward's softmax: dlogits in place
         // of it, the rows' dxf = dlogits·W, dW_head += dlogitsᵀ·x.
-        self.prof.section(&self.gpu, Category::LmHead)?;
+        let head = self.gpu.prof.scope(Category::LmHead);
         let total = b.plan.rows.len();
         let dlogits = shared.probs(total, v)?;
         let hb = self.head.as_ref().expect("forward ran");
         let (dxr, xr16) = (hb.xr32.slice(0, total * h)?, hb.xr16.slice(0, total * h)?);
-        let head_grad = self.tensor_f32(self.grad(), self.head_index())?;
-        let w_head = self.w16(self.head_index())?;
+        let (head_grad, w_head) = (self.dw().lm_head, self.w.lm_head);
         let g = &self.gpu;
         let (logp, tgt) = (g.ptr(&b.row_logp), g.ptr(&b.targets));
         g.k.logprobs_backward(dlogits, logp, tgt, g.ptr(&dl_dev), total, v, v)?;
@@ -925,10 +504,9 @@ impl CudaEngine {
         let g = &self.gpu;
         g.k.zero(dxf)?;
         g.k.embedding_backward(dxf, dxr, g.ptr(&b.rows), h, None)?; // scatter back to the rows
-        let fnorm = self.final_norm();
-        self.prof.section(&self.gpu, Category::NormElementwise)?;
+        drop(head);
         let g = &self.gpu;
-        let (gnorm, wnorm) = (self.tensor_f32(self.grad(), fnorm)?, self.w16(fnorm)?);
+        let (gnorm, wnorm) = (self.dw().final_norm, self.w.final_norm);
         // dx16: the last layer's MLP input gradient, for its GEMMs.
         g.k.rmsnorm_backward(dx, dx16, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
 
@@ -937,42 +515,29 @@ impl CudaEngine {
         let mask = AttnMaskDev { group: g.ptr(&b.group), branch: g.ptr(&b.branch), group_start: g.ptr(&b.group_start) };
         let d = self.dims(n);
         for l in (0..cfg.n_layers).rev() {
-            let la = layers[l];
-            let gws = (0..9).map(|j| self.tensor_f32(self.grad(), Self::li(l, j))).collect::<Result<Vec<_>>>()?;
-            let gw = |j: usize| -> Result<DPtr<f32>> { Ok(gws[j]) };
+            let (la, lw, lg) = (layers[l], self.w.layers[l], self.dw().layers[l]);
             // MLP: x_out = x_mid + act·Wdᵀ, act = silu(gate)·up, [gate | up] = xn2·[Wg;Wu]ᵀ.
             // dx16 = bf16(dx): the norm backward before this wrote it.
-            let (wgu, wd) = (self.fused16(l, GATE_UP)?, self.w16(Self::li(l, 8))?);
-            let (ggu, gd) = (self.fused_grad(l, GATE_UP)?, gw(8)?);
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_bf16(dact, dx16, wd, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            gm.gemm_bf16(dact, dx16, lw.w_down, &GemmShape::new(n, i, h, false, false), 1.0, 0.0)?;
             let gu = la.gu.slice(0, n * 2 * i)?;
             self.gpu.k.swiglu_backward(dgu, act, dact, gu, n, i)?; // act: this layer's again
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_f32(gd, dx16, act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
+            gm.gemm_f32(lg.w_down, dx16, act, &GemmShape::new(h, i, n, true, false), 1.0, 1.0)?;
             // dxn = dgate·Wg + dup·Wu as one GEMM over K = 2·intermediate.
-            gm.gemm_f32(dxn, dgu, wgu, &GemmShape::new(n, h, 2 * i, false, false), 1.0, 0.0)?;
-            let (gpost, wpost) = (gw(5)?, self.w16(Self::li(l, 5))?);
+            gm.gemm_f32(dxn, dgu, lw.w_gate_up, &GemmShape::new(n, h, 2 * i, false, false), 1.0, 0.0)?;
             let xhat2 = la.xhat2.slice(0, n * h)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_apply(xn, xhat2, wpost, n, h)?; // this layer's xn2 again
-            self.prof.section(&self.gpu, Category::Gemm)?;
+            self.gpu.k.rmsnorm_apply(xn, xhat2, lw.mlp_norm, n, h)?; // this layer's xn2 again
             let gm = &mut self.gpu.gemm;
             // [dWg; dWu] += [dgate | dup]ᵀ·xn2, into the adjacent gradients.
-            gm.gemm_f32(ggu, dgu, xn, &GemmShape::new(2 * i, h, n, true, false), 1.0, 1.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_backward(dx, dx16, gpost, dxn, xhat2, wpost, la.rstd2, n, h, true)?;
+            gm.gemm_f32(lg.w_gate_up, dgu, xn, &GemmShape::new(2 * i, h, n, true, false), 1.0, 1.0)?;
+            let k = &self.gpu.k;
+            k.rmsnorm_backward(dx, dx16, lg.mlp_norm, dxn, xhat2, lw.mlp_norm, la.rstd2, n, h, true)?;
 
             // attention: x_mid = x + att·Woᵀ (dx16 = bf16(dx) from the norm above)
-            let (wo, go) = (self.w16(Self::li(l, 4))?, gw(4)?);
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_bf16(datt, dx16, wo, &GemmShape::new(n, qd, h, false, false), 1.0, 0.0)?;
-            gm.gemm_f32(go, dx16, la.att, &GemmShape::new(h, qd, n, true, false), 1.0, 1.0)?;
-            self.prof.section(&self.gpu, Category::Attention)?;
+            gm.gemm_bf16(datt, dx16, lw.wo, &GemmShape::new(n, qd, h, false, false), 1.0, 0.0)?;
+            gm.gemm_f32(lg.wo, dx16, la.att, &GemmShape::new(h, qd, n, true, false), 1.0, 1.0)?;
             let k = &self.gpu.k;
             k.attention_backward_delta(delta, datt, la.att, &d)?;
             let (q, kk, vv) =
@@ -981,38 +546,32 @@ impl CudaEngine {
             let dv32 = dqkv32.slice(qd + kvd, dqkv32.len - qd - kvd)?;
             k.attention_backward(dqkv32, dk32, dv32, qkvd, qkvd, datt, q, kk, vv, la.lse, delta, &mask, &d)?;
             // dq, dk back through RoPE; dv copied (rotation by 0) — all into bf16 dqkv.
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
             let k = &self.gpu.k;
             k.rope_backward(dqkv16, dqkv32, pos, freq, n, cfg.n_heads, cfg.head_dim, qkvd, qkvd)?;
             let dk16 = dqkv16.slice(qd, dqkv16.len - qd)?;
             k.rope_backward(dk16, dk32, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let dv16 = dqkv16.slice(qd + kvd, dqkv16.len - qd - kvd)?;
             k.rope_backward(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
-            let (wqkv, gqkv) = (self.fused16(l, QKV)?, self.fused_grad(l, QKV)?);
-            self.prof.section(&self.gpu, Category::Gemm)?;
             let gm = &mut self.gpu.gemm;
-            gm.gemm_f32(dxn, dqkv16, wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
-            let (gin, win, xhat1) = (gw(0)?, self.w16(Self::li(l, 0))?, la.xhat1.slice(0, n * h)?);
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
-            self.gpu.k.rmsnorm_apply(xn, xhat1, win, n, h)?; // this layer's xn1 again
-            self.prof.section(&self.gpu, Category::Gemm)?;
-            self.gpu.gemm.gemm_f32(gqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
-            self.prof.section(&self.gpu, Category::NormElementwise)?;
+            gm.gemm_f32(dxn, dqkv16, lw.wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
+            let xhat1 = la.xhat1.slice(0, n * h)?;
+            self.gpu.k.rmsnorm_apply(xn, xhat1, lw.attn_norm, n, h)?; // this layer's xn1 again
+            self.gpu.gemm.gemm_f32(lg.wqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
             // dx16 for the next (lower) layer's MLP; layer 0's dx goes to the f32 embedding
             // backward only.
             let dx16_next = if l > 0 { dx16 } else { null() };
-            self.gpu.k.rmsnorm_backward(dx, dx16_next, gin, dxn, xhat1, win, la.rstd1, n, h, true)?;
+            let k = &self.gpu.k;
+            k.rmsnorm_backward(dx, dx16_next, lg.attn_norm, dxn, xhat1, lw.attn_norm, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
-        g.k.embedding_backward(self.tensor_f32(self.grad(), 0)?, dx, g.ptr(&b.tokens), h, self.cfg.pad_token_id)?;
-        self.prof.pause(&self.gpu)
+        g.k.embedding_backward(self.dw().embed, dx, g.ptr(&b.tokens), h, self.cfg.pad_token_id)?;
+        Ok(())
     }
 
     /// Global L2 norm of the gradient buffer (padding is zero, so it does not count).
     fn grad_norm(&mut self) -> Result<f64> {
         let g = &self.gpu;
         g.k.grad_norm(g.ptr(&self.norm_out), g.ptr(&self.norm_partial), g.ptr(self.grad()), false)?;
-        self.prof.pause(g)?; // the download waits for the stream
         Ok(g.download(g.ptr(&self.norm_out))?[0].sqrt())
     }
 
@@ -1054,7 +613,7 @@ impl Engine for CudaEngine {
         let b = self.upload_batch(batch)?;
         self.forward(&b, batch.n_tokens(), false)?;
         let logp = self.target_logps(&b)?;
-        self.prof.collect()?;
+        self.gpu.prof.collect()?;
         self.note_memory();
         Ok(PairLogps::sum_targets(batch, &logp))
     }
@@ -1084,7 +643,7 @@ impl Engine for CudaEngine {
         }
         self.backward(&b, n, &dl_rows)?;
         self.gpu.sync()?;
-        self.prof.collect()?;
+        self.gpu.prof.collect()?;
         self.note_memory();
         Ok(policy)
     }
@@ -1092,9 +651,8 @@ impl Engine for CudaEngine {
     /// Clips as torch's `clip_grad_norm_` and updates as `torch.optim.AdamW`, with no
     /// weight decay on `*norm*` tensors (HF Trainer), like the CPU engine.
     fn optimizer_step(&mut self, opt: &AdamWConfig, lr: f64) -> Result<f64> {
-        self.prof.drop_open();
+        self.gpu.prof.drop_open();
         self.ensure_grad()?; // no training step yet: zero gradients
-        self.prof.section(&self.gpu, Category::Optimizer)?;
         let norm = self.grad_norm()?;
         if !norm.is_finite() {
             self.zero_grads();
@@ -1107,8 +665,8 @@ impl Engine for CudaEngine {
             None => 1.0,
         };
         if self.moments.is_none() {
-            let m = self.gpu.alloc::<f32>(self.total)?;
-            let v = self.gpu.alloc::<f32>(self.total)?;
+            let m = self.gpu.alloc::<f32>(self.layout.total)?;
+            let v = self.gpu.alloc::<f32>(self.layout.total)?;
             self.moments = Some((m, v, 0));
             self.note_memory();
         }
@@ -1117,22 +675,22 @@ impl Engine for CudaEngine {
             mo.2 += 1;
             mo.2
         };
-        self.prof.section(&self.gpu, Category::Optimizer)?;
         let (m, v, _) = self.moments.as_ref().expect("set above");
         let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
         let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(&self.master_lo), self.gpu.ptr(self.grad()));
         // Runs of adjacent tensors with the same weight decay go in one launch (padding
         // between tensors is zero in every buffer and stays zero).
-        let wd_of = |i: usize| if self.names[i].contains("norm") { 0.0 } else { opt.weight_decay };
+        let tensors = &self.layout.tensors;
+        let wd_of = |i: usize| opt.decay_of(&tensors[i].0);
         let mut i = 0;
-        while i < self.offsets.len() {
+        while i < tensors.len() {
             let wd = wd_of(i);
             let mut j = i;
-            while j + 1 < self.offsets.len() && wd_of(j + 1) == wd {
+            while j + 1 < tensors.len() && wd_of(j + 1) == wd {
                 j += 1;
             }
-            let start = self.offsets[i].0;
-            let end = self.offsets[j].0 + self.offsets[j].1;
+            let start = tensors[i].1.offset;
+            let end = tensors[j].1.offset + tensors[j].1.len;
             let len = end - start;
             self.gpu.k.adamw_update(
                 hp.slice(start, len)?,
@@ -1151,9 +709,8 @@ impl Engine for CudaEngine {
             i = j + 1;
         }
         // adamw_update zeroed the gradients it read; the padding between tensors is zero.
-        self.prof.pause(&self.gpu)?;
         self.gpu.sync()?;
-        self.prof.collect()?;
+        self.gpu.prof.collect()?;
         Ok(norm)
     }
 
@@ -1206,19 +763,19 @@ impl Engine for CudaEngine {
     }
 
     /// Sections of the step timed by CUDA events on the stream (wall clock on the
-    /// simulator); see `Profiler`.
+    /// simulator); see `profile.rs`.
     fn set_profiling(&mut self, on: bool) -> bool {
-        self.prof = Profiler { on, ..Profiler::default() };
+        self.gpu.prof.reset(on);
         true
     }
 
     fn take_profile(&mut self) -> Option<Profile> {
-        if !self.prof.on {
+        if !self.gpu.prof.is_on() {
             return None;
         }
         // Steps collect as they end; this only reads what a failed step left (or fails).
-        self.prof.collect().ok()?;
-        Some(std::mem::take(&mut self.prof.total))
+        self.gpu.prof.collect().ok()?;
+        Some(self.gpu.prof.take())
     }
 
     fn peak_memory_bytes(&self) -> Option<u64> {
@@ -1248,151 +805,9 @@ fn gemm_peak_operand(len: usize) -> Vec<Bf16> {
         .collect()
 }
 
-// --- profiling
-
-/// A cut on the engine's timeline: a CUDA event recorded on its stream, or, on the kernel
-/// simulator (where every launch has finished when it returns), the wall clock.
-enum Cut {
-    Event(CudaEvent),
-    Wall(Instant),
-}
-
-/// Time per op category while `Engine::set_profiling` is on.
-///
-/// The step is cut into sections, each charged to one category: `section(c)` ends the
-/// open section and opens one for `c` (nothing when `c` is already open, so a run of one
-/// family costs one cut), and `pause()` ends it before the host waits on the stream or
-/// works on its own, so the device's idle time is charged to no one. Work outside every
-/// section (batch uploads, the loss on the host, waiting on the stream) is what
-/// `sdpo-run bench` reports as "other". On a device the cuts are events on the one stream,
-/// read by `collect` once the step has synchronised: a section's time is the device's time
-/// from its first launch to its last, launch gaps included. Events are kept for reuse, not
-/// created per cut. Off, each call is one branch.
-#[derive(Default)]
-struct Profiler {
-    on: bool,
-    /// Cuts since the last `collect`; sections refer to them by index.
-    cuts: Vec<Cut>,
-    /// Ended sections not yet read: (start cut, end cut, category).
-    ended: Vec<(usize, usize, Category)>,
-    open: Option<(usize, Category)>,
-    /// Events already read, to record again.
-    spare: Vec<CudaEvent>,
-    total: Profile,
-}
-
-impl Profiler {
-    fn cut(&mut self, gpu: &Gpu) -> Result<usize> {
-        let cut = match &gpu.stream {
-            None => Cut::Wall(Instant::now()),
-            Some(stream) => {
-                let event = match self.spare.pop() {
-                    Some(e) => e,
-                    // cudarc's default flags disable timing: ask for a timing event.
-                    None => stream
-                        .context()
-                        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                        .map_err(|e| Error::Cuda(format!("profiling: creating an event: {e}")))?,
-                };
-                event.record(stream).map_err(|e| Error::Cuda(format!("profiling: recording an event: {e}")))?;
-                Cut::Event(event)
-            }
-        };
-        self.cuts.push(cut);
-        Ok(self.cuts.len() - 1)
-    }
-
-    /// Charges what the stream runs from here on to `c`.
-    #[inline]
-    fn section(&mut self, gpu: &Gpu, c: Category) -> Result<()> {
-        if !self.on || self.open.is_some_and(|(_, o)| o == c) {
-            return Ok(());
-        }
-        let i = self.cut(gpu)?;
-        if let Some((start, o)) = self.open.take() {
-            self.ended.push((start, i, o));
-        }
-        self.open = Some((i, c));
-        Ok(())
-    }
-
-    /// Ends the open section, if any.
-    #[inline]
-    fn pause(&mut self, gpu: &Gpu) -> Result<()> {
-        if let Some((start, o)) = self.open.take() {
-            let i = self.cut(gpu)?;
-            self.ended.push((start, i, o));
-        }
-        Ok(())
-    }
-
-    /// Forgets a section left open by a step that failed half-way, so that the next step
-    /// does not charge the time in between to it.
-    #[inline]
-    fn drop_open(&mut self) {
-        self.open = None;
-    }
-
-    /// Adds the ended sections to the totals (waits for their end events: call it after
-    /// the step has synchronised) and recycles the events.
-    fn collect(&mut self) -> Result<()> {
-        if self.cuts.is_empty() {
-            return Ok(());
-        }
-        for (start, end, c) in std::mem::take(&mut self.ended) {
-            let secs = match (&self.cuts[start], &self.cuts[end]) {
-                (Cut::Event(a), Cut::Event(b)) => {
-                    a.elapsed_ms(b).map_err(|e| Error::Cuda(format!("profiling: reading events: {e}")))? as f64 / 1e3
-                }
-                (Cut::Wall(a), Cut::Wall(b)) => b.duration_since(*a).as_secs_f64(),
-                _ => unreachable!("one engine's cuts are all events or all instants"),
-            };
-            let total = &mut self.total;
-            *match c {
-                Category::Attention => &mut total.attention_s,
-                Category::Gemm => &mut total.gemm_s,
-                Category::LmHead => &mut total.lm_head_logprobs_s,
-                Category::NormElementwise => &mut total.norm_elementwise_s,
-                Category::Optimizer => &mut total.optimizer_s,
-            } += secs;
-        }
-        // A section still open here started in a step that failed; it is dropped.
-        self.open = None;
-        for cut in self.cuts.drain(..) {
-            if let Cut::Event(e) = cut {
-                self.spare.push(e);
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::Shape;
-
-    /// Llama 3 8B on an H200 (139 GiB, ~0.7 GB of it the context, cuBLASLt and the
-    /// modules): micro-batches of pairs of prompt 256 + answers 512 (1,280 tokens, 1,024
-    /// head rows each).
-    #[test]
-    fn a_micro_batch_too_large_for_the_device_names_one_that_fits() {
-        let cfg = Shape::Llama8b.config();
-        let state = |p: &MemoryPlan| p.weights + p.grads + p.moments;
-        let plan = |pairs: usize| memory_plan(&cfg, 1280 * pairs, 1024 * pairs, true);
-        let available = (139u64 << 30) - 700_000_000 - state(&plan(1));
-        assert_eq!(room_error(&cfg, 4 * 1280, 4 * 1024, true, available), None, "4 pairs fit: {:?}", plan(4));
-        let why = room_error(&cfg, 8 * 1280, 8 * 1024, true, available).expect("8 pairs do not fit");
-        println!("{why}");
-        let fits: usize =
-            why.split("to ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).expect("a token count");
-        assert!((4 * 1280..8 * 1280).contains(&fits), "{fits}");
-        // Those tokens fit, and 64 more do not (at the same share of head rows).
-        assert_eq!(room_error(&cfg, fits, (fits * 4).div_ceil(5), true, available), None);
-        assert!(room_error(&cfg, fits + 64, ((fits + 64) * 4).div_ceil(5), true, available).is_some());
-        let why = room_error(&cfg, 1280, 1024, true, 100_000_000).expect("0.1 GB holds no micro-batch");
-        assert!(why.contains("train a smaller model"), "{why}");
-    }
 
     #[test]
     fn gemm_peak_operand_is_random_and_in_range() {
