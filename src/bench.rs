@@ -51,6 +51,9 @@ use crate::weights::{LlamaWeights, SplitMix64};
 
 // --- shapes
 
+/// Every shape's config.json, shared with tools/compare_torch.py.
+const SHAPES_JSON: &str = include_str!("../benches/shapes.json");
+
 /// Model shapes for benchmarks, from the published config.json files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -83,26 +86,11 @@ impl Shape {
         }
     }
 
-    /// The config.json of the shape (rope settings included, so RoPE costs what it costs).
+    /// The config.json of the shape (rope settings included, so RoPE costs what it costs),
+    /// from benches/shapes.json, the table tools/compare_torch.py reads too.
     pub fn config_json(self) -> serde_json::Value {
-        let llama3_rope = |factor: f64| {
-            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-        };
-        let (h, i, l, nh, nkv, v, tied, theta, rope) = match self {
-            Shape::Tiny => (256, 768, 4, 4, 2, 4096, true, 10000.0, json!(null)),
-            Shape::Llama160m => (768, 3072, 12, 12, 12, 32000, false, 10000.0, json!(null)),
-            Shape::Llama1b => (2048, 8192, 16, 32, 8, 128256, true, 500000.0, llama3_rope(32.0)),
-            Shape::Llama3b => (3072, 8192, 28, 24, 8, 128256, true, 500000.0, llama3_rope(32.0)),
-            Shape::Llama8b => (4096, 14336, 32, 32, 8, 128256, false, 500000.0, llama3_rope(8.0)),
-        };
-        json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": h, "intermediate_size": i, "num_hidden_layers": l,
-            "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": v,
-            "tie_word_embeddings": tied, "rope_theta": theta, "rope_scaling": rope,
-            "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "hidden_act": "silu",
-        })
+        let table: serde_json::Value = serde_json::from_str(SHAPES_JSON).expect("benches/shapes.json is JSON");
+        table[self.name()]["config"].clone()
     }
 
     pub fn config(self) -> LlamaConfig {
@@ -1122,6 +1110,11 @@ mod tests {
         assert_eq!(Shape::Llama1b.config().head_dim, 64);
         assert_eq!(Shape::Llama3b.config().head_dim, 128);
         assert!(Shape::Tiny.fits_cpu() && !Shape::Llama1b.fits_cpu());
+        // the table has every shape, and nothing else
+        let table: serde_json::Value = serde_json::from_str(SHAPES_JSON).unwrap();
+        let all = [Shape::Tiny, Shape::Llama160m, Shape::Llama1b, Shape::Llama3b, Shape::Llama8b];
+        assert_eq!(table.as_object().unwrap().len(), all.len());
+        assert!(all.iter().all(|s| s.config_json().is_object()));
     }
 
     #[test]

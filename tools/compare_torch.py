@@ -82,21 +82,18 @@ import statistics
 import sys
 import time
 
-SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied, rope_theta, llama3 rope factor)
-    "tiny": (256, 768, 4, 4, 2, 4096, True, 10000.0, None),
-    "llama-160m": (768, 3072, 12, 12, 12, 32000, False, 10000.0, None),
-    "llama-1b": (2048, 8192, 16, 32, 8, 128256, True, 500000.0, 32.0),
-    "llama-3b": (3072, 8192, 28, 24, 8, 128256, True, 500000.0, 32.0),
-    "llama-8b": (4096, 14336, 32, 32, 8, 128256, False, 500000.0, 8.0),
-}
+# The shapes' config.json files, the same table `sdpo-run bench --shape` reads.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "shapes.json")) as _f:
+    SHAPES = {name: entry["config"] for name, entry in json.load(_f).items()}
 
 DATASHEET_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12), ("L40S", 362.05e12)]
 
 
 def model_flops(shape, pairs, p, a):
     """Forward and training FLOPs of one micro-batch, exactly as src/bench.rs `flops`."""
-    h, i, n_layers, nh, nkv, v, _, _, _ = SHAPES[shape]
+    c = SHAPES[shape]
+    h, i, n_layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    nh, nkv, v = c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"]
     hd = h // nh
     per_layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * i
     body = n_layers * per_layer
@@ -399,16 +396,11 @@ def main():
     if pairs == 0:
         sys.exit(f"compare_torch.py: --micro-batch-tokens {args.micro_batch_tokens} does not hold one pair of {p + 2 * a} tokens")
 
-    h, i, n_layers, nh, nkv, v, tied, theta, factor = SHAPES[shape]
-    rope = None
-    if factor is not None:
-        rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192, "rope_theta": theta}
-    cfg = transformers.LlamaConfig(
-        hidden_size=h, intermediate_size=i, num_hidden_layers=n_layers, num_attention_heads=nh,
-        num_key_value_heads=nkv, vocab_size=v, tie_word_embeddings=tied, rope_theta=theta,
-        rope_scaling=rope, rms_norm_eps=1e-5, max_position_embeddings=131072,
-    )
+    fields = {k: x for k, x in SHAPES[shape].items() if k not in ("architectures", "model_type")}
+    if fields["rope_scaling"] is not None:
+        fields["rope_scaling"] = dict(fields["rope_scaling"], rope_theta=fields["rope_theta"])
+    v = fields["vocab_size"]
+    cfg = transformers.LlamaConfig(**fields)
     cfg._attn_implementation = "sdpa"
     fwd_flops, train_flops = model_flops(shape, pairs, p, a)
     dev_name = f"cpu ({args.threads} threads)" if device == "cpu" else torch.cuda.get_device_name()
