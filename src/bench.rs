@@ -39,7 +39,6 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::config::LlamaConfig;
 use crate::data::{Layout, PairBatch, PairExample, PROMPT};
