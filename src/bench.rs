@@ -1043,6 +1043,7 @@ impl AttentionReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn small_cfg() -> LlamaConfig {
         LlamaConfig::from_json(json!({
