@@ -4,7 +4,7 @@
 //! registers, stack frame, spills, static and the most dynamic shared memory a launch asks
 //! for (`dynamic_smem_limit`), block size and its
 //! theoretical occupancy (blocks per SM, % of the SM's warps, the resource that limits
-//! it; `engine::cuda::occupancy`). Fails on a compile error, on a missing kernel that a
+//! it; tests/occupancy). Fails on a compile error, on a missing kernel that a
 //! launcher in src/engine/cuda/kernels.rs expects, on a kernel without
 //! `__launch_bounds__`, on any spill or stack frame in the attention, logprobs, rmsnorm
 //! and adamw kernels (local memory there would cost more than the whole kernel should),
@@ -13,9 +13,11 @@
 //! fails, saying how to get it.
 #![cfg(feature = "cuda")]
 
+mod occupancy;
+
+use occupancy::{occupancy, KernelUse, SmLimits};
 use sdpo::engine::cuda::kernels::{dynamic_smem_limit, kernel_signatures, KernelSignature, KERNEL_NAMES};
 use sdpo::engine::cuda::nvrtc::{self, Nvrtc, Output, INSTALL_HINT};
-use sdpo::engine::cuda::occupancy::{occupancy, KernelUse, SmLimits};
 use sdpo::engine::cuda::{KERNEL_HEADERS, KERNEL_SOURCES};
 
 /// Files whose kernels must run entirely from registers and shared memory.

@@ -21,7 +21,6 @@ pub mod kernels;
 mod memory;
 pub mod model;
 pub mod nvrtc;
-pub mod occupancy;
 mod params;
 pub mod profile;
 pub mod sim;
