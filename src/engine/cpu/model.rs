@@ -169,7 +169,7 @@ impl CpuEngine {
                 None => LayerActs::take(spare, cfg, n),
             };
             std::mem::swap(&mut a.x, &mut x);
-            self.layer_forward(lw, &mut a, &mut x, &batch.positions, mask);
+            self.layer_forward(lw, &mut a, &mut x, &batch.positions, mask, None);
             if keep {
                 layers.push(a);
             } else {
@@ -188,7 +188,17 @@ impl CpuEngine {
     }
 
     /// One decoder layer on `a.x`; writes everything `a` keeps and the output to `x_out`.
-    fn layer_forward(&self, lw: &LayerWeights, a: &mut LayerActs, x_out: &mut [f32], pos: &[u32], mask: AttnMask) {
+    /// One layer from `a.x` to `x_out`. With a KV cache (`decode`), the layer's keys and
+    /// values are appended to it and the queries attend over all of it.
+    fn layer_forward(
+        &self,
+        lw: &LayerWeights,
+        a: &mut LayerActs,
+        x_out: &mut [f32],
+        pos: &[u32],
+        mask: AttnMask,
+        cache: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+    ) {
         let cfg = &self.cfg;
         let (n, h, i, qd, kvd) = (pos.len(), cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
         ops::rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &a.x, &lw.input_norm, h, cfg.rms_norm_eps);
@@ -197,7 +207,14 @@ impl CpuEngine {
         ops::linear_forward(&mut a.v, &a.xn1, &lw.v_proj, n, h, kvd);
         ops::rope_forward(&mut a.q, pos, &self.inv_freq, cfg.n_heads, cfg.head_dim);
         ops::rope_forward(&mut a.k, pos, &self.inv_freq, cfg.n_kv_heads, cfg.head_dim);
-        ops::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, mask, self.attn_shape());
+        match cache {
+            Some((k, v)) => {
+                k.extend_from_slice(&a.k);
+                v.extend_from_slice(&a.v);
+                ops::attention_forward(&mut a.att, &mut a.lse, &a.q, k, v, mask, self.attn_shape());
+            }
+            None => ops::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, mask, self.attn_shape()),
+        }
         ops::linear_forward(&mut a.x_mid, &a.att, &lw.o_proj, n, qd, h);
         add_into(&mut a.x_mid, &a.x);
         ops::rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &a.x_mid, &lw.post_norm, h, cfg.rms_norm_eps);
@@ -257,7 +274,7 @@ impl CpuEngine {
         let cfg = &self.cfg;
         assert!(!tokens.is_empty(), "decode needs at least one token");
         assert!(tokens.iter().all(|&t| (t as usize) < cfg.vocab_size), "decode: token id outside the vocabulary");
-        let (n, h, i, qd, kvd) = (tokens.len(), cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let (n, h) = (tokens.len(), cfg.hidden_size);
         let n_k = cache.len + n;
         let pos: Vec<u32> = (cache.len..n_k).map(|p| p as u32).collect();
         // one causal group over the cache and the new tokens
@@ -266,25 +283,9 @@ impl CpuEngine {
         let mut a = LayerActs::new(cfg, n);
         let mut x = vec![0f32; n * h];
         ops::embedding_forward(&mut x, tokens, &self.w.embed, h);
-        for (l, lw) in self.w.layers.iter().enumerate() {
+        for ((lw, k), v) in self.w.layers.iter().zip(&mut cache.k).zip(&mut cache.v) {
             std::mem::swap(&mut a.x, &mut x);
-            ops::rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &a.x, &lw.input_norm, h, cfg.rms_norm_eps);
-            ops::linear_forward(&mut a.q, &a.xn1, &lw.q_proj, n, h, qd);
-            ops::linear_forward(&mut a.k, &a.xn1, &lw.k_proj, n, h, kvd);
-            ops::linear_forward(&mut a.v, &a.xn1, &lw.v_proj, n, h, kvd);
-            ops::rope_forward(&mut a.q, &pos, &self.inv_freq, cfg.n_heads, cfg.head_dim);
-            ops::rope_forward(&mut a.k, &pos, &self.inv_freq, cfg.n_kv_heads, cfg.head_dim);
-            cache.k[l].extend_from_slice(&a.k);
-            cache.v[l].extend_from_slice(&a.v);
-            ops::attention_forward(&mut a.att, &mut a.lse, &a.q, &cache.k[l], &cache.v[l], mask, self.attn_shape());
-            ops::linear_forward(&mut a.x_mid, &a.att, &lw.o_proj, n, qd, h);
-            add_into(&mut a.x_mid, &a.x);
-            ops::rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &a.x_mid, &lw.post_norm, h, cfg.rms_norm_eps);
-            ops::linear_forward(&mut a.gate, &a.xn2, &lw.gate_proj, n, h, i);
-            ops::linear_forward(&mut a.up, &a.xn2, &lw.up_proj, n, h, i);
-            ops::swiglu_forward(&mut a.act, &a.gate, &a.up);
-            ops::linear_forward(&mut x, &a.act, &lw.down_proj, n, i, h);
-            add_into(&mut x, &a.x_mid);
+            self.layer_forward(lw, &mut a, &mut x, &pos, mask, Some((k, v)));
         }
         cache.len = n_k;
         let last = &x[(n - 1) * h..];
