@@ -274,19 +274,26 @@ fn cuda_engine_allocates_its_memory_plan() {
         let plan = memory_plan(&cfg, tokens, rows, false);
         println!("vocabulary {vocab}, {tokens} tokens, {rows} head rows; forward only: {plan:?}");
         assert_eq!(eng.allocated_bytes(), plan.total() + small + per_batch, "forward-only allocations vs {plan:?}");
-        let forward = plan.total();
+        let (forward, forward_weights) = (plan.total(), plan.weights);
+        assert_eq!(2 * forward_weights, memory_plan(&cfg, tokens, rows, true).weights, "bf16 copy vs fp32 master");
         eng.train_step(&batch, &reference, &LossConfig::default(), 1.0).unwrap();
         eng.optimizer_step(&AdamWConfig::default(), 1e-3).unwrap();
         let plan = memory_plan(&cfg, tokens, rows, true);
         println!("training: {plan:?}");
         let softmax = (rows * vocab * 2) as u64;
         assert_eq!(plan.softmax_or_backward == softmax, softmax_larger, "{plan:?}");
-        // Training allocates everything but the weights and the LM head again: the
-        // forward-only pass held one layer's activations and no backward buffers (the
+        // Training allocates everything but the weights' bf16 copy and the LM head again:
+        // the forward-only pass held the copy alone (2 bytes per parameter, the remainder
+        // comes with training), one layer's activations and no backward buffers (the
         // counter keeps the bytes of buffers since freed).
-        let trained = forward + plan.total() - plan.weights - plan.head;
+        let trained = forward + plan.total() - forward_weights - plan.head;
         assert_eq!(eng.allocated_bytes(), trained + small + 2 * per_batch, "training allocations vs {plan:?}");
     }
+}
+
+#[test]
+fn cuda_engine_forward_only_holds_bf16_weights_and_trains_as_trainable() {
+    kernel_checks::forward_only_engine_trains_as_a_trainable_one(&engine_on(sim()));
 }
 
 /// A model of hidden 64 (4 heads of 16, 2 KV heads, vocabulary 203) for the engine tests.

@@ -1378,3 +1378,53 @@ pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngin
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// A forward-only engine holds the bf16 weights alone (2 bytes per parameter) and still
+/// gives back the fp32 weights it was given; once it trains, its results are bit for bit
+/// those of an engine that was trainable when its weights were set (the remainder on the
+/// device then). Bf16-valued weights keep nothing beside the copy.
+pub fn forward_only_engine_trains_as_a_trainable_one(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngine) {
+    let cfg = LlamaConfig::from_json(serde_json::json!({"hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 203, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
+    .unwrap();
+    let params: usize = LlamaWeights::specs(&cfg).iter().map(|s| s.numel().div_ceil(8) * 8).sum();
+    let w = LlamaWeights::random(&cfg, 21);
+    let pairs = random_pairs(22, 4, cfg.vocab_size, 60);
+    let refs: Vec<&PairExample> = pairs.iter().collect();
+    let batch = PairBatch::new(&refs, Layout::Shared).unwrap();
+    let (loss, opt) = (LossConfig::default(), AdamWConfig::default());
+    let bits = |w: &LlamaWeights| w.tensors().iter().flat_map(|t| t.iter().map(|x| x.to_bits())).collect::<Vec<_>>();
+
+    // Built, then a forward: the weights' allocation is the bf16 copy (beside it only the
+    // rotary tables' uploads, which `allocated_bytes` does not count, and the grad-norm
+    // partials).
+    let mut fwd = open(cfg.clone(), w.clone());
+    let small = (fwd.allocated_bytes() - 2 * params as u64) as usize;
+    assert!(small < 4096, "{} bytes allocated for {params} parameters", fwd.allocated_bytes());
+    let reference = fwd.sequence_logps(&batch).unwrap();
+    assert_eq!(bits(&fwd.weights().unwrap()), bits(&w), "a forward-only engine's weights are those set");
+
+    // An engine that has trained (the remainder on the device), given `w` afresh.
+    let mut trained = open(cfg.clone(), LlamaWeights::random(&cfg, 23));
+    trained.train_step(&batch, &reference, &loss, 1.0).unwrap();
+    trained.optimizer_step(&opt, 1e-3).unwrap();
+    trained.set_weights(&w).unwrap();
+    trained.set_optimizer_state(None).unwrap();
+
+    for step in 0..2 {
+        let a = fwd.train_step(&batch, &reference, &loss, 1.0).unwrap();
+        let b = trained.train_step(&batch, &reference, &loss, 1.0).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "step {step}: policy log-probs");
+        let (na, nb) = (fwd.optimizer_step(&opt, 1e-3).unwrap(), trained.optimizer_step(&opt, 1e-3).unwrap());
+        assert_eq!(na.to_bits(), nb.to_bits(), "step {step}: gradient norm");
+        assert_eq!(bits(&fwd.weights().unwrap()), bits(&trained.weights().unwrap()), "step {step}: weights");
+    }
+
+    // Bf16-valued weights: a forward-only engine's weights are its copy widened.
+    let mut w16 = w.clone();
+    w16.tensors_mut().into_iter().for_each(|t| t.iter_mut().for_each(|x| *x = bf(&[*x])[0]));
+    let e = open(cfg.clone(), w16.clone());
+    assert_eq!(e.allocated_bytes() as usize, 2 * params + small);
+    assert_eq!(bits(&e.weights().unwrap()), bits(&w16));
+}

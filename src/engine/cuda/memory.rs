@@ -30,7 +30,8 @@ pub fn head_chunk_rows(vocab: usize) -> usize {
 /// gradient-norm partials). tests/kernel_sim.rs checks it against the allocations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryPlan {
-    /// Master weights (bf16 working copy + 16-bit remainder).
+    /// The weights: for training the fp32 master (bf16 working copy + 16-bit remainder, 4
+    /// bytes per parameter), forward only the bf16 copy alone (2 bytes per parameter).
     pub weights: u64,
     /// fp32 gradients (from the first training step).
     pub grads: u64,
@@ -61,9 +62,10 @@ impl MemoryPlan {
     }
 }
 
-/// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the gradients, the
-/// moments, every layer's activations, the softmax and the backward's buffers, which
-/// forward-only use (reference log-probs, eval, scoring) does not allocate.
+/// The memory plan of a model of `cfg` (see `MemoryPlan`); `train` adds the weights'
+/// remainder, the gradients, the moments, every layer's activations, the softmax and the
+/// backward's buffers, which forward-only use (reference log-probs, eval, scoring) does not
+/// allocate.
 pub fn memory_plan(cfg: &LlamaConfig, tokens: usize, head_rows: usize, train: bool) -> MemoryPlan {
     plan(cfg, ParamLayout::total_of(cfg), tokens, head_rows, train)
 }
@@ -80,7 +82,7 @@ pub fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, t
     let single = FinalNorm::bytes_per_token(&d) + if train { 0 } else { Work::bytes_per_token(&d) };
     let (f32b, b) = (size_of::<f32>(), |x: usize| x as u64);
     MemoryPlan {
-        weights: b(params * 2 * 2),
+        weights: b(params * size_of::<Bf16>() * if train { 2 } else { 1 }),
         grads: b(t(params * f32b)),
         moments: b(t(params * 2 * f32b)),
         saved_activations: b(cap * if train { cfg.n_layers } else { 1 } * layer),

@@ -80,9 +80,16 @@ pub struct CudaEngine {
     /// The fp32 master weights, as two halves: `wbf`, the bf16 working copy the GEMMs
     /// read (each master rounded), and `master_lo`, the 16-bit remainder that makes it
     /// exact (kernels/adamw.cu): 4 bytes per parameter, not 6 for an fp32 master and a
-    /// bf16 copy.
+    /// bf16 copy. A forward-only engine (reference, eval, scoring) holds `wbf` alone on
+    /// the device, 2 bytes per parameter: its forwards read nothing else. The remainder
+    /// moves to the device with the gradients, at the first training step.
     wbf: DBuf<Bf16>,
-    master_lo: DBuf<u16>,
+    /// On the device from the first training step on (`ensure_grad`).
+    master_lo: Option<DBuf<u16>>,
+    /// A forward-only engine's remainder of the weights last set, in host memory until
+    /// the first training step; `None` when it is zero (weights that are bf16 values, as
+    /// a bf16 checkpoint's), so `weights()` gives the bf16 copy widened.
+    pending_lo: Option<Vec<u16>>,
     /// The weights the kernels and GEMMs read: named views of `wbf`.
     w: Params<DPtr<Bf16>>,
     /// fp32 gradients, from the first training step on (forward-only engines hold none).
@@ -141,7 +148,6 @@ impl CudaEngine {
         let hd = cfg.head_dim;
         let layout = ParamLayout::new(&cfg)?;
         let wbf = gpu.alloc::<Bf16>(layout.total)?;
-        let master_lo = gpu.alloc::<u16>(layout.total)?;
         let w = layout.views(gpu.ptr(&wbf))?;
         let inv_freq = gpu.upload(&cfg.inv_freq())?;
         let zero_freq = gpu.upload(&vec![0f32; hd / 2])?;
@@ -153,7 +159,8 @@ impl CudaEngine {
             gpu,
             layout,
             wbf,
-            master_lo,
+            master_lo: None,
+            pending_lo: None,
             w,
             grad: None,
             dw: None,
@@ -191,7 +198,17 @@ impl CudaEngine {
         self.dw.as_ref().expect("ensure_grad ran before any gradient use")
     }
 
+    /// Makes the engine trainable: the gradients, and the weights' remainder on the device
+    /// (a forward-only engine holds the bf16 copy alone).
     fn ensure_grad(&mut self) -> Result<()> {
+        if self.master_lo.is_none() {
+            let lo = self.gpu.alloc::<u16>(self.layout.total)?;
+            if let Some(pending) = self.pending_lo.take() {
+                self.gpu.write(self.gpu.ptr(&lo), &pending)?;
+            }
+            self.master_lo = Some(lo);
+            self.note_memory();
+        }
         if self.grad.is_none() {
             let grad = self.gpu.alloc::<f32>(self.layout.total)?;
             self.dw = Some(self.layout.views(self.gpu.ptr(&grad))?);
@@ -270,7 +287,10 @@ impl CudaEngine {
         let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || trained);
         let after = plan(&self.cfg, self.layout.total, n, rows, train);
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
-        let pending = missing(self.grad.is_none(), after.grads) + missing(self.moments.is_none(), after.moments);
+        let remainder = after.weights - plan(&self.cfg, self.layout.total, 0, 0, false).weights;
+        let pending = missing(self.master_lo.is_none(), remainder)
+            + missing(self.grad.is_none(), after.grads)
+            + missing(self.moments.is_none(), after.moments);
         if batch_bytes(&after) + pending <= held {
             return Ok(()); // nothing grows
         }
@@ -677,7 +697,8 @@ impl Engine for CudaEngine {
         };
         let (m, v, _) = self.moments.as_ref().expect("set above");
         let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
-        let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(&self.master_lo), self.gpu.ptr(self.grad()));
+        let lo = self.master_lo.as_ref().expect("ensure_grad allocated it");
+        let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(lo), self.gpu.ptr(self.grad()));
         // Runs of adjacent tensors with the same weight decay go in one launch (padding
         // between tensors is zero in every buffer and stays zero).
         let tensors = &self.layout.tensors;
@@ -728,15 +749,26 @@ impl Engine for CudaEngine {
         }
     }
 
+    /// The fp32 master weights; on a forward-only engine, the weights last set: the bf16
+    /// copy widened when they were bf16 values (the frozen reference's case), joined with
+    /// the remainder kept in host memory otherwise.
     fn weights(&self) -> Result<LlamaWeights> {
-        let (hi, lo) = (self.gpu.download(self.gpu.ptr(&self.wbf))?, self.gpu.download(self.gpu.ptr(&self.master_lo))?);
+        let hi = self.gpu.download(self.gpu.ptr(&self.wbf))?;
+        let lo = match (&self.master_lo, &self.pending_lo) {
+            (Some(lo), _) => self.gpu.download(self.gpu.ptr(lo))?,
+            (None, Some(pending)) => pending.clone(),
+            (None, None) => vec![0; hi.len()],
+        };
         Ok(self.unflatten(&join_master(&hi, &lo)))
     }
 
     fn set_weights(&mut self, w: &LlamaWeights) -> Result<()> {
         let (hi, lo) = split_master(&self.flatten(w, "set_weights")?);
         self.gpu.write(self.gpu.ptr(&self.wbf), &hi)?;
-        self.gpu.write(self.gpu.ptr(&self.master_lo), &lo)?;
+        match &self.master_lo {
+            Some(dev) => self.gpu.write(self.gpu.ptr(dev), &lo)?,
+            None => self.pending_lo = lo.iter().any(|&r| r != 0).then_some(lo),
+        }
         self.zero_grads();
         self.gpu.sync()
     }
