@@ -120,7 +120,7 @@ fn gpu_smoke() {
     let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     println!("SMOKE device={:?} kernels_ready_s={ready_s:.1} elements={n} cast_max_err={max_err}", g.name);
     // Both round to nearest even: every value the same.
-    assert_eq!(got, want, "cast_forward_f32_bf16 on the device differs from the host's rounding");
+    assert_eq!(got, want, "cast_f32_bf16 on the device differs from the host's rounding");
 }
 
 /// Datasheet memory bandwidth (bytes/s) by device-name fragment, more specific first.

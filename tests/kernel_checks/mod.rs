@@ -225,16 +225,14 @@ pub fn rmsnorm(g: &Gpu) {
         }
         let xhat: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * rstd[i / hidden]).collect();
         check(&format!("{tag} xhat"), &down_bf16(g, g.ptr(&xhat_d)), &xhat);
-        // y again from x̂ (the backward's xn): bf16(bf16(x̂)·w), within one bf16 rounding of
-        // the forward's y, computed here from the kernel's own x̂ bits.
+        // y again from x̂ (the backward's xn): bf16(bf16(x̂)·w), bit for bit its CPU twin's
+        // on the kernel's own x̂ bits rounded once, and within one bf16 rounding of the forward's y.
         poison_bf16(g, g.ptr(&y2_d));
-        g.k.rmsnorm_apply(g.ptr(&y2_d), g.ptr(&xhat_d), g.ptr(&w_d), n, hidden).unwrap();
-        let want: Vec<f32> = down_bf16(g, g.ptr(&xhat_d))
-            .iter()
-            .enumerate()
-            .map(|(i, v)| half::bf16::from_f32(v * w[i % hidden]).to_f32())
-            .collect();
-        assert_eq!(down_bf16(g, g.ptr(&y2_d)), want, "{tag}: rmsnorm_apply");
+        g.k.rmsnorm_forward_from_xhat(g.ptr(&y2_d), g.ptr(&xhat_d), g.ptr(&w_d), n, hidden).unwrap();
+        let mut want = vec![0f32; n * hidden];
+        ops::rmsnorm_forward_from_xhat(&mut want, &down_bf16(g, g.ptr(&xhat_d)), &w, hidden);
+        let want: Vec<f32> = want.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        assert_eq!(down_bf16(g, g.ptr(&y2_d)), want, "{tag}: rmsnorm_forward_from_xhat");
         check(&format!("{tag} y from x̂"), &down_bf16(g, g.ptr(&y2_d)), &y);
 
         let (dx16_d, cast_d) = (g.alloc::<Bf16>(n * hidden).unwrap(), g.alloc::<Bf16>(n * hidden).unwrap());
@@ -246,7 +244,8 @@ pub fn rmsnorm(g: &Gpu) {
             if dx16.ptr != 0 {
                 poison_bf16(g, dx16);
             }
-            g.k.rmsnorm_backward(args.0, dx16, args.1, args.2, args.3, args.4, args.5, n, hidden, accumulate).unwrap();
+            g.k.rmsnorm_backward_from_xhat(args.0, dx16, args.1, args.2, args.3, args.4, args.5, n, hidden, accumulate)
+                .unwrap();
         };
         // dx16 is the cast kernel's bf16 of the dx just stored, bit for bit (the engine runs
         // the GEMMs on it in place of that cast's output).
@@ -305,6 +304,14 @@ pub fn rope(g: &Gpu) {
         poison_bf16(g, g.ptr(&dx_d));
         g.k.rope_backward(g.ptr(&dx_d), g.ptr(&dy_d), g.ptr(&pos_d), g.ptr(&f_d), n, nh, hd, stride, stride).unwrap();
         check(&format!("rope n={n} h={nh} d={hd} backward"), &compact(&down_bf16(g, g.ptr(&dx_d))), &dwant);
+
+        // The strided copy (dv's, in the engine): every value of dy rounded once to bf16.
+        let zero_d = g.upload(&vec![0f32; hd / 2]).unwrap();
+        poison_bf16(g, g.ptr(&dx_d));
+        g.k.copy_strided_f32_bf16(g.ptr(&dx_d), g.ptr(&dy_d), g.ptr(&pos_d), g.ptr(&zero_d), n, nh, hd, stride, stride)
+            .unwrap();
+        let copied: Vec<f32> = compact(&dy).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        assert_eq!(compact(&down_bf16(g, g.ptr(&dx_d))), copied, "rope n={n} h={nh} d={hd}: copy_strided_f32_bf16");
     }
 }
 
@@ -326,9 +333,9 @@ pub fn logprobs(g: &Gpu) {
         let w = bf(&rng.normals(vocab * hidden, 0.5));
         let dlogp = rng.normals(targets.len(), 1.0);
         let (mut logp, mut lse) = (vec![0f32; targets.len()], vec![0f32; plan.rows.len()]);
-        ops::logprobs_forward(&mut logp, &mut lse, &x, &w, &plan, hidden, vocab);
+        ops::logprobs_forward_with_head(&mut logp, &mut lse, &x, &w, &plan, hidden, vocab);
         let (mut dx, mut dw) = (vec![0f32; n * hidden], vec![0f32; vocab * hidden]);
-        ops::logprobs_backward(&mut dx, &mut dw, &dlogp, &x, &w, &lse, &plan, hidden, vocab);
+        ops::logprobs_backward_with_head(&mut dx, &mut dw, &dlogp, &x, &w, &lse, &plan, hidden, vocab);
 
         // The kernel's input: logits of the plan's rows (computed here in f32, the CPU way).
         let rows = plan.rows.len();
@@ -491,10 +498,10 @@ pub fn adamw(g: &Gpu) {
         for step in 1..=3u64 {
             let grad = rng.normals(n, 1e-3);
             let scaled: Vec<f32> = grad.iter().map(|x| x * scale).collect();
-            ops::adamw_update(&mut p, &mut m, &mut v, &scaled, lr, b1, b2, eps, wd, step);
+            ops::adamw_step(&mut p, &mut m, &mut v, &scaled, lr, b1, b2, eps, wd, step);
             g.write(g.ptr(&g_d), &grad).unwrap();
             let a = (g.ptr(&hi_d), g.ptr(&lo_d), g.ptr(&m_d), g.ptr(&v_d), g.ptr(&g_d));
-            g.k.adamw_update(a.0, a.1, a.2, a.3, a.4, scale, lr, b1, b2, eps, wd, step).unwrap();
+            g.k.adamw_step(a.0, a.1, a.2, a.3, a.4, scale, lr, b1, b2, eps, wd, step).unwrap();
             let tag = format!("adamw n={n} wd={wd} scale={scale} step {step}");
             let got_hi = g.download(g.ptr(&hi_d)).unwrap();
             let got = join_master(&got_hi, &g.download(g.ptr(&lo_d)).unwrap());
