@@ -1,6 +1,7 @@
-//! One launcher per kernel, in the order of the kernels/*.cu files (attention, rmsnorm,
-//! rope, logprobs, adamw, elementwise). Each checks the shapes, lengths and alignment its
-//! kernel assumes and returns `Error::Invalid` naming the argument instead of launching.
+//! One launcher per kernel, in the order the data flows through them (the order of
+//! `ops.rs`): embedding, rmsnorm, rope, attention, swiglu, logprobs, adamw, casts. Each
+//! checks the shapes, lengths and alignment its kernel assumes and returns
+//! `Error::Invalid` naming the argument instead of launching.
 //!
 //! Buffers are passed as `DPtr<T>`: a raw device address and a length in elements, so a
 //! launcher can take a view into a larger allocation (a layer's slice of the fused weight
@@ -37,6 +38,13 @@ use crate::error::{Error, Result};
 /// Every kernel a launcher uses: (file, `extern "C"` name). The `cuda_compile` test
 /// checks that each one exists in the compiled file.
 pub const KERNEL_NAMES: &[(&str, &str)] = &[
+    ("elementwise.cu", "embedding_forward"),
+    ("elementwise.cu", "embedding_backward"),
+    ("rmsnorm.cu", "rmsnorm_forward"),
+    ("rmsnorm.cu", "rmsnorm_forward_from_xhat"),
+    ("rmsnorm.cu", "rmsnorm_backward_from_xhat"),
+    ("rope.cu", "rope_forward"),
+    ("rope.cu", "rope_backward"),
     ("attention.cu", "attention_forward_hd16"),
     ("attention.cu", "attention_forward_hd32"),
     ("attention.cu", "attention_forward_hd64"),
@@ -46,20 +54,13 @@ pub const KERNEL_NAMES: &[(&str, &str)] = &[
     ("attention.cu", "attention_backward_hd64"),
     ("attention.cu", "attention_backward_hd128"),
     ("attention.cu", "attention_backward_delta"),
-    ("rmsnorm.cu", "rmsnorm_forward"),
-    ("rmsnorm.cu", "rmsnorm_forward_from_xhat"),
-    ("rmsnorm.cu", "rmsnorm_backward_from_xhat"),
-    ("rope.cu", "rope_forward"),
-    ("rope.cu", "rope_backward"),
+    ("elementwise.cu", "swiglu_forward"),
+    ("elementwise.cu", "swiglu_backward"),
     ("logprobs.cu", "logprobs_forward"),
     ("logprobs.cu", "logprobs_backward"),
     ("adamw.cu", "adamw_step"),
     ("adamw.cu", "grad_norm"),
     ("adamw.cu", "grad_norm_reduce"),
-    ("elementwise.cu", "swiglu_forward"),
-    ("elementwise.cu", "swiglu_backward"),
-    ("elementwise.cu", "embedding_forward"),
-    ("elementwise.cu", "embedding_backward"),
     ("elementwise.cu", "cast_f32_bf16"),
     ("elementwise.cu", "cast_bf16_f32"),
 ];
@@ -594,135 +595,53 @@ macro_rules! launch {
 }
 
 impl Kernels {
-    // --- attention.cu
-
-    fn check_attn(&self, d: &AttnDims, mask: &AttnMaskDev) -> Result<()> {
-        need(ATTENTION_HEAD_DIMS.contains(&d.head_dim), || {
-            format!("attention: head_dim {} is not one of the compiled {:?}", d.head_dim, ATTENTION_HEAD_DIMS)
-        })?;
-        need(d.n_kv_heads > 0 && d.n_heads.is_multiple_of(d.n_kv_heads), || {
-            format!("attention: n_heads {} is not a multiple of n_kv_heads {}", d.n_heads, d.n_kv_heads)
-        })?;
-        need(d.n_tokens > 0, || "attention: no tokens".into())?;
-        for (name, s, min) in [
-            ("q_stride", d.q_stride, d.n_heads * d.head_dim),
-            ("kv_stride", d.kv_stride, d.n_kv_heads * d.head_dim),
-            ("o_stride", d.o_stride, d.n_heads * d.head_dim),
-        ] {
-            need(s >= min && s.is_multiple_of(8), || {
-                format!("attention: {name} {s} must be ≥ {min} and a multiple of 8")
-            })?;
-        }
-        need_len("attention: group", &mask.group, d.n_tokens)?;
-        need_len("attention: branch", &mask.branch, d.n_tokens)?;
-        need_len("attention: group_start", &mask.group_start, 2)
+    /// The grid of the flat element-wise kernels (rmsnorm_forward_from_xhat, the casts):
+    /// one thread per 8 consecutive elements, 256 threads a block.
+    fn flat_cfg(count: usize) -> LaunchConfig {
+        Self::cfg((blocks(count.div_ceil(8), 256), 1), 256, 0)
     }
 
-    /// `o`, `lse [n, n_heads]` from q, k, v under the pair mask.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_forward(
-        &self,
-        o: DPtr<Bf16>,
-        lse: DPtr<f32>,
-        q: DPtr<Bf16>,
-        k: DPtr<Bf16>,
-        v: DPtr<Bf16>,
-        mask: &AttnMaskDev,
-        d: &AttnDims,
-    ) -> Result<()> {
-        self.check_attn(d, mask)?;
-        let n = d.n_tokens;
-        need_len("attention: q", &q, (n - 1) * d.q_stride + d.n_heads * d.head_dim)?;
-        need_len("attention: k", &k, (n - 1) * d.kv_stride + d.n_kv_heads * d.head_dim)?;
-        need_len("attention: v", &v, (n - 1) * d.kv_stride + d.n_kv_heads * d.head_dim)?;
-        need_len("attention: o", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
-        need_len("attention: lse", &lse, n * d.n_heads)?;
-        for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("o", &o)] {
-            need_vec(&format!("attention: {name}"), p)?;
-        }
-        let name = format!("attention_forward_hd{}", d.head_dim);
-        let grid = (blocks(n, ATTENTION_FORWARD_BLOCK_QUERIES), d.n_heads as u32);
-        let cfg = Self::cfg(grid, 128, attention_forward_smem(d.head_dim));
-        let scale = 1.0f32 / (d.head_dim as f32).sqrt();
-        launch!(self, &name, cfg; o.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, mask.group.ptr, mask.branch.ptr,
-            mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32, d.n_kv_heads as i32,
-            d.q_stride as i32, d.kv_stride as i32, d.o_stride as i32, scale);
+    // --- embedding (elementwise.cu)
+
+    /// `out[t] = table[tokens[t]]` (f32 rows from the bf16 table). Token ids are not
+    /// checked on the device: the caller checks them against the vocabulary.
+    pub fn embedding_forward(&self, out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, hidden: usize) -> Result<()> {
+        let n = tokens.len;
+        need(hidden.is_multiple_of(8), || format!("embedding: hidden {hidden} must be a multiple of 8"))?;
+        need_len("embedding: out", &out, n * hidden)?;
+        need(table.len.is_multiple_of(hidden), || "embedding: table length is not a multiple of hidden".into())?;
+        need_vec("embedding: out", &out)?;
+        need_vec("embedding: table", &table)?;
+        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
+        launch!(self, "embedding_forward", cfg; out.ptr, table.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
         Ok(())
     }
 
-    /// `delta [n, n_heads] = Σ_d dO·O` (the backward pass's row term).
-    pub fn attention_backward_delta(
+    /// `dtable[tokens[t]] += dout[t]` for every token but `padding` (whose row gets
+    /// nothing, as PyTorch's `nn.Embedding(padding_idx)`).
+    pub fn embedding_backward(
         &self,
-        delta: DPtr<f32>,
-        dout: DPtr<Bf16>,
-        o: DPtr<Bf16>,
-        d: &AttnDims,
+        dtable: DPtr<f32>,
+        dout: DPtr<f32>,
+        tokens: DPtr<u32>,
+        hidden: usize,
+        padding: Option<u32>,
     ) -> Result<()> {
-        let n = d.n_tokens;
-        need(d.head_dim.is_multiple_of(8) && d.o_stride.is_multiple_of(8), || {
-            "attention_backward_delta: head_dim and o_stride must be multiples of 8".into()
+        let n = tokens.len;
+        need(hidden.is_multiple_of(8), || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
+        need_len("embedding_backward: dout", &dout, n * hidden)?;
+        need(dtable.len.is_multiple_of(hidden), || {
+            "embedding_backward: table length is not a multiple of hidden".into()
         })?;
-        need_len("attention_backward_delta: delta", &delta, n * d.n_heads)?;
-        need_len("attention_backward_delta: dO", &dout, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
-        need_len("attention_backward_delta: O", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
-        need_vec("attention_backward_delta: dO", &dout)?;
-        need_vec("attention_backward_delta: O", &o)?;
-        let cfg = Self::cfg((blocks(n * d.n_heads, 256), 1), 256, 0);
-        launch!(self, "attention_backward_delta", cfg; delta.ptr, dout.ptr, o.ptr, to_i32("n_tokens", n)?,
-            d.n_heads as i32, d.head_dim as i32, d.o_stride as i32, d.o_stride as i32);
-        Ok(())
-    }
-
-    /// dq (zeroed here, then accumulated), dk, dv (=) in f32 with row strides
-    /// `dq_stride` and `dkv_stride`; `delta` from `attention_backward_delta`. dO uses
-    /// `o_stride`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_backward(
-        &self,
-        dq: DPtr<f32>,
-        dk: DPtr<f32>,
-        dv: DPtr<f32>,
-        dq_stride: usize,
-        dkv_stride: usize,
-        dout: DPtr<Bf16>,
-        q: DPtr<Bf16>,
-        k: DPtr<Bf16>,
-        v: DPtr<Bf16>,
-        lse: DPtr<f32>,
-        delta: DPtr<f32>,
-        mask: &AttnMaskDev,
-        d: &AttnDims,
-    ) -> Result<()> {
-        self.check_attn(d, mask)?;
-        let n = d.n_tokens;
-        let (qd, kvd) = (d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim);
-        need(
-            dq_stride >= qd && dkv_stride >= kvd && dq_stride.is_multiple_of(2) && dkv_stride.is_multiple_of(2),
-            || format!("attention_backward: dq_stride {dq_stride} / dkv_stride {dkv_stride} too small or odd"),
-        )?;
-        need_len("attention_backward: q", &q, (n - 1) * d.q_stride + qd)?;
-        need_len("attention_backward: k", &k, (n - 1) * d.kv_stride + kvd)?;
-        need_len("attention_backward: v", &v, (n - 1) * d.kv_stride + kvd)?;
-        need_len("attention_backward: dO", &dout, (n - 1) * d.o_stride + qd)?;
-        need_len("attention_backward: dq", &dq, n * dq_stride)?;
-        need_len("attention_backward: dk", &dk, (n - 1) * dkv_stride + kvd)?;
-        need_len("attention_backward: dv", &dv, (n - 1) * dkv_stride + kvd)?;
-        need_len("attention_backward: lse", &lse, n * d.n_heads)?;
-        need_len("attention_backward: delta", &delta, n * d.n_heads)?;
-        for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("dO", &dout)] {
-            need_vec(&format!("attention_backward: {name}"), p)?;
-        }
-        need(dq.ptr.is_multiple_of(8) && dk.ptr.is_multiple_of(8) && dv.ptr.is_multiple_of(8), || {
-            "attention_backward: dq/dk/dv must be 8-byte aligned".into()
-        })?;
-        self.zero(dq.slice(0, n * dq_stride)?)?;
-        let name = format!("attention_backward_hd{}", d.head_dim);
-        let cfg = Self::cfg((blocks(n, 64), d.n_kv_heads as u32), 128, attention_backward_smem(d.head_dim));
-        let scale = 1.0f32 / (d.head_dim as f32).sqrt();
-        launch!(self, &name, cfg; dq.ptr, dk.ptr, dv.ptr, dout.ptr, q.ptr, k.ptr, v.ptr, lse.ptr, delta.ptr,
-            mask.group.ptr, mask.branch.ptr, mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32,
-            d.n_kv_heads as i32, d.q_stride as i32, d.kv_stride as i32, d.o_stride as i32, dq_stride as i32,
-            dkv_stride as i32, scale);
+        need_vec("embedding_backward: dout", &dout)?;
+        need_vec("embedding_backward: dtable", &dtable)?;
+        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
+        let padding = match padding {
+            Some(p) => to_i32("padding", p as usize)?,
+            None => -1,
+        };
+        launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32,
+            padding);
         Ok(())
     }
 
@@ -923,6 +842,188 @@ impl Kernels {
         self.rope_backward(dx, dy, positions, zero_freq, n, n_heads, head_dim, out_stride, in_stride)
     }
 
+    // --- attention.cu
+
+    fn check_attn(&self, d: &AttnDims, mask: &AttnMaskDev) -> Result<()> {
+        need(ATTENTION_HEAD_DIMS.contains(&d.head_dim), || {
+            format!("attention: head_dim {} is not one of the compiled {:?}", d.head_dim, ATTENTION_HEAD_DIMS)
+        })?;
+        need(d.n_kv_heads > 0 && d.n_heads.is_multiple_of(d.n_kv_heads), || {
+            format!("attention: n_heads {} is not a multiple of n_kv_heads {}", d.n_heads, d.n_kv_heads)
+        })?;
+        need(d.n_tokens > 0, || "attention: no tokens".into())?;
+        for (name, s, min) in [
+            ("q_stride", d.q_stride, d.n_heads * d.head_dim),
+            ("kv_stride", d.kv_stride, d.n_kv_heads * d.head_dim),
+            ("o_stride", d.o_stride, d.n_heads * d.head_dim),
+        ] {
+            need(s >= min && s.is_multiple_of(8), || {
+                format!("attention: {name} {s} must be ≥ {min} and a multiple of 8")
+            })?;
+        }
+        need_len("attention: group", &mask.group, d.n_tokens)?;
+        need_len("attention: branch", &mask.branch, d.n_tokens)?;
+        need_len("attention: group_start", &mask.group_start, 2)
+    }
+
+    /// `o`, `lse [n, n_heads]` from q, k, v under the pair mask.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward(
+        &self,
+        o: DPtr<Bf16>,
+        lse: DPtr<f32>,
+        q: DPtr<Bf16>,
+        k: DPtr<Bf16>,
+        v: DPtr<Bf16>,
+        mask: &AttnMaskDev,
+        d: &AttnDims,
+    ) -> Result<()> {
+        self.check_attn(d, mask)?;
+        let n = d.n_tokens;
+        need_len("attention: q", &q, (n - 1) * d.q_stride + d.n_heads * d.head_dim)?;
+        need_len("attention: k", &k, (n - 1) * d.kv_stride + d.n_kv_heads * d.head_dim)?;
+        need_len("attention: v", &v, (n - 1) * d.kv_stride + d.n_kv_heads * d.head_dim)?;
+        need_len("attention: o", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
+        need_len("attention: lse", &lse, n * d.n_heads)?;
+        for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("o", &o)] {
+            need_vec(&format!("attention: {name}"), p)?;
+        }
+        let name = format!("attention_forward_hd{}", d.head_dim);
+        let grid = (blocks(n, ATTENTION_FORWARD_BLOCK_QUERIES), d.n_heads as u32);
+        let cfg = Self::cfg(grid, 128, attention_forward_smem(d.head_dim));
+        let scale = 1.0f32 / (d.head_dim as f32).sqrt();
+        launch!(self, &name, cfg; o.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, mask.group.ptr, mask.branch.ptr,
+            mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32, d.n_kv_heads as i32,
+            d.q_stride as i32, d.kv_stride as i32, d.o_stride as i32, scale);
+        Ok(())
+    }
+
+    /// `delta [n, n_heads] = Σ_d dO·O` (the backward pass's row term).
+    pub fn attention_backward_delta(
+        &self,
+        delta: DPtr<f32>,
+        dout: DPtr<Bf16>,
+        o: DPtr<Bf16>,
+        d: &AttnDims,
+    ) -> Result<()> {
+        let n = d.n_tokens;
+        need(d.head_dim.is_multiple_of(8) && d.o_stride.is_multiple_of(8), || {
+            "attention_backward_delta: head_dim and o_stride must be multiples of 8".into()
+        })?;
+        need_len("attention_backward_delta: delta", &delta, n * d.n_heads)?;
+        need_len("attention_backward_delta: dO", &dout, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
+        need_len("attention_backward_delta: O", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
+        need_vec("attention_backward_delta: dO", &dout)?;
+        need_vec("attention_backward_delta: O", &o)?;
+        let cfg = Self::cfg((blocks(n * d.n_heads, 256), 1), 256, 0);
+        launch!(self, "attention_backward_delta", cfg; delta.ptr, dout.ptr, o.ptr, to_i32("n_tokens", n)?,
+            d.n_heads as i32, d.head_dim as i32, d.o_stride as i32, d.o_stride as i32);
+        Ok(())
+    }
+
+    /// dq (zeroed here, then accumulated), dk, dv (=) in f32 with row strides
+    /// `dq_stride` and `dkv_stride`; `delta` from `attention_backward_delta`. dO uses
+    /// `o_stride`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        dq: DPtr<f32>,
+        dk: DPtr<f32>,
+        dv: DPtr<f32>,
+        dq_stride: usize,
+        dkv_stride: usize,
+        dout: DPtr<Bf16>,
+        q: DPtr<Bf16>,
+        k: DPtr<Bf16>,
+        v: DPtr<Bf16>,
+        lse: DPtr<f32>,
+        delta: DPtr<f32>,
+        mask: &AttnMaskDev,
+        d: &AttnDims,
+    ) -> Result<()> {
+        self.check_attn(d, mask)?;
+        let n = d.n_tokens;
+        let (qd, kvd) = (d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim);
+        need(
+            dq_stride >= qd && dkv_stride >= kvd && dq_stride.is_multiple_of(2) && dkv_stride.is_multiple_of(2),
+            || format!("attention_backward: dq_stride {dq_stride} / dkv_stride {dkv_stride} too small or odd"),
+        )?;
+        need_len("attention_backward: q", &q, (n - 1) * d.q_stride + qd)?;
+        need_len("attention_backward: k", &k, (n - 1) * d.kv_stride + kvd)?;
+        need_len("attention_backward: v", &v, (n - 1) * d.kv_stride + kvd)?;
+        need_len("attention_backward: dO", &dout, (n - 1) * d.o_stride + qd)?;
+        need_len("attention_backward: dq", &dq, n * dq_stride)?;
+        need_len("attention_backward: dk", &dk, (n - 1) * dkv_stride + kvd)?;
+        need_len("attention_backward: dv", &dv, (n - 1) * dkv_stride + kvd)?;
+        need_len("attention_backward: lse", &lse, n * d.n_heads)?;
+        need_len("attention_backward: delta", &delta, n * d.n_heads)?;
+        for (name, p) in [("q", &q), ("k", &k), ("v", &v), ("dO", &dout)] {
+            need_vec(&format!("attention_backward: {name}"), p)?;
+        }
+        need(dq.ptr.is_multiple_of(8) && dk.ptr.is_multiple_of(8) && dv.ptr.is_multiple_of(8), || {
+            "attention_backward: dq/dk/dv must be 8-byte aligned".into()
+        })?;
+        self.zero(dq.slice(0, n * dq_stride)?)?;
+        let name = format!("attention_backward_hd{}", d.head_dim);
+        let cfg = Self::cfg((blocks(n, 64), d.n_kv_heads as u32), 128, attention_backward_smem(d.head_dim));
+        let scale = 1.0f32 / (d.head_dim as f32).sqrt();
+        launch!(self, &name, cfg; dq.ptr, dk.ptr, dv.ptr, dout.ptr, q.ptr, k.ptr, v.ptr, lse.ptr, delta.ptr,
+            mask.group.ptr, mask.branch.ptr, mask.group_start.ptr, to_i32("n_tokens", n)?, d.n_heads as i32,
+            d.n_kv_heads as i32, d.q_stride as i32, d.kv_stride as i32, d.o_stride as i32, dq_stride as i32,
+            dkv_stride as i32, scale);
+        Ok(())
+    }
+
+    // --- swiglu (elementwise.cu)
+
+    /// SwiGLU's grid: one block row per token row, 256 threads of 8 columns each across
+    /// the `inter` columns; checks the `[rows, 2·inter]` gate|up and `[rows, inter]` views.
+    fn swiglu_cfg(
+        what: &str,
+        rows: usize,
+        inter: usize,
+        wide: &[(&str, &DPtr<Bf16>)],
+        narrow: &[(&str, &DPtr<Bf16>)],
+    ) -> Result<LaunchConfig> {
+        need(inter > 0 && inter.is_multiple_of(8), || {
+            format!("{what}: inter {inter} must be a positive multiple of 8")
+        })?;
+        for (list, width) in [(wide, 2 * inter), (narrow, inter)] {
+            for (name, p) in list {
+                need_len(&format!("{what}: {name}"), p, rows * width)?;
+                need_vec(&format!("{what}: {name}"), p)?;
+            }
+        }
+        Ok(Self::cfg((rows.max(1) as u32, blocks(inter / 8, 256)), 256, 0))
+    }
+
+    /// `out = silu(gate)·up` (bf16 `[rows, inter]`) from `gu` = [gate | up] (bf16
+    /// `[rows, 2·inter]`, gate in each row's first `inter` columns: the output of one
+    /// GEMM with [Wg; Wu]).
+    pub fn swiglu_forward(&self, out: DPtr<Bf16>, gu: DPtr<Bf16>, rows: usize, inter: usize) -> Result<()> {
+        let cfg = Self::swiglu_cfg("swiglu_forward", rows, inter, &[("gu", &gu)], &[("out", &out)])?;
+        launch!(self, "swiglu_forward", cfg; out.ptr, gu.ptr, to_i32("rows", rows)?, to_i32("inter", inter)?);
+        Ok(())
+    }
+
+    /// `dgu` = [dgate | dup] (the layout of `gu`), and `out` = the forward's output again
+    /// (bit for bit), from `dout` `[rows, inter]`.
+    pub fn swiglu_backward(
+        &self,
+        dgu: DPtr<Bf16>,
+        out: DPtr<Bf16>,
+        dout: DPtr<Bf16>,
+        gu: DPtr<Bf16>,
+        rows: usize,
+        inter: usize,
+    ) -> Result<()> {
+        let (wide, narrow) = ([("dgu", &dgu), ("gu", &gu)], [("out", &out), ("dout", &dout)]);
+        let cfg = Self::swiglu_cfg("swiglu_backward", rows, inter, &wide, &narrow)?;
+        launch!(self, "swiglu_backward", cfg; dgu.ptr, out.ptr, dout.ptr, gu.ptr, to_i32("rows", rows)?,
+            to_i32("inter", inter)?);
+        Ok(())
+    }
+
     // --- logprobs.cu
 
     /// Per row: `logp[2r + j] = logits[r, t_j] − lse_r` for targets `[rows, 2]` (−1 =
@@ -1055,101 +1156,7 @@ impl Kernels {
         (self.sm_count * self.grad_norm_resident) as usize
     }
 
-    // --- elementwise.cu
-
-    fn flat_cfg(count: usize) -> LaunchConfig {
-        Self::cfg((blocks(count.div_ceil(8), 256), 1), 256, 0)
-    }
-
-    /// SwiGLU's grid: one block row per token row, 256 threads of 8 columns each across
-    /// the `inter` columns; checks the `[rows, 2·inter]` gate|up and `[rows, inter]` views.
-    fn swiglu_cfg(
-        what: &str,
-        rows: usize,
-        inter: usize,
-        wide: &[(&str, &DPtr<Bf16>)],
-        narrow: &[(&str, &DPtr<Bf16>)],
-    ) -> Result<LaunchConfig> {
-        need(inter > 0 && inter.is_multiple_of(8), || {
-            format!("{what}: inter {inter} must be a positive multiple of 8")
-        })?;
-        for (list, width) in [(wide, 2 * inter), (narrow, inter)] {
-            for (name, p) in list {
-                need_len(&format!("{what}: {name}"), p, rows * width)?;
-                need_vec(&format!("{what}: {name}"), p)?;
-            }
-        }
-        Ok(Self::cfg((rows.max(1) as u32, blocks(inter / 8, 256)), 256, 0))
-    }
-
-    /// `out = silu(gate)·up` (bf16 `[rows, inter]`) from `gu` = [gate | up] (bf16
-    /// `[rows, 2·inter]`, gate in each row's first `inter` columns: the output of one
-    /// GEMM with [Wg; Wu]).
-    pub fn swiglu_forward(&self, out: DPtr<Bf16>, gu: DPtr<Bf16>, rows: usize, inter: usize) -> Result<()> {
-        let cfg = Self::swiglu_cfg("swiglu_forward", rows, inter, &[("gu", &gu)], &[("out", &out)])?;
-        launch!(self, "swiglu_forward", cfg; out.ptr, gu.ptr, to_i32("rows", rows)?, to_i32("inter", inter)?);
-        Ok(())
-    }
-
-    /// `dgu` = [dgate | dup] (the layout of `gu`), and `out` = the forward's output again
-    /// (bit for bit), from `dout` `[rows, inter]`.
-    pub fn swiglu_backward(
-        &self,
-        dgu: DPtr<Bf16>,
-        out: DPtr<Bf16>,
-        dout: DPtr<Bf16>,
-        gu: DPtr<Bf16>,
-        rows: usize,
-        inter: usize,
-    ) -> Result<()> {
-        let (wide, narrow) = ([("dgu", &dgu), ("gu", &gu)], [("out", &out), ("dout", &dout)]);
-        let cfg = Self::swiglu_cfg("swiglu_backward", rows, inter, &wide, &narrow)?;
-        launch!(self, "swiglu_backward", cfg; dgu.ptr, out.ptr, dout.ptr, gu.ptr, to_i32("rows", rows)?,
-            to_i32("inter", inter)?);
-        Ok(())
-    }
-
-    /// `out[t] = table[tokens[t]]` (f32 rows from the bf16 table). Token ids are not
-    /// checked on the device: the caller checks them against the vocabulary.
-    pub fn embedding_forward(&self, out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, hidden: usize) -> Result<()> {
-        let n = tokens.len;
-        need(hidden.is_multiple_of(8), || format!("embedding: hidden {hidden} must be a multiple of 8"))?;
-        need_len("embedding: out", &out, n * hidden)?;
-        need(table.len.is_multiple_of(hidden), || "embedding: table length is not a multiple of hidden".into())?;
-        need_vec("embedding: out", &out)?;
-        need_vec("embedding: table", &table)?;
-        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
-        launch!(self, "embedding_forward", cfg; out.ptr, table.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
-        Ok(())
-    }
-
-    /// `dtable[tokens[t]] += dout[t]` for every token but `padding` (whose row gets
-    /// nothing, as PyTorch's `nn.Embedding(padding_idx)`).
-    pub fn embedding_backward(
-        &self,
-        dtable: DPtr<f32>,
-        dout: DPtr<f32>,
-        tokens: DPtr<u32>,
-        hidden: usize,
-        padding: Option<u32>,
-    ) -> Result<()> {
-        let n = tokens.len;
-        need(hidden.is_multiple_of(8), || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
-        need_len("embedding_backward: dout", &dout, n * hidden)?;
-        need(dtable.len.is_multiple_of(hidden), || {
-            "embedding_backward: table length is not a multiple of hidden".into()
-        })?;
-        need_vec("embedding_backward: dout", &dout)?;
-        need_vec("embedding_backward: dtable", &dtable)?;
-        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
-        let padding = match padding {
-            Some(p) => to_i32("padding", p as usize)?,
-            None => -1,
-        };
-        launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32,
-            padding);
-        Ok(())
-    }
+    // --- casts (elementwise.cu)
 
     /// `out = bf16(input)` (round to nearest even), `count` elements.
     pub fn cast_f32_bf16(&self, out: DPtr<Bf16>, input: DPtr<f32>, count: usize) -> Result<()> {
