@@ -34,8 +34,8 @@ fn open_engine(cfg: LlamaConfig, w: LlamaWeights) -> CudaEngine {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn attention_matches_cpu() {
-    kernel_checks::attention(&gpu());
+fn embedding_matches_cpu() {
+    kernel_checks::embedding(&gpu());
 }
 
 #[test]
@@ -48,6 +48,18 @@ fn rmsnorm_matches_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn rope_matches_cpu() {
     kernel_checks::rope(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_matches_cpu() {
+    kernel_checks::attention(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn swiglu_matches_cpu() {
+    kernel_checks::swiglu(&gpu());
 }
 
 #[test]
@@ -70,8 +82,8 @@ fn grad_norm_matches_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn elementwise_matches_cpu() {
-    kernel_checks::elementwise(&gpu());
+fn casts_matches_cpu() {
+    kernel_checks::casts(&gpu());
 }
 
 #[test]

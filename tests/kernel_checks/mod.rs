@@ -65,121 +65,39 @@ pub fn down_bf16(g: &Gpu, p: DPtr<Bf16>) -> Vec<f32> {
     from_bf16(&g.download(p).unwrap())
 }
 
-// --- attention
+// --- embedding
 
-pub fn random_batch(rng: &mut SplitMix64, n_pairs: usize, max_len: usize, layout: Layout) -> PairBatch {
-    let len = |rng: &mut SplitMix64| 1 + (rng.next_u64() % max_len as u64) as usize;
-    let pairs: Vec<PairExample> = (0..n_pairs)
-        .map(|_| {
-            let (p, c, r) = (len(rng), len(rng), len(rng));
-            PairExample {
-                prompt: (0..p as u32).collect(),
-                chosen: (0..c as u32).collect(),
-                rejected: (0..r as u32).collect(),
-                source: String::new(),
-            }
-        })
-        .collect();
-    let refs: Vec<&PairExample> = pairs.iter().collect();
-    PairBatch::new(&refs, layout).unwrap()
-}
+pub fn embedding(g: &Gpu) {
+    let mut rng = SplitMix64(4);
+    let (vocab, hidden) = (50usize, 64usize);
+    let tokens: Vec<u32> = (0..77u32).map(|i| (i * 7 + i / 3) % vocab as u32).collect(); // repeats
+    let table = bf(&rng.normals(vocab * hidden, 1.0));
+    let dout = rng.normals(tokens.len() * hidden, 1.0);
+    let mut out = vec![0f32; tokens.len() * hidden];
+    ops::embedding_forward(&mut out, &tokens, &table, hidden);
+    let mut dtable = vec![0f32; vocab * hidden];
+    ops::embedding_backward(&mut dtable, &dout, &tokens, hidden, None);
+    let (t_d, tok_d, do_d) =
+        (g.upload(&to_bf16(&table)).unwrap(), g.upload(&tokens).unwrap(), g.upload(&dout).unwrap());
+    let o_d = g.alloc::<f32>(tokens.len() * hidden).unwrap();
+    let dt_d = g.alloc::<f32>(vocab * hidden).unwrap();
+    poison_f32(g, g.ptr(&o_d));
+    g.k.embedding_forward(g.ptr(&o_d), g.ptr(&t_d), g.ptr(&tok_d), hidden).unwrap();
+    assert_eq!(g.download(g.ptr(&o_d)).unwrap(), out, "embedding gather is exact");
+    g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden, None).unwrap();
+    check("embedding backward (scatter-add)", &g.download(g.ptr(&dt_d)).unwrap(), &dtable);
 
-#[allow(clippy::too_many_arguments)] // the case's shape, spelled out at each call
-fn attention_case(
-    g: &Gpu,
-    seed: u64,
-    n_pairs: usize,
-    max_len: usize,
-    layout: Layout,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-) {
-    let mut rng = SplitMix64(seed);
-    let batch = random_batch(&mut rng, n_pairs, max_len, layout);
-    let n = batch.n_tokens();
-    let (qd, kvd) = (nh * hd, nkv * hd);
-    let q = bf(&rng.normals(n * qd, 1.0));
-    let k = bf(&rng.normals(n * kvd, 1.0));
-    let v = bf(&rng.normals(n * kvd, 1.0));
-    let dout = bf(&rng.normals(n * qd, 1.0));
-    let shape = ops::AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-    let mask = ops::AttnMask::of(&batch);
-    let (mut out, mut lse) = (vec![0f32; n * qd], vec![0f32; n * nh]);
-    ops::attention_forward(&mut out, &mut lse, &q, &k, &v, mask, shape);
-    let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-    ops::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, mask, shape);
-
-    let up16 = |x: &[f32]| g.upload(&to_bf16(x)).unwrap();
-    let (q_d, k_d, v_d, do_d) = (up16(&q), up16(&k), up16(&v), up16(&dout));
-    let group_d = g.upload(&batch.group).unwrap();
-    let branch_d = g.upload(&batch.branch).unwrap();
-    let gs_d = g.upload(&batch.group_start).unwrap();
-    let m = AttnMaskDev { group: g.ptr(&group_d), branch: g.ptr(&branch_d), group_start: g.ptr(&gs_d) };
-    let o_d = g.alloc::<Bf16>(n * qd).unwrap();
-    let lse_d = g.alloc::<f32>(n * nh).unwrap();
-    let delta_d = g.alloc::<f32>(n * nh).unwrap();
-    let dq_d = g.alloc::<f32>(n * qd).unwrap();
-    let dk_d = g.alloc::<f32>(n * kvd).unwrap();
-    let dv_d = g.alloc::<f32>(n * kvd).unwrap();
-    let d = AttnDims {
-        n_tokens: n,
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
-        q_stride: qd,
-        kv_stride: kvd,
-        o_stride: qd,
-    };
-    poison_bf16(g, g.ptr(&o_d));
-    poison_f32(g, g.ptr(&lse_d));
-    g.k.attention_forward(g.ptr(&o_d), g.ptr(&lse_d), g.ptr(&q_d), g.ptr(&k_d), g.ptr(&v_d), &m, &d).unwrap();
-    let tag = format!("attention {layout:?} n={n} h={nh}/{nkv} d={hd}");
-    check(&format!("{tag} out"), &down_bf16(g, g.ptr(&o_d)), &out);
-    check(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse);
-
-    for p in [g.ptr(&delta_d), g.ptr(&dq_d), g.ptr(&dk_d), g.ptr(&dv_d)] {
-        poison_f32(g, p);
-    }
-    g.k.attention_backward_delta(g.ptr(&delta_d), g.ptr(&do_d), g.ptr(&o_d), &d).unwrap();
-    g.k.attention_backward(
-        g.ptr(&dq_d),
-        g.ptr(&dk_d),
-        g.ptr(&dv_d),
-        qd,
-        kvd,
-        g.ptr(&do_d),
-        g.ptr(&q_d),
-        g.ptr(&k_d),
-        g.ptr(&v_d),
-        g.ptr(&lse_d),
-        g.ptr(&delta_d),
-        &m,
-        &d,
-    )
-    .unwrap();
-    check(&format!("{tag} dq"), &g.download(g.ptr(&dq_d)).unwrap(), &dq);
-    check(&format!("{tag} dk"), &g.download(g.ptr(&dk_d)).unwrap(), &dk);
-    check(&format!("{tag} dv"), &g.download(g.ptr(&dv_d)).unwrap(), &dv);
-}
-
-/// Attention forward and backward on random packed batches.
-pub fn attention(g: &Gpu) {
-    // (seed, pairs, max part length, layout, heads, kv heads, head dim): lengths are random,
-    // so token counts are odd and not multiples of the 64-row tiles; several pairs packed.
-    let cases = [
-        (1, 1, 5, Layout::Shared, 2, 2, 64),
-        (2, 3, 40, Layout::Shared, 4, 2, 64),
-        (3, 4, 70, Layout::Shared, 8, 2, 128),
-        (4, 2, 100, Layout::Shared, 4, 1, 128),
-        (5, 5, 30, Layout::Concatenated, 4, 4, 64),
-        (6, 3, 50, Layout::Shared, 4, 4, 32),
-        (7, 1, 200, Layout::Shared, 2, 1, 64),
-        (8, 3, 25, Layout::Shared, 4, 1, 16),
-    ];
-    for (seed, pairs, len, layout, nh, nkv, hd) in cases {
-        attention_case(g, seed, pairs, len, layout, nh, nkv, hd);
-    }
+    // With a padding row: a token that occurs several times, its row left exactly as it was.
+    let pad = tokens[3];
+    assert!(tokens.iter().filter(|&&t| t == pad).count() > 1);
+    let mut dtable = vec![0f32; vocab * hidden];
+    ops::embedding_backward(&mut dtable, &dout, &tokens, hidden, Some(pad));
+    let dt_d = g.alloc::<f32>(vocab * hidden).unwrap();
+    g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden, Some(pad)).unwrap();
+    let got = g.download(g.ptr(&dt_d)).unwrap();
+    let row = pad as usize * hidden..(pad as usize + 1) * hidden;
+    assert!(got[row].iter().all(|&x| x == 0.0), "embedding backward: the padding row gets no gradient");
+    check("embedding backward (padding row)", &got, &dtable);
 }
 
 // --- rmsnorm
@@ -313,6 +231,192 @@ pub fn rope(g: &Gpu) {
         let copied: Vec<f32> = compact(&dy).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         assert_eq!(compact(&down_bf16(g, g.ptr(&dx_d))), copied, "rope n={n} h={nh} d={hd}: copy_strided_f32_bf16");
     }
+}
+
+// --- attention
+
+pub fn random_batch(rng: &mut SplitMix64, n_pairs: usize, max_len: usize, layout: Layout) -> PairBatch {
+    let len = |rng: &mut SplitMix64| 1 + (rng.next_u64() % max_len as u64) as usize;
+    let pairs: Vec<PairExample> = (0..n_pairs)
+        .map(|_| {
+            let (p, c, r) = (len(rng), len(rng), len(rng));
+            PairExample {
+                prompt: (0..p as u32).collect(),
+                chosen: (0..c as u32).collect(),
+                rejected: (0..r as u32).collect(),
+                source: String::new(),
+            }
+        })
+        .collect();
+    let refs: Vec<&PairExample> = pairs.iter().collect();
+    PairBatch::new(&refs, layout).unwrap()
+}
+
+#[allow(clippy::too_many_arguments)] // the case's shape, spelled out at each call
+fn attention_case(
+    g: &Gpu,
+    seed: u64,
+    n_pairs: usize,
+    max_len: usize,
+    layout: Layout,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) {
+    let mut rng = SplitMix64(seed);
+    let batch = random_batch(&mut rng, n_pairs, max_len, layout);
+    let n = batch.n_tokens();
+    let (qd, kvd) = (nh * hd, nkv * hd);
+    let q = bf(&rng.normals(n * qd, 1.0));
+    let k = bf(&rng.normals(n * kvd, 1.0));
+    let v = bf(&rng.normals(n * kvd, 1.0));
+    let dout = bf(&rng.normals(n * qd, 1.0));
+    let shape = ops::AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+    let mask = ops::AttnMask::of(&batch);
+    let (mut out, mut lse) = (vec![0f32; n * qd], vec![0f32; n * nh]);
+    ops::attention_forward(&mut out, &mut lse, &q, &k, &v, mask, shape);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+    ops::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, mask, shape);
+
+    let up16 = |x: &[f32]| g.upload(&to_bf16(x)).unwrap();
+    let (q_d, k_d, v_d, do_d) = (up16(&q), up16(&k), up16(&v), up16(&dout));
+    let group_d = g.upload(&batch.group).unwrap();
+    let branch_d = g.upload(&batch.branch).unwrap();
+    let gs_d = g.upload(&batch.group_start).unwrap();
+    let m = AttnMaskDev { group: g.ptr(&group_d), branch: g.ptr(&branch_d), group_start: g.ptr(&gs_d) };
+    let o_d = g.alloc::<Bf16>(n * qd).unwrap();
+    let lse_d = g.alloc::<f32>(n * nh).unwrap();
+    let delta_d = g.alloc::<f32>(n * nh).unwrap();
+    let dq_d = g.alloc::<f32>(n * qd).unwrap();
+    let dk_d = g.alloc::<f32>(n * kvd).unwrap();
+    let dv_d = g.alloc::<f32>(n * kvd).unwrap();
+    let d = AttnDims {
+        n_tokens: n,
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        q_stride: qd,
+        kv_stride: kvd,
+        o_stride: qd,
+    };
+    poison_bf16(g, g.ptr(&o_d));
+    poison_f32(g, g.ptr(&lse_d));
+    g.k.attention_forward(g.ptr(&o_d), g.ptr(&lse_d), g.ptr(&q_d), g.ptr(&k_d), g.ptr(&v_d), &m, &d).unwrap();
+    let tag = format!("attention {layout:?} n={n} h={nh}/{nkv} d={hd}");
+    check(&format!("{tag} out"), &down_bf16(g, g.ptr(&o_d)), &out);
+    check(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse);
+
+    for p in [g.ptr(&delta_d), g.ptr(&dq_d), g.ptr(&dk_d), g.ptr(&dv_d)] {
+        poison_f32(g, p);
+    }
+    g.k.attention_backward_delta(g.ptr(&delta_d), g.ptr(&do_d), g.ptr(&o_d), &d).unwrap();
+    g.k.attention_backward(
+        g.ptr(&dq_d),
+        g.ptr(&dk_d),
+        g.ptr(&dv_d),
+        qd,
+        kvd,
+        g.ptr(&do_d),
+        g.ptr(&q_d),
+        g.ptr(&k_d),
+        g.ptr(&v_d),
+        g.ptr(&lse_d),
+        g.ptr(&delta_d),
+        &m,
+        &d,
+    )
+    .unwrap();
+    check(&format!("{tag} dq"), &g.download(g.ptr(&dq_d)).unwrap(), &dq);
+    check(&format!("{tag} dk"), &g.download(g.ptr(&dk_d)).unwrap(), &dk);
+    check(&format!("{tag} dv"), &g.download(g.ptr(&dv_d)).unwrap(), &dv);
+}
+
+/// Attention forward and backward on random packed batches.
+pub fn attention(g: &Gpu) {
+    // (seed, pairs, max part length, layout, heads, kv heads, head dim): lengths are random,
+    // so token counts are odd and not multiples of the 64-row tiles; several pairs packed.
+    let cases = [
+        (1, 1, 5, Layout::Shared, 2, 2, 64),
+        (2, 3, 40, Layout::Shared, 4, 2, 64),
+        (3, 4, 70, Layout::Shared, 8, 2, 128),
+        (4, 2, 100, Layout::Shared, 4, 1, 128),
+        (5, 5, 30, Layout::Concatenated, 4, 4, 64),
+        (6, 3, 50, Layout::Shared, 4, 4, 32),
+        (7, 1, 200, Layout::Shared, 2, 1, 64),
+        (8, 3, 25, Layout::Shared, 4, 1, 16),
+    ];
+    for (seed, pairs, len, layout, nh, nkv, hd) in cases {
+        attention_case(g, seed, pairs, len, layout, nh, nkv, hd);
+    }
+}
+
+// --- swiglu
+
+/// `[rows, 2·inter]` with `a` in each row's first `inter` columns and `b` in the rest: the
+/// layout of the engine's fused gate|up GEMM output.
+fn side_by_side(a: &[f32], b: &[f32], inter: usize) -> Vec<f32> {
+    a.chunks(inter).zip(b.chunks(inter)).flat_map(|(ra, rb)| ra.iter().chain(rb).copied()).collect()
+}
+
+pub fn swiglu(g: &Gpu) {
+    swiglu_backward_out_is_the_forwards(g);
+    let mut rng = SplitMix64(3);
+    // (rows, inter): inter = 24 is three 8-column groups (a gate/up boundary mix-up or a
+    // row stride of inter instead of 2·inter shows at once); 2056 is 257 groups, so the
+    // second column block of each row has one live thread; 1 row of 8, the smallest.
+    for (rows, inter) in [(1usize, 8usize), (5, 24), (33, 2056)] {
+        let count = rows * inter;
+        let gate = bf(&rng.normals(count, 2.0));
+        let up = bf(&rng.normals(count, 1.0));
+        let dout = bf(&rng.normals(count, 1.0));
+        let mut out = vec![0f32; count];
+        ops::swiglu_forward(&mut out, &gate, &up);
+        let (mut dg, mut du) = (vec![0f32; count], vec![0f32; count]);
+        ops::swiglu_backward(&mut dg, &mut du, &dout, &gate, &up);
+        let gu_d = g.upload(&to_bf16(&side_by_side(&gate, &up, inter))).unwrap();
+        let d_d = g.upload(&to_bf16(&dout)).unwrap();
+        let (o_d, o2_d, dgu_d) =
+            (g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(2 * count).unwrap());
+        let (o, o2, dgu) = (g.ptr(&o_d), g.ptr(&o2_d), g.ptr(&dgu_d));
+        for p in [o, o2, dgu] {
+            poison_bf16(g, p);
+        }
+        let tag = format!("swiglu rows={rows} inter={inter}");
+        g.k.swiglu_forward(o, g.ptr(&gu_d), rows, inter).unwrap();
+        g.k.swiglu_backward(dgu, o2, g.ptr(&d_d), g.ptr(&gu_d), rows, inter).unwrap();
+        check(&format!("{tag} out"), &down_bf16(g, o), &out);
+        assert_eq!(g.download(o2).unwrap(), g.download(o).unwrap(), "{tag}: backward's out differs");
+        // dgate and dup checked apart, each in its column block of every row.
+        let got = down_bf16(g, dgu);
+        let block = |half: usize| -> Vec<f32> {
+            got.chunks(2 * inter).flat_map(|r| r[half * inter..(half + 1) * inter].to_vec()).collect()
+        };
+        check(&format!("{tag} dgate"), &block(0), &dg);
+        check(&format!("{tag} dup"), &block(1), &du);
+    }
+}
+
+/// The engine keeps swiglu_backward's copy of act in place of the forward's: the same
+/// bits. A different f32 rounding (a reassociated product changes ~1/3 of the f32
+/// results by an ulp) shows in bf16 only where the value sits within an ulp of a bf16
+/// rounding midpoint, ~2^-16 of those: 2M elements give ~10 such flips, where the
+/// 65K of `swiglu` gave 0–2.
+fn swiglu_backward_out_is_the_forwards(g: &Gpu) {
+    let (rows, inter) = (683usize, 3072usize); // 2.1M outputs
+    let count = rows * inter;
+    let mut rng = SplitMix64(31);
+    let gate = rng.normals(count, 2.0);
+    let up = rng.normals(count, 1.0);
+    let gu_d = g.upload(&to_bf16(&side_by_side(&gate, &up, inter))).unwrap();
+    let dout_d = g.upload(&to_bf16(&rng.normals(count, 1.0))).unwrap();
+    let (gu, dout) = (g.ptr(&gu_d), g.ptr(&dout_d));
+    let outs = [count, count, 2 * count].map(|len| g.alloc::<Bf16>(len).unwrap());
+    let [o, o2, dgu] = outs.each_ref().map(|b| g.ptr(b));
+    g.k.swiglu_forward(o, gu, rows, inter).unwrap();
+    g.k.swiglu_backward(dgu, o2, dout, gu, rows, inter).unwrap();
+    let (a, b) = (g.download(o2).unwrap(), g.download(o).unwrap());
+    let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    assert_eq!(diff, 0, "swiglu n={count}: backward's out differs from the forward's in {diff} elements");
 }
 
 // --- logprobs (+ the LM-head GEMMs around it)
@@ -563,52 +667,12 @@ pub fn grad_norm(g: &Gpu) {
     assert!((got - want).abs() <= 1e-9 * want, "grad norm {got} vs {want}");
 }
 
-// --- elementwise
+// --- casts
 
-/// `[rows, 2·inter]` with `a` in each row's first `inter` columns and `b` in the rest: the
-/// layout of the engine's fused gate|up GEMM output.
-fn side_by_side(a: &[f32], b: &[f32], inter: usize) -> Vec<f32> {
-    a.chunks(inter).zip(b.chunks(inter)).flat_map(|(ra, rb)| ra.iter().chain(rb).copied()).collect()
-}
-
-pub fn elementwise(g: &Gpu) {
-    swiglu_backward_out_is_the_forwards(g);
-    let mut rng = SplitMix64(3);
-    // (rows, inter): inter = 24 is three 8-column groups (a gate/up boundary mix-up or a
-    // row stride of inter instead of 2·inter shows at once); 2056 is 257 groups, so the
-    // second column block of each row has one live thread; 1 row of 8, the smallest.
-    for (rows, inter) in [(1usize, 8usize), (5, 24), (33, 2056)] {
-        let count = rows * inter;
-        let gate = bf(&rng.normals(count, 2.0));
-        let up = bf(&rng.normals(count, 1.0));
-        let dout = bf(&rng.normals(count, 1.0));
-        let mut out = vec![0f32; count];
-        ops::swiglu_forward(&mut out, &gate, &up);
-        let (mut dg, mut du) = (vec![0f32; count], vec![0f32; count]);
-        ops::swiglu_backward(&mut dg, &mut du, &dout, &gate, &up);
-        let gu_d = g.upload(&to_bf16(&side_by_side(&gate, &up, inter))).unwrap();
-        let d_d = g.upload(&to_bf16(&dout)).unwrap();
-        let (o_d, o2_d, dgu_d) =
-            (g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(count).unwrap(), g.alloc::<Bf16>(2 * count).unwrap());
-        let (o, o2, dgu) = (g.ptr(&o_d), g.ptr(&o2_d), g.ptr(&dgu_d));
-        for p in [o, o2, dgu] {
-            poison_bf16(g, p);
-        }
-        let tag = format!("swiglu rows={rows} inter={inter}");
-        g.k.swiglu_forward(o, g.ptr(&gu_d), rows, inter).unwrap();
-        g.k.swiglu_backward(dgu, o2, g.ptr(&d_d), g.ptr(&gu_d), rows, inter).unwrap();
-        check(&format!("{tag} out"), &down_bf16(g, o), &out);
-        assert_eq!(g.download(o2).unwrap(), g.download(o).unwrap(), "{tag}: backward's out differs");
-        // dgate and dup checked apart, each in its column block of every row.
-        let got = down_bf16(g, dgu);
-        let block = |half: usize| -> Vec<f32> {
-            got.chunks(2 * inter).flat_map(|r| r[half * inter..(half + 1) * inter].to_vec()).collect()
-        };
-        check(&format!("{tag} dgate"), &block(0), &dg);
-        check(&format!("{tag} dup"), &block(1), &du);
-
-        // the casts on about the same sizes, with a tail of 3 (element by element)
-        let count = count + 3;
+pub fn casts(g: &Gpu) {
+    let mut rng = SplitMix64(5);
+    // The sizes of `swiglu`'s checks, with a tail of 3 (element by element).
+    for count in [8usize + 3, 5 * 24 + 3, 33 * 2056 + 3] {
         let want = rng.normals(count, 1.0);
         let x_d = g.upload(&want).unwrap();
         let c16 = g.alloc::<Bf16>(count).unwrap();
@@ -621,59 +685,6 @@ pub fn elementwise(g: &Gpu) {
         g.k.cast_bf16_f32(g.ptr(&c32), g.ptr(&c16), count).unwrap();
         assert_eq!(g.download(g.ptr(&c32)).unwrap(), from_bf16(&bits), "cast bf16→f32 is exact");
     }
-
-    let (vocab, hidden) = (50usize, 64usize);
-    let tokens: Vec<u32> = (0..77u32).map(|i| (i * 7 + i / 3) % vocab as u32).collect(); // repeats
-    let table = bf(&rng.normals(vocab * hidden, 1.0));
-    let dout = rng.normals(tokens.len() * hidden, 1.0);
-    let mut out = vec![0f32; tokens.len() * hidden];
-    ops::embedding_forward(&mut out, &tokens, &table, hidden);
-    let mut dtable = vec![0f32; vocab * hidden];
-    ops::embedding_backward(&mut dtable, &dout, &tokens, hidden, None);
-    let (t_d, tok_d, do_d) =
-        (g.upload(&to_bf16(&table)).unwrap(), g.upload(&tokens).unwrap(), g.upload(&dout).unwrap());
-    let o_d = g.alloc::<f32>(tokens.len() * hidden).unwrap();
-    let dt_d = g.alloc::<f32>(vocab * hidden).unwrap();
-    poison_f32(g, g.ptr(&o_d));
-    g.k.embedding_forward(g.ptr(&o_d), g.ptr(&t_d), g.ptr(&tok_d), hidden).unwrap();
-    assert_eq!(g.download(g.ptr(&o_d)).unwrap(), out, "embedding gather is exact");
-    g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden, None).unwrap();
-    check("embedding backward (scatter-add)", &g.download(g.ptr(&dt_d)).unwrap(), &dtable);
-
-    // With a padding row: a token that occurs several times, its row left exactly as it was.
-    let pad = tokens[3];
-    assert!(tokens.iter().filter(|&&t| t == pad).count() > 1);
-    let mut dtable = vec![0f32; vocab * hidden];
-    ops::embedding_backward(&mut dtable, &dout, &tokens, hidden, Some(pad));
-    let dt_d = g.alloc::<f32>(vocab * hidden).unwrap();
-    g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden, Some(pad)).unwrap();
-    let got = g.download(g.ptr(&dt_d)).unwrap();
-    let row = pad as usize * hidden..(pad as usize + 1) * hidden;
-    assert!(got[row].iter().all(|&x| x == 0.0), "embedding backward: the padding row gets no gradient");
-    check("embedding backward (padding row)", &got, &dtable);
-}
-
-/// The engine keeps swiglu_backward's copy of act in place of the forward's: the same
-/// bits. A different f32 rounding (a reassociated product changes ~1/3 of the f32
-/// results by an ulp) shows in bf16 only where the value sits within an ulp of a bf16
-/// rounding midpoint, ~2^-16 of those: 2M elements give ~10 such flips, where the
-/// 65K of `elementwise` gave 0–2.
-fn swiglu_backward_out_is_the_forwards(g: &Gpu) {
-    let (rows, inter) = (683usize, 3072usize); // 2.1M outputs
-    let count = rows * inter;
-    let mut rng = SplitMix64(31);
-    let gate = rng.normals(count, 2.0);
-    let up = rng.normals(count, 1.0);
-    let gu_d = g.upload(&to_bf16(&side_by_side(&gate, &up, inter))).unwrap();
-    let dout_d = g.upload(&to_bf16(&rng.normals(count, 1.0))).unwrap();
-    let (gu, dout) = (g.ptr(&gu_d), g.ptr(&dout_d));
-    let outs = [count, count, 2 * count].map(|len| g.alloc::<Bf16>(len).unwrap());
-    let [o, o2, dgu] = outs.each_ref().map(|b| g.ptr(b));
-    g.k.swiglu_forward(o, gu, rows, inter).unwrap();
-    g.k.swiglu_backward(dgu, o2, dout, gu, rows, inter).unwrap();
-    let (a, b) = (g.download(o2).unwrap(), g.download(o).unwrap());
-    let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
-    assert_eq!(diff, 0, "swiglu n={count}: backward's out differs from the forward's in {diff} elements");
 }
 
 // --- cuBLASLt
