@@ -337,9 +337,9 @@ fn bench_shape(c: &mut Criterion, sum: &mut Summary, shape: Shape) {
         let mut dx = vec![0f32; hn * h];
         let mut g = cpu.group(c, sum, "logprobs", &format!(" ({rows} rows x vocab {v})"));
         let f = (2 * rows * v * h) as u64;
-        g.run("forward", Work::Flops(f), || ops::logprobs_forward(&mut logp, &mut lse, &x, &w, &plan, h, v));
+        g.run("forward", Work::Flops(f), || ops::logprobs_forward_with_head(&mut logp, &mut lse, &x, &w, &plan, h, v));
         g.run("backward", Work::Flops(3 * f), || {
-            ops::logprobs_backward(&mut dx, &mut dw, &dlogp, &x, &w, &lse, &plan, h, v)
+            ops::logprobs_backward_with_head(&mut dx, &mut dw, &dlogp, &x, &w, &lse, &plan, h, v)
         });
     }
 
@@ -351,9 +351,9 @@ fn bench_shape(c: &mut Criterion, sum: &mut Summary, shape: Shape) {
         let grad = randn(len, 19, 1e-3);
         let mut step = 0u64;
         // p, m, v read and written, g read
-        g.run("adamw_update", Work::Bytes(F32 * 7 * len as u64), || {
+        g.run("adamw_step", Work::Bytes(F32 * 7 * len as u64), || {
             step += 1;
-            ops::adamw_update(&mut p, &mut m, &mut vv, &grad, 1e-5, 0.9, 0.999, 1e-8, 0.01, step)
+            ops::adamw_step(&mut p, &mut m, &mut vv, &grad, 1e-5, 0.9, 0.999, 1e-8, 0.01, step)
         });
         g.run("grad_norm", Work::Bytes(F32 * len as u64), || {
             black_box(ops::grad_norm(&[&grad]));
@@ -450,12 +450,14 @@ mod cuda {
                 g.k.rmsnorm_forward(yp, rp, xhp, xp, wp, n, h, 1e-5).unwrap()
             });
             // the backward's xn: x̂ read, y written (bf16), w read
-            gr.run("apply", Work::Bytes(BF16 * u(2 * n * h + h)), || g.k.rmsnorm_apply(yp, xhp, wp, n, h).unwrap());
+            gr.run("apply", Work::Bytes(BF16 * u(2 * n * h + h)), || {
+                g.k.rmsnorm_forward_from_xhat(yp, xhp, wp, n, h).unwrap()
+            });
             // As the engine runs it: dx += (read and written) and dy read (f32), x̂ read and
             // bf16(dx) written (bf16), rstd read, w read, dw +=
             let (dxp, dx16p, dwp, dyp) = (g.ptr(&dx), g.ptr(&dx16), g.ptr(&dw), g.ptr(&dy));
             gr.run("backward", Work::Bytes(F32 * u(3 * n * h + n + 2 * h) + BF16 * u(2 * n * h + h)), || {
-                g.k.rmsnorm_backward(dxp, dx16p, dwp, dyp, xhp, wp, rp, n, h, true).unwrap()
+                g.k.rmsnorm_backward_from_xhat(dxp, dx16p, dwp, dyp, xhp, wp, rp, n, h, true).unwrap()
             });
         }
         {
@@ -641,8 +643,8 @@ mod cuda {
             let (out, partial) = (g.alloc::<f64>(1).unwrap(), g.alloc::<f64>(g.k.grad_norm_blocks()).unwrap());
             let (outp, partp) = (g.ptr(&out), g.ptr(&partial));
             // the master's two 16-bit halves, m, v read and written, g read and zeroed
-            gr.run("adamw_update", Work::Bytes(F32 * u(8 * np)), || {
-                g.k.adamw_update(hp, lp, mp, vp, gp, 1.0, 1e-5, 0.9, 0.999, 1e-8, 0.01, 1).unwrap()
+            gr.run("adamw_step", Work::Bytes(F32 * u(8 * np)), || {
+                g.k.adamw_step(hp, lp, mp, vp, gp, 1.0, 1e-5, 0.9, 0.999, 1e-8, 0.01, 1).unwrap()
             });
             gr.run("grad_norm", Work::Bytes(F32 * u(np)), || g.k.grad_norm(outp, partp, gp, false).unwrap());
         }

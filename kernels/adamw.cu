@@ -18,8 +18,8 @@
 // beside a bf16 copy. The working copy differs from round-to-nearest-even only on exact ties
 // (low half 0x8000: one value in 65,536), by one bf16 ulp. src/engine/cuda/mod.rs
 // (split_master, join_master) is the host's side of the same format.
-// grad_norm: Σ g² in f64, per block (grad_norm_forward) then over blocks
-// (grad_norm_forward_reduce); the host takes the square root.
+// grad_norm: Σ g² in f64, one partial sum per block; grad_norm_reduce adds the blocks'
+// partial sums; the host takes the square root.
 // Layouts: flat arrays of `count` elements (a tensor, or all parameters at once): p_hi,
 // p_lo 16-bit, m, v, g f32. Work split: one thread per 4 elements (16-byte f32 accesses,
 // 8-byte halves) in a grid-stride loop of 256-thread blocks. Both grids are one wave: as
@@ -53,7 +53,7 @@ SDPO_DEVICE void adamw_one(float& p, float& m, float& v, float g, float decay, f
     p -= step_size * (m / denom);
 }
 
-extern "C" __global__ void __launch_bounds__(256) adamw_update(
+extern "C" __global__ void __launch_bounds__(256) adamw_step(
     unsigned short* __restrict__ p_hi, unsigned short* __restrict__ p_lo, float* __restrict__ m,
     float* __restrict__ v, float* __restrict__ g, long long count, float grad_scale, float decay, float w1, float b2,
     float w2, float step_size, float bc2_sqrt, float eps) {
@@ -105,7 +105,7 @@ SDPO_DEVICE double block_sum_f64(double v) {
 }
 
 // partial[blockIdx.x] = Σ g² over this block's grid-stride share.
-extern "C" __global__ void __launch_bounds__(256) grad_norm_forward(
+extern "C" __global__ void __launch_bounds__(256) grad_norm(
     double* __restrict__ partial, const float* __restrict__ g, long long count) {
     double acc = 0.0;
     const long long stride = (long long)gridDim.x * blockDim.x * 4;
@@ -130,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(256) grad_norm_forward(
 }
 
 // out[0] (+)= Σ partial; one block. `accumulate` lets several tensors share one total.
-extern "C" __global__ void __launch_bounds__(256) grad_norm_forward_reduce(
+extern "C" __global__ void __launch_bounds__(256) grad_norm_reduce(
     double* __restrict__ out, const double* __restrict__ partial, int n, int accumulate) {
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];

@@ -95,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(256) embedding_backward(
     atomic_add4(dst + 4, v[4], v[5], v[6], v[7]);
 }
 
-extern "C" __global__ void __launch_bounds__(256) cast_forward_f32_bf16(
+extern "C" __global__ void __launch_bounds__(256) cast_f32_bf16(
     __nv_bfloat16* __restrict__ out, const float* __restrict__ in, long long count) {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i + 8 <= count) {
@@ -107,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(256) cast_forward_f32_bf16(
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) cast_forward_bf16_f32(
+extern "C" __global__ void __launch_bounds__(256) cast_bf16_f32(
     float* __restrict__ out, const __nv_bfloat16* __restrict__ in, long long count) {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i + 8 <= count) {

@@ -8,10 +8,11 @@
 // keeps for backward instead of x, half the bytes), dy [n, H] f32 (a GEMM's fp32 output),
 // dx [n, H] f32 (= or += into the residual gradient), dw [H] f32 (+=), and optionally
 // dx16 [n, H] bf16: bf16(dx) after the = or +=, the next GEMMs' input, rounded to nearest
-// even as the cast kernel (cast_forward_f32_bf16) rounds, so no separate cast is launched.
-// The backward takes x̂ (bf16) and rstd; rmsnorm_apply gives y again from x̂ for the
-// backward's weight gradients: bf16(x̂_bf16 ∘ w), which can differ from the forward's
-// bf16(x̂ ∘ w) in the last bit (rounded twice).
+// even as the cast kernel (cast_f32_bf16) rounds, so no separate cast is launched.
+// The backward (rmsnorm_backward_from_xhat) takes x̂ (bf16) and rstd, not x;
+// rmsnorm_forward_from_xhat gives y again from x̂ for the backward's weight gradients:
+// bf16(x̂_bf16 ∘ w), which can differ from the forward's bf16(x̂ ∘ w) in the last bit
+// (rounded twice).
 // Work split: forward, one warp per row, 8 rows per 256-thread block, 16-byte accesses
 // (H % 8 == 0). Backward, a block takes batches of 8 rows (grid-stride; the launcher
 // sizes the grid to 2 blocks per SM): one warp per row computes the row's mean(w∘dy∘x̂),
@@ -29,7 +30,7 @@
 // a separate cast would read 4nH and write 2nH) and reads 4nH more when accumulating. x, dy,
 // dx move in 16-byte coalesced accesses, dx16 in 8-byte ones, w in 16 bytes in phase 1
 // and 8 bytes in phase 2 (4 columns per thread, so that a warp's x/dy/dx accesses are 512
-// contiguous bytes). rmsnorm_apply: reads 2nH + 2H, writes 2nH. FLOPs:
+// contiguous bytes). rmsnorm_forward_from_xhat: reads 2nH + 2H, writes 2nH. FLOPs:
 // ~4nH / ~10nH.
 #include "common.cuh"
 
@@ -64,7 +65,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) rmsnorm_forward(
 }
 
 // y = x̂ ∘ w from the forward's bf16 x̂: one thread per 8 consecutive elements.
-extern "C" __global__ void __launch_bounds__(256) rmsnorm_apply(
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_forward_from_xhat(
     __nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ xhat, const __nv_bfloat16* __restrict__ w,
     int n, int hidden) {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
@@ -109,7 +110,7 @@ SDPO_DEVICE void store4(__nv_bfloat16* p, float4 v) {
     *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
 }
 
-extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward(
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_backward_from_xhat(
     float* __restrict__ dx, __nv_bfloat16* __restrict__ dx16, float* __restrict__ dw, const float* __restrict__ dy,
     const __nv_bfloat16* __restrict__ xhat, const __nv_bfloat16* __restrict__ w, const float* __restrict__ rstd, int n,
     int hidden, int accumulate) {

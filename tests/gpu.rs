@@ -34,8 +34,8 @@ fn open_engine(cfg: LlamaConfig, w: LlamaWeights) -> CudaEngine {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn attention_matches_cpu() {
-    kernel_checks::attention(&gpu());
+fn embedding_matches_cpu() {
+    kernel_checks::embedding(&gpu());
 }
 
 #[test]
@@ -48,6 +48,18 @@ fn rmsnorm_matches_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn rope_matches_cpu() {
     kernel_checks::rope(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_matches_cpu() {
+    kernel_checks::attention(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn swiglu_matches_cpu() {
+    kernel_checks::swiglu(&gpu());
 }
 
 #[test]
@@ -70,8 +82,8 @@ fn grad_norm_matches_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn elementwise_matches_cpu() {
-    kernel_checks::elementwise(&gpu());
+fn casts_matches_cpu() {
+    kernel_checks::casts(&gpu());
 }
 
 #[test]
@@ -120,7 +132,7 @@ fn gpu_smoke() {
     let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     println!("SMOKE device={:?} kernels_ready_s={ready_s:.1} elements={n} cast_max_err={max_err}", g.name);
     // Both round to nearest even: every value the same.
-    assert_eq!(got, want, "cast_forward_f32_bf16 on the device differs from the host's rounding");
+    assert_eq!(got, want, "cast_f32_bf16 on the device differs from the host's rounding");
 }
 
 /// Datasheet memory bandwidth (bytes/s) by device-name fragment, more specific first.

@@ -118,9 +118,9 @@ fn dry_run_returns_four_files_and_a_bad_test_costs_one_row() {
     };
     assert_eq!(status("rope_matches_cpu"), "TIMEOUT(3s)");
     assert_eq!(status("adamw_matches_cpu"), "CRASH(SEGV)");
-    assert_eq!(status("elementwise_matches_cpu"), "FAIL(rc=101)");
+    assert_eq!(status("swiglu_matches_cpu"), "FAIL(rc=101)");
     // Each cost its own row: every other test and step ran after them and passed.
-    let bad = ["rope_matches_cpu", "adamw_matches_cpu", "elementwise_matches_cpu"];
+    let bad = ["rope_matches_cpu", "adamw_matches_cpu", "swiglu_matches_cpu"];
     let others: Vec<_> = rows.iter().filter(|(n, _, _)| !bad.contains(&n.as_str())).collect();
     assert!(others.iter().all(|(_, s, _)| s == "ok" || s.starts_with("skipped(budget)")), "{rows:?}");
     let after_hang = rows.iter().skip_while(|(n, _, _)| n != "rope_matches_cpu").skip(1);
@@ -137,7 +137,7 @@ fn dry_run_returns_four_files_and_a_bad_test_costs_one_row() {
     assert_eq!(tests.len(), source.matches("#[ignore = \"needs a CUDA GPU\"]").count(), "{tests:?}");
     assert_eq!(tests[..2], ["gpu_smoke", "gpu_ceilings"]);
     // The panic's message is the failed test's key figure.
-    let panicked = rows.iter().find(|(n, _, _)| n == "elementwise_matches_cpu").unwrap();
+    let panicked = rows.iter().find(|(n, _, _)| n == "swiglu_matches_cpu").unwrap();
     assert!(panicked.2.starts_with("swiglu backward: rel err 1.9e-01"), "{panicked:?}");
 
     let s = summary(&r);

@@ -44,8 +44,8 @@ fn engine_on(s: &KernelSim) -> impl Fn(LlamaConfig, LlamaWeights) -> CudaEngine 
 }
 
 #[test]
-fn attention_matches_cpu() {
-    both_orders(kernel_checks::attention);
+fn embedding_matches_cpu() {
+    both_orders(kernel_checks::embedding);
 }
 
 #[test]
@@ -56,6 +56,16 @@ fn rmsnorm_matches_cpu() {
 #[test]
 fn rope_matches_cpu() {
     both_orders(kernel_checks::rope);
+}
+
+#[test]
+fn attention_matches_cpu() {
+    both_orders(kernel_checks::attention);
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    both_orders(kernel_checks::swiglu);
 }
 
 #[test]
@@ -74,8 +84,8 @@ fn grad_norm_matches_cpu() {
 }
 
 #[test]
-fn elementwise_matches_cpu() {
-    both_orders(kernel_checks::elementwise);
+fn casts_matches_cpu() {
+    both_orders(kernel_checks::casts);
 }
 
 // --- the simulator's ldmatrix and cp.async, pinned by kernels/sim/selftest.cu

@@ -183,7 +183,7 @@ impl CpuEngine {
         let plan = LogpPlan::new(&batch.targets);
         let mut logp = vec![0f32; plan.slot.len()];
         let mut lse_head = vec![0f32; plan.rows.len()];
-        ops::logprobs_forward(&mut logp, &mut lse_head, &xf, self.w.lm_head(), &plan, h, cfg.vocab_size);
+        ops::logprobs_forward_with_head(&mut logp, &mut lse_head, &xf, self.w.lm_head(), &plan, h, cfg.vocab_size);
         Forward { layers, x_last: x, rstd_f, xf, plan, logp, lse_head }
     }
 
@@ -237,7 +237,17 @@ impl CpuEngine {
             Some(g) => g,
             None => &mut grads.embed, // tied: the LM head is the embedding
         };
-        ops::logprobs_backward(&mut dxf, head_grad, dlogp, &f.xf, w.lm_head(), &f.lse_head, &f.plan, h, cfg.vocab_size);
+        ops::logprobs_backward_with_head(
+            &mut dxf,
+            head_grad,
+            dlogp,
+            &f.xf,
+            w.lm_head(),
+            &f.lse_head,
+            &f.plan,
+            h,
+            cfg.vocab_size,
+        );
         let mut dx = vec![0f32; n * h];
         ops::rmsnorm_backward(&mut dx, &mut grads.norm, &dxf, &f.x_last, &w.norm, &f.rstd_f, h);
         let mut s = spare_back.take().unwrap_or_default();
@@ -441,7 +451,7 @@ impl Engine for CpuEngine {
         let moments = state.m.tensors_mut().into_iter().zip(state.v.tensors_mut());
         for ((spec, (p, g)), (m, v)) in specs.iter().zip(params).zip(moments) {
             let wd = opt.decay_of(&spec.name);
-            ops::adamw_update(p, m, v, g, lr, opt.beta1, opt.beta2, opt.eps, wd, state.step);
+            ops::adamw_step(p, m, v, g, lr, opt.beta1, opt.beta2, opt.eps, wd, state.step);
         }
         self.zero_grads();
         Ok(norm)

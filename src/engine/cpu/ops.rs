@@ -302,6 +302,18 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], 
     });
 }
 
+/// `out = x̂ ∘ w` per row from the forward's normalized `x̂ = x·rstd`: the CUDA engine's
+/// backward gets its weight gradients' input again this way (from the bf16 x̂ it keeps);
+/// the CPU engine keeps `out` itself and does not call it.
+pub fn rmsnorm_forward_from_xhat(out: &mut [f32], xhat: &[f32], w: &[f32], hidden: usize) {
+    let _p = profile::scope(Category::NormElementwise);
+    out.par_chunks_mut(hidden).zip(xhat.par_chunks(hidden)).for_each(|(o, xr)| {
+        for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
+            *oi = xi * wi;
+        }
+    });
+}
+
 /// With `x̂ = x·rstd`: `dx = rstd · (w∘dy − x̂ · mean(w∘dy∘x̂))` (=), `dw += Σ_rows dy∘x̂`.
 pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize) {
     let _p = profile::scope(Category::NormElementwise);
@@ -732,8 +744,9 @@ fn head_chunk(xc: &mut [f32], logits: &mut [f32], x: &[f32], w: &[f32], rows: &[
 }
 
 /// `logp[t] = logits[row(t), token(t)] − lse[row(t)]` with `logits = x·W_headᵀ`;
-/// `lse[slot]` is kept for backward.
-pub fn logprobs_forward(
+/// `lse[slot]` is kept for backward. The LM-head GEMM is inside (`_with_head`): the CUDA
+/// engine runs that GEMM apart and its `logprobs_forward` kernel takes the logits.
+pub fn logprobs_forward_with_head(
     logp: &mut [f32],
     lse: &mut [f32],
     x: &[f32],
@@ -767,9 +780,10 @@ pub fn logprobs_forward(
 
 /// With `G_r = Σ dlogp` over row r's targets: `dlogits[r, v] = 1[v = token]·dlogp − G_r·softmax_v`,
 /// recomputed chunk by chunk; `dx` rows that predict a target are overwritten with
-/// `dlogits·W`, every other row is set to 0 (=); `dw += dlogitsᵀ·x`.
+/// `dlogits·W`, every other row is set to 0 (=); `dw += dlogitsᵀ·x`. The CUDA engine's
+/// `logprobs_backward` kernel gives `dlogits` alone; the two GEMMs are its caller's.
 #[allow(clippy::too_many_arguments)]
-pub fn logprobs_backward(
+pub fn logprobs_backward_with_head(
     dx: &mut [f32],
     dw: &mut [f32],
     dlogp: &[f32],
@@ -813,7 +827,7 @@ pub fn logprobs_backward(
 /// `p ← p·(1 − lr·wd)`; `m ← m + (1−β1)(g − m)`; `v ← β2·v + (1−β2)g²`;
 /// `p ← p − (lr/bc1)·m / (sqrt(v)/sqrt(bc2) + eps)` with `bc_i = 1 − β_i^step`.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_update(
+pub fn adamw_step(
     p: &mut [f32],
     m: &mut [f32],
     v: &mut [f32],
@@ -1255,14 +1269,14 @@ mod tests {
         assert!(plan.rows.len() < targets.len(), "the last prompt row carries two targets");
         let (x, w) = (rng.normals(n * h, 1.0), rng.normals(v * h, 1.0));
         let (mut logp, mut lse) = (vec![0f32; targets.len()], vec![0f32; plan.rows.len()]);
-        logprobs_forward(&mut logp, &mut lse, &x, &w, &plan, h, v);
+        logprobs_forward_with_head(&mut logp, &mut lse, &x, &w, &plan, h, v);
         let (xd, wd) = (f64s(&x), f64s(&w));
         assert!(rel(&logp, &logprobs_ref(&xd, &wd, &targets, h, v)) < TOL);
 
         let dlogp = rng.normals(targets.len(), 1.0);
         let dl = f64s(&dlogp);
         let (mut dx, mut dw) = (vec![3f32; n * h], vec![0.25f32; v * h]);
-        logprobs_backward(&mut dx, &mut dw, &dlogp, &x, &w, &lse, &plan, h, v);
+        logprobs_backward_with_head(&mut dx, &mut dw, &dlogp, &x, &w, &lse, &plan, h, v);
         let dxr = fd(|xx| dotf64(&logprobs_ref(xx, &wd, &targets, h, v), &dl), &xd);
         let dwr: Vec<f64> =
             fd(|ww| dotf64(&logprobs_ref(&xd, ww, &targets, h, v), &dl), &wd).iter().map(|g| g + 0.25).collect();
@@ -1280,7 +1294,7 @@ mod tests {
         let (mut pr, mut mr, mut vr) = (f64s(&p), vec![0f64; n], vec![0f64; n]);
         for step in 1..=3u64 {
             let g = rng.normals(n, 0.1);
-            adamw_update(&mut p, &mut m, &mut v, &g, lr, b1, b2, eps, wd, step);
+            adamw_step(&mut p, &mut m, &mut v, &g, lr, b1, b2, eps, wd, step);
             let (bc1, bc2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
             for i in 0..n {
                 let gi = g[i] as f64;

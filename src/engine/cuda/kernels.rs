@@ -1,12 +1,22 @@
-//! One launcher per kernel, in the order of the kernels/*.cu files (attention, rmsnorm,
-//! rope, logprobs, adamw, elementwise). Each checks the shapes, lengths and alignment its
-//! kernel assumes and returns `Error::Invalid` naming the argument instead of launching.
+//! One launcher per kernel, in the order the data flows through them (the order of
+//! `ops.rs`): embedding, rmsnorm, rope, attention, swiglu, logprobs, adamw, casts. Each
+//! checks the shapes, lengths and alignment its kernel assumes and returns
+//! `Error::Invalid` naming the argument instead of launching.
 //!
 //! Buffers are passed as `DPtr<T>`: a raw device address and a length in elements, so a
 //! launcher can take a view into a larger allocation (a layer's slice of the fused weight
 //! buffer, one chunk of the logits) without borrowing fights. The engine owns the memory
 //! (`CudaSlice`) and runs everything on one stream with cudarc's event tracking off.
 //! Argument order follows the kernels: outputs, inputs, sizes.
+//!
+//! Names: a launcher is named as its kernel's `extern "C"` name, which is
+//! `<op>_<forward|backward>[_<variant>]` for the model's ops (`attention_forward` launches
+//! `attention_forward_hd{D}`, the variant chosen by head_dim) and `<op>[_<variant>]` for
+//! the ops outside the differentiated model, which have no direction: `adamw_step`,
+//! `grad_norm` (then `grad_norm_reduce`), `cast_f32_bf16`, `cast_bf16_f32`. One launcher
+//! runs another's kernel, named for what it does: `copy_strided_f32_bf16` (rope_backward
+//! rotating by 0). A `_from_xhat` op takes the forward's normalized x̂ where its CPU twin
+//! of the same op name takes x.
 
 // Launchers mirror their kernels' argument lists (outputs, inputs, sizes).
 #![allow(clippy::too_many_arguments)]
@@ -28,6 +38,13 @@ use crate::error::{Error, Result};
 /// Every kernel a launcher uses: (file, `extern "C"` name). The `cuda_compile` test
 /// checks that each one exists in the compiled file.
 pub const KERNEL_NAMES: &[(&str, &str)] = &[
+    ("elementwise.cu", "embedding_forward"),
+    ("elementwise.cu", "embedding_backward"),
+    ("rmsnorm.cu", "rmsnorm_forward"),
+    ("rmsnorm.cu", "rmsnorm_forward_from_xhat"),
+    ("rmsnorm.cu", "rmsnorm_backward_from_xhat"),
+    ("rope.cu", "rope_forward"),
+    ("rope.cu", "rope_backward"),
     ("attention.cu", "attention_forward_hd16"),
     ("attention.cu", "attention_forward_hd32"),
     ("attention.cu", "attention_forward_hd64"),
@@ -37,22 +54,15 @@ pub const KERNEL_NAMES: &[(&str, &str)] = &[
     ("attention.cu", "attention_backward_hd64"),
     ("attention.cu", "attention_backward_hd128"),
     ("attention.cu", "attention_backward_delta"),
-    ("rmsnorm.cu", "rmsnorm_forward"),
-    ("rmsnorm.cu", "rmsnorm_apply"),
-    ("rmsnorm.cu", "rmsnorm_backward"),
-    ("rope.cu", "rope_forward"),
-    ("rope.cu", "rope_backward"),
-    ("logprobs.cu", "logprobs_forward"),
-    ("logprobs.cu", "logprobs_backward"),
-    ("adamw.cu", "adamw_update"),
-    ("adamw.cu", "grad_norm_forward"),
-    ("adamw.cu", "grad_norm_forward_reduce"),
     ("elementwise.cu", "swiglu_forward"),
     ("elementwise.cu", "swiglu_backward"),
-    ("elementwise.cu", "embedding_forward"),
-    ("elementwise.cu", "embedding_backward"),
-    ("elementwise.cu", "cast_forward_f32_bf16"),
-    ("elementwise.cu", "cast_forward_bf16_f32"),
+    ("logprobs.cu", "logprobs_forward"),
+    ("logprobs.cu", "logprobs_backward"),
+    ("adamw.cu", "adamw_step"),
+    ("adamw.cu", "grad_norm"),
+    ("adamw.cu", "grad_norm_reduce"),
+    ("elementwise.cu", "cast_f32_bf16"),
+    ("elementwise.cu", "cast_bf16_f32"),
 ];
 
 /// Head dims the attention kernels are instantiated for.
@@ -193,12 +203,12 @@ pub fn attention_backward_smem(head_dim: usize) -> u32 {
     (tiles * 2 + (3 * bm + bn) * 4) as u32
 }
 
-/// Largest hidden size `rmsnorm_backward` takes: its dw columns (one f32 each) live in
+/// Largest hidden size `rmsnorm_backward_from_xhat` takes: its dw columns (one f32 each) live in
 /// dynamic shared memory, 48 KB at most.
 pub const RMSNORM_MAX_HIDDEN: usize = 12288;
 
-/// Dynamic shared memory of `rmsnorm_backward` (kernels/rmsnorm.cu): one f32 per column.
-pub fn rmsnorm_backward_smem(hidden: usize) -> u32 {
+/// Dynamic shared memory of `rmsnorm_backward_from_xhat` (kernels/rmsnorm.cu): one f32 per column.
+pub fn rmsnorm_backward_from_xhat_smem(hidden: usize) -> u32 {
     (hidden * 4) as u32
 }
 
@@ -217,7 +227,7 @@ pub fn dynamic_smem_limit(kernel: &str) -> u32 {
     attention("attention_forward_hd", attention_forward_smem)
         .or_else(|| attention("attention_backward_hd", attention_backward_smem))
         .unwrap_or(match kernel {
-            "rmsnorm_backward" => rmsnorm_backward_smem(RMSNORM_MAX_HIDDEN),
+            "rmsnorm_backward_from_xhat" => rmsnorm_backward_from_xhat_smem(RMSNORM_MAX_HIDDEN),
             _ => 0,
         })
 }
@@ -229,7 +239,7 @@ pub struct Kernels {
     sim: Option<KernelSim>,
     pub arch: String,
     pub sm_count: u32,
-    /// Blocks of 256 threads of `adamw_update` and `grad_norm_forward` that fit on one SM
+    /// Blocks of 256 threads of `adamw_step` and `grad_norm` that fit on one SM
     /// at once (the driver's occupancy query): their grid-stride grids are one full wave.
     adamw_resident: u32,
     grad_norm_resident: u32,
@@ -270,7 +280,7 @@ impl Kernels {
             modules.push(module);
         }
         // Without an opt-in a block gets 48 KB of shared memory, static and dynamic together
-        // (rmsnorm_backward: up to 48 KB dynamic plus 128 bytes static); with it, up to the
+        // (rmsnorm_backward_from_xhat: up to 48 KB dynamic plus 128 bytes static); with it, up to the
         // device's per-block maximum (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89,
         // where the D = 128 attention forward's 102.75 KB does not fit).
         let smem_max = ctx
@@ -301,7 +311,7 @@ impl Kernels {
                 .map_err(|e| Error::Cuda(format!("{name}: occupancy query: {e}")))
                 .map(|b| b.max(1))
         };
-        let (adamw_resident, grad_norm_resident) = (resident("adamw_update")?, resident("grad_norm_forward")?);
+        let (adamw_resident, grad_norm_resident) = (resident("adamw_step")?, resident("grad_norm")?);
         Ok(Kernels {
             stream: Some(stream),
             sim: None,
@@ -585,6 +595,253 @@ macro_rules! launch {
 }
 
 impl Kernels {
+    /// The grid of the flat element-wise kernels (rmsnorm_forward_from_xhat, the casts):
+    /// one thread per 8 consecutive elements, 256 threads a block.
+    fn flat_cfg(count: usize) -> LaunchConfig {
+        Self::cfg((blocks(count.div_ceil(8), 256), 1), 256, 0)
+    }
+
+    // --- embedding (elementwise.cu)
+
+    /// `out[t] = table[tokens[t]]` (f32 rows from the bf16 table). Token ids are not
+    /// checked on the device: the caller checks them against the vocabulary.
+    pub fn embedding_forward(&self, out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, hidden: usize) -> Result<()> {
+        let n = tokens.len;
+        need(hidden.is_multiple_of(8), || format!("embedding: hidden {hidden} must be a multiple of 8"))?;
+        need_len("embedding: out", &out, n * hidden)?;
+        need(table.len.is_multiple_of(hidden), || "embedding: table length is not a multiple of hidden".into())?;
+        need_vec("embedding: out", &out)?;
+        need_vec("embedding: table", &table)?;
+        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
+        launch!(self, "embedding_forward", cfg; out.ptr, table.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
+        Ok(())
+    }
+
+    /// `dtable[tokens[t]] += dout[t]` for every token but `padding` (whose row gets
+    /// nothing, as PyTorch's `nn.Embedding(padding_idx)`).
+    pub fn embedding_backward(
+        &self,
+        dtable: DPtr<f32>,
+        dout: DPtr<f32>,
+        tokens: DPtr<u32>,
+        hidden: usize,
+        padding: Option<u32>,
+    ) -> Result<()> {
+        let n = tokens.len;
+        need(hidden.is_multiple_of(8), || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
+        need_len("embedding_backward: dout", &dout, n * hidden)?;
+        need(dtable.len.is_multiple_of(hidden), || {
+            "embedding_backward: table length is not a multiple of hidden".into()
+        })?;
+        need_vec("embedding_backward: dout", &dout)?;
+        need_vec("embedding_backward: dtable", &dtable)?;
+        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
+        let padding = match padding {
+            Some(p) => to_i32("padding", p as usize)?,
+            None => -1,
+        };
+        launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32,
+            padding);
+        Ok(())
+    }
+
+    // --- rmsnorm.cu
+
+    /// `y = x·rstd·w` (bf16), `rstd` kept and, unless `xhat` is `null()`, `xhat = x·rstd`
+    /// (bf16, for the backward); x f32 `[n, hidden]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_forward(
+        &self,
+        y: DPtr<Bf16>,
+        rstd: DPtr<f32>,
+        xhat: DPtr<Bf16>,
+        x: DPtr<f32>,
+        w: DPtr<Bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        need(hidden.is_multiple_of(8), || format!("rmsnorm: hidden {hidden} must be a multiple of 8"))?;
+        need_len("rmsnorm: y", &y, n * hidden)?;
+        need_len("rmsnorm: x", &x, n * hidden)?;
+        need_len("rmsnorm: w", &w, hidden)?;
+        need_len("rmsnorm: rstd", &rstd, n)?;
+        for (name, ok) in [("y", y.aligned16()), ("x", x.aligned16()), ("w", w.aligned16())] {
+            need(ok, || format!("rmsnorm: {name} is not 16-byte aligned"))?;
+        }
+        if xhat.ptr != 0 {
+            need_len("rmsnorm: xhat", &xhat, n * hidden)?;
+            need_vec("rmsnorm: xhat", &xhat)?;
+        }
+        let cfg = Self::cfg((blocks(n, 8), 1), 256, 0);
+        launch!(self, "rmsnorm_forward", cfg; y.ptr, rstd.ptr, xhat.ptr, x.ptr, w.ptr, to_i32("n", n)?,
+            hidden as i32, eps);
+        Ok(())
+    }
+
+    /// `y = xhat·w` (bf16) from the forward's `xhat`: its `y` again, up to the last bit.
+    pub fn rmsnorm_forward_from_xhat(
+        &self,
+        y: DPtr<Bf16>,
+        xhat: DPtr<Bf16>,
+        w: DPtr<Bf16>,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        need(hidden.is_multiple_of(8), || {
+            format!("rmsnorm_forward_from_xhat: hidden {hidden} must be a multiple of 8")
+        })?;
+        for (name, p) in [("y", &y), ("xhat", &xhat)] {
+            need_len(&format!("rmsnorm_forward_from_xhat: {name}"), p, n * hidden)?;
+            need_vec(&format!("rmsnorm_forward_from_xhat: {name}"), p)?;
+        }
+        need_len("rmsnorm_forward_from_xhat: w", &w, hidden)?;
+        need_vec("rmsnorm_forward_from_xhat: w", &w)?;
+        launch!(self, "rmsnorm_forward_from_xhat", Self::flat_cfg(n * hidden); y.ptr, xhat.ptr, w.ptr, to_i32("n", n)?,
+            hidden as i32);
+        Ok(())
+    }
+
+    /// `dx (=|+=) rstd·(w∘dy − x̂·mean(w∘dy∘x̂))`, `dw += Σ dy∘x̂`; dy f32, x̂ the forward's
+    /// bf16 `xhat`. Unless `dx16` is `null()`, also `dx16 = bf16(dx)` of the final dx, the
+    /// same bits `cast_f32_bf16` would give.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_backward_from_xhat(
+        &self,
+        dx: DPtr<f32>,
+        dx16: DPtr<Bf16>,
+        dw: DPtr<f32>,
+        dy: DPtr<f32>,
+        xhat: DPtr<Bf16>,
+        w: DPtr<Bf16>,
+        rstd: DPtr<f32>,
+        n: usize,
+        hidden: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        need(hidden.is_multiple_of(8) && hidden <= RMSNORM_MAX_HIDDEN, || {
+            format!("rmsnorm_backward_from_xhat: hidden {hidden} must be a multiple of 8 and ≤ {RMSNORM_MAX_HIDDEN} (its shared memory)")
+        })?;
+        for (name, p) in [("dx", &dx), ("dy", &dy)] {
+            need_len(&format!("rmsnorm_backward_from_xhat: {name}"), p, n * hidden)?;
+            need_vec(&format!("rmsnorm_backward_from_xhat: {name}"), p)?;
+        }
+        need_len("rmsnorm_backward_from_xhat: xhat", &xhat, n * hidden)?;
+        need_vec("rmsnorm_backward_from_xhat: xhat", &xhat)?;
+        need_len("rmsnorm_backward_from_xhat: dw", &dw, hidden)?;
+        need_len("rmsnorm_backward_from_xhat: w", &w, hidden)?;
+        need_vec("rmsnorm_backward_from_xhat: w", &w)?;
+        need_len("rmsnorm_backward_from_xhat: rstd", &rstd, n)?;
+        if dx16.ptr != 0 {
+            need_len("rmsnorm_backward_from_xhat: dx16", &dx16, n * hidden)?;
+            need_vec("rmsnorm_backward_from_xhat: dx16", &dx16)?;
+        }
+        // A few blocks per SM: each adds its partial dw once.
+        let grid = blocks(n, 8).min(self.sm_count * 2);
+        let cfg = Self::cfg((grid, 1), 256, rmsnorm_backward_from_xhat_smem(hidden));
+        launch!(self, "rmsnorm_backward_from_xhat", cfg; dx.ptr, dx16.ptr, dw.ptr, dy.ptr, xhat.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
+            hidden as i32, accumulate as i32);
+        Ok(())
+    }
+
+    // --- rope.cu
+
+    fn check_rope(
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        stride: usize,
+        positions: &DPtr<u32>,
+        inv_freq: &DPtr<f32>,
+    ) -> Result<()> {
+        need(head_dim.is_multiple_of(2) && stride >= n_heads * head_dim, || {
+            format!("rope: head_dim {head_dim} must be even and stride {stride} ≥ n_heads·head_dim")
+        })?;
+        need_len("rope: positions", positions, n)?;
+        need_len("rope: inv_freq", inv_freq, head_dim / 2)
+    }
+
+    fn rope_threads(n: usize, n_heads: usize, head_dim: usize) -> usize {
+        let half = head_dim / 2;
+        n * n_heads * if half.is_multiple_of(8) { half / 8 } else { half }
+    }
+
+    /// Rotates heads `0..n_heads` of every row of x (bf16, row stride `stride`) in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_forward(
+        &self,
+        x: DPtr<Bf16>,
+        positions: DPtr<u32>,
+        inv_freq: DPtr<f32>,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        stride: usize,
+    ) -> Result<()> {
+        Self::check_rope(n, n_heads, head_dim, stride, &positions, &inv_freq)?;
+        need_len("rope: x", &x, (n - 1) * stride + n_heads * head_dim)?;
+        if (head_dim / 2).is_multiple_of(8) {
+            need(x.aligned16() && stride.is_multiple_of(8), || {
+                "rope: x must be 16-byte aligned with stride % 8 == 0".into()
+            })?;
+        }
+        let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
+        launch!(self, "rope_forward", cfg; x.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?, n_heads as i32,
+            head_dim as i32, stride as i32);
+        Ok(())
+    }
+
+    /// dx (bf16, stride `out_stride`) = rotation by −θ of dy (f32, stride `in_stride`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_backward(
+        &self,
+        dx: DPtr<Bf16>,
+        dy: DPtr<f32>,
+        positions: DPtr<u32>,
+        inv_freq: DPtr<f32>,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        out_stride: usize,
+        in_stride: usize,
+    ) -> Result<()> {
+        Self::check_rope(n, n_heads, head_dim, out_stride.min(in_stride), &positions, &inv_freq)?;
+        need_len("rope_backward: dx", &dx, (n - 1) * out_stride + n_heads * head_dim)?;
+        need_len("rope_backward: dy", &dy, (n - 1) * in_stride + n_heads * head_dim)?;
+        if (head_dim / 2).is_multiple_of(8) {
+            need(
+                dx.aligned16() && dy.aligned16() && out_stride.is_multiple_of(8) && in_stride.is_multiple_of(4),
+                || "rope_backward: dx/dy must be 16-byte aligned with strides % 8 / % 4 == 0".into(),
+            )?;
+        }
+        let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
+        launch!(self, "rope_backward", cfg; dx.ptr, dy.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?,
+            n_heads as i32, head_dim as i32, out_stride as i32, in_stride as i32);
+        Ok(())
+    }
+
+    /// dx (bf16, stride `out_stride`) = bf16(dy) (f32, stride `in_stride`) over heads
+    /// `0..n_heads` of every row: a strided copy with one rounding. It runs the
+    /// `rope_backward` kernel with `zero_freq` (`head_dim / 2` zeros, which the caller
+    /// keeps): a rotation by 0 multiplies by cos 0 = 1 and adds sin 0 = 0 times the other
+    /// half, so every value is dy exactly before it is rounded; `positions` only needs `n`
+    /// readable entries.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_strided_f32_bf16(
+        &self,
+        dx: DPtr<Bf16>,
+        dy: DPtr<f32>,
+        positions: DPtr<u32>,
+        zero_freq: DPtr<f32>,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        out_stride: usize,
+        in_stride: usize,
+    ) -> Result<()> {
+        self.rope_backward(dx, dy, positions, zero_freq, n, n_heads, head_dim, out_stride, in_stride)
+    }
+
     // --- attention.cu
 
     fn check_attn(&self, d: &AttnDims, mask: &AttnMaskDev) -> Result<()> {
@@ -717,169 +974,53 @@ impl Kernels {
         Ok(())
     }
 
-    // --- rmsnorm.cu
+    // --- swiglu (elementwise.cu)
 
-    /// `y = x·rstd·w` (bf16), `rstd` kept and, unless `xhat` is `null()`, `xhat = x·rstd`
-    /// (bf16, for the backward); x f32 `[n, hidden]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_forward(
-        &self,
-        y: DPtr<Bf16>,
-        rstd: DPtr<f32>,
-        xhat: DPtr<Bf16>,
-        x: DPtr<f32>,
-        w: DPtr<Bf16>,
-        n: usize,
-        hidden: usize,
-        eps: f32,
-    ) -> Result<()> {
-        need(hidden.is_multiple_of(8), || format!("rmsnorm: hidden {hidden} must be a multiple of 8"))?;
-        need_len("rmsnorm: y", &y, n * hidden)?;
-        need_len("rmsnorm: x", &x, n * hidden)?;
-        need_len("rmsnorm: w", &w, hidden)?;
-        need_len("rmsnorm: rstd", &rstd, n)?;
-        for (name, ok) in [("y", y.aligned16()), ("x", x.aligned16()), ("w", w.aligned16())] {
-            need(ok, || format!("rmsnorm: {name} is not 16-byte aligned"))?;
-        }
-        if xhat.ptr != 0 {
-            need_len("rmsnorm: xhat", &xhat, n * hidden)?;
-            need_vec("rmsnorm: xhat", &xhat)?;
-        }
-        let cfg = Self::cfg((blocks(n, 8), 1), 256, 0);
-        launch!(self, "rmsnorm_forward", cfg; y.ptr, rstd.ptr, xhat.ptr, x.ptr, w.ptr, to_i32("n", n)?,
-            hidden as i32, eps);
-        Ok(())
-    }
-
-    /// `y = xhat·w` (bf16) from the forward's `xhat`: its `y` again, up to the last bit.
-    pub fn rmsnorm_apply(&self, y: DPtr<Bf16>, xhat: DPtr<Bf16>, w: DPtr<Bf16>, n: usize, hidden: usize) -> Result<()> {
-        need(hidden.is_multiple_of(8), || format!("rmsnorm_apply: hidden {hidden} must be a multiple of 8"))?;
-        for (name, p) in [("y", &y), ("xhat", &xhat)] {
-            need_len(&format!("rmsnorm_apply: {name}"), p, n * hidden)?;
-            need_vec(&format!("rmsnorm_apply: {name}"), p)?;
-        }
-        need_len("rmsnorm_apply: w", &w, hidden)?;
-        need_vec("rmsnorm_apply: w", &w)?;
-        launch!(self, "rmsnorm_apply", Self::flat_cfg(n * hidden); y.ptr, xhat.ptr, w.ptr, to_i32("n", n)?,
-            hidden as i32);
-        Ok(())
-    }
-
-    /// `dx (=|+=) rstd·(w∘dy − x̂·mean(w∘dy∘x̂))`, `dw += Σ dy∘x̂`; dy f32, x̂ the forward's
-    /// bf16 `xhat`. Unless `dx16` is `null()`, also `dx16 = bf16(dx)` of the final dx, the
-    /// same bits `cast_f32_bf16` would give.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_backward(
-        &self,
-        dx: DPtr<f32>,
-        dx16: DPtr<Bf16>,
-        dw: DPtr<f32>,
-        dy: DPtr<f32>,
-        xhat: DPtr<Bf16>,
-        w: DPtr<Bf16>,
-        rstd: DPtr<f32>,
-        n: usize,
-        hidden: usize,
-        accumulate: bool,
-    ) -> Result<()> {
-        need(hidden.is_multiple_of(8) && hidden <= RMSNORM_MAX_HIDDEN, || {
-            format!("rmsnorm_backward: hidden {hidden} must be a multiple of 8 and ≤ {RMSNORM_MAX_HIDDEN} (its shared memory)")
+    /// SwiGLU's grid: one block row per token row, 256 threads of 8 columns each across
+    /// the `inter` columns; checks the `[rows, 2·inter]` gate|up and `[rows, inter]` views.
+    fn swiglu_cfg(
+        what: &str,
+        rows: usize,
+        inter: usize,
+        wide: &[(&str, &DPtr<Bf16>)],
+        narrow: &[(&str, &DPtr<Bf16>)],
+    ) -> Result<LaunchConfig> {
+        need(inter > 0 && inter.is_multiple_of(8), || {
+            format!("{what}: inter {inter} must be a positive multiple of 8")
         })?;
-        for (name, p) in [("dx", &dx), ("dy", &dy)] {
-            need_len(&format!("rmsnorm_backward: {name}"), p, n * hidden)?;
-            need_vec(&format!("rmsnorm_backward: {name}"), p)?;
+        for (list, width) in [(wide, 2 * inter), (narrow, inter)] {
+            for (name, p) in list {
+                need_len(&format!("{what}: {name}"), p, rows * width)?;
+                need_vec(&format!("{what}: {name}"), p)?;
+            }
         }
-        need_len("rmsnorm_backward: xhat", &xhat, n * hidden)?;
-        need_vec("rmsnorm_backward: xhat", &xhat)?;
-        need_len("rmsnorm_backward: dw", &dw, hidden)?;
-        need_len("rmsnorm_backward: w", &w, hidden)?;
-        need_vec("rmsnorm_backward: w", &w)?;
-        need_len("rmsnorm_backward: rstd", &rstd, n)?;
-        if dx16.ptr != 0 {
-            need_len("rmsnorm_backward: dx16", &dx16, n * hidden)?;
-            need_vec("rmsnorm_backward: dx16", &dx16)?;
-        }
-        // A few blocks per SM: each adds its partial dw once.
-        let grid = blocks(n, 8).min(self.sm_count * 2);
-        let cfg = Self::cfg((grid, 1), 256, rmsnorm_backward_smem(hidden));
-        launch!(self, "rmsnorm_backward", cfg; dx.ptr, dx16.ptr, dw.ptr, dy.ptr, xhat.ptr, w.ptr, rstd.ptr, to_i32("n", n)?,
-            hidden as i32, accumulate as i32);
+        Ok(Self::cfg((rows.max(1) as u32, blocks(inter / 8, 256)), 256, 0))
+    }
+
+    /// `out = silu(gate)·up` (bf16 `[rows, inter]`) from `gu` = [gate | up] (bf16
+    /// `[rows, 2·inter]`, gate in each row's first `inter` columns: the output of one
+    /// GEMM with [Wg; Wu]).
+    pub fn swiglu_forward(&self, out: DPtr<Bf16>, gu: DPtr<Bf16>, rows: usize, inter: usize) -> Result<()> {
+        let cfg = Self::swiglu_cfg("swiglu_forward", rows, inter, &[("gu", &gu)], &[("out", &out)])?;
+        launch!(self, "swiglu_forward", cfg; out.ptr, gu.ptr, to_i32("rows", rows)?, to_i32("inter", inter)?);
         Ok(())
     }
 
-    // --- rope.cu
-
-    fn check_rope(
-        n: usize,
-        n_heads: usize,
-        head_dim: usize,
-        stride: usize,
-        positions: &DPtr<u32>,
-        inv_freq: &DPtr<f32>,
-    ) -> Result<()> {
-        need(head_dim.is_multiple_of(2) && stride >= n_heads * head_dim, || {
-            format!("rope: head_dim {head_dim} must be even and stride {stride} ≥ n_heads·head_dim")
-        })?;
-        need_len("rope: positions", positions, n)?;
-        need_len("rope: inv_freq", inv_freq, head_dim / 2)
-    }
-
-    fn rope_threads(n: usize, n_heads: usize, head_dim: usize) -> usize {
-        let half = head_dim / 2;
-        n * n_heads * if half.is_multiple_of(8) { half / 8 } else { half }
-    }
-
-    /// Rotates heads `0..n_heads` of every row of x (bf16, row stride `stride`) in place.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_forward(
+    /// `dgu` = [dgate | dup] (the layout of `gu`), and `out` = the forward's output again
+    /// (bit for bit), from `dout` `[rows, inter]`.
+    pub fn swiglu_backward(
         &self,
-        x: DPtr<Bf16>,
-        positions: DPtr<u32>,
-        inv_freq: DPtr<f32>,
-        n: usize,
-        n_heads: usize,
-        head_dim: usize,
-        stride: usize,
+        dgu: DPtr<Bf16>,
+        out: DPtr<Bf16>,
+        dout: DPtr<Bf16>,
+        gu: DPtr<Bf16>,
+        rows: usize,
+        inter: usize,
     ) -> Result<()> {
-        Self::check_rope(n, n_heads, head_dim, stride, &positions, &inv_freq)?;
-        need_len("rope: x", &x, (n - 1) * stride + n_heads * head_dim)?;
-        if (head_dim / 2).is_multiple_of(8) {
-            need(x.aligned16() && stride.is_multiple_of(8), || {
-                "rope: x must be 16-byte aligned with stride % 8 == 0".into()
-            })?;
-        }
-        let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
-        launch!(self, "rope_forward", cfg; x.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?, n_heads as i32,
-            head_dim as i32, stride as i32);
-        Ok(())
-    }
-
-    /// dx (bf16, stride `out_stride`) = rotation by −θ of dy (f32, stride `in_stride`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_backward(
-        &self,
-        dx: DPtr<Bf16>,
-        dy: DPtr<f32>,
-        positions: DPtr<u32>,
-        inv_freq: DPtr<f32>,
-        n: usize,
-        n_heads: usize,
-        head_dim: usize,
-        out_stride: usize,
-        in_stride: usize,
-    ) -> Result<()> {
-        Self::check_rope(n, n_heads, head_dim, out_stride.min(in_stride), &positions, &inv_freq)?;
-        need_len("rope_backward: dx", &dx, (n - 1) * out_stride + n_heads * head_dim)?;
-        need_len("rope_backward: dy", &dy, (n - 1) * in_stride + n_heads * head_dim)?;
-        if (head_dim / 2).is_multiple_of(8) {
-            need(
-                dx.aligned16() && dy.aligned16() && out_stride.is_multiple_of(8) && in_stride.is_multiple_of(4),
-                || "rope_backward: dx/dy must be 16-byte aligned with strides % 8 / % 4 == 0".into(),
-            )?;
-        }
-        let cfg = Self::cfg((blocks(Self::rope_threads(n, n_heads, head_dim), 256), 1), 256, 0);
-        launch!(self, "rope_backward", cfg; dx.ptr, dy.ptr, positions.ptr, inv_freq.ptr, to_i32("n", n)?,
-            n_heads as i32, head_dim as i32, out_stride as i32, in_stride as i32);
+        let (wide, narrow) = ([("dgu", &dgu), ("gu", &gu)], [("out", &out), ("dout", &dout)]);
+        let cfg = Self::swiglu_cfg("swiglu_backward", rows, inter, &wide, &narrow)?;
+        launch!(self, "swiglu_backward", cfg; dgu.ptr, out.ptr, dout.ptr, gu.ptr, to_i32("rows", rows)?,
+            to_i32("inter", inter)?);
         Ok(())
     }
 
@@ -957,9 +1098,9 @@ impl Kernels {
     /// One AdamW step over the fp32 master weights held as `p_hi` (the bf16 working copy)
     /// and `p_lo` (the 16-bit remainder; kernels/adamw.cu, `split_master`), and `m`, `v`,
     /// `g` (f32, all the same length); zeroes `g`. `step` counts from 1; the scalars are
-    /// folded to f32 as torch does (see the CPU `adamw_update`).
+    /// folded to f32 as torch does (see the CPU `adamw_step`).
     #[allow(clippy::too_many_arguments)]
-    pub fn adamw_update(
+    pub fn adamw_step(
         &self,
         p_hi: DPtr<Bf16>,
         p_lo: DPtr<u16>,
@@ -992,139 +1133,48 @@ impl Kernels {
         let step_size = (lr / bc1) as f32;
         let grid = blocks(n.div_ceil(4), 256).min(self.sm_count * self.adamw_resident);
         let cfg = Self::cfg((grid, 1), 256, 0);
-        launch!(self, "adamw_update", cfg; p_hi.ptr, p_lo.ptr, m.ptr, v.ptr, g.ptr, n as i64, grad_scale, decay, w1,
+        launch!(self, "adamw_step", cfg; p_hi.ptr, p_lo.ptr, m.ptr, v.ptr, g.ptr, n as i64, grad_scale, decay, w1,
             b2, w2, step_size, bc2_sqrt, eps as f32);
         Ok(())
     }
 
-    /// `out[0] (+)= Σ g²` in f64; `partial` needs `grad_norm_blocks()` elements.
+    /// `out[0] (+)= Σ g²` in f64: `grad_norm` writes one partial sum per block into
+    /// `partial` (`grad_norm_blocks()` elements), `grad_norm_reduce` adds them.
     pub fn grad_norm(&self, out: DPtr<f64>, partial: DPtr<f64>, g: DPtr<f32>, accumulate: bool) -> Result<()> {
         let grid = self.grad_norm_blocks();
         need_len("grad_norm: partial", &partial, grid)?;
         need_len("grad_norm: out", &out, 1)?;
         need_vec("grad_norm: g", &g)?;
-        launch!(self, "grad_norm_forward", Self::cfg((grid as u32, 1), 256, 0); partial.ptr, g.ptr, g.len as i64);
-        launch!(self, "grad_norm_forward_reduce", Self::cfg((1, 1), 256, 0); out.ptr, partial.ptr, grid as i32,
+        launch!(self, "grad_norm", Self::cfg((grid as u32, 1), 256, 0); partial.ptr, g.ptr, g.len as i64);
+        launch!(self, "grad_norm_reduce", Self::cfg((1, 1), 256, 0); out.ptr, partial.ptr, grid as i32,
             accumulate as i32);
         Ok(())
     }
 
-    /// Blocks of `grad_norm_forward` (one wave: every SM full) and so f64 partial sums.
+    /// Blocks of `grad_norm` (one wave: every SM full) and so f64 partial sums.
     pub fn grad_norm_blocks(&self) -> usize {
         (self.sm_count * self.grad_norm_resident) as usize
     }
 
-    // --- elementwise.cu
+    // --- casts (elementwise.cu)
 
-    fn flat_cfg(count: usize) -> LaunchConfig {
-        Self::cfg((blocks(count.div_ceil(8), 256), 1), 256, 0)
-    }
-
-    /// SwiGLU's grid: one block row per token row, 256 threads of 8 columns each across
-    /// the `inter` columns; checks the `[rows, 2·inter]` gate|up and `[rows, inter]` views.
-    fn swiglu_cfg(
-        what: &str,
-        rows: usize,
-        inter: usize,
-        wide: &[(&str, &DPtr<Bf16>)],
-        narrow: &[(&str, &DPtr<Bf16>)],
-    ) -> Result<LaunchConfig> {
-        need(inter > 0 && inter.is_multiple_of(8), || {
-            format!("{what}: inter {inter} must be a positive multiple of 8")
-        })?;
-        for (list, width) in [(wide, 2 * inter), (narrow, inter)] {
-            for (name, p) in list {
-                need_len(&format!("{what}: {name}"), p, rows * width)?;
-                need_vec(&format!("{what}: {name}"), p)?;
-            }
-        }
-        Ok(Self::cfg((rows.max(1) as u32, blocks(inter / 8, 256)), 256, 0))
-    }
-
-    /// `out = silu(gate)·up` (bf16 `[rows, inter]`) from `gu` = [gate | up] (bf16
-    /// `[rows, 2·inter]`, gate in each row's first `inter` columns: the output of one
-    /// GEMM with [Wg; Wu]).
-    pub fn swiglu_forward(&self, out: DPtr<Bf16>, gu: DPtr<Bf16>, rows: usize, inter: usize) -> Result<()> {
-        let cfg = Self::swiglu_cfg("swiglu_forward", rows, inter, &[("gu", &gu)], &[("out", &out)])?;
-        launch!(self, "swiglu_forward", cfg; out.ptr, gu.ptr, to_i32("rows", rows)?, to_i32("inter", inter)?);
-        Ok(())
-    }
-
-    /// `dgu` = [dgate | dup] (the layout of `gu`), and `out` = the forward's output again
-    /// (bit for bit), from `dout` `[rows, inter]`.
-    pub fn swiglu_backward(
-        &self,
-        dgu: DPtr<Bf16>,
-        out: DPtr<Bf16>,
-        dout: DPtr<Bf16>,
-        gu: DPtr<Bf16>,
-        rows: usize,
-        inter: usize,
-    ) -> Result<()> {
-        let (wide, narrow) = ([("dgu", &dgu), ("gu", &gu)], [("out", &out), ("dout", &dout)]);
-        let cfg = Self::swiglu_cfg("swiglu_backward", rows, inter, &wide, &narrow)?;
-        launch!(self, "swiglu_backward", cfg; dgu.ptr, out.ptr, dout.ptr, gu.ptr, to_i32("rows", rows)?,
-            to_i32("inter", inter)?);
-        Ok(())
-    }
-
-    /// `out[t] = table[tokens[t]]` (f32 rows from the bf16 table). Token ids are not
-    /// checked on the device: the caller checks them against the vocabulary.
-    pub fn embedding_forward(&self, out: DPtr<f32>, table: DPtr<Bf16>, tokens: DPtr<u32>, hidden: usize) -> Result<()> {
-        let n = tokens.len;
-        need(hidden.is_multiple_of(8), || format!("embedding: hidden {hidden} must be a multiple of 8"))?;
-        need_len("embedding: out", &out, n * hidden)?;
-        need(table.len.is_multiple_of(hidden), || "embedding: table length is not a multiple of hidden".into())?;
-        need_vec("embedding: out", &out)?;
-        need_vec("embedding: table", &table)?;
-        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
-        launch!(self, "embedding_forward", cfg; out.ptr, table.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32);
-        Ok(())
-    }
-
-    /// `dtable[tokens[t]] += dout[t]` for every token but `padding` (whose row gets
-    /// nothing, as PyTorch's `nn.Embedding(padding_idx)`).
-    pub fn embedding_backward(
-        &self,
-        dtable: DPtr<f32>,
-        dout: DPtr<f32>,
-        tokens: DPtr<u32>,
-        hidden: usize,
-        padding: Option<u32>,
-    ) -> Result<()> {
-        let n = tokens.len;
-        need(hidden.is_multiple_of(8), || format!("embedding_backward: hidden {hidden} must be a multiple of 8"))?;
-        need_len("embedding_backward: dout", &dout, n * hidden)?;
-        need(dtable.len.is_multiple_of(hidden), || {
-            "embedding_backward: table length is not a multiple of hidden".into()
-        })?;
-        need_vec("embedding_backward: dout", &dout)?;
-        need_vec("embedding_backward: dtable", &dtable)?;
-        let cfg = Self::cfg((blocks(n * hidden / 8, 256), 1), 256, 0);
-        let padding = match padding {
-            Some(p) => to_i32("padding", p as usize)?,
-            None => -1,
-        };
-        launch!(self, "embedding_backward", cfg; dtable.ptr, dout.ptr, tokens.ptr, to_i32("n", n)?, hidden as i32,
-            padding);
-        Ok(())
-    }
-
+    /// `out = bf16(input)` (round to nearest even), `count` elements.
     pub fn cast_f32_bf16(&self, out: DPtr<Bf16>, input: DPtr<f32>, count: usize) -> Result<()> {
         need_len("cast: out", &out, count)?;
         need_len("cast: in", &input, count)?;
         need_vec("cast: out", &out)?;
         need_vec("cast: in", &input)?;
-        launch!(self, "cast_forward_f32_bf16", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
+        launch!(self, "cast_f32_bf16", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
         Ok(())
     }
 
+    /// `out = f32(input)` (exact), `count` elements.
     pub fn cast_bf16_f32(&self, out: DPtr<f32>, input: DPtr<Bf16>, count: usize) -> Result<()> {
         need_len("cast: out", &out, count)?;
         need_len("cast: in", &input, count)?;
         need_vec("cast: out", &out)?;
         need_vec("cast: in", &input)?;
-        launch!(self, "cast_forward_bf16_f32", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
+        launch!(self, "cast_bf16_f32", Self::flat_cfg(count); out.ptr, input.ptr, count as i64);
         Ok(())
     }
 }
@@ -1160,14 +1210,14 @@ mod tests {
     #[test]
     fn reads_the_real_kernel_files() {
         let sig = |name: &str| kernel_signatures().unwrap().iter().find(|s| s.names(name)).unwrap().params.clone();
-        assert_eq!(sig("adamw_update"), [vec![Ptr; 5], vec![I64], vec![F32; 8]].concat());
-        assert_eq!(sig("grad_norm_forward"), vec![Ptr, Ptr, I64]);
-        assert_eq!(sig("grad_norm_forward_reduce"), vec![Ptr, Ptr, I32, I32]);
+        assert_eq!(sig("adamw_step"), [vec![Ptr; 5], vec![I64], vec![F32; 8]].concat());
+        assert_eq!(sig("grad_norm"), vec![Ptr, Ptr, I64]);
+        assert_eq!(sig("grad_norm_reduce"), vec![Ptr, Ptr, I32, I32]);
         assert_eq!(sig("attention_backward_hd128"), [vec![Ptr; 12], vec![I32; 8], vec![F32]].concat());
         assert_eq!(sig("swiglu_forward"), vec![Ptr, Ptr, I32, I32]);
         assert_eq!(sig("swiglu_backward"), [vec![Ptr; 4], vec![I32; 2]].concat());
-        assert_eq!(sig("rmsnorm_backward"), [vec![Ptr; 7], vec![I32; 3]].concat());
-        assert_eq!(sig("cast_forward_f32_bf16"), vec![Ptr, Ptr, I64]);
+        assert_eq!(sig("rmsnorm_backward_from_xhat"), [vec![Ptr; 7], vec![I32; 3]].concat());
+        assert_eq!(sig("cast_f32_bf16"), vec![Ptr, Ptr, I64]);
         let bound = |name: &str| kernel_signatures().unwrap().iter().find(|s| s.names(name)).unwrap().max_threads;
         assert_eq!(
             [bound("logprobs_forward"), bound("attention_forward_hd16"), bound("rmsnorm_forward")],
@@ -1183,11 +1233,11 @@ mod tests {
     #[test]
     fn refuses_arguments_of_the_wrong_kind_or_count() {
         let cfg = Kernels::cfg((4, 1), 256, 0);
-        assert!(check_launch("cast_forward_f32_bf16", &cfg, &[Ptr, Ptr, I64]).is_ok());
+        assert!(check_launch("cast_f32_bf16", &cfg, &[Ptr, Ptr, I64]).is_ok());
         // An i32 count for `long long count`: correct on the simulator, garbage on a device.
-        let err = check_launch("cast_forward_f32_bf16", &cfg, &[Ptr, Ptr, I32]).unwrap_err();
+        let err = check_launch("cast_f32_bf16", &cfg, &[Ptr, Ptr, I32]).unwrap_err();
         assert!(err.to_string().contains("kernels/elementwise.cu declares"), "{err}");
-        assert!(check_launch("cast_forward_f32_bf16", &cfg, &[Ptr, Ptr, I64, I32]).is_err());
+        assert!(check_launch("cast_f32_bf16", &cfg, &[Ptr, Ptr, I64, I32]).is_err());
         assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, I32, I32]).is_ok());
         assert!(check_launch("swiglu_forward", &cfg, &[Ptr, Ptr, Ptr, I32, I32]).is_err());
         assert!(check_launch("attention_forward_hd48", &cfg, &[Ptr]).is_err());

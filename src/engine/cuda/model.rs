@@ -31,12 +31,12 @@
 //! (q/k/v and gate/up are one GEMM each: their weights are adjacent rows of the flat
 //! buffer, and the weight gradient of each pair is one GEMM into the adjacent gradients.)
 //! Backward walks it in reverse with the residual gradient in f32 and a bf16 copy of it
-//! as GEMM input (written by each norm's backward beside its f32 dx); strided f32→bf16
-//! copies reuse rope_backward with a zero frequency table (a rotation by 0). Saved per
+//! as GEMM input (written by each norm's backward beside its f32 dx); dv's strided f32→bf16
+//! copy is copy_strided_f32_bf16 (the rope_backward kernel rotating by 0). Saved per
 //! layer: rstd and x̂ = x·rstd (bf16) of each norm, qkv, att, lse, and gu; not the f32
 //! residual stream (the GEMMs add into it in place; the norms' backward takes x̂), not
 //! act (swiglu_backward writes it again before the down projection's weight gradient
-//! needs it) and not xn1, xn2 (rmsnorm_apply writes them again from x̂ before the weight
+//! needs it) and not xn1, xn2 (rmsnorm_forward_from_xhat writes them again from x̂ before the weight
 //! gradients of the GEMMs after the norm). At Llama 3.2 1B that is 51,336 of the 84,104
 //! bytes per token and layer a copy of everything would take.
 
@@ -528,7 +528,7 @@ impl CudaEngine {
         let g = &self.gpu;
         let (gnorm, wnorm) = (self.dw().final_norm, self.w.final_norm);
         // dx16: the last layer's MLP input gradient, for its GEMMs.
-        g.k.rmsnorm_backward(dx, dx16, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
+        g.k.rmsnorm_backward_from_xhat(dx, dx16, gnorm, dxf, xhat_f, wnorm, rstd_f, n, h, false)?;
 
         let pos = g.ptr(&b.positions);
         let (freq, zero) = (g.ptr(&self.inv_freq), g.ptr(&self.zero_freq));
@@ -547,12 +547,12 @@ impl CudaEngine {
             // dxn = dgate·Wg + dup·Wu as one GEMM over K = 2·intermediate.
             gm.gemm_f32(dxn, dgu, lw.w_gate_up, &GemmShape::new(n, h, 2 * i, false, false), 1.0, 0.0)?;
             let xhat2 = la.xhat2.slice(0, n * h)?;
-            self.gpu.k.rmsnorm_apply(xn, xhat2, lw.mlp_norm, n, h)?; // this layer's xn2 again
+            self.gpu.k.rmsnorm_forward_from_xhat(xn, xhat2, lw.mlp_norm, n, h)?; // this layer's xn2 again
             let gm = &mut self.gpu.gemm;
             // [dWg; dWu] += [dgate | dup]ᵀ·xn2, into the adjacent gradients.
             gm.gemm_f32(lg.w_gate_up, dgu, xn, &GemmShape::new(2 * i, h, n, true, false), 1.0, 1.0)?;
             let k = &self.gpu.k;
-            k.rmsnorm_backward(dx, dx16, lg.mlp_norm, dxn, xhat2, lw.mlp_norm, la.rstd2, n, h, true)?;
+            k.rmsnorm_backward_from_xhat(dx, dx16, lg.mlp_norm, dxn, xhat2, lw.mlp_norm, la.rstd2, n, h, true)?;
 
             // attention: x_mid = x + att·Woᵀ (dx16 = bf16(dx) from the norm above)
             let gm = &mut self.gpu.gemm;
@@ -571,17 +571,17 @@ impl CudaEngine {
             let dk16 = dqkv16.slice(qd, dqkv16.len - qd)?;
             k.rope_backward(dk16, dk32, pos, freq, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let dv16 = dqkv16.slice(qd + kvd, dqkv16.len - qd - kvd)?;
-            k.rope_backward(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
+            k.copy_strided_f32_bf16(dv16, dv32, pos, zero, n, cfg.n_kv_heads, cfg.head_dim, qkvd, qkvd)?;
             let gm = &mut self.gpu.gemm;
             gm.gemm_f32(dxn, dqkv16, lw.wqkv, &GemmShape::new(n, h, qkvd, false, false), 1.0, 0.0)?;
             let xhat1 = la.xhat1.slice(0, n * h)?;
-            self.gpu.k.rmsnorm_apply(xn, xhat1, lw.attn_norm, n, h)?; // this layer's xn1 again
+            self.gpu.k.rmsnorm_forward_from_xhat(xn, xhat1, lw.attn_norm, n, h)?; // this layer's xn1 again
             self.gpu.gemm.gemm_f32(lg.wqkv, dqkv16, xn, &GemmShape::new(qkvd, h, n, true, false), 1.0, 1.0)?;
             // dx16 for the next (lower) layer's MLP; layer 0's dx goes to the f32 embedding
             // backward only.
             let dx16_next = if l > 0 { dx16 } else { null() };
             let k = &self.gpu.k;
-            k.rmsnorm_backward(dx, dx16_next, lg.attn_norm, dxn, xhat1, lw.attn_norm, la.rstd1, n, h, true)?;
+            k.rmsnorm_backward_from_xhat(dx, dx16_next, lg.attn_norm, dxn, xhat1, lw.attn_norm, la.rstd1, n, h, true)?;
         }
         let g = &self.gpu;
         g.k.embedding_backward(self.dw().embed, dx, g.ptr(&b.tokens), h, self.cfg.pad_token_id)?;
@@ -713,7 +713,7 @@ impl Engine for CudaEngine {
             let start = tensors[i].1.offset;
             let end = tensors[j].1.offset + tensors[j].1.len;
             let len = end - start;
-            self.gpu.k.adamw_update(
+            self.gpu.k.adamw_step(
                 hp.slice(start, len)?,
                 lp.slice(start, len)?,
                 mp.slice(start, len)?,
@@ -729,7 +729,7 @@ impl Engine for CudaEngine {
             )?;
             i = j + 1;
         }
-        // adamw_update zeroed the gradients it read; the padding between tensors is zero.
+        // adamw_step zeroed the gradients it read; the padding between tensors is zero.
         self.gpu.sync()?;
         self.gpu.prof.collect()?;
         Ok(norm)
