@@ -45,8 +45,9 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use sdpo::bench::{attended_pairs, synthetic_pairs, Shape};
+use sdpo::data::LogpPlan;
 use sdpo::data::{Layout, PairBatch};
-use sdpo::engine::cpu::ops::{self, AttnMask, AttnShape, LogpPlan};
+use sdpo::engine::cpu::ops::{self, AttnMask, AttnShape};
 use sdpo::weights::SplitMix64;
 use sdpo::LlamaConfig;
 

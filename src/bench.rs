@@ -434,7 +434,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     };
     #[cfg(feature = "cuda")]
     let planned_mem_bytes = (!on_cpu).then(|| {
-        let rows = crate::engine::cpu::ops::LogpPlan::new(&batch.targets).rows.len();
+        let rows = crate::data::LogpPlan::new(&batch.targets).rows.len();
         crate::engine::cuda::model::memory_plan(&cfg, batch.n_tokens(), rows, true).total()
     });
     #[cfg(not(feature = "cuda"))]

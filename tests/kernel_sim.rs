@@ -265,8 +265,8 @@ fn cuda_engine_profiles_a_step_by_category() {
 /// 203) and smaller (8000, as at Llama sizes), which sizes `Shared` either way.
 #[test]
 fn cuda_engine_allocates_its_memory_plan() {
+    use sdpo::data::LogpPlan;
     use sdpo::dpo::LossConfig;
-    use sdpo::engine::cpu::ops::LogpPlan;
     use sdpo::engine::cuda::model::memory_plan;
     use sdpo::{AdamWConfig, Engine};
 

@@ -54,6 +54,35 @@ pub struct LogpTarget {
     pub branch: u8,
 }
 
+/// The rows that go through the LM head: each distinct target row once (ascending), and
+/// for each target, the slot of its row. A row carries one or two targets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogpPlan {
+    pub rows: Vec<u32>,
+    /// Per target: index into `rows`.
+    pub slot: Vec<u32>,
+    /// Per target: the token it predicts.
+    pub tokens: Vec<u32>,
+    /// Per row: its targets (`u32::MAX` where a row has only one).
+    pub row_targets: Vec<[u32; 2]>,
+}
+
+impl LogpPlan {
+    pub fn new(targets: &[LogpTarget]) -> Self {
+        let mut rows: Vec<u32> = targets.iter().map(|t| t.row).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let slot: Vec<u32> = targets.iter().map(|t| rows.binary_search(&t.row).unwrap() as u32).collect();
+        let mut row_targets = vec![[u32::MAX; 2]; rows.len()];
+        for (i, &s) in slot.iter().enumerate() {
+            let rt = &mut row_targets[s as usize];
+            let free = rt.iter_mut().find(|x| **x == u32::MAX).expect("a row predicts at most two targets");
+            *free = i as u32;
+        }
+        LogpPlan { rows, slot, tokens: targets.iter().map(|t| t.token).collect(), row_targets }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PairBatch {
     pub layout: Layout,

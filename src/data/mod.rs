@@ -10,5 +10,5 @@ pub mod records;
 pub mod template;
 pub mod tokenize;
 
-pub use batch::{Layout, LogpTarget, PairBatch, PairExample, CHOSEN, PROMPT, REJECTED};
+pub use batch::{Layout, LogpPlan, LogpTarget, PairBatch, PairExample, CHOSEN, PROMPT, REJECTED};
 pub use prepare::{load_pairs, load_pairs_with_progress, DataOptions, Summary};

@@ -431,7 +431,7 @@ pub fn logprobs(g: &Gpu) {
         for t in &mut targets {
             t.token = (rng.next_u64() % vocab as u64) as u32;
         }
-        let plan = ops::LogpPlan::new(&targets);
+        let plan = sdpo::data::LogpPlan::new(&targets);
         let n = batch.n_tokens();
         let x = bf(&rng.normals(n * hidden, 1.0));
         let w = bf(&rng.normals(vocab * hidden, 0.5));

@@ -16,7 +16,8 @@ use crate::engine::{check_inputs, AdamState, AdamWConfig, Engine};
 use crate::error::{Error, Result};
 use crate::weights::{LayerWeights, LlamaWeights};
 
-use super::ops::{self, AttnMask, AttnShape, LogpPlan};
+use super::ops::{self, AttnMask, AttnShape};
+use crate::data::LogpPlan;
 
 // --- engine state
 

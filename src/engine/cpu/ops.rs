@@ -36,7 +36,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::data::LogpTarget;
+use crate::data::LogpPlan;
 use crate::engine::profile::{self, Category};
 
 // --- helpers
@@ -701,38 +701,9 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &
 
 // --- log-probs (LM head + log-softmax + gather)
 
-/// The rows that go through the LM head: each distinct target row once (ascending), and
-/// for each target, the slot of its row. A row carries one or two targets.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LogpPlan {
-    pub rows: Vec<u32>,
-    /// Per target: index into `rows`.
-    pub slot: Vec<u32>,
-    /// Per target: the token it predicts.
-    pub tokens: Vec<u32>,
-    /// Per row: its targets (`u32::MAX` where a row has only one).
-    pub row_targets: Vec<[u32; 2]>,
-}
-
-impl LogpPlan {
-    pub fn new(targets: &[LogpTarget]) -> Self {
-        let mut rows: Vec<u32> = targets.iter().map(|t| t.row).collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let slot: Vec<u32> = targets.iter().map(|t| rows.binary_search(&t.row).unwrap() as u32).collect();
-        let mut row_targets = vec![[u32::MAX; 2]; rows.len()];
-        for (i, &s) in slot.iter().enumerate() {
-            let rt = &mut row_targets[s as usize];
-            let free = rt.iter_mut().find(|x| **x == u32::MAX).expect("a row predicts at most two targets");
-            *free = i as u32;
-        }
-        LogpPlan { rows, slot, tokens: targets.iter().map(|t| t.token).collect(), row_targets }
-    }
-
-    /// Rows per LM-head chunk: about 4M logits (16 MB) at a time.
-    pub fn chunk_rows(vocab: usize) -> usize {
-        ((1 << 22) / vocab.max(1)).clamp(1, 256)
-    }
+/// Rows per LM-head chunk of the CPU engine: about 4M logits (16 MB) at a time.
+pub fn head_chunk_rows(vocab: usize) -> usize {
+    ((1 << 22) / vocab.max(1)).clamp(1, 256)
 }
 
 /// Copies the chunk's rows of `x` into `xc` (contiguous) and computes `logits = xc·Wᵀ`.
@@ -757,7 +728,7 @@ pub fn logprobs_forward_with_head(
 ) {
     let _p = profile::scope(Category::LmHead);
     assert!(logp.len() == plan.slot.len() && lse.len() == plan.rows.len() && w.len() == vocab * hidden);
-    let chunk = LogpPlan::chunk_rows(vocab);
+    let chunk = head_chunk_rows(vocab);
     let mut xc = vec![0f32; chunk * hidden];
     let mut logits = vec![0f32; chunk * vocab];
     for (c, rows) in plan.rows.chunks(chunk).enumerate() {
@@ -797,7 +768,7 @@ pub fn logprobs_backward_with_head(
     let _p = profile::scope(Category::LmHead);
     assert!(dlogp.len() == plan.slot.len() && lse.len() == plan.rows.len() && dw.len() == vocab * hidden);
     dx.fill(0.0);
-    let chunk = LogpPlan::chunk_rows(vocab);
+    let chunk = head_chunk_rows(vocab);
     let mut xc = vec![0f32; chunk * hidden];
     let mut logits = vec![0f32; chunk * vocab];
     let mut dxc = vec![0f32; chunk * hidden];
@@ -901,7 +872,7 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{Layout, PairBatch, PairExample};
+    use crate::data::{Layout, LogpTarget, PairBatch, PairExample};
     use crate::weights::SplitMix64;
 
     const TOL: f64 = 1e-5;

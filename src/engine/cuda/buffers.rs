@@ -152,7 +152,7 @@ token_buffers! {
         /// place. The backward does not read it: the norms keep x̂ (bf16) and rstd instead.
         x: f32 = |d| d.hidden,
         /// rmsnorm(x) of the norm at hand (bf16): the forward writes it for the GEMMs after
-        /// the norm, the backward writes it again from x̂ (rmsnorm_apply) for their weight
+        /// the norm, the backward writes it again from x̂ (rmsnorm_forward_from_xhat) for their weight
         /// gradients, instead of keeping two per layer.
         xn: Bf16 = |d| d.hidden,
         /// silu(gate)·up of the layer at hand: the forward writes it, the backward writes
