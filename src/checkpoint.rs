@@ -261,17 +261,7 @@ impl Inputs {
             });
         }
         let model = format!("{:016x}", h.finish());
-        let files = files
-            .iter()
-            .map(|p| {
-                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                Ok(FileDigest {
-                    path: p.clone(),
-                    bytes: bytes.len() as u64,
-                    xxh3: format!("{:016x}", XxHash3_64::oneshot(&bytes)),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let files = files.iter().map(|p| file_digest(p)).collect::<Result<Vec<_>>>()?;
         Ok(Inputs { model, files, train_pairs: pairs_digest(train), eval_pairs: pairs_digest(eval) })
     }
 
@@ -326,6 +316,22 @@ impl Inputs {
         }
         out
     }
+}
+
+/// A file's size and xxh3, read in 1 MiB pieces (data files can be larger than memory allows twice).
+fn file_digest(path: &Path) -> Result<FileDigest> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let (mut h, mut buf, mut bytes) = (XxHash3_64::new(), vec![0u8; 1 << 20], 0u64);
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.write(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileDigest { path: path.to_path_buf(), bytes, xxh3: format!("{:016x}", h.finish()) })
 }
 
 fn pairs_digest(pairs: &[PairExample]) -> PairsDigest {

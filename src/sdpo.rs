@@ -14,8 +14,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::partition::{partition, partition_report, Partition, PartitionKind};
 use crate::train::{
-    sequence_logps_all_with_progress, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan,
-    StepRecord, TrainOptions, Where,
+    sequence_logps_all, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan, StepRecord,
+    TrainOptions, Where,
 };
 use crate::weights::{save_model, LlamaWeights};
 
@@ -303,7 +303,7 @@ pub fn run(
     let train_refs: Vec<&PairExample> = train.iter().collect();
     // A forward pass over many pairs, with progress lines unless quiet.
     let scoring = |e: &mut dyn Engine, pairs: &[&PairExample], what: &'static str| {
-        sequence_logps_all_with_progress(e, pairs, budget, layout, (!opts.quiet).then_some(what))
+        sequence_logps_all(e, pairs, budget, layout, (!opts.quiet).then_some(what))
     };
 
     // Where to start: the newest complete state, or the beginning.

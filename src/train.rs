@@ -117,28 +117,18 @@ pub fn layout_len(p: &PairExample, layout: Layout) -> usize {
 }
 
 /// Per-pair log-probs of `pairs` under the engine's current weights, in the given order,
-/// packed in order into micro-batches of at most `budget` tokens.
+/// packed in order into micro-batches of at most `budget` tokens. With `progress`, a pass
+/// that runs long prints progress lines on stderr under that name (e.g. "scoring the
+/// reference"), in tokens scored (`data::progress::Progress`); `None` prints nothing.
 pub fn sequence_logps_all(
     engine: &mut dyn Engine,
     pairs: &[&PairExample],
     budget: usize,
     layout: Layout,
-) -> Result<Vec<PairLogps>> {
-    sequence_logps_all_with_progress(engine, pairs, budget, layout, None)
-}
-
-/// `sequence_logps_all` with progress lines on stderr named `what` (e.g. "scoring the
-/// reference"), in tokens scored, for passes that run long (`data::progress::Progress`);
-/// `None` (e.g. `--quiet`) prints nothing.
-pub fn sequence_logps_all_with_progress(
-    engine: &mut dyn Engine,
-    pairs: &[&PairExample],
-    budget: usize,
-    layout: Layout,
-    what: Option<&'static str>,
+    progress: Option<&'static str>,
 ) -> Result<Vec<PairLogps>> {
     let total = pairs.iter().map(|p| layout_len(p, layout)).sum();
-    let progress = Progress::new(what.unwrap_or(""), "tokens", total, what.is_some());
+    let progress = Progress::new(progress.unwrap_or(""), "tokens", total, progress.is_some());
     let mut out = Vec::with_capacity(pairs.len());
     let mut start = 0;
     while start < pairs.len() {

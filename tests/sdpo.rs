@@ -109,8 +109,9 @@ fn inline_reference_at_step_t_is_exactly_the_previous_model() {
     // and the log-probs a reference engine gives are those of the saved M_{t−1}
     let chunk: Vec<&PairExample> = summary.partition.chunks[2].pairs.iter().map(|&i| &train[i]).collect();
     let m2 = LlamaWeights::load(&out.join("step-2"), &cfg).unwrap();
-    let a = sequence_logps_all(cpu(&cfg, created[3].clone()).unwrap().as_mut(), &chunk, 60, Layout::Shared).unwrap();
-    let b = sequence_logps_all(cpu(&cfg, m2).unwrap().as_mut(), &chunk, 60, Layout::Shared).unwrap();
+    let a =
+        sequence_logps_all(cpu(&cfg, created[3].clone()).unwrap().as_mut(), &chunk, 60, Layout::Shared, None).unwrap();
+    let b = sequence_logps_all(cpu(&cfg, m2).unwrap().as_mut(), &chunk, 60, Layout::Shared, None).unwrap();
     assert_eq!(a, b);
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -159,7 +160,7 @@ fn step_t_is_plain_dpo_from_the_previous_model_on_chunk_t() {
 fn plain_dpo(cfg: &LlamaConfig, m0: &LlamaWeights, pairs: &[PairExample], o: &TrainOptions) -> LlamaWeights {
     let mut e = CpuEngine::new(cfg.clone(), m0.clone()).unwrap();
     let all: Vec<&PairExample> = pairs.iter().collect();
-    let refs = sequence_logps_all(&mut e, &all, o.micro_batch_tokens, Layout::Shared).unwrap();
+    let refs = sequence_logps_all(&mut e, &all, o.micro_batch_tokens, Layout::Shared, None).unwrap();
     let lengths: Vec<usize> = pairs.iter().map(|p| p.shared_len()).collect();
     let bcfg = BatcherConfig {
         batch_pairs: o.batch_pairs,
@@ -205,7 +206,7 @@ fn partitions_from_a_real_models_gamma() {
     let (train, _) = data();
     let mut e = CpuEngine::new(cfg, m0).unwrap();
     let refs: Vec<&PairExample> = train.iter().collect();
-    let lp = sequence_logps_all(&mut e, &refs, 100, Layout::Shared).unwrap();
+    let lp = sequence_logps_all(&mut e, &refs, 100, Layout::Shared, None).unwrap();
     let g: Vec<f64> = lp.iter().map(PairLogps::gamma).collect();
     let diff = partition(&train, PartitionKind::Difficulty, Some(4), 0, Some(&lp), false).unwrap();
     // every γ in chunk c is ≥ every γ in chunk c+1

@@ -1206,7 +1206,7 @@ pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngin
         (data.train.iter().collect(), data.eval.iter().collect());
     let logps_of = |w: &LlamaWeights, pairs: &[&PairExample]| {
         let mut e = CpuEngine::new(cfg.clone(), w.clone()).unwrap();
-        sdpo::train::sequence_logps_all(&mut e, pairs, budget, Layout::Shared).unwrap()
+        sdpo::train::sequence_logps_all(&mut e, pairs, budget, Layout::Shared, None).unwrap()
     };
     let m0_train = logps_of(&m0, &train_refs);
     let scores = |r: &DemoRun| r.summary.partition.scores.clone().expect("M_0's scores");

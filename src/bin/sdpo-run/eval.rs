@@ -12,7 +12,7 @@ use serde_json::json;
 use sdpo::dpo::PairLogps;
 use sdpo::engine::{self, Device};
 use sdpo::sdpo::versus;
-use sdpo::train::{check_micro_batch_tokens, sequence_logps_all_with_progress};
+use sdpo::train::{check_micro_batch_tokens, sequence_logps_all};
 use sdpo::LossConfig;
 use sdpo::PairExample;
 
@@ -65,13 +65,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let refs: Vec<&PairExample> = pairs.iter().collect();
     let score = |cfg, w| -> Result<Vec<PairLogps>> {
         let mut e = engine::open(args.device, cfg, w)?;
-        Ok(sequence_logps_all_with_progress(
-            e.as_mut(),
-            &refs,
-            args.micro_batch_tokens,
-            args.layout.into(),
-            Some("scoring"),
-        )?)
+        Ok(sequence_logps_all(e.as_mut(), &refs, args.micro_batch_tokens, args.layout.into(), Some("scoring"))?)
     };
     let m = score(cfg, w)?;
     let r = score(rcfg, rw)?;

@@ -10,7 +10,7 @@ use clap::Args;
 use sdpo::engine::{self, Device};
 use sdpo::outputs;
 use sdpo::partition::{partition, partition_report, PartitionKind};
-use sdpo::train::{check_micro_batch_tokens, sequence_logps_all_with_progress};
+use sdpo::train::{check_micro_batch_tokens, sequence_logps_all};
 use sdpo::weights::write_file_atomic;
 use sdpo::PairExample;
 
@@ -62,7 +62,7 @@ pub fn run(args: PartitionArgs) -> Result<()> {
     let scores = if args.partition.needs_scores() {
         let mut e = engine::open(args.device, cfg.clone(), w)?;
         let refs: Vec<&PairExample> = pairs.iter().collect();
-        Some(sequence_logps_all_with_progress(
+        Some(sequence_logps_all(
             e.as_mut(),
             &refs,
             args.micro_batch_tokens,
