@@ -20,17 +20,20 @@ pub struct GenOptions {
     pub stop: Vec<u32>,
 }
 
+/// A sampling temperature is 0 (greedy) or a finite positive number.
+pub fn check_temperature(t: f64) -> Result<()> {
+    if t.is_finite() && t >= 0.0 {
+        return Ok(());
+    }
+    Err(Error::invalid(format!("temperature {t}: expected 0 (greedy) or a positive number")))
+}
+
 /// The tokens generated after `prompt` (at most `max_new_tokens`, ending at a stop token
 /// when one is produced, or at the model's `max_position_embeddings`). Errors, rather than
 /// an empty or arbitrary answer: an empty prompt, a prompt that leaves no position for a
 /// new token, a temperature that is not 0 or a positive number, and non-finite logits.
 pub fn generate(engine: &CpuEngine, prompt: &[u32], opts: &GenOptions) -> Result<Vec<u32>> {
-    if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
-        return Err(Error::invalid(format!(
-            "temperature {}: expected 0 (greedy) or a positive number",
-            opts.temperature
-        )));
-    }
+    check_temperature(opts.temperature)?;
     if prompt.is_empty() {
         return Err(Error::invalid("the prompt has no tokens"));
     }

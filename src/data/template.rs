@@ -16,12 +16,12 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
 /// The work one render may do, in minijinja fuel (about one instruction, or 64 bytes of
-/// data made): a fixed allowance plus one fuel per byte of the conversation. Real chat
-/// templates copy each message a few times: Llama 2/3, ChatML and Zephyr's render a 1 MB,
+/// data made; each render starts with the whole allowance). Real chat templates copy
+/// each message a few times: Llama 2/3, ChatML and Zephyr's render a 1 MB,
 /// 64-turn conversation in under 1 M fuel (a unit test holds them to that). A template
 /// that loops for minutes (two nested `range(10000)`) runs out in about a second and
 /// fails with a clear error instead.
-const FUEL_BASE: u64 = 20_000_000;
+const FUEL: u64 = 20_000_000;
 
 /// A compiled chat template and the special tokens it may refer to.
 pub struct ChatTemplate {
@@ -45,6 +45,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string()).map_err(|e| describe(&e))?;
+        env.set_fuel(Some(FUEL));
         let special = Value::from_pairs(special_tokens.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         Ok(ChatTemplate { env, special })
     }
@@ -66,16 +67,11 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             ..self.special.clone()
         };
-        let input_bytes: usize = messages.iter().chain(tools).map(|m| m.to_string().len()).sum();
-        let fuel = FUEL_BASE + input_bytes as u64;
-        // Fuel is an environment setting; a clone shares the compiled template.
-        let mut env = self.env.clone();
-        env.set_fuel(Some(fuel));
-        let tmpl = env.get_template(NAME).map_err(|e| describe(&e))?;
+        let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
         tmpl.render(ctx).map_err(|e| match e.kind() {
             ErrorKind::OutOfFuel => format!(
-                "the template took too long: rendering stopped after {fuel} steps (a fixed {FUEL_BASE} plus one \
-                 per byte of the conversation); look for a loop that does not end soon in the template"
+                "the template took too long: rendering stopped after {FUEL} steps; look for a loop that does \
+                 not end soon in the template"
             ),
             _ => describe(&e),
         })
@@ -370,8 +366,8 @@ mod tests {
         vec![("bos_token".into(), "<s>".into()), ("eos_token".into(), "</s>".into())]
     }
 
-    /// The fuel the comment on `FUEL_BASE` promises: the shipped templates render a 1 MB
-    /// conversation of 64 turns in under 1 M fuel, a fifth of a budget without the base.
+    /// The fuel the comment on `FUEL` promises: the shipped templates render a 1 MB
+    /// conversation of 64 turns in under 1 M fuel, a twentieth of the allowance.
     #[test]
     fn real_templates_use_a_small_part_of_the_fuel() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/templates");

@@ -35,11 +35,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    anyhow::ensure!(
-        args.temperature.is_finite() && args.temperature >= 0.0,
-        "--temperature {}: expected 0 (greedy) or a positive number",
-        args.temperature
-    );
+    sdpo::generate::check_temperature(args.temperature).context("--temperature")?;
     let (cfg, w) = load_model(&args.model, None)?;
     let specs = sdpo::LlamaWeights::specs(&cfg);
     if let Some((s, _)) = specs.iter().zip(w.tensors()).find(|(_, t)| t.iter().any(|x| !x.is_finite())) {

@@ -30,7 +30,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::profile::{kernel_category, Prof};
+use super::profile::Prof;
 use super::sim::KernelSim;
 use super::{arch_for, host, kernel_image, KERNEL_SOURCES};
 use crate::error::{Error, Result};
@@ -575,7 +575,7 @@ pub fn check_launch(kernel: &str, cfg: &LaunchConfig, args: &[ArgKind]) -> Resul
 /// block size and the shared memory with the kernel's declaration.
 macro_rules! launch {
     ($k:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        $k.prof.launch(kernel_category($name))?;
+        $k.prof.launch_kernel($name)?;
         if let Some(sim) = &$k.sim {
             let args = [$( { let a = $arg; (kind_of(&a), KernelArg::slot(a)) } ),*];
             check_launch($name, &$cfg, &args.map(|a| a.0))?;

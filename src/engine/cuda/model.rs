@@ -286,7 +286,8 @@ impl CudaEngine {
         let (n, rows, train) = (n.max(cap), rows.max(head_rows), train || trained);
         let after = plan(&self.cfg, self.layout.total, n, rows, train);
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
-        let remainder = after.weights - plan(&self.cfg, self.layout.total, 0, 0, false).weights;
+        // The master's 16-bit remainder, allocated with the gradients.
+        let remainder = (self.layout.total * std::mem::size_of::<u16>()) as u64;
         let pending = missing(self.master_lo.is_none(), remainder)
             + missing(self.grad.is_none(), after.grads)
             + missing(self.moments.is_none(), after.moments);
@@ -364,7 +365,7 @@ impl CudaEngine {
 
     fn dims(&self, n: usize) -> AttnDims {
         let c = &self.cfg;
-        let qkvd = c.q_dim() + 2 * c.kv_dim();
+        let qkvd = qkv_dim(c);
         AttnDims {
             n_tokens: n,
             n_heads: c.n_heads,

@@ -26,7 +26,7 @@ use crate::engine::profile::{Category, Profile};
 use crate::error::{Error, Result};
 
 /// The category of a kernel by its name: the `extern "C"` names of kernels/*.cu.
-pub fn kernel_category(name: &str) -> Category {
+fn kernel_category(name: &str) -> Category {
     if name.starts_with("attention") {
         Category::Attention
     } else if name.starts_with("logprobs") {
@@ -82,6 +82,15 @@ impl Prof {
             return Ok(());
         }
         self.timeline().section(c)
+    }
+
+    /// `launch` for the kernel `name`, whose category is worked out only when profiling.
+    #[inline]
+    pub fn launch_kernel(&self, name: &str) -> Result<()> {
+        if !self.on() {
+            return Ok(());
+        }
+        self.timeline().section(kernel_category(name))
     }
 
     /// Charges every launch until the guard drops to `c`.
