@@ -28,6 +28,9 @@ impl DType {
     }
 }
 
+/// transformers' LlamaConfig default for a config.json without `max_position_embeddings`.
+pub const DEFAULT_MAX_POSITION_EMBEDDINGS: usize = 2048;
+
 /// How rotary frequencies are derived from `rope_theta` (transformers' `rope_type`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
@@ -207,7 +210,7 @@ impl LlamaConfig {
             max_position_embeddings: if get("max_position_embeddings").is_some() {
                 uint("max_position_embeddings")?
             } else {
-                2048
+                DEFAULT_MAX_POSITION_EMBEDDINGS
             },
             rms_norm_eps,
             rope_theta,

@@ -467,7 +467,9 @@ impl ModelLimits {
             }
         };
         limits.vocab_size = field("vocab_size")?;
-        limits.max_position_embeddings = field("max_position_embeddings")?;
+        // Absent, it is LlamaConfig's default, as the engines read it.
+        limits.max_position_embeddings =
+            Some(field("max_position_embeddings")?.unwrap_or(crate::config::DEFAULT_MAX_POSITION_EMBEDDINGS));
         Ok(limits)
     }
 }
