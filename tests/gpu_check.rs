@@ -125,9 +125,15 @@ fn dry_run_returns_four_files_and_a_bad_test_costs_one_row() {
     assert!(others.iter().all(|(_, s, _)| s == "ok" || s.starts_with("skipped(budget)")), "{rows:?}");
     let after_hang = rows.iter().skip_while(|(n, _, _)| n != "rope_matches_cpu").skip(1);
     let ran: Vec<&str> = after_hang.filter(|(_, s, _)| s == "ok").map(|(n, _, _)| n.as_str()).collect();
-    for step in
-        ["logprobs_matches_cpu", "gemm_matches_cpu_linear", "train-bench", "torch", "attention-torch", "kernels-8b"]
-    {
+    for step in [
+        "logprobs_matches_cpu",
+        "gemm_matches_cpu_linear",
+        "train-bench",
+        "torch",
+        "attention-torch",
+        "ncu-attention",
+        "kernels-8b",
+    ] {
         assert!(ran.contains(&step), "{step} did not run after the hang: {rows:?}");
     }
     // Every GPU test of tests/gpu.rs has its row, gpu_smoke first.
@@ -152,6 +158,16 @@ fn dry_run_returns_four_files_and_a_bad_test_costs_one_row() {
     let peak = s["memory"]["train-bench"]["peak_over_planned"].as_f64().unwrap();
     assert!((peak - 30.9 / 28.6).abs() < 1e-3, "{peak}");
     assert_eq!(s["kernels"]["kernels-1b"].as_array().map(Vec::len), Some(3));
+    // The toolkit's tools wrap the project's binaries: compute-sanitizer's closing line and
+    // ncu's per-launch figures reach the summary.
+    assert_eq!(status("racecheck"), "ok");
+    assert_eq!(status("memcheck"), "ok");
+    assert_eq!(s["sanitizers"]["memcheck"]["summary"], "ERROR SUMMARY: 0 errors");
+    let launches = s["profiles"]["ncu-attention-1b"].as_array().expect("ncu-attention-1b's launches");
+    assert_eq!(launches.len(), 2);
+    assert_eq!(launches[1]["kernel"], "attention_backward_hd128");
+    assert_eq!(launches[1]["duration_us"], 2270.0);
+    assert_eq!(launches[0]["occupancy_pct"], 12.14);
     // The library search: the toolkit first, the pip wheels' folder for what it lacks.
     let libs = &s["env"]["libraries"];
     assert!(libs["libnvrtc"].as_str().unwrap().ends_with("/fake/cuda/lib64/libnvrtc.so.13"), "{libs}");

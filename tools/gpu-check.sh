@@ -25,8 +25,9 @@
 # read); gpu_ceilings and every other GPU test (`gpu-tests --ignored --list`), each in its
 # own process under its own limit, so that a crash or a hang costs one row; the headline
 # training benchmark (llama-1b, prompt 256 + answers 512, 8 pairs per step) and its PyTorch
-# anchor (eager); causal attention alone against PyTorch SDPA (flash); the kernel
-# benchmarks; then, each only while the budget still holds its whole limit, both tools at
+# anchor (eager); causal attention alone against PyTorch SDPA (flash); compute-sanitizer
+# (racecheck on attention, memcheck on engine steps) and Nsight Compute on the attention
+# kernels, where the toolkit has them; the kernel benchmarks; then, each only while the budget still holds its whole limit, both tools at
 # 16 pairs per step, llama-8b, and the PyTorch anchor under torch.compile. The run ends
 # within $GPU_CHECK_BUDGET seconds (540).
 #
@@ -140,6 +141,7 @@ esac
 # --- the run: settings
 
 BIN=.gpu
+CUDA_ROOTS=() # filled by find_libraries
 TORCH_PY=python3
 # Where the driver's libcuda may be when ldconfig does not list it.
 IFS=: read -ra DRIVER_DIRS <<<"${LD_LIBRARY_PATH:-}"
@@ -274,6 +276,34 @@ bin_step() {
   step "$name" "$kind" "$limit" "${BIN_ENV[@]}" "$BIN/$prog" "$@"
 }
 
+# tool_step NAME KIND LIMIT_MS TOOL TOOL_ARGS... -- PROGRAM ARGS...: `bin_step` under one of
+# the toolkit's tools (compute-sanitizer, ncu: on the PATH or in a CUDA root's bin/; the
+# dry run's stubs); skipped when the tool is not found.
+tool_step() {
+  local name=$1 kind=$2 limit=$3 tool=$4 path r opts=()
+  shift 4
+  while [ "$1" != -- ]; do opts+=("$1"); shift; done
+  shift
+  LAST_MS=0
+  if [ "$MODE" = dry ]; then
+    path=$BIN/$tool
+  else
+    path=$(command -v "$tool")
+    for r in "${CUDA_ROOTS[@]}"; do [ -n "$path" ] || { [ -x "$r/bin/$tool" ] && path=$r/bin/$tool; }; done
+  fi
+  if [ ! -x "${path:-/nonexistent}" ]; then
+    record "$name" "$kind" "skipped(no $tool)" -
+    return
+  fi
+  if [ ! -x "$BIN/$1" ]; then
+    record "$name" "$kind" "skipped(no $BIN/$1)" -
+    return
+  fi
+  local prog=$BIN/$1
+  shift
+  step "$name" "$kind" "$limit" "${BIN_ENV[@]}" "$path" "${opts[@]}" "$prog" "$@"
+}
+
 # --- the environment and the libraries
 
 # first_in DIRS_ARRAY NAME...: the first DIR/NAME that exists, DIRS outermost.
@@ -296,6 +326,7 @@ find_libraries() {
   [ -n "${CUDA_HOME:-}" ] && roots+=("$CUDA_HOME")
   roots+=(/usr/local/cuda)
   nvcc=$(command -v nvcc) && roots+=("$(dirname "$(dirname "$(readlink -f "$nvcc")")")")
+  CUDA_ROOTS=("${roots[@]}")
   for r in "${roots[@]}"; do
     lib_dirs+=("$r/lib64" "$r/lib" "$r/targets/x86_64-linux/lib")
     inc_dirs+=("$r/include" "$r/targets/x86_64-linux/include")
@@ -450,6 +481,20 @@ EXPECT='"kind":"attention"' bin_step attention attention $((60 * S)) \
   sdpo-run bench --attention --device cuda --steps 50 --warmup 5
 EXPECT='"kind": "attention"' VS=attention step attention-torch attention $((60 * S)) \
   "$TORCH_PY" tools/compare_torch.py --attention --device cuda --steps 50 --warmup 5
+# compute-sanitizer (0 errors, or the step fails): racecheck on attention's shared-memory
+# tiles, memcheck on whole engine steps.
+EXPECT='RACECHECK SUMMARY: 0 hazards' tool_step racecheck sanitize $((60 * S)) compute-sanitizer \
+  --tool racecheck --error-exitcode 1 -- gpu-tests --ignored --exact attention_matches_cpu
+EXPECT='ERROR SUMMARY: 0 errors' tool_step memcheck sanitize $((60 * S)) compute-sanitizer \
+  --tool memcheck --leak-check no --error-exitcode 1 -- gpu-tests --ignored --exact engine_matches_cpu_engine_on_fixtures
+# Nsight Compute's counters (clocks left alone) on the attention kernels: the B 4, S 2048
+# calls above, and the last forward and first backward of a llama-1b training step
+# (head_dim 64; of the run's 64 launches, two reference passes' 16 forwards come first).
+NCU=(--clock-control none --set full --kernel-name 'regex:attention_(forward|backward)_hd')
+EXPECT='Achieved Occupancy' tool_step ncu-attention profile $((60 * S)) ncu "${NCU[@]}" --launch-count 6 -- \
+  sdpo-run bench --attention --device cuda --steps 1 --warmup 0
+EXPECT='Achieved Occupancy' tool_step ncu-attention-1b profile $((60 * S)) ncu "${NCU[@]}" --launch-skip 47 --launch-count 2 -- \
+  sdpo-run bench --device cuda --shape llama-1b --prompt-len 256 --answer-len 512 --micro-batch-tokens 10240 --steps 1 --warmup 0
 # Every CUDA kernel and GEMM on the layer shapes, one shape per step so that each prints
 # its closing table.
 for shape in 1b 8b; do

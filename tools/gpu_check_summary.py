@@ -28,6 +28,9 @@ summary.json:
                         (>1: sdpo-run is faster, or for memory, uses more)
   kernels               per kernel-benchmark step: [{shape, op, cuda_time, cuda_rate}] from
                         its closing table, else {name: time} of what criterion printed
+  sanitizers            per compute-sanitizer step: status, summary (its closing line)
+  profiles              per Nsight Compute step: [{kernel, grid, block, duration_us,
+                        occupancy_pct, no_eligible_pct}], one per profiled launch
 """
 
 import json
@@ -215,8 +218,46 @@ def parse_kernels(lines, status):
     return f"{len(rows)} timed; fastest GEMM/attention {fmt(rate('TFLOP/s'))} TFLOP/s, top {fmt(rate('GB/s'))} GB/s", rows
 
 
+def parse_sanitize(lines, status):
+    """compute-sanitizer's closing line ("ERROR SUMMARY: 0 errors", "RACECHECK SUMMARY: ...")."""
+    summary = [l.strip(" =\n") for l in lines if re.search(r"SUMMARY: ", l)]
+    fig = summary[-1] if summary else failure(lines)
+    return fig[:110], {"status": status, "summary": summary[-1] if summary else None}
+
+
+NCU_KERNEL = re.compile(r"^  (\w+) \((\d+, \d+, \d+)\)x\((\d+, \d+, \d+)\)")
+NCU_METRIC = re.compile(r"^    (Duration|Achieved Occupancy|No Eligible)\s+(\S+)\s+([0-9][0-9.,]*)\s*$")
+
+
+def parse_profile(lines, status):
+    """Nsight Compute's text report: per profiled launch, its kernel, grid, block, duration
+    (µs), achieved occupancy and the share of cycles with no eligible warp (%)."""
+    launches, scale = [], {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
+    for line in lines:
+        m = NCU_KERNEL.match(line)
+        if m:
+            launches.append({"kernel": m.group(1), "grid": m.group(2), "block": m.group(3)})
+            continue
+        m = NCU_METRIC.match(line)
+        if m and launches:
+            key, unit, value = m.group(1), m.group(2), float(m.group(3).replace(",", ""))
+            if key == "Duration":
+                launches[-1]["duration_us"] = value * scale.get(unit, float("nan"))
+            else:
+                launches[-1]["occupancy_pct" if key.startswith("Achieved") else "no_eligible_pct"] = value
+    if not launches:
+        return failure(lines)[:110], None
+    first = {}
+    for l in launches:
+        first.setdefault(l["kernel"], l)
+    fig = "; ".join(f"{k} {fmt(l.get('duration_us'))} us, occupancy {fmt(l.get('occupancy_pct'))}%"
+                    for k, l in first.items())
+    return fig, launches
+
+
 PARSERS = {"env": parse_env, "list": parse_list, "test": parse_test, "train": parse_train, "torch": parse_train,
-           "attention": parse_attention, "kernels": parse_kernels}
+           "attention": parse_attention, "kernels": parse_kernels, "sanitize": parse_sanitize,
+           "profile": parse_profile}
 
 
 def ratios(kind, ours, theirs):
@@ -232,7 +273,8 @@ def main(work, results, budget_ms, elapsed_ms, final, div):
     steps = [l.split("\t") for l in read_lines(os.path.join(work, "steps.tsv")) if l.strip()]
     s = {"complete": final == "1", "time_div": int(div), "budget_s": int(budget_ms) / 1000,
          "elapsed_s": int(elapsed_ms) / 1000, "env": {}, "steps": [], "smoke": None, "ceilings": None,
-         "tests": {}, "runs": {}, "memory": {}, "ratios": {}, "kernels": {}}
+         "tests": {}, "runs": {}, "memory": {}, "ratios": {}, "kernels": {}, "sanitizers": {},
+         "profiles": {}}
     for name, kind, status, seconds, vs in (row + [""] * (5 - len(row)) for row in steps):
         lines = read_lines(os.path.join(work, "logs", name + ".log"))
         if status.startswith("skipped"):
@@ -260,6 +302,10 @@ def main(work, results, budget_ms, elapsed_ms, final, div):
                     figure += f"; sdpo-run x{fmt(r['train_tokens_per_s'])} tokens/s, x{fmt(r['peak_mem_bytes'])} memory"
         elif kind == "kernels" and data is not None:
             s["kernels"][name] = data
+        elif kind == "sanitize" and data is not None:
+            s["sanitizers"][name] = data
+        elif kind == "profile" and data is not None:
+            s["profiles"][name] = data
         s["steps"].append({"name": name, "kind": kind, "status": status, "seconds": seconds, "figure": figure})
 
     env = s["env"] or {}
