@@ -447,14 +447,8 @@ pub fn logprobs(g: &Gpu) {
             plan.rows.iter().flat_map(|&r| x[r as usize * hidden..(r as usize + 1) * hidden].to_vec()).collect();
         let mut logits = vec![0f32; rows * vocab];
         ops::linear_forward(&mut logits, &xr, &w, rows, hidden, vocab);
-        let mut tgt = vec![-1i32; 2 * rows];
-        let mut dl = vec![0f32; 2 * rows];
-        for (r, rt) in plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate().filter(|(_, &ti)| ti != u32::MAX) {
-                tgt[2 * r + j] = plan.tokens[ti as usize] as i32;
-                dl[2 * r + j] = dlogp[ti as usize];
-            }
-        }
+        let tgt = plan.row_tokens();
+        let dl = plan.to_rows(&dlogp, 0.0);
         let logits_d = g.upload(&logits).unwrap();
         let tgt_d = g.upload(&tgt).unwrap();
         let dl_d = g.upload(&dl).unwrap();
@@ -472,13 +466,7 @@ pub fn logprobs(g: &Gpu) {
             let (lp, z, tg) = (g.ptr(&logp_d), g.ptr(&logits_d), g.ptr(&tgt_d));
             g.k.logprobs_forward(lp, ls, p, z, tg, rows, vocab, vocab, vocab).unwrap();
             let row_logp = g.download(g.ptr(&logp_d)).unwrap();
-            let mut got = vec![0f32; targets.len()];
-            for (r, rt) in plan.row_targets.iter().enumerate() {
-                for (j, &ti) in rt.iter().enumerate().filter(|(_, &ti)| ti != u32::MAX) {
-                    got[ti as usize] = row_logp[2 * r + j];
-                }
-            }
-            check(&format!("{tag} logp"), &got, &logp);
+            check(&format!("{tag} logp"), &plan.to_targets(&row_logp), &logp);
             let lse_got = g.download(g.ptr(&lse_d)).unwrap();
             if with_probs {
                 assert!(lse_got.iter().all(|x| x.is_nan()), "{tag}: lse written through a null pointer");

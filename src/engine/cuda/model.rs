@@ -342,14 +342,6 @@ impl CudaEngine {
     fn upload_batch(&self, batch: &PairBatch) -> Result<BatchDev> {
         let g = &self.gpu;
         let plan = LogpPlan::new(&batch.targets);
-        let mut targets = vec![-1i32; 2 * plan.rows.len()];
-        for (r, rt) in plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate() {
-                if ti != u32::MAX {
-                    targets[2 * r + j] = plan.tokens[ti as usize] as i32;
-                }
-            }
-        }
         Ok(BatchDev {
             tokens: g.upload(&batch.tokens)?,
             positions: g.upload(&batch.positions)?,
@@ -357,7 +349,7 @@ impl CudaEngine {
             branch: g.upload(&batch.branch)?,
             group_start: g.upload(&batch.group_start)?,
             rows: g.upload(&plan.rows)?,
-            targets: g.upload(&targets)?,
+            targets: g.upload(&plan.row_tokens())?,
             row_logp: g.alloc::<f32>(2 * plan.rows.len())?,
             plan,
         })
@@ -473,15 +465,7 @@ impl CudaEngine {
     /// Per-target log-probs (in `batch.targets` order) from the per-row results.
     fn target_logps(&self, b: &BatchDev) -> Result<Vec<f32>> {
         let row_logp = self.gpu.download(self.gpu.ptr(&b.row_logp))?;
-        let mut out = vec![0f32; b.plan.slot.len()];
-        for (r, rt) in b.plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate() {
-                if ti != u32::MAX {
-                    out[ti as usize] = row_logp[2 * r + j];
-                }
-            }
-        }
-        Ok(out)
+        Ok(b.plan.to_targets(&row_logp))
     }
 
     // --- backward
@@ -653,15 +637,7 @@ impl Engine for CudaEngine {
         let logp = self.target_logps(&b)?;
         let policy = PairLogps::sum_targets(batch, &logp);
         let dlogp = target_grads(batch, &policy, reference, loss, loss_scale);
-        let mut dl_rows = vec![0f32; 2 * b.plan.rows.len()];
-        for (r, rt) in b.plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate() {
-                if ti != u32::MAX {
-                    dl_rows[2 * r + j] = dlogp[ti as usize];
-                }
-            }
-        }
-        self.backward(&b, n, &dl_rows)?;
+        self.backward(&b, n, &b.plan.to_rows(&dlogp, 0.0))?;
         self.gpu.sync()?;
         self.gpu.prof.collect()?;
         self.note_memory();
