@@ -42,7 +42,7 @@
 
 use std::time::Instant;
 
-use super::buffers::{Acts, Head, Shared};
+use super::buffers::{Acts, Alloc, Head, Shared};
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
 use super::memory::{batch_bytes, head_chunk_rows, plan, qkv_dim, room_error};
@@ -273,7 +273,7 @@ impl CudaEngine {
         let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap)).next_multiple_of(64);
         let train = train || self.acts.as_ref().is_some_and(|a| a.training());
         self.acts = None; // free the old set first
-        self.acts = Some(Acts::new(&self.gpu, &self.cfg, cap, train)?);
+        self.acts = Some(Acts::new(Alloc::On(&self.gpu), &self.cfg, cap, train)?);
         self.note_memory();
         Ok(())
     }
@@ -283,7 +283,7 @@ impl CudaEngine {
     /// in the device's free memory; the simulator has no limit.
     fn check_room(&self, n: usize, rows: usize, train: bool) -> Result<()> {
         let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
-        let shared = self.shared.as_ref().map_or(0, |s| 2 * s.mem.len as u64);
+        let shared = self.shared.as_ref().map_or(0, |s| s.bytes() as u64);
         let trained = self.acts.as_ref().is_some_and(|a| a.training());
         // What is held now (as planned for the kind of pass it was made for; a regrowth
         // frees it first), and what this pass holds, with the gradients (this step) and
@@ -315,7 +315,7 @@ impl CudaEngine {
             return Ok(());
         }
         self.head = None;
-        self.head = Some(Head::new(&self.gpu, &self.cfg, rows, self.head_chunk.min(rows))?);
+        self.head = Some(Head::new(Alloc::On(&self.gpu), &self.cfg, rows, self.head_chunk.min(rows))?);
         self.note_memory();
         Ok(())
     }
@@ -341,7 +341,7 @@ impl CudaEngine {
             None => (rows, cap),
         };
         self.shared = None;
-        self.shared = Some(Shared::new(&self.gpu, &self.cfg, rows, cap)?);
+        self.shared = Some(Shared::new(Alloc::On(&self.gpu), &self.cfg, rows, cap)?);
         self.note_memory();
         Ok(())
     }
