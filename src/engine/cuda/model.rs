@@ -85,6 +85,12 @@ enum Remainder {
     Device(DBuf<u16>),
 }
 
+impl Remainder {
+    fn on_device(&self) -> bool {
+        matches!(self, Remainder::Device(_))
+    }
+}
+
 pub struct CudaEngine {
     cfg: LlamaConfig,
     gpu: Gpu,
@@ -207,7 +213,7 @@ impl CudaEngine {
     /// Makes the engine trainable: the gradients, and the weights' remainder on the device
     /// (a forward-only engine holds the bf16 copy alone).
     fn ensure_grad(&mut self) -> Result<()> {
-        if !matches!(self.remainder, Remainder::Device(_)) {
+        if !self.remainder.on_device() {
             let lo = self.gpu.alloc::<u16>(self.layout.total)?;
             if let Remainder::Host(host) = &self.remainder {
                 self.gpu.write(self.gpu.ptr(&lo), host)?;
@@ -295,7 +301,7 @@ impl CudaEngine {
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
         // The master's 16-bit remainder, allocated with the gradients.
         let remainder = (self.layout.total * std::mem::size_of::<u16>()) as u64;
-        let pending = missing(!matches!(self.remainder, Remainder::Device(_)), remainder)
+        let pending = missing(!self.remainder.on_device(), remainder)
             + missing(self.grad.is_none(), after.grads)
             + missing(self.moments.is_none(), after.moments);
         if batch_bytes(&after) + pending <= held {
