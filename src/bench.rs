@@ -20,7 +20,7 @@
 //!   best of six large fp32 GEMMs by the `gemm` crate on all threads (three before the
 //!   timed steps, three after); on CUDA the
 //!   engine's own GEMM (`Engine::gemm_peak_flops`). `mfu_datasheet` uses the vendor's dense
-//!   peak where this file knows it.
+//!   peak where benches/devices.json knows it.
 //! - peak memory: on the CPU the process's peak resident set (`VmHWM`), read before the
 //!   second ceiling measurement (the first runs before the model exists, in 48 MB); on
 //!   CUDA the engine's report (`Engine::peak_memory_bytes`): device memory in use beyond
@@ -199,12 +199,38 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The datasheet figures of each device, shared with tests/gpu.rs and tools/compare_torch.py.
+const DEVICES_JSON: &str = include_str!("../benches/devices.json");
+
+/// A device's vendor datasheet figures (benches/devices.json).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize)]
+pub struct Datasheet {
+    /// Dense bf16 tensor-core FLOP/s.
+    pub bf16_flops: f64,
+    /// Memory bandwidth, bytes/s.
+    pub bandwidth: f64,
+}
+
+/// The datasheet of the first device in benches/devices.json whose name fragment
+/// `device` contains, where known.
+pub fn datasheet(device: &str) -> Option<Datasheet> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        name: String,
+        #[serde(flatten)]
+        sheet: Datasheet,
+    }
+    #[derive(serde::Deserialize)]
+    struct Table {
+        devices: Vec<Entry>,
+    }
+    let table: Table = serde_json::from_str(DEVICES_JSON).expect("benches/devices.json is a device table");
+    table.devices.into_iter().find(|e| device.contains(&e.name)).map(|e| e.sheet)
+}
+
 /// The vendor's dense bf16 tensor-core peak (FLOP/s) for a device name, where known.
 pub fn datasheet_peak(device: &str) -> Option<f64> {
-    // (name fragment, dense bf16 FLOP/s); more specific fragments first.
-    const TABLE: &[(&str, f64)] =
-        &[("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12), ("L40S", 362.05e12)];
-    TABLE.iter().find(|(k, _)| device.contains(k)).map(|&(_, f)| f)
+    datasheet(device).map(|d| d.bf16_flops)
 }
 
 /// Whether the NVIDIA driver reports a GPU (in a build without the CUDA engine: whether
@@ -1119,8 +1145,10 @@ mod tests {
 
     #[test]
     fn datasheet_lookup() {
-        assert_eq!(datasheet_peak("NVIDIA H200"), Some(989.4e12));
+        assert_eq!(datasheet("NVIDIA H200"), Some(Datasheet { bf16_flops: 989.4e12, bandwidth: 4.8e12 }));
+        // The more specific fragment first: an H100 PCIe is not an SXM H100.
         assert_eq!(datasheet_peak("NVIDIA H100 PCIe"), Some(756.0e12));
+        assert_eq!(datasheet("NVIDIA H100 80GB HBM3").map(|d| d.bandwidth), Some(3.35e12));
         assert_eq!(datasheet_peak("cpu (2 threads)"), None);
     }
 

@@ -16,21 +16,17 @@
 mod occupancy;
 
 use occupancy::{occupancy, KernelUse, SmLimits};
-use sdpo::engine::cuda::kernels::{dynamic_smem_limit, kernel_signatures, KernelSignature, KERNEL_NAMES};
+use sdpo::engine::cuda::kernels::{dynamic_smem_limit, KERNEL_NAMES};
 use sdpo::engine::cuda::nvrtc::{self, Nvrtc, Output, INSTALL_HINT};
+use sdpo::engine::cuda::sim::declarations::{kernel_signatures, KernelSignature};
 use sdpo::engine::cuda::{KERNEL_HEADERS, KERNEL_SOURCES};
 
 /// Files whose kernels must run entirely from registers and shared memory.
 const NO_LOCAL_MEMORY: &[&str] = &["attention.cu", "logprobs.cu", "rmsnorm.cu", "adamw.cu"];
 
-/// The declaration of `kernel`; a name ending in `##X` stands for its prefix + digits.
+/// The declaration of `kernel`.
 fn signature<'a>(sigs: &'a [KernelSignature], kernel: &str) -> Option<&'a KernelSignature> {
-    sigs.iter().find(|s| match s.name.split_once("##") {
-        None => s.name == kernel,
-        Some((prefix, _)) => {
-            kernel.strip_prefix(prefix).is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
-        }
-    })
+    sigs.iter().find(|s| s.names(kernel))
 }
 
 #[test]

@@ -10,6 +10,7 @@
 
 mod kernel_checks;
 
+use sdpo::bench::{datasheet, Datasheet};
 use sdpo::config::LlamaConfig;
 use sdpo::engine::cuda::gemm::GemmShape;
 use sdpo::engine::cuda::kernels::Bf16;
@@ -135,10 +136,6 @@ fn gpu_smoke() {
     assert_eq!(got, want, "cast_f32_bf16 on the device differs from the host's rounding");
 }
 
-/// Datasheet memory bandwidth (bytes/s) by device-name fragment, more specific first.
-const DATASHEET_BANDWIDTH: &[(&str, f64)] =
-    &[("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.039e12), ("L40S", 0.864e12)];
-
 /// The measured copy bandwidth and bf16 GEMM rate as fractions of `device`'s datasheet
 /// (`None` for a device without figures), or why they are not plausible: each must lie
 /// within [0.5, 1.05] of the datasheet. Below, the device is throttled or the measurement
@@ -147,8 +144,7 @@ fn ceiling_fractions(device: &str, copy_bps: f64, gemm_flops: f64) -> Result<Opt
     if !(copy_bps.is_finite() && copy_bps > 0.0 && gemm_flops.is_finite() && gemm_flops > 0.0) {
         return Err(format!("copy {copy_bps} B/s, GEMM {gemm_flops} FLOP/s: not positive, finite figures"));
     }
-    let bandwidth = DATASHEET_BANDWIDTH.iter().find(|(k, _)| device.contains(k)).map(|&(_, b)| b);
-    let (Some(bandwidth), Some(peak)) = (bandwidth, sdpo::bench::datasheet_peak(device)) else {
+    let Some(Datasheet { bf16_flops: peak, bandwidth }) = datasheet(device) else {
         return Ok(None);
     };
     let (copy, gemm) = (copy_bps / bandwidth, gemm_flops / peak);
@@ -226,8 +222,9 @@ fn gpu_ceilings() {
     g.sync().unwrap();
     let gemm_flops = 2.0 * (s * s * s) as f64 * reps as f64 / t.elapsed().as_secs_f64();
 
-    let bandwidth = DATASHEET_BANDWIDTH.iter().find(|(k, _)| g.name.contains(k)).map_or(f64::NAN, |&(_, b)| b);
-    let peak = sdpo::bench::datasheet_peak(&g.name).unwrap_or(f64::NAN);
+    let sheet = datasheet(&g.name);
+    let bandwidth = sheet.map_or(f64::NAN, |d| d.bandwidth);
+    let peak = sheet.map_or(f64::NAN, |d| d.bf16_flops);
     println!(
         "CEILING device={:?} copy_GBps={:.0} copy_datasheet_GBps={:.0} copy_fraction={:.3} bf16_gemm_TFLOPs={:.0} \
          gemm_datasheet_TFLOPs={:.0} gemm_fraction={:.3}",
@@ -241,7 +238,7 @@ fn gpu_ceilings() {
     );
     match ceiling_fractions(&g.name, copy_bps, gemm_flops) {
         Ok(Some(_)) => {}
-        Ok(None) => println!("{}: no datasheet figures in tests/gpu.rs and sdpo::bench; band not checked", g.name),
+        Ok(None) => println!("{}: no datasheet figures in benches/devices.json; band not checked", g.name),
         Err(why) => panic!("{why}"),
     }
 }

@@ -7,8 +7,8 @@ trained the way TRL trains DPO, timed the same way, printed in the same JSON for
 
 What runs (per mode: `eager`, then `compile` = torch.compile of the model, skipped with a
 message when it fails, e.g. without a C++ compiler on the CPU):
-- transformers' LlamaForCausalLM with SDPA attention, random weights (the shape table
-  below must match `Shape::config_json` in src/bench.rs);
+- transformers' LlamaForCausalLM with SDPA attention, random weights, the shapes of
+  benches/shapes.json (which `sdpo-run bench --shape` reads too);
 - TRL's layout: each pair as two full sequences, [prompt | chosen] and [prompt | rejected],
   concatenated into one batch (equal lengths, so no padding); per-token log-probs of the
   completion tokens by `trl.trainer.utils.selective_log_softmax` on all logits, summed per
@@ -82,11 +82,18 @@ import statistics
 import sys
 import time
 
+BENCHES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches")
 # The shapes' config.json files, the same table `sdpo-run bench --shape` reads.
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "shapes.json")) as _f:
+with open(os.path.join(BENCHES, "shapes.json")) as _f:
     SHAPES = {name: entry["config"] for name, entry in json.load(_f).items()}
+# The devices' datasheet figures, the same table `sdpo-run bench` and tests/gpu.rs read.
+with open(os.path.join(BENCHES, "devices.json")) as _f:
+    DEVICES = json.load(_f)["devices"]
 
-DATASHEET_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12), ("L40S", 362.05e12)]
+
+def datasheet_bf16_flops(device_name):
+    """Dense bf16 FLOP/s of the first device whose name fragment `device_name` contains."""
+    return next((d["bf16_flops"] for d in DEVICES if d["name"] in device_name), None)
 
 
 def model_flops(shape, pairs, p, a):
@@ -133,25 +140,48 @@ def sync(torch, device):
         torch.cuda.synchronize()
 
 
-def json_lines(path):
+# --- ratios (tools/gpu_check_summary.py imports json_lines and ratios)
+
+def json_lines(lines):
+    """The JSON objects among `lines`: those starting with "{" that parse; the rest is ignored."""
     out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line.startswith("{"):
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        pass
-    except OSError as e:
-        print(f"RATIO n/a: {e}")
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
     return out
 
 
+def ratios(attention, ours, theirs):
+    """sdpo-run over PyTorch for throughput and memory; for attention, PyTorch's time over
+    sdpo-run's (>1: sdpo-run is faster, or for memory, uses more). None where a figure is
+    missing or zero."""
+    div = lambda a, b: a / b if a and b else None
+    if attention:
+        return {k: div(theirs.get(k), ours.get(k)) for k in ("fwd_bwd_ms", "fwd_ms", "bwd_ms")}
+    return {k: div(ours.get(k), theirs.get(k))
+            for k in ("train_tokens_per_s", "ref_tokens_per_s", "dpo_pairs_per_s", "peak_mem_bytes")}
+
+
+def times(r):
+    return "n/a" if r is None else f"x{r:.2f}"
+
+
+def read_json_lines(path):
+    try:
+        with open(path) as f:
+            return json_lines(f)
+    except OSError as e:
+        print(f"RATIO n/a: {e}")
+        return []
+
+
 def print_ratios(ours_path, torch_path):
-    ours_all = [j for j in json_lines(ours_path) if j.get("tool") == "sdpo-run"]
-    anchors_all = [j for j in json_lines(torch_path) if str(j.get("tool", "")).startswith("pytorch")]
+    ours_all = [j for j in read_json_lines(ours_path) if j.get("tool") == "sdpo-run"]
+    anchors_all = [j for j in read_json_lines(torch_path) if str(j.get("tool", "")).startswith("pytorch")]
     is_attn = lambda j: j.get("kind") == "attention"
     printed = False
     for attention in (False, True):
@@ -173,9 +203,9 @@ def print_attention_ratios(o, anchors):
     keys = ("B", "S", "H", "Hkv", "D")
     for t in anchors:
         same = all(o.get(k) == t.get(k) for k in keys)
-        r = lambda k: t[k] / o[k] if o.get(k) and t.get(k) else float("nan")
+        r = ratios(True, o, t)
         sizes = "B{} S{} H{}/{} D{}".format(*(o.get(k) for k in keys))
-        print(f"RATIO attention fwd_bwd x{r('fwd_bwd_ms'):.2f} (fwd x{r('fwd_ms'):.2f}, bwd x{r('bwd_ms'):.2f}) "
+        print(f"RATIO attention fwd_bwd {times(r['fwd_bwd_ms'])} (fwd {times(r['fwd_ms'])}, bwd {times(r['bwd_ms'])}) "
               f"sdpo-run/{t['tool']} {sizes}{'' if same else ' SIZES DIFFER'} on {o['device']}: "
               f"fwd+bwd {o['fwd_bwd_ms']:.3f} vs {t['fwd_bwd_ms']:.3f} ms, "
               f"{o['tflops_fwd_bwd']:.3g} vs {t['tflops_fwd_bwd']:.3g} TFLOP/s")
@@ -184,12 +214,12 @@ def print_attention_ratios(o, anchors):
 def print_train_ratios(o, anchors):
     for t in anchors:
         same = all(o.get(k) == t.get(k) for k in ("shape", "tokens_per_step", "prompt_len", "answer_len"))
-        r = lambda k: o[k] / t[k] if o.get(k) and t.get(k) else float("nan")
+        r = ratios(False, o, t)
         pct = lambda j: f"{100 * j['mfu']:.1f}%" if j.get("mfu") is not None else "n/a"
         print(f"RATIO sdpo-run/{t['tool']} ({o['shape']}, {o['tokens_per_step']} tokens/step, {o['device']}"
-              f"{'' if same else ', SIZES DIFFER'}): train tokens/s x{r('train_tokens_per_s'):.2f}, "
-              f"reference x{r('ref_tokens_per_s'):.2f}, DPO pairs/s x{r('dpo_pairs_per_s'):.2f}, "
-              f"peak memory x{r('peak_mem_bytes'):.2f}, MFU {pct(o)} vs {pct(t)}")
+              f"{'' if same else ', SIZES DIFFER'}): train tokens/s {times(r['train_tokens_per_s'])}, "
+              f"reference {times(r['ref_tokens_per_s'])}, DPO pairs/s {times(r['dpo_pairs_per_s'])}, "
+              f"peak memory {times(r['peak_mem_bytes'])}, MFU {pct(o)} vs {pct(t)}")
 
 
 def attention_check(torch, q, k, v, o):
@@ -482,7 +512,7 @@ def main():
             peak = peak_rss()
         del model, run_model, opt
         ceiling = max(ceiling_before, matmul_ceiling(torch, device))
-        sheet = next((f for k, f in DATASHEET_BF16 if k in dev_name), None) if device == "cuda" else None
+        sheet = datasheet_bf16_flops(dev_name) if device == "cuda" else None
         tokens = pairs * (p + 2 * a)
         train_fs = train_flops / train_s
         out = {

@@ -5,7 +5,8 @@
 
 WORK holds steps.tsv (one line per step: name, kind, status, seconds, the step it is
 compared with) and logs/<name>.log; table.txt and summary.json are written into RESULTS.
-Standard library only: it runs under whatever python3 the GPU host has.
+Standard library only (and compare_torch.py's JSON lines and ratios, which need no more):
+it runs under whatever python3 the GPU host has.
 
 summary.json:
   complete, budget_s, elapsed_s, time_div   whether the run reached its end; the budget and
@@ -39,6 +40,8 @@ import re
 import shlex
 import sys
 
+from compare_torch import json_lines, ratios
+
 NUM = r"([0-9][0-9.]*(?:[eE][+-]?[0-9]+)?|nan|inf)"
 
 
@@ -48,18 +51,6 @@ def read_lines(path):
             return f.read().splitlines()
     except OSError:
         return []
-
-
-def json_lines(lines):
-    out = []
-    for line in lines:
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
 
 
 def key_values(line):
@@ -260,15 +251,6 @@ PARSERS = {"env": parse_env, "list": parse_list, "test": parse_test, "train": pa
            "profile": parse_profile}
 
 
-def ratios(kind, ours, theirs):
-    """sdpo-run over PyTorch for throughput and memory; PyTorch's time over ours for attention."""
-    div = lambda a, b: a / b if a and b else None
-    if kind == "attention":
-        return {k: div(theirs.get(k), ours.get(k)) for k in ("fwd_bwd_ms", "fwd_ms", "bwd_ms")}
-    return {k: div(ours.get(k), theirs.get(k))
-            for k in ("train_tokens_per_s", "ref_tokens_per_s", "dpo_pairs_per_s", "peak_mem_bytes")}
-
-
 def main(work, results, budget_ms, elapsed_ms, final, div):
     steps = [l.split("\t") for l in read_lines(os.path.join(work, "steps.tsv")) if l.strip()]
     s = {"complete": final == "1", "time_div": int(div), "budget_s": int(budget_ms) / 1000,
@@ -294,7 +276,7 @@ def main(work, results, budget_ms, elapsed_ms, final, div):
                                      "peak_over_planned": data["peak_mem_bytes"] / data["planned_mem_bytes"]}
             ours = s["runs"].get(vs)
             if vs and ours:
-                r = ratios(kind, ours, data)
+                r = ratios(kind == "attention", ours, data)
                 s["ratios"][name] = {"against": vs, **r}
                 if kind == "attention":
                     figure += f"; sdpo-run x{fmt(r['fwd_bwd_ms'])}"

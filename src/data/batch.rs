@@ -81,6 +81,38 @@ impl LogpPlan {
         }
         LogpPlan { rows, slot, tokens: targets.iter().map(|t| t.token).collect(), row_targets }
     }
+
+    /// Each target's place in a per-row array `[rows, 2]` (the layout the LM-head kernels
+    /// read and write): `(2·row slot + which of the row's targets, target index)`.
+    pub fn row_places(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.row_targets.iter().enumerate().flat_map(|(r, rt)| {
+            rt.iter().enumerate().filter(|(_, &t)| t != u32::MAX).map(move |(j, &t)| (2 * r + j, t as usize))
+        })
+    }
+
+    /// A per-target array laid out per row, `[rows, 2]`, with `none` where a row has one target.
+    pub fn to_rows<T: Copy>(&self, per_target: &[T], none: T) -> Vec<T> {
+        let mut out = vec![none; 2 * self.rows.len()];
+        for (place, t) in self.row_places() {
+            out[place] = per_target[t];
+        }
+        out
+    }
+
+    /// Per row, `[rows, 2]`: the tokens its targets predict, −1 for none (the LM-head
+    /// kernels' targets).
+    pub fn row_tokens(&self) -> Vec<i32> {
+        self.to_rows(&self.tokens.iter().map(|&t| t as i32).collect::<Vec<_>>(), -1)
+    }
+
+    /// The per-target array (in `targets` order) of a per-row one, `[rows, 2]`.
+    pub fn to_targets<T: Copy + Default>(&self, per_row: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); self.slot.len()];
+        for (place, t) in self.row_places() {
+            out[t] = per_row[place];
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -198,6 +230,14 @@ mod tests {
         assert!(!batch.attends(6, 5));
         let rows: Vec<(u32, u32, u8)> = batch.targets.iter().map(|t| (t.row, t.token, t.branch)).collect();
         assert_eq!(rows, vec![(1, 3, 1), (2, 4, 1), (3, 5, 1), (1, 6, 2), (6, 8, 1), (6, 9, 2), (8, 10, 2)]);
+
+        // The head's plan: rows 1 and 6 carry two targets each, the others one.
+        let plan = LogpPlan::new(&batch.targets);
+        assert_eq!(plan.rows, vec![1, 2, 3, 6, 8]);
+        let row_tokens = plan.row_tokens();
+        assert_eq!(row_tokens, vec![3, 6, 4, -1, 5, -1, 8, 9, 10, -1]);
+        let tokens: Vec<i32> = batch.targets.iter().map(|t| t.token as i32).collect();
+        assert_eq!(plan.to_targets(&row_tokens), tokens);
     }
 
     #[test]

@@ -4,12 +4,11 @@
 //! whole CudaEngine step against the CpuEngine. Each check takes the `Gpu` (or a way to
 //! open the engine) it runs on.
 //!
-//! Tolerance: ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-2 (DESIGN.md, Numerics). The CPU reference gets the
-//! same bf16-rounded inputs as the kernel, so what remains is the kernel's own bf16
-//! rounding of intermediates and outputs (2^-9 ≈ 2e-3 relative per rounding, a few
-//! roundings deep) and fp32 summation order — well under 1e-2, while a wrong index, mask
-//! or missing term gives errors of order 1. Outputs are poisoned with NaN before every
-//! launch, so an element the kernel forgets to write fails the check.
+//! Tolerances: ‖gpu − cpu‖ / ‖cpu‖, one per kind of quantity (`TOL`, `F32_TOL`,
+//! `ADAMW_TOL`). The CPU reference gets the same bf16-rounded inputs as the kernel, so
+//! what remains is the kernel's own rounding and summation order, while a wrong index,
+//! mask or missing term gives errors of order 1. Outputs are poisoned with NaN before
+//! every launch, so an element the kernel forgets to write fails the check.
 #![allow(dead_code)] // each test target uses its own subset
 
 use std::path::{Path, PathBuf};
@@ -27,7 +26,23 @@ use sdpo::engine::cuda::{from_bf16, join_master, split_master, to_bf16, Gpu};
 use sdpo::weights::SplitMix64;
 use sdpo::{AdamWConfig, Engine, LlamaWeights, PairLogps};
 
+/// An output rounded to bf16 or computed through bf16 intermediates (DESIGN.md,
+/// Numerics): 2^-9 ≈ 2e-3 relative per rounding, a few roundings deep, and the fp32
+/// summation order. Worst measured, on the simulator and on an H200 alike: 2.9e-3
+/// (attention's dk).
 pub const TOL: f64 = 1e-2;
+
+/// An fp32 output of the same inputs through fp32 arithmetic alone (log-sum-exps, rstd,
+/// scatter-adds, cuBLASLt's fp32 outputs): only the order of the sums, over up to 1,000
+/// terms here, and the device's division and square root differ, 6e-8 relative per
+/// operation. Worst measured: 1.0e-6 on an H200 (cuBLASLt's dx), 9.3e-8 on the simulator
+/// (attention's lse).
+pub const F32_TOL: f64 = 1e-5;
+
+/// AdamW's fp32 master weights and moments: a few fp32 operations per element and no
+/// sums. Worst measured: 7.5e-8 on an H200; 0 on the simulator, whose arithmetic is the
+/// CPU's.
+pub const ADAMW_TOL: f64 = 1e-6;
 
 /// Values as the device stores them (bf16), back in f32: the CPU reference's inputs.
 pub fn bf(x: &[f32]) -> Vec<f32> {
@@ -47,10 +62,15 @@ pub fn rel_err(what: &str, got: &[f32], want: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// `got` against `want` within `TOL` (a bf16 quantity).
 pub fn check(what: &str, got: &[f32], want: &[f32]) {
+    check_within(what, got, want, TOL);
+}
+
+pub fn check_within(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(what, got, want);
     println!("{what:<48} rel err {e:.2e}");
-    assert!(e <= TOL, "{what}: ‖gpu − cpu‖/‖cpu‖ = {e:.3e} > {TOL}");
+    assert!(e <= tol, "{what}: ‖gpu − cpu‖/‖cpu‖ = {e:.3e} > {tol}");
 }
 
 /// f32 NaN / bf16 NaN bit patterns written over outputs before a launch.
@@ -85,7 +105,7 @@ pub fn embedding(g: &Gpu) {
     g.k.embedding_forward(g.ptr(&o_d), g.ptr(&t_d), g.ptr(&tok_d), hidden).unwrap();
     assert_eq!(g.download(g.ptr(&o_d)).unwrap(), out, "embedding gather is exact");
     g.k.embedding_backward(g.ptr(&dt_d), g.ptr(&do_d), g.ptr(&tok_d), hidden, None).unwrap();
-    check("embedding backward (scatter-add)", &g.download(g.ptr(&dt_d)).unwrap(), &dtable);
+    check_within("embedding backward (scatter-add)", &g.download(g.ptr(&dt_d)).unwrap(), &dtable, F32_TOL);
 
     // With a padding row: a token that occurs several times, its row left exactly as it was.
     let pad = tokens[3];
@@ -97,7 +117,7 @@ pub fn embedding(g: &Gpu) {
     let got = g.download(g.ptr(&dt_d)).unwrap();
     let row = pad as usize * hidden..(pad as usize + 1) * hidden;
     assert!(got[row].iter().all(|&x| x == 0.0), "embedding backward: the padding row gets no gradient");
-    check("embedding backward (padding row)", &got, &dtable);
+    check_within("embedding backward (padding row)", &got, &dtable, F32_TOL);
 }
 
 // --- rmsnorm
@@ -136,7 +156,7 @@ pub fn rmsnorm(g: &Gpu) {
             let xh = if with_xhat { g.ptr(&xhat_d) } else { null() };
             g.k.rmsnorm_forward(g.ptr(&y_d), g.ptr(&rstd_d), xh, g.ptr(&x_d), g.ptr(&w_d), n, hidden, eps).unwrap();
             check(&format!("{tag} y"), &down_bf16(g, g.ptr(&y_d)), &y);
-            check(&format!("{tag} rstd"), &g.download(g.ptr(&rstd_d)).unwrap(), &rstd);
+            check_within(&format!("{tag} rstd"), &g.download(g.ptr(&rstd_d)).unwrap(), &rstd, F32_TOL);
             if !with_xhat {
                 assert!(down_bf16(g, g.ptr(&xhat_d)).iter().all(|v| v.is_nan()), "{tag}: x̂ written through null");
             }
@@ -304,7 +324,7 @@ fn attention_case(
     g.k.attention_forward(g.ptr(&o_d), g.ptr(&lse_d), g.ptr(&q_d), g.ptr(&k_d), g.ptr(&v_d), &m, &d).unwrap();
     let tag = format!("attention {layout:?} n={n} h={nh}/{nkv} d={hd}");
     check(&format!("{tag} out"), &down_bf16(g, g.ptr(&o_d)), &out);
-    check(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse);
+    check_within(&format!("{tag} lse"), &g.download(g.ptr(&lse_d)).unwrap(), &lse, F32_TOL);
 
     for p in [g.ptr(&delta_d), g.ptr(&dq_d), g.ptr(&dk_d), g.ptr(&dv_d)] {
         poison_f32(g, p);
@@ -447,14 +467,8 @@ pub fn logprobs(g: &Gpu) {
             plan.rows.iter().flat_map(|&r| x[r as usize * hidden..(r as usize + 1) * hidden].to_vec()).collect();
         let mut logits = vec![0f32; rows * vocab];
         ops::linear_forward(&mut logits, &xr, &w, rows, hidden, vocab);
-        let mut tgt = vec![-1i32; 2 * rows];
-        let mut dl = vec![0f32; 2 * rows];
-        for (r, rt) in plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate().filter(|(_, &ti)| ti != u32::MAX) {
-                tgt[2 * r + j] = plan.tokens[ti as usize] as i32;
-                dl[2 * r + j] = dlogp[ti as usize];
-            }
-        }
+        let tgt = plan.row_tokens();
+        let dl = plan.to_rows(&dlogp, 0.0);
         let logits_d = g.upload(&logits).unwrap();
         let tgt_d = g.upload(&tgt).unwrap();
         let dl_d = g.upload(&dl).unwrap();
@@ -472,18 +486,12 @@ pub fn logprobs(g: &Gpu) {
             let (lp, z, tg) = (g.ptr(&logp_d), g.ptr(&logits_d), g.ptr(&tgt_d));
             g.k.logprobs_forward(lp, ls, p, z, tg, rows, vocab, vocab, vocab).unwrap();
             let row_logp = g.download(g.ptr(&logp_d)).unwrap();
-            let mut got = vec![0f32; targets.len()];
-            for (r, rt) in plan.row_targets.iter().enumerate() {
-                for (j, &ti) in rt.iter().enumerate().filter(|(_, &ti)| ti != u32::MAX) {
-                    got[ti as usize] = row_logp[2 * r + j];
-                }
-            }
-            check(&format!("{tag} logp"), &got, &logp);
+            check(&format!("{tag} logp"), &plan.to_targets(&row_logp), &logp);
             let lse_got = g.download(g.ptr(&lse_d)).unwrap();
             if with_probs {
                 assert!(lse_got.iter().all(|x| x.is_nan()), "{tag}: lse written through a null pointer");
             } else {
-                check(&format!("{tag} lse"), &lse_got, &lse);
+                check_within(&format!("{tag} lse"), &lse_got, &lse, F32_TOL);
             }
         }
         // probs against the CPU op's lse.
@@ -563,7 +571,7 @@ fn logprobs_padded_rows(g: &Gpu) {
     let (lp, ls, pp, tg) = (g.ptr(&logp_d), g.ptr(&lse_d), g.ptr(&probs_d), g.ptr(&tgt_d));
     g.k.logprobs_forward(lp, ls, pp, g.ptr(&logits_d), tg, rows, vocab, ld, ld_p).unwrap();
     check(&format!("{tag} logp"), &g.download(lp).unwrap(), &logp);
-    check(&format!("{tag} lse"), &g.download(ls).unwrap(), &lse);
+    check_within(&format!("{tag} lse"), &g.download(ls).unwrap(), &lse, F32_TOL);
     // Row r's first vocab columns; asserts the padding after them is still poisoned.
     let unpadded = |all: Vec<f32>, what: &str| -> Vec<f32> {
         assert!(
@@ -609,15 +617,18 @@ pub fn adamw(g: &Gpu) {
             let tag = format!("adamw n={n} wd={wd} scale={scale} step {step}");
             let got_hi = g.download(g.ptr(&hi_d)).unwrap();
             let got = join_master(&got_hi, &g.download(g.ptr(&lo_d)).unwrap());
-            check(&format!("{tag} p"), &got, &p);
-            // The update itself, not drowned by p: a lost or doubled step fails here.
+            check_within(&format!("{tag} p"), &got, &p, ADAMW_TOL);
+            // The update itself, not drowned by p: a lost or doubled step fails here. Its
+            // error is p's times |p|/|p − p₀| (~7 here): F32_TOL (measured ≤ 8.7e-7, H200).
             let delta = |x: &[f32]| x.iter().zip(&p0).map(|(a, b)| a - b).collect::<Vec<_>>();
-            check(&format!("{tag} p − p₀"), &delta(&got), &delta(&p));
-            check(&format!("{tag} m"), &g.download(g.ptr(&m_d)).unwrap(), &m);
-            check(&format!("{tag} v"), &g.download(g.ptr(&v_d)).unwrap(), &v);
-            // The working copy against the CPU's p rounded to bf16 (norm-relative: the
-            // copy's tie rule, one value in 65,536, moves it by far less than TOL).
-            check(&format!("{tag} bf16 copy"), &from_bf16(&got_hi), &bf(&p));
+            check_within(&format!("{tag} p − p₀"), &delta(&got), &delta(&p), F32_TOL);
+            check_within(&format!("{tag} m"), &g.download(g.ptr(&m_d)).unwrap(), &m, ADAMW_TOL);
+            check_within(&format!("{tag} v"), &g.download(g.ptr(&v_d)).unwrap(), &v, ADAMW_TOL);
+            // The working copy against the CPU's p rounded to bf16: one bf16 step (2^-8)
+            // apart on values at an exact tie, which the copy rounds away from zero and
+            // half::bf16 to even (measured 9.4e-5: about one value in 4,096); 1e-3 allows
+            // one value in 15.
+            check_within(&format!("{tag} bf16 copy"), &from_bf16(&got_hi), &bf(&p), 1e-3);
             assert!(g.download(g.ptr(&g_d)).unwrap().iter().all(|&x| x == 0.0), "{tag}: gradient not zeroed");
         }
     }
@@ -716,17 +727,17 @@ pub fn gemm(g: &mut Gpu) {
         g.gemm.gemm_f32(dxp, dyp, wp, &GemmShape::new(n, din, dout, false, false), 1.0, 0.0).unwrap();
         g.gemm.gemm_f32(dwp, dyp, xp, &GemmShape::new(dout, din, n, true, false), 1.0, 1.0).unwrap();
         let tag = format!("gemm n={n} in={din} out={dout}");
-        check(&format!("{tag} y = x·Wᵀ (f32)"), &g.download(yp).unwrap(), &y);
+        check_within(&format!("{tag} y = x·Wᵀ (f32)"), &g.download(yp).unwrap(), &y, F32_TOL);
         check(&format!("{tag} y = x·Wᵀ (bf16)"), &down_bf16(g, y16p), &y);
-        check(&format!("{tag} dx = dy·W"), &g.download(dxp).unwrap(), &dx);
-        check(&format!("{tag} dW += dyᵀ·x"), &g.download(dwp).unwrap(), &dw);
+        check_within(&format!("{tag} dx = dy·W"), &g.download(dxp).unwrap(), &dx, F32_TOL);
+        check_within(&format!("{tag} dW += dyᵀ·x"), &g.download(dwp).unwrap(), &dw, F32_TOL);
 
         // The residual add, in place as the forward does it: r += x·Wᵀ.
         let r = rng.normals(n * dout, 1.0);
         let want: Vec<f32> = y.iter().zip(&r).map(|(a, b)| a + b).collect();
         let r_d = g.upload(&r).unwrap();
         g.gemm.gemm_f32(g.ptr(&r_d), xp, wp, &GemmShape::new(n, dout, din, false, true), 1.0, 1.0).unwrap();
-        check(&format!("{tag} r += x·Wᵀ"), &g.download(g.ptr(&r_d)).unwrap(), &want);
+        check_within(&format!("{tag} r += x·Wᵀ"), &g.download(g.ptr(&r_d)).unwrap(), &want, F32_TOL);
     }
 }
 

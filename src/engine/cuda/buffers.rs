@@ -3,29 +3,30 @@
 //! step's three phases use in turn (`Shared`).
 //!
 //! Each set of per-token buffers is declared once (`token_buffers!`): its fields, their
-//! element types and elements per token. The allocation, the placement in shared memory
-//! and the bytes that `memory.rs` plans all come from that one declaration.
+//! element types and elements per token. The allocation and the placement in shared
+//! memory come from that one declaration, and the bytes that `memory.rs` plans from the
+//! same constructors run with `Alloc::Count`, which counts what they would allocate.
 
 use std::mem::size_of;
 
 use super::kernels::{null, Bf16, DPtr};
-use super::memory::{qkv_dim, shared_bytes};
+use super::memory::qkv_dim;
 use super::{DBuf, Gpu};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 
 /// The sizes the buffer tables are written in, and whether the buffers are for training.
-pub struct Dims {
-    pub hidden: usize,
-    pub inter: usize,
-    pub q_dim: usize,
-    pub qkv_dim: usize,
-    pub n_heads: usize,
-    pub train: bool,
+struct Dims {
+    hidden: usize,
+    inter: usize,
+    q_dim: usize,
+    qkv_dim: usize,
+    n_heads: usize,
+    train: bool,
 }
 
 impl Dims {
-    pub fn new(cfg: &LlamaConfig, train: bool) -> Self {
+    fn new(cfg: &LlamaConfig, train: bool) -> Self {
         let (hidden, inter, q_dim, n_heads) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.n_heads);
         Dims { hidden, inter, q_dim, qkv_dim: qkv_dim(cfg), n_heads, train }
     }
@@ -40,11 +41,22 @@ impl Dims {
     }
 }
 
-/// Owns device allocations; the engine addresses them through `DPtr` views.
+/// Where the buffers come from.
+#[derive(Clone, Copy)]
+pub enum Alloc<'a> {
+    /// This device (or the simulator).
+    On(&'a Gpu),
+    /// Nowhere: every view is null and the pools count the bytes (`memory_plan`).
+    Count,
+}
+
+/// Owns device allocations, which the engine addresses through `DPtr` views, and counts
+/// their bytes.
 #[derive(Default)]
 struct Pool {
     f32s: Vec<DBuf<f32>>,
     u16s: Vec<DBuf<u16>>,
+    bytes: usize,
 }
 
 /// An element type of the buffer tables.
@@ -71,18 +83,20 @@ impl Elem for Bf16 {
 }
 
 impl Pool {
-    /// `len` elements of `T`; none (a null view) for 0.
-    fn take<T: Elem>(&mut self, gpu: &Gpu, len: usize) -> Result<DPtr<T>> {
-        if len == 0 {
-            return Ok(null());
+    /// `len` elements of `T`; none (a null view) for 0 or `Alloc::Count`.
+    fn take<T: Elem>(&mut self, on: Alloc, len: usize) -> Result<DPtr<T>> {
+        self.bytes += len * size_of::<T>();
+        match on {
+            Alloc::On(gpu) if len > 0 => T::alloc(self, gpu, len),
+            _ => Ok(null()),
         }
-        T::alloc(self, gpu, len)
     }
 }
 
 /// A struct of buffers of `cap` tokens each, from one table: `field: type = |d| elements
 /// per token` (`d`: `Dims`). It gives `bytes_per_token`, `alloc` (one allocation each,
-/// in table order) and `place` (one after another in shared memory, in table order).
+/// in table order, from a pool) and `place` (one after another in shared memory, in table
+/// order).
 macro_rules! token_buffers {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident: $ty:ty = |$d:ident| $per_token:expr),* $(,)? }) => {
         $(#[$m])*
@@ -93,14 +107,15 @@ macro_rules! token_buffers {
 
         impl $name {
             /// Bytes per token.
-            pub fn bytes_per_token(d: &Dims) -> usize {
+            #[allow(dead_code)]
+            fn bytes_per_token(d: &Dims) -> usize {
                 0 $(+ { #[allow(unused_variables)] let $d = d; $per_token } * size_of::<$ty>())*
             }
 
             /// Each buffer its own allocation (a null view where it has no elements).
             #[allow(dead_code)]
-            fn alloc(pool: &mut Pool, gpu: &Gpu, d: &Dims, cap: usize) -> Result<Self> {
-                Ok($name { $($field: pool.take::<$ty>(gpu, cap * { #[allow(unused_variables)] let $d = d; $per_token })?,)* })
+            fn alloc(pool: &mut Pool, on: Alloc, d: &Dims, cap: usize) -> Result<Self> {
+                Ok($name { $($field: pool.take::<$ty>(on, cap * { #[allow(unused_variables)] let $d = d; $per_token })?,)* })
             }
 
             /// The buffers one after another in `mem` from byte `*at`, which moves past them.
@@ -187,24 +202,37 @@ pub struct Acts {
     pub fin: FinalNorm,
     /// A forward-only set's working buffers; a training set takes them from `Shared`.
     pub work: Option<Work>,
-    _pool: Pool,
+    /// Owns `layers` (`MemoryPlan::saved_activations`).
+    saved: Pool,
+    /// Owns `work` and `fin` (`MemoryPlan::scratch`).
+    scratch: Pool,
 }
 
 impl Acts {
     /// Activations for `cap` tokens (a multiple of 64); `train`: every layer's, with the
     /// norms' x̂.
-    pub fn new(g: &Gpu, cfg: &LlamaConfig, cap: usize, train: bool) -> Result<Self> {
+    pub fn new(on: Alloc, cfg: &LlamaConfig, cap: usize, train: bool) -> Result<Self> {
         let d = Dims::new(cfg, train);
-        let mut p = Pool::default();
+        let (mut saved, mut scratch) = (Pool::default(), Pool::default());
         let n_sets = if train { cfg.n_layers } else { 1 };
-        let layers = (0..n_sets).map(|_| LayerActs::alloc(&mut p, g, &d, cap)).collect::<Result<_>>()?;
-        let work = if train { None } else { Some(Work::alloc(&mut p, g, &d, cap)?) };
-        let fin = FinalNorm::alloc(&mut p, g, &d, cap)?;
-        Ok(Acts { cap, layers, fin, work, _pool: p })
+        let layers = (0..n_sets).map(|_| LayerActs::alloc(&mut saved, on, &d, cap)).collect::<Result<_>>()?;
+        let work = if train { None } else { Some(Work::alloc(&mut scratch, on, &d, cap)?) };
+        let fin = FinalNorm::alloc(&mut scratch, on, &d, cap)?;
+        Ok(Acts { cap, layers, fin, work, saved, scratch })
     }
 
     pub fn training(&self) -> bool {
         self.work.is_none()
+    }
+
+    /// Bytes of the layers' activations (kept for the backward in training).
+    pub fn saved_bytes(&self) -> usize {
+        self.saved.bytes
+    }
+
+    /// Bytes of the final norm's buffers and, forward only, the working buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch.bytes
     }
 }
 
@@ -217,27 +245,26 @@ pub struct Head {
     pub xr32: DPtr<f32>,
     pub xr16: DPtr<Bf16>,
     pub logits: DPtr<f32>,
-    _pool: Pool,
+    pool: Pool,
 }
 
 impl Head {
     /// For `rows` head rows, `chunk` of them per logits chunk.
-    pub fn new(g: &Gpu, cfg: &LlamaConfig, rows: usize, chunk: usize) -> Result<Self> {
+    pub fn new(on: Alloc, cfg: &LlamaConfig, rows: usize, chunk: usize) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let mut p = Pool::default();
         Ok(Head {
             rows,
             chunk,
-            xr32: p.take(g, rows * h)?,
-            xr16: p.take(g, rows * h)?,
-            logits: p.take(g, chunk * v)?,
-            _pool: p,
+            xr32: p.take(on, rows * h)?,
+            xr16: p.take(on, rows * h)?,
+            logits: p.take(on, chunk * v)?,
+            pool: p,
         })
     }
 
-    /// Bytes for `rows` head rows and `chunk` rows of logits.
-    pub fn bytes(cfg: &LlamaConfig, rows: usize, chunk: usize) -> usize {
-        rows * cfg.hidden_size * (size_of::<f32>() + size_of::<Bf16>()) + chunk * cfg.vocab_size * size_of::<f32>()
+    pub fn bytes(&self) -> usize {
+        self.pool.bytes
     }
 }
 
@@ -253,19 +280,27 @@ pub struct Shared {
     pub rows: usize,
     pub cap: usize,
     pub mem: DPtr<u16>,
-    _pool: Pool,
+    pool: Pool,
 }
 
 impl Shared {
-    /// For `rows` head rows and `cap` tokens.
-    pub fn new(g: &Gpu, cfg: &LlamaConfig, rows: usize, cap: usize) -> Result<Self> {
+    /// For `rows` head rows and `cap` tokens: the softmax, or the backward's buffers with
+    /// `Work` ending after them, whichever is larger.
+    pub fn new(on: Alloc, cfg: &LlamaConfig, rows: usize, cap: usize) -> Result<Self> {
+        let d = Dims::new(cfg, true);
+        let bytes =
+            (rows * cfg.vocab_size * size_of::<Bf16>()).max(cap * (Self::work_at(&d) + Work::bytes_per_token(&d)));
         let mut pool = Pool::default();
-        let mem = pool.take(g, shared_bytes(cfg, rows, cap) / 2)?;
-        Ok(Shared { rows, cap, mem, _pool: pool })
+        let mem = pool.take(on, bytes / size_of::<u16>())?;
+        Ok(Shared { rows, cap, mem, pool })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.pool.bytes
     }
 
     /// Bytes per token where `Work` starts: x ends where the backward's buffers end.
-    pub fn work_at(d: &Dims) -> usize {
+    fn work_at(d: &Dims) -> usize {
         BackActs::bytes_per_token(d) - size_of::<f32>() * d.hidden
     }
 

@@ -3,7 +3,7 @@
 
 use std::mem::size_of;
 
-use super::buffers::{Dims, FinalNorm, Head, LayerActs, Shared, Work};
+use super::buffers::{Acts, Alloc, Head, Shared};
 use super::gb;
 use super::kernels::Bf16;
 use super::params::ParamLayout;
@@ -75,28 +75,21 @@ pub fn plan(cfg: &LlamaConfig, params: usize, tokens: usize, head_rows: usize, t
     let cap = tokens.next_multiple_of(64);
     let chunk = head_chunk_rows(cfg.vocab_size).min(head_rows);
     let t = |x: usize| if train { x } else { 0 };
-    // Per token (`Acts`): `LayerActs` (one set per layer, or one without x̂ in all), the
-    // final norm's, and `Work` (forward only: training keeps it in `Shared`).
-    let d = Dims::new(cfg, train);
-    let layer = LayerActs::bytes_per_token(&d);
-    let single = FinalNorm::bytes_per_token(&d) + if train { 0 } else { Work::bytes_per_token(&d) };
+    // The buffers' constructors, counting what they would allocate.
+    let counted = "counting allocates nothing, so cannot fail";
+    let acts = Acts::new(Alloc::Count, cfg, cap, train).expect(counted);
+    let head = Head::new(Alloc::Count, cfg, head_rows, chunk).expect(counted);
+    let shared = || Shared::new(Alloc::Count, cfg, head_rows, cap).expect(counted).bytes();
     let (f32b, b) = (size_of::<f32>(), |x: usize| x as u64);
     MemoryPlan {
         weights: b(params * size_of::<Bf16>() * if train { 2 } else { 1 }),
         grads: b(t(params * f32b)),
         moments: b(t(params * 2 * f32b)),
-        saved_activations: b(cap * if train { cfg.n_layers } else { 1 } * layer),
-        scratch: b(cap * single),
-        head: b(Head::bytes(cfg, head_rows, chunk)),
-        softmax_or_backward: b(t(shared_bytes(cfg, head_rows, cap))),
+        saved_activations: b(acts.saved_bytes()),
+        scratch: b(acts.scratch_bytes()),
+        head: b(head.bytes()),
+        softmax_or_backward: b(if train { shared() } else { 0 }),
     }
-}
-
-/// Bytes of `Shared` for `rows` head rows and `cap` tokens: the softmax, or the backward's
-/// buffers with `Work` ending after them, whichever is larger.
-pub fn shared_bytes(cfg: &LlamaConfig, rows: usize, cap: usize) -> usize {
-    let d = Dims::new(cfg, true);
-    (rows * cfg.vocab_size * size_of::<Bf16>()).max(cap * (Shared::work_at(&d) + Work::bytes_per_token(&d)))
 }
 
 /// The part of a plan that grows with the micro-batch.

@@ -42,7 +42,7 @@
 
 use std::time::Instant;
 
-use super::buffers::{Acts, Head, Shared};
+use super::buffers::{Acts, Alloc, Head, Shared};
 use super::gemm::GemmShape;
 use super::kernels::{null, AttnDims, AttnMaskDev, Bf16, DPtr, RMSNORM_MAX_HIDDEN};
 use super::memory::{batch_bytes, head_chunk_rows, plan, qkv_dim, room_error};
@@ -71,24 +71,38 @@ struct BatchDev {
     row_logp: DBuf<f32>,
 }
 
+/// The 16-bit remainder that, joined with the bf16 working copy `wbf`, gives the exact
+/// fp32 master weights (kernels/adamw.cu). A forward-only engine reads `wbf` alone and
+/// keeps the remainder off the device until the first training step.
+enum Remainder {
+    /// Zero: the weights last set are bf16 values (a bf16 checkpoint's, the frozen
+    /// reference's), so `wbf` is the master; nothing more is held.
+    Zero,
+    /// A forward-only engine's remainder of the weights last set, in host memory.
+    Host(Vec<u16>),
+    /// On the device, from the first training step on (`ensure_grad`); `adamw_step`
+    /// updates it with `wbf`.
+    Device(DBuf<u16>),
+}
+
+impl Remainder {
+    fn on_device(&self) -> bool {
+        matches!(self, Remainder::Device(_))
+    }
+}
+
 pub struct CudaEngine {
     cfg: LlamaConfig,
     gpu: Gpu,
-    /// Where each tensor lies in the flat buffers (`wbf`, `master_lo`, `grad`, `moments`).
+    /// Where each tensor lies in the flat buffers (`wbf`, the remainder, `grad`, `moments`).
     layout: ParamLayout,
     /// The fp32 master weights, as two halves: `wbf`, the bf16 working copy the GEMMs
-    /// read (each master rounded), and `master_lo`, the 16-bit remainder that makes it
-    /// exact (kernels/adamw.cu): 4 bytes per parameter, not 6 for an fp32 master and a
-    /// bf16 copy. A forward-only engine (reference, eval, scoring) holds `wbf` alone on
-    /// the device, 2 bytes per parameter: its forwards read nothing else. The remainder
-    /// moves to the device with the gradients, at the first training step.
+    /// read (each master rounded), and `remainder`, the 16 bits that make it exact: 4
+    /// bytes per parameter, not 6 for an fp32 master and a bf16 copy. A forward-only
+    /// engine (reference, eval, scoring) holds `wbf` alone on the device, 2 bytes per
+    /// parameter: its forwards read nothing else.
     wbf: DBuf<Bf16>,
-    /// On the device from the first training step on (`ensure_grad`).
-    master_lo: Option<DBuf<u16>>,
-    /// A forward-only engine's remainder of the weights last set, in host memory until
-    /// the first training step; `None` when it is zero (weights that are bf16 values, as
-    /// a bf16 checkpoint's), so `weights()` gives the bf16 copy widened.
-    pending_lo: Option<Vec<u16>>,
+    remainder: Remainder,
     /// The weights the kernels and GEMMs read: named views of `wbf`.
     w: Params<DPtr<Bf16>>,
     /// fp32 gradients, from the first training step on (forward-only engines hold none).
@@ -158,8 +172,7 @@ impl CudaEngine {
             gpu,
             layout,
             wbf,
-            master_lo: None,
-            pending_lo: None,
+            remainder: Remainder::Zero,
             w,
             grad: None,
             dw: None,
@@ -200,12 +213,12 @@ impl CudaEngine {
     /// Makes the engine trainable: the gradients, and the weights' remainder on the device
     /// (a forward-only engine holds the bf16 copy alone).
     fn ensure_grad(&mut self) -> Result<()> {
-        if self.master_lo.is_none() {
+        if !self.remainder.on_device() {
             let lo = self.gpu.alloc::<u16>(self.layout.total)?;
-            if let Some(pending) = self.pending_lo.take() {
-                self.gpu.write(self.gpu.ptr(&lo), &pending)?;
+            if let Remainder::Host(host) = &self.remainder {
+                self.gpu.write(self.gpu.ptr(&lo), host)?;
             }
-            self.master_lo = Some(lo);
+            self.remainder = Remainder::Device(lo);
             self.note_memory();
         }
         if self.grad.is_none() {
@@ -266,7 +279,7 @@ impl CudaEngine {
         let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap)).next_multiple_of(64);
         let train = train || self.acts.as_ref().is_some_and(|a| a.training());
         self.acts = None; // free the old set first
-        self.acts = Some(Acts::new(&self.gpu, &self.cfg, cap, train)?);
+        self.acts = Some(Acts::new(Alloc::On(&self.gpu), &self.cfg, cap, train)?);
         self.note_memory();
         Ok(())
     }
@@ -276,7 +289,7 @@ impl CudaEngine {
     /// in the device's free memory; the simulator has no limit.
     fn check_room(&self, n: usize, rows: usize, train: bool) -> Result<()> {
         let (cap, head_rows) = (self.acts.as_ref().map_or(0, |a| a.cap), self.head.as_ref().map_or(0, |h| h.rows));
-        let shared = self.shared.as_ref().map_or(0, |s| 2 * s.mem.len as u64);
+        let shared = self.shared.as_ref().map_or(0, |s| s.bytes() as u64);
         let trained = self.acts.as_ref().is_some_and(|a| a.training());
         // What is held now (as planned for the kind of pass it was made for; a regrowth
         // frees it first), and what this pass holds, with the gradients (this step) and
@@ -288,7 +301,7 @@ impl CudaEngine {
         let missing = |absent: bool, bytes: u64| if train && absent { bytes } else { 0 };
         // The master's 16-bit remainder, allocated with the gradients.
         let remainder = (self.layout.total * std::mem::size_of::<u16>()) as u64;
-        let pending = missing(self.master_lo.is_none(), remainder)
+        let pending = missing(!self.remainder.on_device(), remainder)
             + missing(self.grad.is_none(), after.grads)
             + missing(self.moments.is_none(), after.moments);
         if batch_bytes(&after) + pending <= held {
@@ -308,7 +321,7 @@ impl CudaEngine {
             return Ok(());
         }
         self.head = None;
-        self.head = Some(Head::new(&self.gpu, &self.cfg, rows, self.head_chunk.min(rows))?);
+        self.head = Some(Head::new(Alloc::On(&self.gpu), &self.cfg, rows, self.head_chunk.min(rows))?);
         self.note_memory();
         Ok(())
     }
@@ -334,7 +347,7 @@ impl CudaEngine {
             None => (rows, cap),
         };
         self.shared = None;
-        self.shared = Some(Shared::new(&self.gpu, &self.cfg, rows, cap)?);
+        self.shared = Some(Shared::new(Alloc::On(&self.gpu), &self.cfg, rows, cap)?);
         self.note_memory();
         Ok(())
     }
@@ -342,14 +355,6 @@ impl CudaEngine {
     fn upload_batch(&self, batch: &PairBatch) -> Result<BatchDev> {
         let g = &self.gpu;
         let plan = LogpPlan::new(&batch.targets);
-        let mut targets = vec![-1i32; 2 * plan.rows.len()];
-        for (r, rt) in plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate() {
-                if ti != u32::MAX {
-                    targets[2 * r + j] = plan.tokens[ti as usize] as i32;
-                }
-            }
-        }
         Ok(BatchDev {
             tokens: g.upload(&batch.tokens)?,
             positions: g.upload(&batch.positions)?,
@@ -357,7 +362,7 @@ impl CudaEngine {
             branch: g.upload(&batch.branch)?,
             group_start: g.upload(&batch.group_start)?,
             rows: g.upload(&plan.rows)?,
-            targets: g.upload(&targets)?,
+            targets: g.upload(&plan.row_tokens())?,
             row_logp: g.alloc::<f32>(2 * plan.rows.len())?,
             plan,
         })
@@ -473,15 +478,7 @@ impl CudaEngine {
     /// Per-target log-probs (in `batch.targets` order) from the per-row results.
     fn target_logps(&self, b: &BatchDev) -> Result<Vec<f32>> {
         let row_logp = self.gpu.download(self.gpu.ptr(&b.row_logp))?;
-        let mut out = vec![0f32; b.plan.slot.len()];
-        for (r, rt) in b.plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate() {
-                if ti != u32::MAX {
-                    out[ti as usize] = row_logp[2 * r + j];
-                }
-            }
-        }
-        Ok(out)
+        Ok(b.plan.to_targets(&row_logp))
     }
 
     // --- backward
@@ -653,15 +650,7 @@ impl Engine for CudaEngine {
         let logp = self.target_logps(&b)?;
         let policy = PairLogps::sum_targets(batch, &logp);
         let dlogp = target_grads(batch, &policy, reference, loss, loss_scale);
-        let mut dl_rows = vec![0f32; 2 * b.plan.rows.len()];
-        for (r, rt) in b.plan.row_targets.iter().enumerate() {
-            for (j, &ti) in rt.iter().enumerate() {
-                if ti != u32::MAX {
-                    dl_rows[2 * r + j] = dlogp[ti as usize];
-                }
-            }
-        }
-        self.backward(&b, n, &dl_rows)?;
+        self.backward(&b, n, &b.plan.to_rows(&dlogp, 0.0))?;
         self.gpu.sync()?;
         self.gpu.prof.collect()?;
         self.note_memory();
@@ -697,7 +686,9 @@ impl Engine for CudaEngine {
         };
         let (m, v, _) = self.moments.as_ref().expect("set above");
         let (mp, vp) = (self.gpu.ptr(m), self.gpu.ptr(v));
-        let lo = self.master_lo.as_ref().expect("ensure_grad allocated it");
+        let Remainder::Device(lo) = &self.remainder else {
+            unreachable!("ensure_grad moved the remainder to the device")
+        };
         let (hp, lp, gp) = (self.gpu.ptr(&self.wbf), self.gpu.ptr(lo), self.gpu.ptr(self.grad()));
         // Runs of adjacent tensors with the same weight decay go in one launch (padding
         // between tensors is zero in every buffer and stays zero).
@@ -754,10 +745,10 @@ impl Engine for CudaEngine {
     /// the remainder kept in host memory otherwise.
     fn weights(&self) -> Result<LlamaWeights> {
         let hi = self.gpu.download(self.gpu.ptr(&self.wbf))?;
-        let lo = match (&self.master_lo, &self.pending_lo) {
-            (Some(lo), _) => self.gpu.download(self.gpu.ptr(lo))?,
-            (None, Some(pending)) => pending.clone(),
-            (None, None) => vec![0; hi.len()],
+        let lo = match &self.remainder {
+            Remainder::Device(lo) => self.gpu.download(self.gpu.ptr(lo))?,
+            Remainder::Host(lo) => lo.clone(),
+            Remainder::Zero => vec![0; hi.len()],
         };
         Ok(self.unflatten(&join_master(&hi, &lo)))
     }
@@ -765,9 +756,10 @@ impl Engine for CudaEngine {
     fn set_weights(&mut self, w: &LlamaWeights) -> Result<()> {
         let (hi, lo) = split_master(&self.flatten(w, "set_weights")?);
         self.gpu.write(self.gpu.ptr(&self.wbf), &hi)?;
-        match &self.master_lo {
-            Some(dev) => self.gpu.write(self.gpu.ptr(dev), &lo)?,
-            None => self.pending_lo = lo.iter().any(|&r| r != 0).then_some(lo),
+        match &self.remainder {
+            Remainder::Device(dev) => self.gpu.write(self.gpu.ptr(dev), &lo)?,
+            _ if lo.iter().any(|&r| r != 0) => self.remainder = Remainder::Host(lo),
+            _ => self.remainder = Remainder::Zero,
         }
         self.zero_grads();
         self.gpu.sync()

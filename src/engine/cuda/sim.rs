@@ -11,7 +11,10 @@
 //!
 //! Used by tests/kernel_sim.rs on machines without a GPU. Needs `$CXX` or `c++` (g++ or
 //! clang++ with C++17); the library is built once per source hash into the
-//! directory the caller gives.
+//! directory the caller gives. `declarations` reads the kernels' declarations, against
+//! which every launcher's launch is checked before it runs here.
+
+pub mod declarations;
 
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,7 @@ use std::sync::Arc;
 
 use cudarc::driver::LaunchConfig;
 
+use self::declarations::{check_launch, ArgKind};
 use super::kernels::KERNEL_NAMES;
 use super::{fnv1a, KERNEL_HEADERS, KERNEL_SOURCES};
 use crate::error::{Error, Result};
@@ -72,13 +76,23 @@ impl KernelSim {
         KernelSim { lib: self.lib.clone(), reverse: true }
     }
 
+    /// Runs one of kernels/*.cu as its launcher passes it: refuses arguments, a block or
+    /// shared memory that its declaration does not allow (`check_launch`), then `launch`es.
+    ///
+    /// # Safety
+    /// Every pointer argument must address host memory of the extent the kernel uses.
+    pub unsafe fn launch_checked(&self, name: &str, cfg: &LaunchConfig, args: &[(ArgKind, u64)]) -> Result<()> {
+        check_launch(name, cfg, &args.iter().map(|a| a.0).collect::<Vec<_>>())?;
+        self.launch(name, cfg, &args.iter().map(|a| a.1).collect::<Vec<_>>())
+    }
+
     /// Runs kernel `name` over the grid of `cfg`; `args` in the kernel's parameter order,
     /// one 8-byte slot each (`KernelArg::slot`).
     ///
     /// # Safety
     /// Every pointer argument must address host memory of the extent the kernel uses, and
-    /// there must be one argument of the right kind per kernel parameter (the launchers
-    /// check both: `kernels::check_launch`).
+    /// there must be one argument of the right kind per kernel parameter (`launch_checked`
+    /// checks the kinds).
     pub unsafe fn launch(&self, name: &str, cfg: &LaunchConfig, args: &[u64]) -> Result<()> {
         let symbol = format!("sdpo_sim_{name}\0");
         let entry: libloading::Symbol<EntryPoint> = self
