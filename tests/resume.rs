@@ -1,6 +1,7 @@
 //! Crash safety, through the real binary: a run killed with SIGKILL mid-step and resumed
-//! ends bitwise equal to an uninterrupted run; a NaN stops a run with a message naming the
-//! step, and the last good state and step folders still load.
+//! ends bitwise equal to an uninterrupted run, its TensorBoard events holding each metrics
+//! line once; a NaN stops a run with a message naming the step, and the last good state
+//! and step folders still load.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -86,12 +87,39 @@ fn kill_and_resume(name: &str, extra: &[&str]) {
     // metrics.jsonl has each update once: as many lines as the uninterrupted run's.
     let lines = |d: &str| std::fs::read_to_string(root.join(d).join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(lines("full"), lines("killed"));
+    assert!(out.join("report.html").is_file(), "every run ends with its report page");
+    if extra.contains(&"tensorboard") {
+        check_events(&out);
+    }
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The TensorBoard events of the killed process and of the resumed one, read in name
+/// order as TensorBoard reads them, hold each metrics.jsonl line once, with its numbers.
+fn check_events(out: &Path) {
+    let files = sdpo::tensorboard::event_files(&out.join("tensorboard")).unwrap();
+    assert_eq!(files.len(), 2, "one event file per process: {files:?}");
+    let events: Vec<Vec<(String, f32)>> = files
+        .iter()
+        .flat_map(|f| sdpo::tensorboard::read_events(f).unwrap())
+        .filter(|e| e.file_version.is_none())
+        .map(|e| e.scalars)
+        .collect();
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let want: Vec<Vec<(String, f32)>> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object().unwrap().iter().filter_map(|(k, x)| Some((k.clone(), x.as_f64()? as f32))).collect()
+        })
+        .collect();
+    assert_eq!(events.len(), want.len(), "one event per line, none twice");
+    assert!(events == want, "the events hold the numbers of metrics.jsonl, in its order");
 }
 
 #[test]
 fn sigkill_mid_step_then_resume_is_bitwise_equal() {
-    kill_and_resume("kill", &[]);
+    kill_and_resume("kill", &["--report-to", "tensorboard"]);
 }
 
 /// The same with every piece of state in play: the inline reference's weights, AdamW
