@@ -68,8 +68,7 @@ impl FolderKind {
                 matches!(
                     base,
                     "run.toml" | "inputs.json" | "partition.json" | "metrics.jsonl" | "report.html" | "tensorboard"
-                )
-                    || numbered("step-")
+                ) || numbered("step-")
                     || numbered("state-")
                     || entry.starts_with(".tmp-state-")
             }

@@ -485,7 +485,12 @@ fn line_chart(runs: &[RunData], shown: &[usize], title: &str, keys: &[&str]) -> 
         y.attr()
     );
     frame(&mut svg, &x, &y, true);
-    let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">update</text>", (LEFT + W - RIGHT) / 2.0, H - 4.0);
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">update</text>",
+        (LEFT + W - RIGHT) / 2.0,
+        H - 4.0
+    );
     for &r in shown {
         for (bx, t) in runs[r].boundaries() {
             let px = x.at(bx);
@@ -537,9 +542,9 @@ fn gamma_chart(runs: &[RunData]) -> String {
         .iter()
         .enumerate()
         .flat_map(|(r, run)| {
-            run.evals().into_iter().filter_map(move |e| {
-                Some((r, e.get("sdpo/step")?.as_u64()?, num(e, "eval/mean_gamma")?))
-            })
+            run.evals()
+                .into_iter()
+                .filter_map(move |e| Some((r, e.get("sdpo/step")?.as_u64()?, num(e, "eval/mean_gamma")?)))
         })
         .filter(|b| b.2.is_finite())
         .collect();
@@ -560,7 +565,8 @@ fn gamma_chart(runs: &[RunData]) -> String {
     );
     frame(&mut svg, &x, &y, false);
     let zero = y.at(0.0);
-    let _ = writeln!(svg, "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{zero:.2}\" y2=\"{zero:.2}\" stroke=\"#555\"/>", W - RIGHT);
+    let _ =
+        writeln!(svg, "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{zero:.2}\" y2=\"{zero:.2}\" stroke=\"#555\"/>", W - RIGHT);
     for t in 0..steps {
         let label = if t == 0 { "M_0 (start)".to_string() } else { format!("M_{t}") };
         let _ = writeln!(

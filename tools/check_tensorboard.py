@@ -34,6 +34,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "debug", "sdpo-run")
 
 
+def latest_state(out):
+    """The newest complete resume state's state.json, or None."""
+    states = sorted(d for d in os.listdir(out) if d.startswith("state-")) if os.path.isdir(out) else []
+    for d in reversed(states):
+        try:
+            with open(os.path.join(out, d, "state.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def make_run(tmp):
     """A tiny run, killed inside step 2 and resumed."""
     subprocess.run([BIN, "demo", "--write-data", os.path.join(tmp, "data")], check=True, stdout=subprocess.DEVNULL)
@@ -51,15 +63,7 @@ def make_run(tmp):
     p = subprocess.Popen(cmd + ["--debug-sleep-ms", "30"], stdout=subprocess.DEVNULL)
     t0 = time.time()
     while time.time() - t0 < 300:
-        states = sorted(d for d in os.listdir(out) if d.startswith("state-")) if os.path.isdir(out) else []
-        state = None
-        for d in reversed(states):
-            try:
-                with open(os.path.join(out, d, "state.json")) as f:
-                    state = json.load(f)
-                break
-            except (OSError, ValueError):
-                continue
+        state = latest_state(out)
         if state and state["sdpo_step"] == 2 and not state["step_done"]:
             break
         time.sleep(0.01)
@@ -68,6 +72,10 @@ def make_run(tmp):
     time.sleep(0.1)  # a few updates past the state, which the resume must drop
     p.send_signal(signal.SIGKILL)
     p.wait()
+    with open(os.path.join(out, "metrics.jsonl"), "rb") as f:
+        written = f.read()
+    lines, kept = written.count(b"\n"), written[:latest_state(out)["metrics_bytes"]].count(b"\n")
+    print(f"killed after {lines} metrics lines; its newest state keeps {kept}; resuming")
     subprocess.run(cmd + ["--resume"], check=True, stdout=subprocess.DEVNULL)
     return out
 
