@@ -461,20 +461,29 @@ fn thin(points: &[(f64, f64)], x: &Axis) -> Vec<(f64, f64)> {
     out
 }
 
+/// One drawn line: run `run`'s series of `keys[key]`.
+struct Curve {
+    run: usize,
+    key: usize,
+    points: Vec<(f64, f64)>,
+}
+
 /// One training chart: `keys` of `runs[shown]` over updates, with step boundaries.
 fn line_chart(runs: &[RunData], shown: &[usize], title: &str, keys: &[&str]) -> String {
-    let lines: Vec<(usize, usize, Vec<(f64, f64)>)> = shown
+    let lines: Vec<Curve> = shown
         .iter()
-        .flat_map(|&r| keys.iter().enumerate().map(move |(k, key)| (r, k, runs[r].series(key))))
-        .filter(|(_, _, pts)| !pts.is_empty())
+        .flat_map(|&run| {
+            keys.iter().enumerate().map(move |(key, name)| Curve { run, key, points: runs[run].series(name) })
+        })
+        .filter(|c| !c.points.is_empty())
         .collect();
     let mut svg = format!("<div><h3>{}</h3>\n", esc(title));
     if lines.is_empty() {
         svg.push_str("<p class=\"note\">No values in metrics.jsonl.</p></div>\n");
         return svg;
     }
-    let (x0, x1) = padded(lines.iter().flat_map(|l| l.2.iter().map(|p| p.0)), 0.0);
-    let (y0, y1) = padded(lines.iter().flat_map(|l| l.2.iter().map(|p| p.1)), 0.05);
+    let (x0, x1) = padded(lines.iter().flat_map(|c| c.points.iter().map(|p| p.0)), 0.0);
+    let (y0, y1) = padded(lines.iter().flat_map(|c| c.points.iter().map(|p| p.1)), 0.05);
     let x = Axis { lo: x0.min(0.0), hi: x1, p0: LEFT, p1: W - RIGHT };
     let y = Axis { lo: y0, hi: y1, p0: H - BOTTOM, p1: TOP };
     let _ = writeln!(
@@ -506,7 +515,7 @@ fn line_chart(runs: &[RunData], shown: &[usize], title: &str, keys: &[&str]) -> 
             );
         }
     }
-    for (r, k, pts) in &lines {
+    for Curve { run: r, key: k, points: pts } in &lines {
         let mut points = String::new();
         for (i, &(px, py)) in thin(pts, &x).iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
@@ -608,7 +617,7 @@ mod tests {
 
     #[test]
     fn numbers_read_as_four_significant_digits_or_an_exponent() {
-        assert_eq!(fmt_num(0.693147), "0.6931");
+        assert_eq!(fmt_num(0.512345), "0.5123");
         assert_eq!(fmt_num(-15.04), "-15.04");
         assert_eq!(fmt_num(1e-4), "1.00e-4");
         assert_eq!(fmt_num(32.0), "32");

@@ -74,6 +74,8 @@ fn kill_and_resume(name: &str, extra: &[&str]) {
         assert!(t0.elapsed() < Duration::from_secs(60), "no mid-step state of step 2 appeared");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // A few updates past that state, which the resume must drop from metrics.jsonl and the events.
+    std::thread::sleep(Duration::from_millis(50));
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
     assert!(!out.join("step-3").exists(), "the run was killed before it finished");
