@@ -227,6 +227,7 @@ pub fn render(runs: &[RunData]) -> String {
         "<p class=\"note\">x: optimiser updates over the whole run; dashed verticals: where an sDPO step begins \
          (the policy and reference become the previous step's model).</p>\n",
     );
+    h.push_str(&legend(runs));
     let all: Vec<usize> = (0..runs.len()).collect();
     h.push_str(&charts(runs, &all));
     h.push_str("<h2>Mean γ per step (the paper's Figure 2)</h2>\n");
@@ -500,19 +501,29 @@ fn line_chart(runs: &[RunData], shown: &[usize], title: &str, keys: &[&str]) -> 
         (LEFT + W - RIGHT) / 2.0,
         H - 4.0
     );
+    // Runs whose steps begin at the same update share one label.
+    let mut labelled: Vec<(f64, u64)> = Vec::new();
     for &r in shown {
         for (bx, t) in runs[r].boundaries() {
             let px = x.at(bx);
-            let _ = writeln!(
+            let _ = write!(
                 svg,
                 "<line class=\"boundary\" data-run=\"{r}\" data-step=\"{t}\" x1=\"{px:.2}\" x2=\"{px:.2}\" y1=\"{TOP}\" \
-                 y2=\"{}\" stroke=\"{}\" stroke-dasharray=\"4 3\"/><text x=\"{:.2}\" y=\"{}\" fill=\"{}\">step {t}</text>",
+                 y2=\"{}\" stroke=\"{}\" stroke-dasharray=\"4 3\"/>",
                 H - BOTTOM,
-                color(r),
-                px + 2.0,
-                TOP - 4.0,
                 color(r)
             );
+            if !labelled.contains(&(bx, t)) {
+                labelled.push((bx, t));
+                let _ = write!(
+                    svg,
+                    "<text x=\"{:.2}\" y=\"{}\" fill=\"{}\">step {t}</text>",
+                    px + 2.0,
+                    TOP - 4.0,
+                    color(r)
+                );
+            }
+            svg.push('\n');
         }
     }
     for Curve { run: r, key: k, points: pts } in &lines {
@@ -603,12 +614,16 @@ fn gamma_chart(runs: &[RunData]) -> String {
         );
     }
     svg.push_str("</g>\n</svg>\n");
-    let mut legend = String::from("<p>");
+    svg + &legend(runs)
+}
+
+/// The runs' colours and names, in one line.
+fn legend(runs: &[RunData]) -> String {
+    let mut h = String::from("<p>");
     for (r, run) in runs.iter().enumerate() {
-        let _ = write!(legend, "<span class=\"swatch\" style=\"background:{}\"></span>{} ", color(r), esc(&run.label));
+        let _ = write!(h, "<span class=\"swatch\" style=\"background:{}\"></span>{} ", color(r), esc(&run.label));
     }
-    legend.push_str("</p>\n");
-    svg + &legend
+    h + "</p>\n"
 }
 
 #[cfg(test)]
