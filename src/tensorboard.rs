@@ -470,6 +470,14 @@ mod tests {
         EventWriter::open(&dir, &metrics).unwrap();
         let ev: Vec<Event> = all_events(&dir).into_iter().filter(|e| e.file_version.is_none()).collect();
         assert_eq!((ev.len(), ev[5].step), (6, 4));
+        // A process killed inside an event's record: the record is cut off and its line
+        // written again.
+        let last = event_files(&dir).unwrap().pop().unwrap();
+        let len = std::fs::metadata(&last).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 3).unwrap();
+        EventWriter::open(&dir, &metrics).unwrap();
+        let ev: Vec<Event> = all_events(&dir).into_iter().filter(|e| e.file_version.is_none()).collect();
+        assert_eq!((ev.len(), ev[5].step, ev[5].scalars.clone()), (6, 4, scalars(&line(Some(4), 0.2))));
         // A fresh start (no lines) leaves no event of an earlier run.
         std::fs::write(&metrics, "").unwrap();
         let w = EventWriter::open(&dir, &metrics).unwrap();

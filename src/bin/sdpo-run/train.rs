@@ -725,6 +725,12 @@ mod tests {
             (d.prompt_field, d.source_field, d.max_length),
             (want.prompt_field, want.source_field, want.max_length)
         );
+        // so is where the metrics go
+        std::fs::write(&path, "report_to = \"tensorboard\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        assert_eq!(resolve(&cli.args).unwrap().report_to, ReportTo::Tensorboard);
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--report-to", "none"]);
+        assert_eq!(resolve(&cli.args).unwrap().report_to, ReportTo::None);
         // an unknown key is an error that names it
         std::fs::write(&path, "learning_rate = 1e-6\n").unwrap();
         let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
