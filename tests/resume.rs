@@ -184,6 +184,9 @@ fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     assert!(err.contains("keeps the state after update 12") && err.contains("--resume --lr LOWER"), "{err}");
     let m1 = LlamaWeights::load(&out.join("step-1"), &cfg).unwrap();
     assert!(m1.all_finite());
+    // the stopped run has its report page too, with the curves up to the divergence
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(page.contains("data-key=\"train/grad_norm\""), "no gradient-norm curve in the report");
     // and it resumes: the NaN was a one-off, so the run now completes.
     let resumed = train_cmd(&root, "nan", &["--resume"]).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
