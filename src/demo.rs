@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::generate::{generate, GenOptions};
 use crate::outputs::{Existing, FolderKind, OutputFolder};
 use crate::partition::PartitionKind;
+use crate::report;
 use crate::sdpo::{self, ReferenceMode, RunSummary, SdpoOptions};
 use crate::train::{Schedule, TrainOptions};
 use crate::weights::{LlamaWeights, SplitMix64};
@@ -336,6 +337,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
             resume: false,
             tokenizer_from: Some(base.clone()),
             quiet: opts.quiet_runs,
+            tensorboard: false,
         };
         let summary = sdpo::run(&sopts, &cfg, m0.clone(), &data.train, &data.eval, &factory)?;
         let exact_after = exact_match(&cfg, &summary.final_weights, &data.eval_problems)?;
@@ -383,6 +385,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
         say(format!("  exact match after:      {}", fmt_exact(&r.exact_after)));
     }
     let best = results.iter().max_by(|a, b| a.exact_after[3].total_cmp(&b.exact_after[3])).expect("three runs");
+    let dirs: Vec<PathBuf> = results.iter().map(|r| opts.out.join(r.name)).collect();
+    let page = opts.out.join(report::FILE);
+    report::write(&report::load_runs(&dirs)?, &page)?;
     say(String::new());
     say(format!(
         "best greedy exact match: {} ({:.3} overall). Runs are in {}; total {:.1}s",
@@ -391,6 +396,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
         opts.out.display(),
         t0.elapsed().as_secs_f64()
     ));
+    say(format!("report (curves, mean γ per step, eval tables): {}", page.display()));
     let path = opts.out.join("summary.txt");
     std::fs::write(&path, &report).map_err(|e| Error::io(&path, e))?;
     Ok(report)

@@ -16,7 +16,9 @@ pub mod error;
 pub mod generate;
 pub mod outputs;
 pub mod partition;
+pub mod report;
 pub mod sdpo;
+pub mod tensorboard;
 pub mod train;
 pub mod weights;
 

@@ -31,9 +31,10 @@ const LEGACY_DEMO_MARKER: &str = ".sdpo-demo";
 /// folder of the same kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FolderKind {
-    /// `sdpo-run train`: run.toml, inputs.json, partition.json, metrics.jsonl, step-*/, state-*/.
+    /// `sdpo-run train`: run.toml, inputs.json, partition.json, metrics.jsonl, report.html,
+    /// step-*/, state-*/, tensorboard/.
     Run,
-    /// `sdpo-run demo`: base/, one run folder per recipe, summary.txt.
+    /// `sdpo-run demo`: base/, one run folder per recipe, summary.txt, report.html.
     Demo,
     /// `sdpo-run debug-step --out`: metrics.json, grads.safetensors.
     DebugStep,
@@ -64,13 +65,15 @@ impl FolderKind {
         };
         match self {
             FolderKind::Run => {
-                matches!(base, "run.toml" | "inputs.json" | "partition.json" | "metrics.jsonl")
-                    || numbered("step-")
+                matches!(
+                    base,
+                    "run.toml" | "inputs.json" | "partition.json" | "metrics.jsonl" | "report.html" | "tensorboard"
+                ) || numbered("step-")
                     || numbered("state-")
                     || entry.starts_with(".tmp-state-")
             }
             FolderKind::Demo => {
-                matches!(base, "base" | "summary.txt" | "dpo" | "sdpo-random" | "sdpo-easy-to-hard")
+                matches!(base, "base" | "summary.txt" | "report.html" | "dpo" | "sdpo-random" | "sdpo-easy-to-hard")
                     || entry == LEGACY_DEMO_MARKER
             }
             FolderKind::DebugStep => matches!(base, "metrics.json" | "grads.safetensors"),
@@ -343,13 +346,24 @@ mod tests {
     #[test]
     fn run_entries_are_recognised_by_name() {
         let k = FolderKind::Run;
-        for name in ["run.toml", "step-1", "step-12", "state-00000003", ".tmp-state-00000004-77", ".run.toml.tmp-5-0"] {
+        for name in [
+            "run.toml",
+            "step-1",
+            "step-12",
+            "state-00000003",
+            ".tmp-state-00000004-77",
+            ".run.toml.tmp-5-0",
+            "report.html",
+            ".report.html.tmp-5-0",
+            "tensorboard",
+        ] {
             assert!(k.writes(name), "{name}");
         }
         for name in ["model.safetensors", "step-", "step-x", "notes.txt", "data.jsonl", ".git", "state-1a"] {
             assert!(!k.writes(name), "{name}");
         }
         assert!(!FolderKind::DebugStep.writes("run.toml"));
+        assert!(FolderKind::Demo.writes("report.html") && !FolderKind::DebugStep.writes("report.html"));
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct SdpoOptions {
     pub tokenizer_from: Option<PathBuf>,
     /// No progress bar and no per-step lines (the demo prints its own).
     pub quiet: bool,
+    /// Also write every metrics line as a TensorBoard event into `out/tensorboard/`.
+    pub tensorboard: bool,
 }
 
 /// Reward accuracy and margin of a model against a reference on the eval set.
@@ -121,11 +123,13 @@ pub struct RunSummary {
 /// Builds an engine on given weights (the CLI passes `engine::open` with its `--device`).
 pub type EngineFactory<'a> = &'a dyn Fn(&LlamaConfig, LlamaWeights) -> Result<Box<dyn Engine>>;
 
-/// Appends JSON lines to metrics.jsonl, tracking its length for resume.
+/// Appends JSON lines to metrics.jsonl, tracking its length for resume, and each line's
+/// event to the TensorBoard writer when there is one.
 struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
     bytes: u64,
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 impl MetricsLog {
@@ -147,7 +151,7 @@ impl MetricsLog {
                 0
             }
         };
-        let mut log = MetricsLog { file, path: path.to_path_buf(), bytes };
+        let mut log = MetricsLog { file, path: path.to_path_buf(), bytes, tensorboard: None };
         use std::io::Seek;
         log.file.seek(std::io::SeekFrom::Start(bytes)).map_err(|e| Error::io(&log.path, e))?;
         Ok(log)
@@ -159,7 +163,10 @@ impl MetricsLog {
         self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))?;
         self.bytes += line.len() as u64;
-        Ok(())
+        match &mut self.tensorboard {
+            Some(tb) => tb.write(v),
+            None => Ok(()),
+        }
     }
 
     /// One update: TRL's names plus where it sits in the run.
@@ -370,6 +377,9 @@ pub fn run(
         None => (RunState::start(), StateData::start(cfg, eval_init.clone()), 1),
     };
     let mut log = MetricsLog::open(&out.join("metrics.jsonl"), opts.resume.then_some(st.metrics_bytes))?;
+    if opts.tensorboard {
+        log.tensorboard = Some(crate::tensorboard::EventWriter::open(&out.join(crate::tensorboard::DIR), &log.path)?);
+    }
     let eval_init_rec = (!eval.is_empty()).then(|| eval_record(0, &eval_init, &eval_init, &eval_init, beta));
     if first_step == 1 && st.total_updates == 0 {
         if let Some(r) = &eval_init_rec {

@@ -1,6 +1,7 @@
 //! Crash safety, through the real binary: a run killed with SIGKILL mid-step and resumed
-//! ends bitwise equal to an uninterrupted run; a NaN stops a run with a message naming the
-//! step, and the last good state and step folders still load.
+//! ends bitwise equal to an uninterrupted run, its TensorBoard events holding each metrics
+//! line once; a NaN stops a run with a message naming the step, and the last good state
+//! and step folders still load.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -73,6 +74,8 @@ fn kill_and_resume(name: &str, extra: &[&str]) {
         assert!(t0.elapsed() < Duration::from_secs(60), "no mid-step state of step 2 appeared");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // A few updates past that state, which the resume must drop from metrics.jsonl and the events.
+    std::thread::sleep(Duration::from_millis(50));
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
     assert!(!out.join("step-3").exists(), "the run was killed before it finished");
@@ -86,12 +89,45 @@ fn kill_and_resume(name: &str, extra: &[&str]) {
     // metrics.jsonl has each update once: as many lines as the uninterrupted run's.
     let lines = |d: &str| std::fs::read_to_string(root.join(d).join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(lines("full"), lines("killed"));
+    assert!(out.join("report.html").is_file(), "every run ends with its report page");
+    if extra.contains(&"tensorboard") {
+        check_events(&out);
+    }
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The TensorBoard events of the killed process and of the resumed one, read in name
+/// order as TensorBoard reads them, hold each metrics.jsonl line once, with its numbers.
+fn check_events(out: &Path) {
+    let files = sdpo::tensorboard::event_files(&out.join("tensorboard")).unwrap();
+    assert_eq!(files.len(), 2, "one event file per process: {files:?}");
+    let events: Vec<Vec<(String, f32)>> = files
+        .iter()
+        .flat_map(|f| sdpo::tensorboard::read_events(f).unwrap())
+        .filter(|e| e.file_version.is_none())
+        .map(|e| e.scalars)
+        .collect();
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(events.len(), text.lines().count(), "one event per line, none twice");
+    for (i, (e, line)) in events.iter().zip(text.lines()).enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let want: Vec<(&String, f64)> =
+            v.as_object().unwrap().iter().filter_map(|(k, x)| Some((k, x.as_f64()?))).collect();
+        assert_eq!(e.len(), want.len(), "line {}: {e:?} vs {want:?}", i + 1);
+        for ((tag, x), (key, w)) in e.iter().zip(&want) {
+            // float32 of the logged number; the JSON parse may sit one f64 ulp away.
+            assert!(
+                tag == *key && (f64::from(*x) - w).abs() <= w.abs() * 2f64.powi(-23),
+                "line {}: {tag} {x} vs {key} {w}",
+                i + 1
+            );
+        }
+    }
 }
 
 #[test]
 fn sigkill_mid_step_then_resume_is_bitwise_equal() {
-    kill_and_resume("kill", &[]);
+    kill_and_resume("kill", &["--report-to", "tensorboard"]);
 }
 
 /// The same with every piece of state in play: the inline reference's weights, AdamW
@@ -148,6 +184,9 @@ fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     assert!(err.contains("keeps the state after update 12") && err.contains("--resume --lr LOWER"), "{err}");
     let m1 = LlamaWeights::load(&out.join("step-1"), &cfg).unwrap();
     assert!(m1.all_finite());
+    // the stopped run has its report page too, with the curves up to the divergence
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(page.contains("data-key=\"train/grad_norm\""), "no gradient-norm curve in the report");
     // and it resumes: the NaN was a one-off, so the run now completes.
     let resumed = train_cmd(&root, "nan", &["--resume"]).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));

@@ -117,7 +117,10 @@ fn overwrite_replaces_only_a_run_and_only_its_own_entries() {
     let root = setup();
     let r = root.path();
     let out = r.join("runs/x");
-    succeeds(train(r, &out, &["--steps", "1", "--partition", "random"]).output().unwrap());
+    succeeds(
+        train(r, &out, &["--steps", "1", "--partition", "random", "--report-to", "tensorboard"]).output().unwrap(),
+    );
+    assert!(out.join("report.html").is_file() && out.join("tensorboard").is_dir());
     std::fs::write(out.join("notes.txt"), "mine\n").unwrap();
     // the starting model inside the folder being replaced: refused, nothing touched
     let before = snapshot(r);
@@ -130,7 +133,18 @@ fn overwrite_replaces_only_a_run_and_only_its_own_entries() {
     succeeds(train(r, &out, &["--overwrite", "--steps", "2", "--partition", "random"]).output().unwrap());
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine\n");
     assert!(out.join("step-2/model.safetensors").is_file());
+    assert!(!out.join("tensorboard").exists(), "the earlier run's events went with it");
     assert_kept(&before, |p| p.starts_with(&out) && !p.ends_with("notes.txt"));
+    // a report page is written beside the run's inputs, never over one of them
+    let report = |to: &Path, extra: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.arg("report").arg(&out).arg("--out").arg(to).args(extra);
+        c.output().unwrap()
+    };
+    fails_with(report(&out.join("metrics.jsonl"), &["--overwrite"]), &["is also an input"]);
+    fails_with(report(&out.join("report.html"), &[]), &["--overwrite"]);
+    succeeds(report(&out.join("report.html"), &["--overwrite"]));
+    succeeds(report(&r.join("compare.html"), &[]));
 }
 
 #[test]

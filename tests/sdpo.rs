@@ -59,6 +59,7 @@ fn opts(out: PathBuf, kind: PartitionKind, steps: Option<usize>) -> SdpoOptions 
         resume: false,
         tokenizer_from: None,
         quiet: true,
+        tensorboard: false,
     }
 }
 

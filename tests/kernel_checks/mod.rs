@@ -1203,6 +1203,7 @@ pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngin
         resume: false,
         tokenizer_from: None,
         quiet: true,
+        tensorboard: false,
     };
     let t0 = std::time::Instant::now();
     let cpu = demo_run(&opts, &tmp.join("cpu"), &m0, &data, None);

@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod partition;
 mod prepare;
+mod report;
 mod train;
 
 use std::process::ExitCode;
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Preference records (JSONL/JSON/parquet, text or chat) -> pre-tokenized pairs, as TRL tokenizes them.
     Prepare(prepare::PrepareArgs),
+    /// An HTML page of one or more runs: curves, mean γ per step, eval tables, run.toml.
+    Report(report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Some(Command::DebugStep(args)) => debug_step::run(args),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Prepare(args)) => prepare::run(args),
+        Some(Command::Report(args)) => report::run(args),
     };
     // One line a user can act on: the context chain, without a backtrace.
     match result {

@@ -40,6 +40,17 @@ impl From<LayoutName> for Layout {
     }
 }
 
+/// Where the metrics go besides metrics.jsonl (TRL's `report_to`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// metrics.jsonl only.
+    #[default]
+    None,
+    /// Also TensorBoard event files in `<out>/tensorboard/`, written as training goes.
+    Tensorboard,
+}
+
 /// The resolved run configuration, as run.toml holds it. Defaults follow Zephyr / TRL.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -78,6 +89,7 @@ pub struct RunConfig {
     pub carry_optimizer: bool,
     pub carry_schedule: bool,
     pub device: Device,
+    pub report_to: ReportTo,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_init: Option<u64>,
     // How records are read and tokenized (the `DataOptions` flags), so that run.toml holds
@@ -132,6 +144,7 @@ impl Default for RunConfig {
             carry_optimizer: false,
             carry_schedule: false,
             device: Device::Auto,
+            report_to: ReportTo::None,
             random_init: None,
             chat_template: d.chat_template,
             max_length: d.max_length,
@@ -277,6 +290,9 @@ pub struct TrainArgs {
     pub carry_schedule: bool,
     #[arg(long, value_enum)]
     pub device: Option<Device>,
+    /// Also write the metrics as TensorBoard event files in <out>/tensorboard/ [default: none].
+    #[arg(long, value_enum)]
+    pub report_to: Option<ReportTo>,
     /// Start from random weights (this seed) with --model's config.json (for SFT from scratch).
     #[arg(long)]
     pub random_init: Option<u64>,
@@ -337,7 +353,8 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
         seed,
         save_every,
         reference,
-        device
+        device,
+        report_to
     );
     // Optional settings: a flag that is given replaces the file's value.
     macro_rules! set_given {
@@ -525,6 +542,7 @@ fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
         resume: args.resume,
         tokenizer_from: Some(model.clone()),
         quiet: args.quiet,
+        tensorboard: c.report_to == ReportTo::Tensorboard,
     };
     let device = c.device;
     let faults = Faults { nan_at: args.debug_nan_at, sleep_ms: args.debug_sleep_ms };
@@ -533,7 +551,10 @@ fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
         Ok(if faults.any() { Box::new(FaultyEngine { inner: e, faults, updates: 0 }) } else { e })
     };
     let t0 = std::time::Instant::now();
-    let summary = match sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory) {
+    let result = sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory);
+    // Every run ends with its report page, a failed one too: its curves show what went wrong.
+    let report = sdpo::report::write_for_run(&out);
+    let summary = match result {
         Ok(s) => s,
         Err(e) => {
             let diverged = matches!(e, sdpo::Error::Diverged(_));
@@ -547,6 +568,10 @@ fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
         }
     };
     print_summary(&summary, &out, t0.elapsed().as_secs_f64());
+    match report {
+        Ok(path) => println!("report: {}", path.display()),
+        Err(e) => eprintln!("warning: the report page was not written: {e}"),
+    }
     Ok(())
 }
 
@@ -700,6 +725,12 @@ mod tests {
             (d.prompt_field, d.source_field, d.max_length),
             (want.prompt_field, want.source_field, want.max_length)
         );
+        // so is where the metrics go
+        std::fs::write(&path, "report_to = \"tensorboard\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        assert_eq!(resolve(&cli.args).unwrap().report_to, ReportTo::Tensorboard);
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap(), "--report-to", "none"]);
+        assert_eq!(resolve(&cli.args).unwrap().report_to, ReportTo::None);
         // an unknown key is an error that names it
         std::fs::write(&path, "learning_rate = 1e-6\n").unwrap();
         let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
