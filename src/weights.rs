@@ -570,7 +570,7 @@ fn encode(x: &[f32], dtype: DType) -> Vec<u8> {
 /// Writes a safetensors file at `path` (which must not be read by anyone yet: callers
 /// write to a temporary name), tensors in the given order, header padded to 8 bytes,
 /// metadata `{"format": "pt"}` as transformers expects, then fsyncs it.
-fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: DType) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: DType) -> Result<()> {
     let (dname, size) = st_dtype(dtype);
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
@@ -630,9 +630,7 @@ fn parent_of(path: &Path) -> PathBuf {
 
 /// Saves a Hugging Face model folder at `dir` that transformers loads unchanged:
 /// config.json (`cfg.to_json(dtype)`), model.safetensors in `dtype`, and the tokenizer
-/// files (`TOKENIZER_FILES`) found in `copy_from`. Crash-safe: the folder is written under
-/// a temporary sibling name, fsynced, and renamed into place; an existing `dir` is
-/// replaced by renames only, so whatever folder exists at `dir` is complete.
+/// files (`TOKENIZER_FILES`) found in `copy_from`, crash-safe (`write_folder_atomic`).
 pub fn save_model(
     dir: &Path,
     cfg: &LlamaConfig,
@@ -641,11 +639,7 @@ pub fn save_model(
     copy_from: Option<&Path>,
 ) -> Result<()> {
     w.check_shapes(cfg)?;
-    let parent = parent_of(dir);
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = sibling(dir, "tmp")?;
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = (|| -> Result<()> {
+    write_folder_atomic(dir, |tmp| {
         let config = tmp.join("config.json");
         let text = serde_json::to_string_pretty(&cfg.to_json(dtype)).expect("a JSON value serialises") + "\n";
         write_synced(&config, text.as_bytes())?;
@@ -664,9 +658,19 @@ pub fn save_model(
                 }
             }
         }
-        fsync_dir(&tmp)
-    })();
-    if let Err(e) = result {
+        Ok(())
+    })
+}
+
+/// Makes the folder `dir` crash-safe: `fill` writes its files into a temporary sibling
+/// folder, which is fsynced and renamed into place; an existing `dir` is replaced by
+/// renames only, so whatever folder exists at `dir` is complete.
+pub fn write_folder_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = parent_of(dir);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = sibling(dir, "tmp")?;
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp).and_then(|_| fsync_dir(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -687,7 +691,8 @@ pub fn save_model(
     Ok(())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` and fsyncs the file.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
 }
