@@ -9,7 +9,12 @@
 use std::path::{Path, PathBuf};
 
 use sdpo::config::LlamaConfig;
+use sdpo::data::pretokenized::read_pairs;
+use sdpo::dpo::{LossConfig, LossKind, Metrics};
+use sdpo::engine::cpu::CpuEngine;
 use sdpo::lora::{Adapter, LoraConfig, LoraWeights, Module, CONFIG_FILE, WEIGHTS_FILE};
+use sdpo::weights::load_tensors_f32;
+use sdpo::{Engine, Layout, LlamaWeights, PairBatch, PairExample, PairLogps};
 use serde_json::Value;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -138,4 +143,170 @@ fn unsupported_adapters_are_refused_naming_the_field() {
     // Another model's adapter: the shapes do not fit.
     let err = Adapter::load(&fixture("lora/gqa_r4_qv/adapter"), &config("odd")).unwrap_err().to_string();
     assert!(err.contains("has shape") && err.contains("another model"), "{err}");
+}
+
+// --- the CPU engine against PEFT + TRL
+
+fn sigmoid() -> LossConfig {
+    LossConfig { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0, sft_weight: 0.0 }
+}
+
+fn numbers(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// The largest relative error of `got` against `want`; panics above `tol`.
+fn check_rel(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let mut worst: f64 = 0.0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs() / w.abs().max(1e-30);
+        assert!(err <= tol, "{what}[{i}]: got {g}, want {w} (relative error {err:.2e} > {tol:.0e})");
+        worst = worst.max(err);
+    }
+    worst
+}
+
+struct Case {
+    base_dir: PathBuf,
+    cfg: LlamaConfig,
+    base: LlamaWeights,
+    adapter: Adapter,
+    pairs: Vec<PairExample>,
+    expected: Value,
+}
+
+fn case(name: &str) -> Case {
+    let expected = read_json(&fixture(&format!("lora/{name}/expected.json")));
+    let base_dir = fixture(expected["base"].as_str().unwrap());
+    let cfg = LlamaConfig::from_path(&base_dir).unwrap();
+    let base = LlamaWeights::load(&base_dir, &cfg).unwrap();
+    let adapter = Adapter::load(&fixture(&format!("lora/{name}/adapter")), &cfg).unwrap();
+    let pairs = read_pairs(&fixture(expected["pairs_file"].as_str().unwrap()), cfg.vocab_size).unwrap();
+    Case { base_dir, cfg, base, adapter, pairs, expected }
+}
+
+fn chosen(v: &[PairLogps]) -> Vec<f64> {
+    v.iter().map(|p| p.chosen).collect()
+}
+
+fn rejected(v: &[PairLogps]) -> Vec<f64> {
+    v.iter().map(|p| p.rejected).collect()
+}
+
+/// Reference and policy log-probs, the loss and every adapter gradient against PEFT's;
+/// returns the worst relative errors (log-probs and loss, gradients).
+fn check_case(name: &str, layout: Layout) -> (f64, f64) {
+    let c = case(name);
+    let e = &c.expected;
+    let refs: Vec<&PairExample> = c.pairs.iter().collect();
+    let batch = PairBatch::new(&refs, layout).unwrap();
+    let mut engine = CpuEngine::with_adapter(c.cfg.clone(), c.base.clone(), c.adapter.clone()).unwrap();
+    let tag = format!("{name} {layout:?}");
+
+    let reference_from_base = e["reference"] == "base";
+    engine.set_adapter_enabled(!reference_from_base).unwrap();
+    let reference = engine.sequence_logps(&batch).unwrap();
+    engine.set_adapter_enabled(true).unwrap();
+    let mut worst =
+        check_rel(&format!("{tag} reference chosen"), &chosen(&reference), &numbers(&e["reference_chosen_logp"]), 1e-5);
+    worst = worst.max(check_rel(
+        &format!("{tag} reference rejected"),
+        &rejected(&reference),
+        &numbers(&e["reference_rejected_logp"]),
+        1e-5,
+    ));
+
+    let policy = engine.train_step(&batch, &reference, &sigmoid(), 1.0 / c.pairs.len() as f64).unwrap();
+    worst = worst.max(check_rel(
+        &format!("{tag} policy chosen"),
+        &chosen(&policy),
+        &numbers(&e["policy_chosen_logp"]),
+        1e-5,
+    ));
+    worst = worst.max(check_rel(
+        &format!("{tag} policy rejected"),
+        &rejected(&policy),
+        &numbers(&e["policy_rejected_logp"]),
+        1e-5,
+    ));
+    let loss = Metrics::from_pairs(&policy, &reference, &sigmoid()).loss;
+    worst = worst.max(check_rel(&format!("{tag} loss"), &[loss], &[e["loss"].as_f64().unwrap()], 1e-5));
+
+    // Every adapter gradient, by PEFT's key; nothing else has one.
+    assert!(engine.grads().is_err(), "the base is frozen");
+    let grads = engine.adapter_grads().unwrap();
+    let want = load_tensors_f32(&fixture(&format!("lora/{name}/grads.safetensors"))).unwrap();
+    let specs = grads.specs(c.adapter.config.r);
+    assert_eq!(specs.len(), want.len(), "{tag}: adapter tensors");
+    let mut worst_grad: f64 = 0.0;
+    for (s, got) in specs.iter().zip(grads.tensors()) {
+        let (shape, b) = &want[&s.name];
+        assert_eq!(shape, &s.shape, "{tag}: {}", s.name);
+        let num: f64 = got.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        assert!(den > 0.0, "{tag}: {} has a zero gradient in the fixture", s.name);
+        let rel = num.sqrt() / den.sqrt();
+        assert!(rel <= 1e-4, "{tag}: {} relative error {rel:.2e} > 1e-4", s.name);
+        worst_grad = worst_grad.max(rel);
+    }
+    eprintln!("{tag}: worst log-prob/loss relative error {worst:.2e}, worst adapter gradient {worst_grad:.2e}");
+    (worst, worst_grad)
+}
+
+#[test]
+fn lora_matches_peft_r4_q_v() {
+    check_case("gqa_r4_qv", Layout::Shared);
+    check_case("gqa_r4_qv", Layout::Concatenated);
+}
+
+#[test]
+fn lora_matches_peft_all_linear_rslora_from_an_adapter() {
+    check_case("gqa_r4_all_rslora", Layout::Shared);
+}
+
+#[test]
+fn lora_matches_peft_llama3_mixed_targets() {
+    check_case("llama3_r4_mixed", Layout::Shared);
+}
+
+#[test]
+fn lora_matches_peft_r8_tied_mlp_rslora() {
+    check_case("tied_r8_mlp_rslora", Layout::Shared);
+}
+
+#[test]
+fn a_fresh_adapter_computes_the_base_and_updates_only_itself() {
+    let c = case("gqa_r4_qv");
+    let refs: Vec<&PairExample> = c.pairs.iter().collect();
+    let batch = PairBatch::new(&refs, Layout::Shared).unwrap();
+    let base_logps = CpuEngine::new(c.cfg.clone(), c.base.clone()).unwrap().sequence_logps(&batch).unwrap();
+    let lc = LoraConfig::new(4, Some(8.0), &["all-linear".into()], 0.0, false).unwrap();
+    let fresh = Adapter::fresh(&c.cfg, lc, 1, c.base_dir.display().to_string());
+    let mut engine = CpuEngine::with_adapter(c.cfg.clone(), c.base.clone(), fresh.clone()).unwrap();
+    assert_eq!(engine.sequence_logps(&batch).unwrap(), base_logps, "B = 0: base ⊕ fresh adapter is the base");
+
+    let reference = base_logps.clone();
+    engine.train_step(&batch, &reference, &sigmoid(), 0.2).unwrap();
+    let g = engine.adapter_grads().unwrap();
+    // With B = 0 the gradient reaches B only; A's is B-weighted, so zero.
+    for p in g.layers.iter().flatten().flatten() {
+        assert!(p.a.iter().all(|&x| x == 0.0) && p.b.iter().any(|&x| x != 0.0));
+    }
+    let opt = sdpo::AdamWConfig::default();
+    engine.optimizer_step(&opt, 1e-3).unwrap();
+    assert_eq!(engine.weights().unwrap(), c.base, "the base does not move");
+    let after = engine.adapter().unwrap().unwrap();
+    assert_ne!(after, fresh.weights, "the adapter moves");
+    assert_ne!(engine.sequence_logps(&batch).unwrap(), base_logps);
+    engine.set_adapter_enabled(false).unwrap();
+    assert_eq!(engine.sequence_logps(&batch).unwrap(), base_logps, "disabled: the bare base");
+    assert!(engine.train_step(&batch, &reference, &sigmoid(), 0.2).is_err(), "a disabled adapter does not train");
+}
+
+#[test]
+fn lora_asks_for_the_cpu_engine() {
+    let c = case("gqa_r4_qv");
+    let err = sdpo::engine::open_lora(sdpo::engine::Device::Cuda, c.cfg, c.base, c.adapter).err().unwrap();
+    assert!(err.to_string().contains("pass --device cpu"), "{err}");
 }
