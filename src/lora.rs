@@ -109,7 +109,7 @@ impl LoraConfig {
     pub fn new(r: usize, alpha: Option<f64>, targets: &[String], dropout: f64, use_rslora: bool) -> Result<Self> {
         let targets = parse_targets(targets).map_err(|e| Error::invalid(format!("--lora-targets: {e}")))?;
         let c = LoraConfig { r, alpha: alpha.unwrap_or(DEFAULT_ALPHA), targets, dropout, use_rslora };
-        c.check().map_err(|e| Error::invalid(format!("{e}")))?;
+        c.check().map_err(Error::invalid)?;
         Ok(c)
     }
 
@@ -167,6 +167,7 @@ pub struct LoraPair {
 /// The same struct holds gradients and AdamW moments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraWeights {
+    pub r: usize,
     pub layers: Vec<[Option<LoraPair>; 7]>,
 }
 
@@ -187,7 +188,7 @@ impl LoraWeights {
                 })
             })
         };
-        LoraWeights { layers: (0..cfg.n_layers).map(|_| layer()).collect() }
+        LoraWeights { r: lc.r, layers: (0..cfg.n_layers).map(|_| layer()).collect() }
     }
 
     /// A fresh adapter as PEFT initialises one: `A` ~ U(−1/√in, 1/√in), `B` = 0.
@@ -206,12 +207,13 @@ impl LoraWeights {
     /// Zeros shaped as `self` (gradients, moments).
     pub fn zeros_like(&self) -> Self {
         let z = |p: &LoraPair| LoraPair { a: vec![0.0; p.a.len()], b: vec![0.0; p.b.len()] };
-        LoraWeights { layers: self.layers.iter().map(|l| std::array::from_fn(|i| l[i].as_ref().map(z))).collect() }
+        let layers = self.layers.iter().map(|l| std::array::from_fn(|i| l[i].as_ref().map(z))).collect();
+        LoraWeights { r: self.r, layers }
     }
 
     /// Every tensor's PEFT key and shape, in the order of `tensors` (layer, module, A then B).
-    pub fn specs(&self, r: usize) -> Vec<TensorSpec> {
-        let mut out = Vec::new();
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        let (r, mut out) = (self.r, Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
             for (m, p) in Module::ALL.iter().zip(layer) {
                 if let Some(p) = p {
@@ -237,7 +239,8 @@ impl LoraWeights {
 
     /// Whether `other` has an adapter, of the same size, exactly where `self` has one.
     pub fn same_shape(&self, other: &LoraWeights) -> bool {
-        self.layers.len() == other.layers.len()
+        self.r == other.r
+            && self.layers.len() == other.layers.len()
             && self.layers.iter().zip(&other.layers).all(|(x, y)| {
                 x.iter().zip(y).all(|(p, q)| match (p, q) {
                     (Some(p), Some(q)) => p.a.len() == q.a.len() && p.b.len() == q.b.len(),
@@ -291,7 +294,7 @@ impl Adapter {
             ));
         }
         let tensors = load_tensors_f32(&wpath)?;
-        let mut weights = LoraWeights { layers: (0..cfg.n_layers).map(|_| Default::default()).collect() };
+        let mut weights = LoraWeights { r: config.r, layers: (0..cfg.n_layers).map(|_| Default::default()).collect() };
         let mut halves = std::collections::BTreeMap::new();
         for (key, (shape, data)) in tensors {
             let (layer, m, which) = parse_key(&key, cfg.n_layers).map_err(|msg| Error::file(&wpath, msg))?;
@@ -354,7 +357,7 @@ impl Adapter {
             "alpha_pattern": {},
             "revision": null,
         });
-        let specs = self.weights.specs(c.r);
+        let specs = self.weights.specs();
         let tensors: Vec<(&str, &[usize], &[f32])> = specs
             .iter()
             .zip(self.weights.tensors())

@@ -110,7 +110,8 @@ fn fresh_adapters_are_initialised_as_peft_does() {
 #[test]
 fn unsupported_adapters_are_refused_naming_the_field() {
     let cfg = config("gqa");
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("`bias` is \"all\"", Box::new(|c| drop(c.insert("bias".into(), "all".into())))),
         ("`use_dora` is true", Box::new(|c| drop(c.insert("use_dora".into(), true.into())))),
         (
@@ -237,7 +238,7 @@ fn check_case(name: &str, layout: Layout) -> (f64, f64) {
     assert!(engine.grads().is_err(), "the base is frozen");
     let grads = engine.adapter_grads().unwrap();
     let want = load_tensors_f32(&fixture(&format!("lora/{name}/grads.safetensors"))).unwrap();
-    let specs = grads.specs(c.adapter.config.r);
+    let specs = grads.specs();
     assert_eq!(specs.len(), want.len(), "{tag}: adapter tensors");
     let mut worst_grad: f64 = 0.0;
     for (s, got) in specs.iter().zip(grads.tensors()) {
@@ -309,4 +310,75 @@ fn lora_asks_for_the_cpu_engine() {
     let c = case("gqa_r4_qv");
     let err = sdpo::engine::open_lora(sdpo::engine::Device::Cuda, c.cfg, c.base, c.adapter).err().unwrap();
     assert!(err.to_string().contains("pass --device cpu"), "{err}");
+}
+
+// --- `sdpo-run train --lora-r`, through the binary
+
+const BIN: &str = env!("CARGO_BIN_EXE_sdpo-run");
+
+fn sdpo_run(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(BIN).args(args).output().unwrap()
+}
+
+#[test]
+fn lora_training_writes_peft_steps_and_leaves_the_base_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("base");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama3/policy").join(f), model.join(f)).unwrap();
+    }
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let data = fixture("llama3/pairs.jsonl");
+    let out = root.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut a: Vec<&std::ffi::OsStr> =
+            ["train", "--quiet", "--device", "cpu", "--model"].map(|s| s.as_ref()).to_vec();
+        a.extend([model.as_os_str(), "--data".as_ref(), data.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+        for s in
+            ["--partition", "in-order", "--steps", "2", "--batch-pairs", "2", "--lr", "1e-2", "--warmup-ratio", "0"]
+        {
+            a.push(s.as_ref());
+        }
+        a.extend(extra.iter().map(|s| s.as_ref() as &std::ffi::OsStr));
+        sdpo_run(&a)
+    };
+    let lora = ["--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,o_proj,down_proj", "--use-rslora"];
+    let r = train(&lora);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(model.join("model.safetensors")).unwrap(), before, "the base's bytes are unchanged");
+
+    let cfg = config("llama3");
+    let mut prev = None;
+    for t in 1..=2 {
+        let dir = out.join(format!("step-{t}"));
+        let a = Adapter::load(&dir, &cfg).unwrap();
+        assert_eq!(a.config.targets, vec![Module::QProj, Module::OProj, Module::DownProj]);
+        assert!(a.config.use_rslora && a.config.r == 4 && a.config.alpha == 8.0);
+        assert!(!dir.join("model.safetensors").exists());
+        assert!(prev.as_ref() != Some(&a.weights), "step {t} trains the adapter");
+        prev = Some(a.weights);
+    }
+    let toml = std::fs::read_to_string(out.join("run.toml")).unwrap();
+    assert!(toml.contains("lora_r = 4") && toml.contains("use_rslora = true"), "{toml}");
+
+    // The run folder is protected as a full fine-tuning run's is; a resume must keep the
+    // LoRA settings; from step-1's adapter is another run.
+    let again = train(&lora);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    let mut other = lora.to_vec();
+    other[1] = "8";
+    other.push("--resume");
+    let resumed = train(&other);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(!resumed.status.success() && err.contains("lora_r = 8"), "{err}");
+    let step1 = out.join("step-1");
+    let inside = train(&["--adapter", step1.to_str().unwrap(), "--overwrite", "--lora-dropout", "0"]);
+    assert!(!inside.status.success(), "an input inside --out is refused");
+    let sft = root.path().join("sft-adapter");
+    Adapter::load(&step1, &cfg).unwrap().save(&sft).unwrap();
+    let from_sft = train(&["--adapter", sft.to_str().unwrap(), "--overwrite", "--lora-dropout", "0"]);
+    assert!(from_sft.status.success(), "{}", String::from_utf8_lossy(&from_sft.stderr));
+    let a = Adapter::load(&out.join("step-1"), &cfg).unwrap();
+    assert_eq!(a.config.targets, vec![Module::QProj, Module::OProj, Module::DownProj]);
 }

@@ -1032,7 +1032,7 @@ fn demo_run(
     cuda: Option<&dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngine>,
 ) -> DemoRun {
     let noted = Noted::default();
-    let factory = |c: &LlamaConfig, w: LlamaWeights| -> sdpo::Result<Box<dyn Engine>> {
+    let factory = |c: &LlamaConfig, w: LlamaWeights, _: Option<sdpo::lora::Adapter>| -> sdpo::Result<Box<dyn Engine>> {
         Ok(match cuda {
             Some(open) => {
                 let engine = open(c.clone(), w);
@@ -1192,6 +1192,7 @@ pub fn sdpo_demo_two_steps(open: &dyn Fn(LlamaConfig, LlamaWeights) -> CudaEngin
         resume: false,
         tokenizer_from: None,
         quiet: true,
+        lora: None,
     };
     let t0 = std::time::Instant::now();
     let cpu = demo_run(&opts, &tmp.join("cpu"), &m0, &data, None);

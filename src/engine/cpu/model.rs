@@ -552,7 +552,7 @@ fn layer_backward(
     linear_backward_any(Module::KProj, cfg, &mut s.dxn, true, &s.dk, &a.xn1, &lw.k_proj, gw, &mut ad, xa_k);
     let gw = g.as_deref_mut().map(|g| &mut g.v_proj);
     linear_backward_any(Module::VProj, cfg, &mut s.dxn, true, &s.dv, &a.xn1, &lw.v_proj, gw, &mut ad, xa_v);
-    let gw = g.as_deref_mut().map(|g| &mut g.input_norm);
+    let gw = g.map(|g| &mut g.input_norm);
     norm_backward(&mut s.tmp, gw, &s.dxn, &a.x, &lw.input_norm, &a.rstd1);
     add_into(dx, &s.tmp);
 }
@@ -617,7 +617,7 @@ impl Engine for CpuEngine {
                 adamw(opt, lr, &specs, self.w.tensors_mut(), grads.tensors_mut(), state, zeros)
             }
             Trainable::Lora(st) => {
-                let specs = st.w.specs(st.config.r);
+                let specs = st.w.specs();
                 let shape = st.w.zeros_like();
                 let zeros = || shape.clone();
                 adamw(opt, lr, &specs, st.w.tensors_mut(), st.grads.tensors_mut(), &mut st.opt, zeros)
