@@ -20,7 +20,9 @@ use serde_json::{json, Value};
 
 use crate::config::{DType, LlamaConfig};
 use crate::error::{Error, Result};
-use crate::weights::{load_tensors_f32, write_folder_atomic, write_safetensors, write_synced, SplitMix64, TensorSpec};
+use crate::weights::{
+    load_tensors_f32, write_folder_atomic, write_safetensors, write_synced, LlamaWeights, SplitMix64, TensorSpec,
+};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -368,6 +370,40 @@ impl Adapter {
             write_synced(&tmp.join(CONFIG_FILE), text.as_bytes())?;
             write_safetensors(&tmp.join(WEIGHTS_FILE), &tensors, DType::F32)
         })
+    }
+}
+
+/// Folds the adapter into `w` (the base it belongs to): `W += s·B·A` for every adapted
+/// linear, as PEFT's `merge_and_unload` does, so the result computes base ⊕ adapter.
+pub fn merge_into(cfg: &LlamaConfig, w: &mut LlamaWeights, adapter: &Adapter) {
+    let s = adapter.config.scale();
+    let r = adapter.weights.r;
+    for (lw, layer) in w.layers.iter_mut().zip(&adapter.weights.layers) {
+        for (m, p) in Module::ALL.iter().zip(layer) {
+            let Some(p) = p else { continue };
+            let (din, dout) = m.dims(cfg);
+            let target = match m {
+                Module::QProj => &mut lw.q_proj,
+                Module::KProj => &mut lw.k_proj,
+                Module::VProj => &mut lw.v_proj,
+                Module::OProj => &mut lw.o_proj,
+                Module::GateProj => &mut lw.gate_proj,
+                Module::UpProj => &mut lw.up_proj,
+                Module::DownProj => &mut lw.down_proj,
+            };
+            // delta[o, i] = Σ_k B[o, k]·A[k, i], as linear_forward(B, Aᵀ).
+            let mut at = vec![0f32; din * r];
+            for k in 0..r {
+                for i in 0..din {
+                    at[i * r + k] = p.a[k * din + i];
+                }
+            }
+            let mut delta = vec![0f32; dout * din];
+            crate::engine::cpu::ops::linear_forward(&mut delta, &p.b, &at, dout, r, din);
+            for (x, d) in target.iter_mut().zip(&delta) {
+                *x += s * d;
+            }
+        }
     }
 }
 

@@ -638,28 +638,44 @@ pub fn save_model(
     dtype: DType,
     copy_from: Option<&Path>,
 ) -> Result<()> {
+    write_folder_atomic(dir, |tmp| write_model_files(tmp, cfg, w, dtype, copy_from))
+}
+
+/// Writes the files of a Hugging Face model folder into the existing folder `dir`, each
+/// one atomically (a temporary sibling renamed into place): config.json, model.safetensors
+/// in `dtype`, and the tokenizer files found in `copy_from`.
+pub fn write_model_files(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    dtype: DType,
+    copy_from: Option<&Path>,
+) -> Result<()> {
     w.check_shapes(cfg)?;
-    write_folder_atomic(dir, |tmp| {
-        let config = tmp.join("config.json");
-        let text = serde_json::to_string_pretty(&cfg.to_json(dtype)).expect("a JSON value serialises") + "\n";
-        write_synced(&config, text.as_bytes())?;
+    let text = serde_json::to_string_pretty(&cfg.to_json(dtype)).expect("a JSON value serialises") + "\n";
+    write_file_atomic(&dir.join("config.json"), text.as_bytes())?;
 
-        let specs = LlamaWeights::specs(cfg);
-        let tensors: Vec<(&str, &[usize], &[f32])> =
-            specs.iter().zip(w.tensors()).map(|(s, t)| (s.name.as_str(), s.shape.as_slice(), t.as_slice())).collect();
-        write_safetensors(&tmp.join(SINGLE_FILE), &tensors, dtype)?;
+    let specs = LlamaWeights::specs(cfg);
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        specs.iter().zip(w.tensors()).map(|(s, t)| (s.name.as_str(), s.shape.as_slice(), t.as_slice())).collect();
+    let path = dir.join(SINGLE_FILE);
+    let tmp = sibling(&path, "tmp")?;
+    if let Err(e) = write_safetensors(&tmp, &tensors, dtype) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
 
-        if let Some(src) = copy_from {
-            for name in TOKENIZER_FILES {
-                let from = src.join(name);
-                if from.is_file() {
-                    let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-                    write_synced(&tmp.join(name), &bytes)?;
-                }
+    if let Some(src) = copy_from {
+        for name in TOKENIZER_FILES {
+            let from = src.join(name);
+            if from.is_file() {
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                write_file_atomic(&dir.join(name), &bytes)?;
             }
         }
-        Ok(())
-    })
+    }
+    fsync_dir(dir)
 }
 
 /// Makes the folder `dir` crash-safe: `fill` writes its files into a temporary sibling

@@ -382,3 +382,38 @@ fn lora_training_writes_peft_steps_and_leaves_the_base_alone() {
     let a = Adapter::load(&out.join("step-1"), &cfg).unwrap();
     assert_eq!(a.config.targets, vec![Module::QProj, Module::OProj, Module::DownProj]);
 }
+
+#[test]
+fn a_merged_model_computes_base_plus_adapter() {
+    for name in ["gqa_r4_all_rslora", "tied_r8_mlp_rslora"] {
+        let c = case(name);
+        let refs: Vec<&PairExample> = c.pairs.iter().collect();
+        let batch = PairBatch::new(&refs, Layout::Shared).unwrap();
+        let mut merged = c.base.clone();
+        sdpo::lora::merge_into(&c.cfg, &mut merged, &c.adapter);
+        let got = CpuEngine::new(c.cfg.clone(), merged).unwrap().sequence_logps(&batch).unwrap();
+        let e = &c.expected;
+        check_rel(&format!("{name} merged chosen"), &chosen(&got), &numbers(&e["policy_chosen_logp"]), 1e-5);
+        check_rel(&format!("{name} merged rejected"), &rejected(&got), &numbers(&e["policy_rejected_logp"]), 1e-5);
+    }
+
+    // Through the binary: a Hugging Face folder, protected as other outputs are.
+    let c = case("gqa_r4_qv");
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("merged");
+    let adapter = fixture("lora/gqa_r4_qv/adapter");
+    let merge = |extra: &[&str]| {
+        let mut a: Vec<&std::ffi::OsStr> = vec!["merge".as_ref(), "--model".as_ref(), c.base_dir.as_os_str()];
+        a.extend(["--adapter".as_ref(), adapter.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+        a.extend(extra.iter().map(|s| s.as_ref() as &std::ffi::OsStr));
+        sdpo_run(&a)
+    };
+    let r = merge(&[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut want = c.base.clone();
+    sdpo::lora::merge_into(&c.cfg, &mut want, &c.adapter);
+    assert_eq!(LlamaWeights::load(&out, &LlamaConfig::from_path(&out).unwrap()).unwrap(), want);
+    let again = merge(&[]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    assert!(merge(&["--overwrite"]).status.success());
+}

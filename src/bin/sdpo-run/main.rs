@@ -5,6 +5,7 @@ mod debug_step;
 mod demo;
 mod eval;
 mod generate;
+mod merge;
 mod partition;
 mod prepare;
 mod train;
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Preference records (JSONL/JSON/parquet, text or chat) -> pre-tokenized pairs, as TRL tokenizes them.
     Prepare(prepare::PrepareArgs),
+    /// A base model and a PEFT LoRA adapter merged into one Hugging Face model folder.
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Some(Command::DebugStep(args)) => debug_step::run(args),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Prepare(args)) => prepare::run(args),
+        Some(Command::Merge(args)) => merge::run(args),
     };
     // One line a user can act on: the context chain, without a backtrace.
     match result {
