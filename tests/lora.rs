@@ -416,4 +416,23 @@ fn a_merged_model_computes_base_plus_adapter() {
     let again = merge(&[]);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
     assert!(merge(&["--overwrite"]).status.success());
+
+    // `eval --reference-adapter`: the merged model against base ⊕ adapter has zero margin
+    // (to fp32 rounding), against the bare base not.
+    let data = fixture("gqa/pairs.jsonl");
+    let margin = |reference_adapter: Option<&Path>| {
+        let mut a: Vec<&std::ffi::OsStr> =
+            vec!["eval".as_ref(), "--json".as_ref(), "--device".as_ref(), "cpu".as_ref()];
+        a.extend(["--model".as_ref(), out.as_os_str(), "--reference".as_ref(), c.base_dir.as_os_str()]);
+        a.extend(["--data".as_ref(), data.as_os_str()]);
+        if let Some(dir) = reference_adapter {
+            a.extend(["--reference-adapter".as_ref(), dir.as_os_str()]);
+        }
+        let r = sdpo_run(&a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+        v[0]["rewards/margins"].as_f64().unwrap()
+    };
+    assert!(margin(Some(&adapter)).abs() < 1e-5);
+    assert!(margin(None).abs() > 1e-3);
 }
