@@ -372,6 +372,8 @@ fn lora_training_writes_peft_steps_and_leaves_the_base_alone() {
     let resumed = train(&other);
     let err = String::from_utf8_lossy(&resumed.stderr);
     assert!(!resumed.status.success() && err.contains("lora_r = 8"), "{err}");
+    let dropout = train(&[&lora[..], &["--lora-dropout", "0.1", "--overwrite"]].concat());
+    assert!(String::from_utf8_lossy(&dropout.stderr).contains("pass --lora-dropout 0"));
     let step1 = out.join("step-1");
     let inside = train(&["--adapter", step1.to_str().unwrap(), "--overwrite", "--lora-dropout", "0"]);
     assert!(!inside.status.success(), "an input inside --out is refused");
@@ -435,4 +437,45 @@ fn a_merged_model_computes_base_plus_adapter() {
     };
     assert!(margin(Some(&adapter)).abs() < 1e-5);
     assert!(margin(None).abs() > 1e-3);
+}
+
+#[test]
+fn debug_step_with_an_adapter_matches_peft() {
+    for name in ["gqa_r4_qv", "gqa_r4_all_rslora"] {
+        let c = case(name);
+        let e = &c.expected;
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("dbg");
+        let (adapter, data) = (fixture(&format!("lora/{name}/adapter")), fixture(e["pairs_file"].as_str().unwrap()));
+        let mut a: Vec<&std::ffi::OsStr> = vec!["debug-step".as_ref(), "--device".as_ref(), "cpu".as_ref()];
+        a.extend(["--model".as_ref(), c.base_dir.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()]);
+        a.extend(["--data".as_ref(), data.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+        if e["reference"] == "adapter" {
+            a.extend(["--reference-adapter".as_ref(), adapter.as_os_str()]);
+        }
+        let r = sdpo_run(&a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let m = read_json(&out.join("metrics.json"));
+        let col =
+            |k: &str| -> Vec<f64> { m["pairs"].as_array().unwrap().iter().map(|p| p[k].as_f64().unwrap()).collect() };
+        for k in ["policy_chosen_logp", "policy_rejected_logp", "reference_chosen_logp", "reference_rejected_logp"] {
+            check_rel(&format!("{name} debug-step {k}"), &col(k), &numbers(&e[k]), 1e-5);
+        }
+        check_rel(
+            &format!("{name} debug-step loss"),
+            &[m["loss"].as_f64().unwrap()],
+            &[e["loss"].as_f64().unwrap()],
+            1e-5,
+        );
+        let got = load_tensors_f32(&out.join("grads.safetensors")).unwrap();
+        let want = load_tensors_f32(&fixture(&format!("lora/{name}/grads.safetensors"))).unwrap();
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "PEFT's keys, nothing else");
+        for (k, (shape, w)) in &want {
+            let g = &got[k];
+            assert_eq!(&g.0, shape);
+            let num: f64 = g.1.iter().zip(w).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+            let den: f64 = w.iter().map(|y| (*y as f64).powi(2)).sum();
+            assert!(num.sqrt() <= 1e-4 * den.sqrt(), "{name}: {k}");
+        }
+    }
 }

@@ -462,6 +462,12 @@ fn lora_adapter(c: &RunConfig, cfg: &LlamaConfig, model: &Path) -> Result<Option
         adapter.config.dropout = p;
         adapter.config.check().map_err(anyhow::Error::msg)?;
     }
+    ensure!(
+        adapter.config.dropout == 0.0,
+        "LoRA dropout {} (--lora-dropout, or --adapter's lora_dropout): sdpo-run trains LoRA without dropout for \
+         now; pass --lora-dropout 0",
+        adapter.config.dropout
+    );
     Ok(Some(adapter))
 }
 
