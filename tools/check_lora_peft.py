@@ -7,12 +7,12 @@ computes (run by hand; needs the reference environment and a built sdpo-run):
 On the `llama3` fixture model (tests/fixtures) it trains two sDPO steps of LoRA with
 sdpo-run, then for each step-t/ adapter folder:
   1. loads it with `PeftModel.from_pretrained(base, step-t)` (which must accept it as is);
-  2. merges it with `sdpo-run merge` and loads the merged folder with transformers;
-  3. compares the per-pair completion log-probs of the two (TRL's layout, as in
-     make_fixtures.py): relative error <= 1e-5.
-sdpo-run's own log-probs of base ⊕ adapter equal those of its merged model to 1e-5
-(tests/lora.rs, a_merged_model_computes_base_plus_adapter), so 3 ties PEFT's reading of
-the adapter to sdpo-run's. Prints the largest error per step; exits non-zero on failure.
+  2. takes sdpo-run's own log-probs of base ⊕ that adapter (`sdpo-run debug-step
+     --adapter`, metrics.json);
+  3. merges it with `sdpo-run merge` and loads the merged folder with transformers;
+  4. compares PEFT's per-pair completion log-probs (TRL's layout, as in make_fixtures.py)
+     with those of 2 and 3: relative error <= 1e-5.
+Prints the largest errors per step; exits non-zero on failure.
 """
 import argparse
 import json
@@ -59,17 +59,26 @@ def main():
             merged_dir = os.path.join(tmp, f"merged-{t}")
             subprocess.run([args.bin, "merge", "--model", base_dir, "--adapter", step, "--out", merged_dir],
                            check=True)
+            dbg = os.path.join(tmp, f"debug-{t}")
+            subprocess.run([args.bin, "debug-step", "--device", "cpu", "--model", base_dir, "--adapter", step,
+                            "--data", data, "--out", dbg], check=True, stdout=subprocess.DEVNULL)
+            with open(os.path.join(dbg, "metrics.json")) as f:
+                ours = json.load(f)["pairs"]
             with torch.no_grad():
                 pc, pr, _, _ = sequence_logps(peft_model, pairs)
                 mc, mr, _, _ = sequence_logps(load(merged_dir), pairs)
                 bc, _, _, _ = sequence_logps(load(base_dir), pairs)
-            got, want = torch.cat([mc, mr]).double(), torch.cat([pc, pr]).double()
-            worst = ((got - want).abs() / want.abs()).max().item()
+            want = torch.cat([pc, pr]).double()
+            merged = torch.cat([mc, mr]).double()
+            sdpo = torch.tensor([p["policy_chosen_logp"] for p in ours] + [p["policy_rejected_logp"] for p in ours],
+                                dtype=torch.float64)
+            err_sdpo = ((sdpo - want).abs() / want.abs()).max().item()
+            err_merged = ((merged - want).abs() / want.abs()).max().item()
             moved = (pc.double() - bc.double()).abs().max().item()
-            print(f"step-{t}: PEFT vs sdpo-run merged log-probs, max relative error {worst:.2e} "
-                  f"(the adapter moves them by up to {moved:.3f} nats)")
+            print(f"step-{t}: PEFT vs sdpo-run log-probs max relative error {err_sdpo:.2e}, vs sdpo-run merge "
+                  f"{err_merged:.2e} (the adapter moves them by up to {moved:.3f} nats)")
             assert moved > 1e-3, "the adapter should change the log-probs"
-            worst_all = max(worst_all, worst)
+            worst_all = max(worst_all, err_sdpo, err_merged)
     if worst_all > 1e-5:
         sys.exit(f"FAILED: max relative error {worst_all:.2e} > 1e-5")
     print("ok")
