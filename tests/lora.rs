@@ -479,3 +479,27 @@ fn debug_step_with_an_adapter_matches_peft() {
         }
     }
 }
+
+#[test]
+fn partition_scores_base_plus_adapter() {
+    let c = case("gqa_r4_qv");
+    let e = &c.expected;
+    let (adapter, data) = (fixture("lora/gqa_r4_qv/adapter"), fixture("gqa/pairs.jsonl"));
+    let mut a: Vec<&std::ffi::OsStr> = vec!["partition".as_ref(), "--device".as_ref(), "cpu".as_ref()];
+    a.extend(["--model".as_ref(), c.base_dir.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()]);
+    a.extend(["--data".as_ref(), data.as_os_str()]);
+    a.extend(["--partition", "difficulty", "--steps", "5"].map(|s| s.as_ref() as &std::ffi::OsStr));
+    let r = sdpo_run(&a);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let p: Value = serde_json::from_slice(&r.stdout).unwrap();
+    // One pair per chunk, easiest (largest γ of base ⊕ adapter, as PEFT computes it) first.
+    let gamma: Vec<f64> =
+        numbers(&e["policy_chosen_logp"]).iter().zip(numbers(&e["policy_rejected_logp"])).map(|(c, r)| c - r).collect();
+    let mut order: Vec<usize> = (0..gamma.len()).collect();
+    order.sort_by(|&i, &j| gamma[j].total_cmp(&gamma[i]));
+    for (chunk, &i) in p["chunks"].as_array().unwrap().iter().zip(&order) {
+        assert_eq!(chunk["pairs"][0].as_u64().unwrap() as usize, i);
+        let g = chunk["mean_gamma"].as_f64().unwrap();
+        assert!((g - gamma[i]).abs() <= 1e-5 * gamma[i].abs().max(1.0), "pair {i}: γ {g}, PEFT {}", gamma[i]);
+    }
+}
