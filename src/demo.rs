@@ -340,7 +340,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
             lora: None,
         };
         let summary = sdpo::run(&sopts, &cfg, m0.clone(), &data.train, &data.eval, &factory)?;
-        let exact_after = exact_match(&cfg, &summary.final_weights, &data.eval_problems)?;
+        let exact_after =
+            exact_match(&cfg, summary.final_weights.as_ref().expect("a full fine-tuning run"), &data.eval_problems)?;
         results.push(DemoRun { name, summary, exact_after, seconds: t1.elapsed().as_secs_f64() });
     }
 

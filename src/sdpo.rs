@@ -121,7 +121,9 @@ pub struct RunSummary {
     pub partition: Partition,
     pub eval_init: Option<EvalRecord>,
     pub steps: Vec<StepSummary>,
-    pub final_weights: LlamaWeights,
+    /// M_T's weights; `None` in a LoRA run, whose M_T is step-T/'s adapter over the base
+    /// (the base is not copied out of the engine).
+    pub final_weights: Option<LlamaWeights>,
 }
 
 /// Builds an engine on given weights, with a LoRA adapter when one is given (the CLI
@@ -535,8 +537,9 @@ pub fn run(
     }
     checkpoint::prune(out)?;
     let final_weights = match data.weights {
-        Some(w) if first_step > steps => w,
-        _ => engine.weights()?,
+        _ if opts.lora.is_some() => None,
+        Some(w) if first_step > steps => Some(w),
+        _ => Some(engine.weights()?),
     };
     Ok(RunSummary { partition, eval_init: eval_init_rec, steps: summaries, final_weights })
 }
