@@ -60,7 +60,7 @@ pub fn open_lora(device: Device, cfg: LlamaConfig, weights: LlamaWeights, adapte
 }
 
 /// The error of an engine asked for LoRA work without an adapter.
-fn no_adapter() -> Error {
+pub(crate) fn no_adapter() -> Error {
     Error::invalid("this engine holds no LoRA adapter (it fine-tunes every weight); open it with engine::open_lora")
 }
 

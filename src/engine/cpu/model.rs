@@ -201,6 +201,12 @@ impl CpuEngine {
     pub fn with_adapter(cfg: LlamaConfig, weights: LlamaWeights, adapter: Adapter) -> Result<Self> {
         check_shapes(&cfg, &weights, "CpuEngine::with_adapter")?;
         adapter.config.check().map_err(Error::invalid)?;
+        if adapter.weights.r != adapter.config.r {
+            return Err(Error::invalid(format!(
+                "CpuEngine::with_adapter: the adapter's tensors have rank {}, its config r = {}",
+                adapter.weights.r, adapter.config.r
+            )));
+        }
         check_adapter(&cfg, adapter.config.r, &adapter.weights, "CpuEngine::with_adapter")?;
         let lora = LoraState {
             scale: adapter.config.scale(),
@@ -229,18 +235,14 @@ impl CpuEngine {
     fn lora_mut(&mut self) -> Result<&mut LoraState> {
         match &mut self.train {
             Trainable::Lora(s) => Ok(s),
-            Trainable::Full { .. } => Err(Error::invalid(
-                "this engine holds no LoRA adapter (it fine-tunes every weight); open it with engine::open_lora",
-            )),
+            Trainable::Full { .. } => Err(crate::engine::no_adapter()),
         }
     }
 
     fn lora(&self) -> Result<&LoraState> {
         match &self.train {
             Trainable::Lora(s) => Ok(s),
-            Trainable::Full { .. } => Err(Error::invalid(
-                "this engine holds no LoRA adapter (it fine-tunes every weight); open it with engine::open_lora",
-            )),
+            Trainable::Full { .. } => Err(crate::engine::no_adapter()),
         }
     }
 
