@@ -372,6 +372,10 @@ fn lora_training_writes_peft_steps_and_leaves_the_base_alone() {
     let resumed = train(&other);
     let err = String::from_utf8_lossy(&resumed.stderr);
     assert!(!resumed.status.success() && err.contains("lora_r = 8"), "{err}");
+    let alone = train(&["--lora-alpha", "8", "--overwrite"]);
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("--lora-alpha needs --lora-r"));
+    let both = train(&["--lora-r", "4", "--adapter", "x", "--overwrite"]);
+    assert!(String::from_utf8_lossy(&both.stderr).contains("--lora-r with --adapter"));
     let dropout = train(&[&lora[..], &["--lora-dropout", "0.1", "--overwrite"]].concat());
     assert!(String::from_utf8_lossy(&dropout.stderr).contains("pass --lora-dropout 0"));
     let step1 = out.join("step-1");
