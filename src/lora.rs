@@ -30,7 +30,8 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// PEFT's default `lora_alpha`.
 pub const DEFAULT_ALPHA: f64 = 8.0;
 
-/// The linear layers of a Llama decoder layer that an adapter can target.
+/// The linear layers of a Llama decoder layer that an adapter can target, in the order
+/// of `Module::index`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Module {
@@ -103,6 +104,9 @@ pub struct LoraConfig {
     pub targets: Vec<Module>,
     pub dropout: f64,
     pub use_rslora: bool,
+    /// Seeds the dropout masks (`dropout_mask`); sdpo-run's, not part of PEFT's config.
+    #[serde(default)]
+    pub dropout_seed: u64,
 }
 
 impl LoraConfig {
@@ -110,7 +114,7 @@ impl LoraConfig {
     /// word `all-linear` (every linear layer but the LM head, as PEFT reads it).
     pub fn new(r: usize, alpha: Option<f64>, targets: &[String], dropout: f64, use_rslora: bool) -> Result<Self> {
         let targets = parse_targets(targets).map_err(|e| Error::invalid(format!("--lora-targets: {e}")))?;
-        let c = LoraConfig { r, alpha: alpha.unwrap_or(DEFAULT_ALPHA), targets, dropout, use_rslora };
+        let c = LoraConfig { r, alpha: alpha.unwrap_or(DEFAULT_ALPHA), targets, dropout, use_rslora, dropout_seed: 0 };
         c.check().map_err(Error::invalid)?;
         Ok(c)
     }
@@ -156,6 +160,36 @@ fn parse_targets(names: &[String]) -> std::result::Result<Vec<Module>, String> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// SplitMix64's output function: a 64-bit mix of `z`.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+/// The dropout mask of module `m`'s adapter input in `layer`, `[n, in]` row-major: each
+/// element is 0 (dropped, probability `p`) or 1/(1−p), as `nn.Dropout` in training. Element
+/// (row, col) is kept iff `u ≥ p` with `u = (h >> 11) / 2⁵³`,
+/// `h = mix64(k ^ ((7·layer + index(m)) << 40) ^ (row·in + col))`,
+/// `k = mix64(seed + 0x9E3779B97F4A7C15·(draw + 1))`: a function of its coordinates alone,
+/// so any engine (and tools/make_lora_fixtures.py) draws the same mask. PEFT's own masks
+/// come from torch's generator and differ.
+pub fn dropout_mask(seed: u64, draw: u64, layer: usize, m: Module, n: usize, din: usize, p: f64) -> Vec<f32> {
+    let k = mix64(seed.wrapping_add(0x9E3779B97F4A7C15u64.wrapping_mul(draw.wrapping_add(1))));
+    let k = k ^ (((7 * layer + m.index()) as u64) << 40);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    (0..n * din)
+        .map(|e| {
+            let u = (mix64(k ^ e as u64) >> 11) as f64 / (1u64 << 53) as f64;
+            if u >= p {
+                keep
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// One targeted linear's adapter.
@@ -460,7 +494,7 @@ fn parse_config(raw: &Value) -> std::result::Result<(LoraConfig, String), String
         return Err("`layer_replication` is set; sdpo adapts the base's own layers only".into());
     }
     let base = field("base_model_name_or_path").and_then(Value::as_str).unwrap_or_default().to_string();
-    let config = LoraConfig { r: r as usize, alpha, targets: Vec::new(), dropout, use_rslora };
+    let config = LoraConfig { r: r as usize, alpha, targets: Vec::new(), dropout, use_rslora, dropout_seed: 0 };
     Ok((config, base))
 }
 
@@ -506,7 +540,14 @@ mod tests {
 
     #[test]
     fn scale_is_alpha_over_r_or_its_root() {
-        let c = |rs| LoraConfig { r: 16, alpha: 32.0, targets: vec![Module::QProj], dropout: 0.0, use_rslora: rs };
+        let c = |rs| LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            targets: vec![Module::QProj],
+            dropout: 0.0,
+            use_rslora: rs,
+            dropout_seed: 0,
+        };
         assert_eq!(c(false).scale(), 2.0);
         assert_eq!(c(true).scale(), 8.0);
     }

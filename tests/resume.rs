@@ -102,11 +102,14 @@ fn sigkill_and_resume_with_inline_reference_and_carried_optimizer() {
     kill_and_resume("kill-inline", &["--reference", "inline", "--carry-optimizer", "--carry-schedule"]);
 }
 
-/// A LoRA run: the states hold the adapter and its moments (carried across steps), not
-/// the frozen base.
+/// A LoRA run with dropout: the states hold the adapter and its moments (carried across
+/// steps), not the frozen base, and the resumed run draws the same dropout masks.
 #[test]
 fn sigkill_and_resume_a_lora_run() {
-    kill_and_resume("kill-lora", &["--lora-r", "4", "--lora-targets", "all-linear", "--carry-optimizer"]);
+    kill_and_resume(
+        "kill-lora",
+        &["--lora-r", "4", "--lora-targets", "all-linear", "--lora-dropout", "0.1", "--carry-optimizer"],
+    );
 }
 
 #[test]

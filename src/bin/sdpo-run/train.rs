@@ -326,7 +326,7 @@ pub struct TrainArgs {
     /// gate_proj, up_proj, down_proj, or all-linear [default: q_proj,v_proj, as PEFT for Llama].
     #[arg(long, num_args = 1..)]
     pub lora_targets: Vec<String>,
-    /// Dropout on the adapters' input (only 0 is trained for now) [default: 0, or --adapter's].
+    /// Dropout on the adapters' input, masks seeded by --seed [default: 0, or --adapter's].
     #[arg(long, allow_negative_numbers = true)]
     pub lora_dropout: Option<f64>,
     /// Scale the adapter by α/√r (rsLoRA) instead of α/r.
@@ -462,12 +462,7 @@ fn lora_adapter(c: &RunConfig, cfg: &LlamaConfig, model: &Path) -> Result<Option
         adapter.config.dropout = p;
         adapter.config.check().map_err(anyhow::Error::msg)?;
     }
-    ensure!(
-        adapter.config.dropout == 0.0,
-        "LoRA dropout {} (--lora-dropout, or --adapter's lora_dropout): sdpo-run trains LoRA without dropout for \
-         now; pass --lora-dropout 0",
-        adapter.config.dropout
-    );
+    adapter.config.dropout_seed = c.seed;
     Ok(Some(adapter))
 }
 

@@ -53,6 +53,18 @@ struct LoraState {
     opt: Option<AdamState<LoraWeights>>,
     /// Off: the model is the bare base (a fresh adapter's reference).
     enabled: bool,
+    /// Training steps since the last update: with the update count, which dropout masks
+    /// a training forward draws.
+    micro: u64,
+}
+
+/// Where a training forward draws one layer's dropout masks (`lora::dropout_mask`).
+#[derive(Clone, Copy)]
+struct DropKey {
+    seed: u64,
+    draw: u64,
+    layer: usize,
+    p: f64,
 }
 
 /// One layer's adapters as the forward and backward use them.
@@ -75,8 +87,10 @@ struct LayerActs {
     gate: Vec<f32>,  // [n, intermediate]
     up: Vec<f32>,    // [n, intermediate]
     act: Vec<f32>,   // [n, intermediate]
-    /// Per adapted module (by `Module::index`): `x·Aᵀ`, `[n, r]`.
+    /// Per adapted module (by `Module::index`): `x·Aᵀ`, `[n, r]` (`x` after dropout).
     xa: [Vec<f32>; 7],
+    /// Per adapted module: its dropout mask `[n, in]` (empty without dropout).
+    drop: [Vec<f32>; 7],
 }
 
 impl LayerActs {
@@ -215,6 +229,7 @@ impl CpuEngine {
             w: adapter.weights,
             opt: None,
             enabled: true,
+            micro: 0,
         };
         Ok(Self::build(cfg, weights, Trainable::Lora(lora)))
     }
@@ -228,6 +243,19 @@ impl CpuEngine {
     fn active_adapter(&self) -> Option<(&LoraWeights, f32)> {
         match &self.train {
             Trainable::Lora(s) if s.enabled => Some((&s.w, s.scale)),
+            _ => None,
+        }
+    }
+
+    /// A training forward's dropout draw (layer 0), when the adapter has dropout: the
+    /// update count and the training steps since, so a resumed run draws the same masks.
+    fn dropout_key(&self) -> Option<DropKey> {
+        match &self.train {
+            Trainable::Lora(s) if s.enabled && s.config.dropout > 0.0 => {
+                let updates = s.opt.as_ref().map_or(0, |o| o.step);
+                let draw = (updates << 20) | s.micro;
+                Some(DropKey { seed: s.config.dropout_seed, draw, layer: 0, p: s.config.dropout })
+            }
             _ => None,
         }
     }
@@ -263,13 +291,14 @@ impl CpuEngine {
         let mut x = vec![0f32; n * h];
         ops::embedding_forward(&mut x, &batch.tokens, &self.w.embed, h);
         let adapter = self.active_adapter();
+        let drop = if keep { self.dropout_key() } else { None };
         for (l, lw) in self.w.layers.iter().enumerate() {
             let mut a = match scratch.take() {
                 Some(a) => a,
                 None => LayerActs::take(spare, cfg, n),
             };
             std::mem::swap(&mut a.x, &mut x);
-            let ad = adapter.map(|(w, s)| (&w.layers[l], s));
+            let ad = adapter.map(|(w, s)| (&w.layers[l], s, drop.map(|d| DropKey { layer: l, ..d })));
             self.layer_forward(lw, ad, &mut a, &mut x, &batch.positions, mask, None);
             if keep {
                 layers.push(a);
@@ -288,14 +317,14 @@ impl CpuEngine {
         Forward { layers, x_last: x, rstd_f, xf, plan, logp, lse_head }
     }
 
-    /// One decoder layer from `a.x` to `x_out`, with the layer's adapters and their scale
-    /// when given; writes everything `a` keeps. With a KV cache (`decode`), the layer's keys
+    /// One decoder layer from `a.x` to `x_out`, with the layer's adapters, their scale and
+    /// dropout draw when given; writes everything `a` keeps. With a KV cache (`decode`), the layer's keys
     /// and values are appended to it and the queries attend over all of it.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         lw: &LayerWeights,
-        ad: Option<(&LayerAdapter, f32)>,
+        ad: Option<(&LayerAdapter, f32, Option<DropKey>)>,
         a: &mut LayerActs,
         x_out: &mut [f32],
         pos: &[u32],
@@ -305,20 +334,32 @@ impl CpuEngine {
         let cfg = &self.cfg;
         let (n, h) = (pos.len(), cfg.hidden_size);
         // y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ where the module is adapted.
-        let linear = |m: Module, y: &mut [f32], xa: &mut Vec<f32>, x: &[f32], w: &[f32]| {
+        let linear = |m: Module, y: &mut [f32], (xa, mask): (&mut Vec<f32>, &mut Vec<f32>), x: &[f32], w: &[f32]| {
             let (din, dout) = m.dims(cfg);
             ops::linear_forward(y, x, w, n, din, dout);
-            if let Some((p, s)) = ad.and_then(|(l, s)| l[m.index()].as_ref().map(|p| (p, s))) {
-                let r = p.a.len() / din;
-                xa.resize(n * r, 0.0);
-                ops::lora_forward(y, xa, x, &p.a, &p.b, s, n, din, dout, r);
+            let Some((p, s, drop)) = ad.and_then(|(l, s, d)| l[m.index()].as_ref().map(|p| (p, s, d))) else {
+                return;
+            };
+            let r = p.a.len() / din;
+            xa.resize(n * r, 0.0);
+            match drop {
+                Some(k) => {
+                    *mask = crate::lora::dropout_mask(k.seed, k.draw, k.layer, m, n, din, k.p);
+                    let xd: Vec<f32> = x.iter().zip(mask.iter()).map(|(v, k)| v * k).collect();
+                    ops::lora_forward(y, xa, &xd, &p.a, &p.b, s, n, din, dout, r);
+                }
+                None => {
+                    mask.clear();
+                    ops::lora_forward(y, xa, x, &p.a, &p.b, s, n, din, dout, r);
+                }
             }
         };
         let [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d] = &mut a.xa;
+        let [d_q, d_k, d_v, d_o, d_g, d_u, d_d] = &mut a.drop;
         ops::rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &a.x, &lw.input_norm, h, cfg.rms_norm_eps);
-        linear(Module::QProj, &mut a.q, xa_q, &a.xn1, &lw.q_proj);
-        linear(Module::KProj, &mut a.k, xa_k, &a.xn1, &lw.k_proj);
-        linear(Module::VProj, &mut a.v, xa_v, &a.xn1, &lw.v_proj);
+        linear(Module::QProj, &mut a.q, (xa_q, d_q), &a.xn1, &lw.q_proj);
+        linear(Module::KProj, &mut a.k, (xa_k, d_k), &a.xn1, &lw.k_proj);
+        linear(Module::VProj, &mut a.v, (xa_v, d_v), &a.xn1, &lw.v_proj);
         ops::rope_forward(&mut a.q, pos, &self.inv_freq, cfg.n_heads, cfg.head_dim);
         ops::rope_forward(&mut a.k, pos, &self.inv_freq, cfg.n_kv_heads, cfg.head_dim);
         match cache {
@@ -329,13 +370,13 @@ impl CpuEngine {
             }
             None => ops::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, mask, self.attn_shape()),
         }
-        linear(Module::OProj, &mut a.x_mid, xa_o, &a.att, &lw.o_proj);
+        linear(Module::OProj, &mut a.x_mid, (xa_o, d_o), &a.att, &lw.o_proj);
         add_into(&mut a.x_mid, &a.x);
         ops::rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &a.x_mid, &lw.post_norm, h, cfg.rms_norm_eps);
-        linear(Module::GateProj, &mut a.gate, xa_g, &a.xn2, &lw.gate_proj);
-        linear(Module::UpProj, &mut a.up, xa_u, &a.xn2, &lw.up_proj);
+        linear(Module::GateProj, &mut a.gate, (xa_g, d_g), &a.xn2, &lw.gate_proj);
+        linear(Module::UpProj, &mut a.up, (xa_u, d_u), &a.xn2, &lw.up_proj);
         ops::swiglu_forward(&mut a.act, &a.gate, &a.up);
-        linear(Module::DownProj, x_out, xa_d, &a.act, &lw.down_proj);
+        linear(Module::DownProj, x_out, (xa_d, d_d), &a.act, &lw.down_proj);
         add_into(x_out, &a.x_mid);
     }
 
@@ -415,7 +456,7 @@ impl CpuEngine {
         let adapter = self.active_adapter();
         for (l, ((lw, k), v)) in self.w.layers.iter().zip(&mut cache.k).zip(&mut cache.v).enumerate() {
             std::mem::swap(&mut a.x, &mut x);
-            let ad = adapter.map(|(w, s)| (&w.layers[l], s));
+            let ad = adapter.map(|(w, s)| (&w.layers[l], s, None));
             self.layer_forward(lw, ad, &mut a, &mut x, &pos, mask, Some((k, v)));
         }
         cache.len = n_k;
@@ -489,7 +530,7 @@ fn linear_backward_any(
     w: &[f32],
     gw: Option<&mut Vec<f32>>,
     ad: &mut Option<LayerLoraGrads>,
-    xa: &[f32],
+    (xa, mask): (&[f32], &[f32]),
 ) {
     let (din, dout) = m.dims(cfg);
     let n = dy.len() / dout;
@@ -500,7 +541,13 @@ fn linear_backward_any(
     if let Some(ad) = ad {
         if let (Some(p), Some(g)) = (&ad.w[m.index()], &mut ad.g[m.index()]) {
             let r = p.a.len() / din;
-            ops::lora_backward(dx, &mut g.a, &mut g.b, dy, x, xa, &p.a, &p.b, ad.scale, n, din, dout, r);
+            if mask.is_empty() {
+                ops::lora_backward(dx, &mut g.a, &mut g.b, dy, x, xa, &p.a, &p.b, ad.scale, None, n, din, dout, r);
+            } else {
+                let xd: Vec<f32> = x.iter().zip(mask).map(|(v, k)| v * k).collect();
+                let (s, mask) = (ad.scale, Some(mask));
+                ops::lora_backward(dx, &mut g.a, &mut g.b, dy, &xd, xa, &p.a, &p.b, s, mask, n, din, dout, r);
+            }
         }
     }
 }
@@ -524,6 +571,7 @@ fn layer_backward(
     let h = cfg.hidden_size;
     let pos = &batch.positions;
     let [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d] = &a.xa;
+    let [d_q, d_k, d_v, d_o, d_g, d_u, d_d] = &a.drop;
     let norm_backward =
         |dx: &mut [f32], gw: Option<&mut Vec<f32>>, dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32]| match gw {
             Some(gw) => ops::rmsnorm_backward(dx, gw, dy, x, w, rstd, h),
@@ -531,29 +579,40 @@ fn layer_backward(
         };
     // MLP: x_out = x_mid + down(silu(gate(xn2)) · up(xn2))
     let gw = g.as_deref_mut().map(|g| &mut g.down_proj);
-    linear_backward_any(Module::DownProj, cfg, &mut s.dact, false, dx, &a.act, &lw.down_proj, gw, &mut ad, xa_d);
+    linear_backward_any(Module::DownProj, cfg, &mut s.dact, false, dx, &a.act, &lw.down_proj, gw, &mut ad, (xa_d, d_d));
     ops::swiglu_backward(&mut s.dgate, &mut s.dup, &s.dact, &a.gate, &a.up);
     let gw = g.as_deref_mut().map(|g| &mut g.gate_proj);
-    linear_backward_any(Module::GateProj, cfg, &mut s.dxn, false, &s.dgate, &a.xn2, &lw.gate_proj, gw, &mut ad, xa_g);
+    linear_backward_any(
+        Module::GateProj,
+        cfg,
+        &mut s.dxn,
+        false,
+        &s.dgate,
+        &a.xn2,
+        &lw.gate_proj,
+        gw,
+        &mut ad,
+        (xa_g, d_g),
+    );
     let gw = g.as_deref_mut().map(|g| &mut g.up_proj);
-    linear_backward_any(Module::UpProj, cfg, &mut s.dxn, true, &s.dup, &a.xn2, &lw.up_proj, gw, &mut ad, xa_u);
+    linear_backward_any(Module::UpProj, cfg, &mut s.dxn, true, &s.dup, &a.xn2, &lw.up_proj, gw, &mut ad, (xa_u, d_u));
     let gw = g.as_deref_mut().map(|g| &mut g.post_norm);
     norm_backward(&mut s.tmp, gw, &s.dxn, &a.x_mid, &lw.post_norm, &a.rstd2);
     add_into(dx, &s.tmp); // dx is now d x_mid
 
     // attention: x_mid = x + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1)))
     let gw = g.as_deref_mut().map(|g| &mut g.o_proj);
-    linear_backward_any(Module::OProj, cfg, &mut s.datt, false, dx, &a.att, &lw.o_proj, gw, &mut ad, xa_o);
+    linear_backward_any(Module::OProj, cfg, &mut s.datt, false, dx, &a.att, &lw.o_proj, gw, &mut ad, (xa_o, d_o));
     let shape = AttnShape { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim };
     ops::attention_backward(&mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &a.q, &a.k, &a.v, &a.att, &a.lse, mask, shape);
     ops::rope_backward(&mut s.dq, pos, inv_freq, cfg.n_heads, cfg.head_dim);
     ops::rope_backward(&mut s.dk, pos, inv_freq, cfg.n_kv_heads, cfg.head_dim);
     let gw = g.as_deref_mut().map(|g| &mut g.q_proj);
-    linear_backward_any(Module::QProj, cfg, &mut s.dxn, false, &s.dq, &a.xn1, &lw.q_proj, gw, &mut ad, xa_q);
+    linear_backward_any(Module::QProj, cfg, &mut s.dxn, false, &s.dq, &a.xn1, &lw.q_proj, gw, &mut ad, (xa_q, d_q));
     let gw = g.as_deref_mut().map(|g| &mut g.k_proj);
-    linear_backward_any(Module::KProj, cfg, &mut s.dxn, true, &s.dk, &a.xn1, &lw.k_proj, gw, &mut ad, xa_k);
+    linear_backward_any(Module::KProj, cfg, &mut s.dxn, true, &s.dk, &a.xn1, &lw.k_proj, gw, &mut ad, (xa_k, d_k));
     let gw = g.as_deref_mut().map(|g| &mut g.v_proj);
-    linear_backward_any(Module::VProj, cfg, &mut s.dxn, true, &s.dv, &a.xn1, &lw.v_proj, gw, &mut ad, xa_v);
+    linear_backward_any(Module::VProj, cfg, &mut s.dxn, true, &s.dv, &a.xn1, &lw.v_proj, gw, &mut ad, (xa_v, d_v));
     let gw = g.map(|g| &mut g.input_norm);
     norm_backward(&mut s.tmp, gw, &s.dxn, &a.x, &lw.input_norm, &a.rstd1);
     add_into(dx, &s.tmp);
@@ -590,18 +649,15 @@ impl Engine for CpuEngine {
             if !st.enabled {
                 return Err(Error::invalid("train_step: the LoRA adapter is off; turn it on to train it"));
             }
-            if st.config.dropout > 0.0 {
-                return Err(Error::invalid(format!(
-                    "lora_dropout is {}: the CPU engine trains LoRA without dropout for now; pass --lora-dropout 0",
-                    st.config.dropout
-                )));
-            }
         }
         let mut spare = std::mem::take(&mut self.spare_acts);
         let f = self.forward(batch, true, &mut spare);
         let policy = PairLogps::sum_targets(batch, &f.logp);
         let dlogp = target_grads(batch, &policy, reference, loss, loss_scale);
         self.backward(batch, &f, &dlogp);
+        if let Trainable::Lora(st) = &mut self.train {
+            st.micro += 1;
+        }
         spare.extend(f.layers);
         self.spare_acts = spare;
         Ok(policy)
@@ -632,7 +688,10 @@ impl Engine for CpuEngine {
     fn zero_grads(&mut self) {
         let grads = match &mut self.train {
             Trainable::Full { grads, .. } => grads.tensors_mut(),
-            Trainable::Lora(st) => st.grads.tensors_mut(),
+            Trainable::Lora(st) => {
+                st.micro = 0;
+                st.grads.tensors_mut()
+            }
         };
         for g in grads {
             g.fill(0.0);

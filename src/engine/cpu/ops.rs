@@ -298,8 +298,9 @@ pub fn lora_forward(
     matmul(y, true, &xs, r, 1, b, 1, r, n, out_dim, r);
 }
 
-/// With `dz = s·dY·B` `[n, r]`: `dB += s·dYᵀ·xa`, `dA += dzᵀ·x`, `dX += dz·A` (always `+=`:
-/// the frozen linear's own `dX` comes first).
+/// With `dz = s·dY·B` `[n, r]`: `dB += s·dYᵀ·xa`, `dA += dzᵀ·x`, `dX += (dz·A)∘mask` (always
+/// `+=`: the frozen linear's own `dX` comes first). With dropout, `x` is the adapter's
+/// input after it (`x∘mask`) and `mask` its scaled mask; without, `mask` is `None`.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
     dx: &mut [f32],
@@ -311,6 +312,7 @@ pub fn lora_backward(
     a: &[f32],
     b: &[f32],
     scale: f32,
+    mask: Option<&[f32]>,
     n: usize,
     in_dim: usize,
     out_dim: usize,
@@ -324,7 +326,14 @@ pub fn lora_backward(
     let xs: Vec<f32> = xa.iter().map(|v| v * scale).collect();
     matmul(db, true, dy, 1, out_dim, &xs, r, 1, out_dim, r, n);
     matmul(da, true, &dz, 1, r, x, in_dim, 1, r, in_dim, n);
-    matmul(dx, true, &dz, r, 1, a, in_dim, 1, n, in_dim, r);
+    match mask {
+        None => matmul(dx, true, &dz, r, 1, a, in_dim, 1, n, in_dim, r),
+        Some(mask) => {
+            let mut d = vec![0f32; n * in_dim];
+            matmul(&mut d, false, &dz, r, 1, a, in_dim, 1, n, in_dim, r);
+            dx.iter_mut().zip(&d).zip(mask).for_each(|((x, d), m)| *x += d * m);
+        }
+    }
 }
 
 // --- embedding
