@@ -31,6 +31,7 @@ use crate::data::PairExample;
 use crate::dpo::PairLogps;
 use crate::engine::AdamState;
 use crate::error::{Error, Result};
+use crate::lora::{Adapter, LoraWeights};
 use crate::train::ChunkPosition;
 use crate::weights::{load_tensors_f32, save_tensors_f32, LlamaWeights};
 
@@ -83,8 +84,12 @@ impl RunState {
 /// Everything a state holds besides `RunState`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StateData {
-    pub weights: LlamaWeights,
+    /// The policy's weights; `None` in a LoRA run, whose base is frozen (the run's --model).
+    pub weights: Option<LlamaWeights>,
     pub adam: Option<AdamState>,
+    /// A LoRA run's adapter (`adapter.safetensors`, PEFT's keys) and its AdamW state.
+    pub adapter: Option<LoraWeights>,
+    pub adapter_adam: Option<AdamState<LoraWeights>>,
     pub ref_logps: Vec<PairLogps>,
     pub eval_init: Vec<PairLogps>,
     pub eval_prev: Vec<PairLogps>,
@@ -94,10 +99,12 @@ pub struct StateData {
 impl StateData {
     /// Before the first step: M_0's eval log-probs, nothing else yet (the policy's
     /// weights live in the engine until a state is written).
-    pub fn start(cfg: &LlamaConfig, eval_init: Vec<PairLogps>) -> StateData {
+    pub fn start(eval_init: Vec<PairLogps>) -> StateData {
         StateData {
-            weights: LlamaWeights::zeros(cfg),
+            weights: None,
             adam: None,
+            adapter: None,
+            adapter_adam: None,
             ref_logps: Vec::new(),
             eval_prev: eval_init.clone(),
             eval_init,
@@ -117,7 +124,25 @@ pub fn save(out: &Path, cfg: &LlamaConfig, st: &RunState, data: &StateData) -> R
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let json = serde_json::to_string_pretty(st).expect("state serialises") + "\n";
     write_synced(&tmp.join("state.json"), json.as_bytes())?;
-    save_weights(&tmp.join("weights.safetensors"), cfg, &data.weights, "")?;
+    if let Some(w) = &data.weights {
+        save_weights(&tmp.join("weights.safetensors"), cfg, w, "")?;
+    }
+    if let Some(a) = &data.adapter {
+        let mut parts = vec![("", a)];
+        if let Some(adam) = &data.adapter_adam {
+            parts.extend([("m.", &adam.m), ("v.", &adam.v)]);
+        }
+        let mut tensors = Vec::new();
+        for (prefix, w) in parts {
+            for (s, t) in w.specs().into_iter().zip(w.tensors()) {
+                tensors.push((format!("{prefix}{}", s.name), s.shape, t.as_slice()));
+            }
+        }
+        save_tensors_f32(&tmp.join("adapter.safetensors"), &tensors)?;
+        if let Some(adam) = &data.adapter_adam {
+            write_synced(&tmp.join("adapter_adam_step.txt"), format!("{}\n", adam.step).as_bytes())?;
+        }
+    }
     if let Some(adam) = &data.adam {
         let specs = LlamaWeights::specs(cfg);
         let mut tensors = Vec::new();
@@ -185,9 +210,28 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Loads a state folder written by `save`.
-pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
+/// A LoRA run's state holds `adapter.safetensors` (shaped as `adapter`, the run's starting
+/// adapter) and no weights.
+pub fn load(dir: &Path, cfg: &LlamaConfig, adapter: Option<&LoraWeights>) -> Result<(RunState, StateData)> {
     let st = read_state(dir)?;
-    let weights = load_weights(&dir.join("weights.safetensors"), cfg, "")?;
+    let (weights, adapter, adapter_adam) = match adapter {
+        None => (Some(load_weights(&dir.join("weights.safetensors"), cfg, "")?), None, None),
+        Some(shape) => {
+            let path = dir.join("adapter.safetensors");
+            let mut all = load_tensors_f32(&path)?;
+            let a = take_adapter(&path, &mut all, shape, "")?;
+            let step_path = dir.join("adapter_adam_step.txt");
+            let adam = if step_path.exists() {
+                let text = std::fs::read_to_string(&step_path).map_err(|e| Error::io(&step_path, e))?;
+                let step = text.trim().parse().map_err(|_| Error::file(&step_path, "expected an integer"))?;
+                let m = take_adapter(&path, &mut all, shape, "m.")?;
+                Some(AdamState { m, v: take_adapter(&path, &mut all, shape, "v.")?, step })
+            } else {
+                None
+            };
+            (None, Some(a), adam)
+        }
+    };
     let adam_path = dir.join("adam.safetensors");
     let adam = if adam_path.exists() {
         let step_path = dir.join("adam_step.txt");
@@ -204,6 +248,8 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(RunState, StateData)> {
         StateData {
             weights,
             adam,
+            adapter,
+            adapter_adam,
             reference,
             ref_logps: read_logps(&dir.join("ref_logps.bin"))?,
             eval_init: read_logps(&dir.join("eval_init.bin"))?,
@@ -223,6 +269,9 @@ pub struct Inputs {
     /// The tokenized training and eval pairs, in order (partition.json indexes them).
     pub train_pairs: PairsDigest,
     pub eval_pairs: PairsDigest,
+    /// A LoRA run's starting adapter: its config and every weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -249,6 +298,7 @@ impl Inputs {
         files: &[PathBuf],
         train: &[PairExample],
         eval: &[PairExample],
+        adapter: Option<&Adapter>,
     ) -> Result<Inputs> {
         let mut h = XxHash3_64::new();
         h.write(format!("{cfg:?}").as_bytes());
@@ -261,8 +311,17 @@ impl Inputs {
             });
         }
         let model = format!("{:016x}", h.finish());
+        let adapter = adapter.map(|a| {
+            let mut h = XxHash3_64::new();
+            h.write(format!("{:?}", a.config).as_bytes());
+            for t in a.weights.tensors() {
+                h.write_usize(t.len());
+                t.iter().for_each(|x| h.write_u32(x.to_bits()));
+            }
+            format!("{:016x}", h.finish())
+        });
         let files = files.iter().map(|p| file_digest(p)).collect::<Result<Vec<_>>>()?;
-        Ok(Inputs { model, files, train_pairs: pairs_digest(train), eval_pairs: pairs_digest(eval) })
+        Ok(Inputs { model, files, train_pairs: pairs_digest(train), eval_pairs: pairs_digest(eval), adapter })
     }
 
     pub fn save(&self, out: &Path) -> Result<()> {
@@ -285,6 +344,9 @@ impl Inputs {
         let mut out = Vec::new();
         if self.model != now.model {
             out.push("the starting model (--model) has other weights or another config.json".to_string());
+        }
+        if self.adapter != now.adapter {
+            out.push("the starting LoRA adapter (--adapter or the --lora-* settings) differs".to_string());
         }
         let paths = |v: &[FileDigest]| v.iter().map(|f| f.path.clone()).collect::<Vec<_>>();
         if paths(&self.files) != paths(&now.files) {
@@ -376,6 +438,27 @@ fn remove_stale_temps(out: &Path) {
     }
 }
 
+/// The adapter tensors `prefix` + PEFT key out of `all`, shaped as `shape`.
+fn take_adapter(
+    path: &Path,
+    all: &mut crate::weights::NamedTensors,
+    shape: &LoraWeights,
+    prefix: &str,
+) -> Result<LoraWeights> {
+    let mut w = shape.zeros_like();
+    for (s, t) in w.specs().into_iter().zip(w.tensors_mut()) {
+        let name = format!("{prefix}{}", s.name);
+        let (got, data) = all
+            .remove(&name)
+            .ok_or_else(|| Error::file(path, format!("tensor `{name}` is missing: the state is incomplete")))?;
+        if got != s.shape {
+            return Err(Error::file(path, format!("tensor `{name}` has shape {got:?}, expected {:?}", s.shape)));
+        }
+        *t = data;
+    }
+    Ok(w)
+}
+
 fn save_weights(path: &Path, cfg: &LlamaConfig, w: &LlamaWeights, prefix: &str) -> Result<()> {
     let specs = LlamaWeights::specs(cfg);
     let tensors: Vec<(String, Vec<usize>, &[f32])> = specs
@@ -461,8 +544,10 @@ mod tests {
         std::fs::create_dir_all(&out).unwrap();
         let lp = |c: f64| PairLogps { chosen: c, rejected: -1.0 / 3.0, chosen_tokens: 3, rejected_tokens: 7 };
         let data = StateData {
-            weights: LlamaWeights::random(&cfg, 1),
+            weights: Some(LlamaWeights::random(&cfg, 1)),
             adam: Some(AdamState { m: LlamaWeights::random(&cfg, 2), v: LlamaWeights::random(&cfg, 3), step: 17 }),
+            adapter: None,
+            adapter_adam: None,
             ref_logps: vec![lp(0.1), lp(-2.0 / 7.0)],
             eval_init: vec![lp(f64::MIN_POSITIVE)],
             eval_prev: vec![],
@@ -488,9 +573,24 @@ mod tests {
         prune(&out).unwrap();
         assert_eq!(list(&out).unwrap(), vec![(2, dir.clone())], "pruning keeps the newest only");
         st.seq = 2;
-        let (st2, data2) = load(&dir, &cfg).unwrap();
+        let (st2, data2) = load(&dir, &cfg, None).unwrap();
         assert_eq!(st2, st);
         assert_eq!(data2, data);
+
+        // A LoRA state: the adapter and its moments, no weights.
+        let lc = crate::lora::LoraConfig::new(2, None, &["q_proj,down_proj".into()], 0.0, false).unwrap();
+        let a = |seed| crate::lora::LoraWeights::init(&cfg, &lc, seed);
+        let lora = StateData {
+            weights: None,
+            adam: None,
+            adapter: Some(a(1)),
+            adapter_adam: Some(AdamState { m: a(2), v: a(3), step: 5 }),
+            ..data
+        };
+        st.seq = 4;
+        let dir = save(&out, &cfg, &st, &lora).unwrap();
+        assert!(!dir.join("weights.safetensors").exists());
+        assert_eq!(load(&dir, &cfg, Some(&a(0))).unwrap().1, lora);
         std::fs::remove_dir_all(&out).unwrap();
     }
 

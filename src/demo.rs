@@ -293,8 +293,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
     let m0 = LlamaWeights::load(&base, &cfg)?;
     let data = demo_data(opts.seed, opts.train_per_source, opts.eval_per_source, 0);
     let exact_before = exact_match(&cfg, &m0, &data.eval_problems)?;
-    let factory =
-        |c: &LlamaConfig, w: LlamaWeights| -> Result<Box<dyn Engine>> { Ok(Box::new(CpuEngine::new(c.clone(), w)?)) };
+    let factory = |c: &LlamaConfig, w: LlamaWeights, _: Option<crate::lora::Adapter>| -> Result<Box<dyn Engine>> {
+        Ok(Box::new(CpuEngine::new(c.clone(), w)?))
+    };
 
     let mut report = String::new();
     let mut say = |s: String| {
@@ -338,9 +339,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<String> {
             tokenizer_from: Some(base.clone()),
             quiet: opts.quiet_runs,
             tensorboard: false,
+            lora: None,
         };
         let summary = sdpo::run(&sopts, &cfg, m0.clone(), &data.train, &data.eval, &factory)?;
-        let exact_after = exact_match(&cfg, &summary.final_weights, &data.eval_problems)?;
+        let exact_after =
+            exact_match(&cfg, summary.final_weights.as_ref().expect("a full fine-tuning run"), &data.eval_problems)?;
         results.push(DemoRun { name, summary, exact_after, seconds: t1.elapsed().as_secs_f64() });
     }
 

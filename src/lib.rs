@@ -14,6 +14,7 @@ pub mod dpo;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod outputs;
 pub mod partition;
 pub mod report;

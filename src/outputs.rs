@@ -38,6 +38,9 @@ pub enum FolderKind {
     Demo,
     /// `sdpo-run debug-step --out`: metrics.json, grads.safetensors.
     DebugStep,
+    /// `sdpo-run merge --out`: a Hugging Face model folder (config.json, model.safetensors,
+    /// the tokenizer files).
+    Model,
 }
 
 impl FolderKind {
@@ -46,6 +49,7 @@ impl FolderKind {
             FolderKind::Run => "train run",
             FolderKind::Demo => "demo",
             FolderKind::DebugStep => "debug-step output",
+            FolderKind::Model => "merged model",
         }
     }
 
@@ -77,12 +81,15 @@ impl FolderKind {
                     || entry == LEGACY_DEMO_MARKER
             }
             FolderKind::DebugStep => matches!(base, "metrics.json" | "grads.safetensors"),
+            FolderKind::Model => {
+                matches!(base, "config.json" | "model.safetensors") || crate::weights::TOKENIZER_FILES.contains(&base)
+            }
         }
     }
 
     fn from_marker(text: &str) -> Option<FolderKind> {
         let v: serde_json::Value = serde_json::from_str(text).ok()?;
-        [FolderKind::Run, FolderKind::Demo, FolderKind::DebugStep]
+        [FolderKind::Run, FolderKind::Demo, FolderKind::DebugStep, FolderKind::Model]
             .into_iter()
             .find(|k| v.get("kind").and_then(|s| s.as_str()) == Some(k.name()))
     }

@@ -12,6 +12,7 @@ use crate::data::PairExample;
 use crate::dpo::{LossConfig, Metrics, PairLogps};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::lora::Adapter;
 use crate::partition::{partition, partition_report, Partition, PartitionKind};
 use crate::train::{
     sequence_logps_all, train_chunk, updates_per_chunk, ChunkPosition, Reference, ScheduleSpan, StepRecord,
@@ -52,6 +53,11 @@ pub struct SdpoOptions {
     pub quiet: bool,
     /// Also write every metrics line as a TensorBoard event into `out/tensorboard/`.
     pub tensorboard: bool,
+    /// A LoRA run: the base (M_0's weights) is frozen and held once, M_t = base ⊕
+    /// adapter_t, and this is adapter_0 (fresh, or an SFT adapter). Step t starts from
+    /// adapter_{t−1}, its reference is base ⊕ adapter_{t−1} (a fresh adapter's B is zero,
+    /// so at t = 1 that is the base itself), and step-t/ is a PEFT adapter folder.
+    pub lora: Option<Adapter>,
 }
 
 /// Reward accuracy and margin of a model against a reference on the eval set.
@@ -117,11 +123,14 @@ pub struct RunSummary {
     pub partition: Partition,
     pub eval_init: Option<EvalRecord>,
     pub steps: Vec<StepSummary>,
-    pub final_weights: LlamaWeights,
+    /// M_T's weights; `None` in a LoRA run, whose M_T is step-T/'s adapter over the base
+    /// (the base is not copied out of the engine).
+    pub final_weights: Option<LlamaWeights>,
 }
 
-/// Builds an engine on given weights (the CLI passes `engine::open` with its `--device`).
-pub type EngineFactory<'a> = &'a dyn Fn(&LlamaConfig, LlamaWeights) -> Result<Box<dyn Engine>>;
+/// Builds an engine on given weights, with a LoRA adapter when one is given (the CLI
+/// passes `engine::open` or `engine::open_lora` with its `--device`).
+pub type EngineFactory<'a> = &'a dyn Fn(&LlamaConfig, LlamaWeights, Option<Adapter>) -> Result<Box<dyn Engine>>;
 
 /// Appends JSON lines to metrics.jsonl, tracking its length for resume, and each line's
 /// event to the TensorBoard writer when there is one.
@@ -316,11 +325,17 @@ pub fn run(
     // Where to start: the newest complete state, or the beginning.
     let resumed_dir = if opts.resume { checkpoint::latest(out)? } else { None };
     let resumed = match &resumed_dir {
-        Some(dir) => Some(checkpoint::load(dir, cfg)?),
+        Some(dir) => Some(checkpoint::load(dir, cfg, opts.lora.as_ref().map(|a| &a.weights))?),
         None => None,
     };
+    if opts.lora.is_some() && opts.reference == ReferenceMode::Inline {
+        return Err(Error::invalid(
+            "--reference inline with LoRA: the reference is precomputed from base ⊕ adapter_{t−1}; \
+             drop --reference inline",
+        ));
+    }
 
-    let mut engine = factory(cfg, m0)?;
+    let mut engine = factory(cfg, m0, opts.lora.clone())?;
 
     // Eval log-probs of M_0 (saved in every state, so a resume does not need M_0 again).
     let eval_init: Vec<PairLogps> = match &resumed {
@@ -369,12 +384,21 @@ pub fn run(
 
     let (mut st, mut data, mut first_step) = match resumed {
         Some((st, data)) => {
-            engine.set_weights(&data.weights)?;
-            engine.set_optimizer_state(data.adam.clone())?;
+            match (&data.weights, &data.adapter) {
+                (_, Some(a)) => {
+                    engine.set_adapter(a)?;
+                    engine.set_adapter_optimizer_state(data.adapter_adam.clone())?;
+                }
+                (Some(w), None) => {
+                    engine.set_weights(w)?;
+                    engine.set_optimizer_state(data.adam.clone())?;
+                }
+                (None, None) => return Err(Error::invalid("the state holds neither weights nor an adapter")),
+            }
             let first = if st.step_done { st.sdpo_step + 1 } else { st.sdpo_step };
             (st, data, first)
         }
-        None => (RunState::start(), StateData::start(cfg, eval_init.clone()), 1),
+        None => (RunState::start(), StateData::start(eval_init.clone()), 1),
     };
     let mut log = MetricsLog::open(&out.join("metrics.jsonl"), opts.resume.then_some(st.metrics_bytes))?;
     if opts.tensorboard {
@@ -417,7 +441,7 @@ pub fn run(
             st.position
         };
         let mut ref_engine = match (&opts.reference, &data.reference) {
-            (ReferenceMode::Inline, Some(w)) => Some(factory(cfg, w.clone())?),
+            (ReferenceMode::Inline, Some(w)) => Some(factory(cfg, w.clone(), None)?),
             (ReferenceMode::Inline, None) => {
                 return Err(Error::invalid("inline reference: the state has no reference weights"))
             }
@@ -450,9 +474,12 @@ pub fn run(
                 let unfinished = pos.epoch < opts.train.epochs;
                 if opts.save_every > 0 && st.total_updates % opts.save_every == 0 && unfinished {
                     st.mid_step(t, *pos, log.bytes);
+                    let lora = eng.adapter()?;
                     let snapshot = StateData {
-                        weights: eng.weights()?,
-                        adam: eng.optimizer_state()?,
+                        weights: if lora.is_some() { None } else { Some(eng.weights()?) },
+                        adam: if lora.is_some() { None } else { eng.optimizer_state()? },
+                        adapter_adam: if lora.is_some() { eng.adapter_optimizer_state()? } else { None },
+                        adapter: lora,
                         ref_logps: ref_logps.clone(),
                         eval_init: data.eval_init.clone(),
                         eval_prev: data.eval_prev.clone(),
@@ -472,10 +499,16 @@ pub fn run(
         }
         drop(ref_engine);
 
-        // M_t: save it as a Hugging Face folder, evaluate it, then record the step as done.
-        let mt = engine.weights()?;
+        // M_t: save it as a Hugging Face folder (LoRA: a PEFT adapter folder), evaluate it,
+        // then record the step as done.
         let step_dir = out.join(format!("step-{t}"));
-        save_model(&step_dir, cfg, &mt, cfg.dtype, opts.tokenizer_from.as_deref())?;
+        match &opts.lora {
+            Some(a0) => {
+                let weights = engine.adapter()?.ok_or_else(|| Error::invalid("the engine lost its adapter"))?;
+                Adapter { weights, ..a0.clone() }.save(&step_dir)?;
+            }
+            None => save_model(&step_dir, cfg, &engine.weights()?, cfg.dtype, opts.tokenizer_from.as_deref())?,
+        }
         let eval_rec = if eval.is_empty() {
             None
         } else {
@@ -486,8 +519,13 @@ pub fn run(
             Some(r)
         };
         st.step_finished(t, log.bytes);
-        data.weights = mt;
-        data.adam = if opts.carry_optimizer { engine.optimizer_state()? } else { None };
+        if opts.lora.is_some() {
+            data.adapter = engine.adapter()?;
+            data.adapter_adam = if opts.carry_optimizer { engine.adapter_optimizer_state()? } else { None };
+        } else {
+            data.weights = Some(engine.weights()?);
+            data.adam = if opts.carry_optimizer { engine.optimizer_state()? } else { None };
+        }
         data.ref_logps = Vec::new();
         data.reference = None;
         checkpointer.save(&st, &data)?;
@@ -508,7 +546,11 @@ pub fn run(
         summaries.push(s);
     }
     checkpoint::prune(out)?;
-    let final_weights = if first_step > steps { data.weights } else { engine.weights()? };
+    let final_weights = match data.weights {
+        _ if opts.lora.is_some() => None,
+        Some(w) if first_step > steps => Some(w),
+        _ => Some(engine.weights()?),
+    };
     Ok(RunSummary { partition, eval_init: eval_init_rec, steps: summaries, final_weights })
 }
 
@@ -544,7 +586,12 @@ fn check_state(dir: &Path, st: &RunState, out: &Path, updates: &[u64]) -> Result
         ));
     }
     let done = if st.step_done { st.sdpo_step } else { st.sdpo_step - 1 };
-    if let Some(t) = (1..=done).find(|t| !out.join(format!("step-{t}")).join("config.json").is_file()) {
+    // A model folder holds config.json, a LoRA step's adapter folder adapter_config.json.
+    let saved = |t: usize| {
+        let dir = out.join(format!("step-{t}"));
+        dir.join("config.json").is_file() || dir.join(crate::lora::CONFIG_FILE).is_file()
+    };
+    if let Some(t) = (1..=done).find(|&t| !saved(t)) {
         return bad(format!(
             "it counts step {t} as done, but {} holds no model",
             out.join(format!("step-{t}")).display()

@@ -570,7 +570,7 @@ fn encode(x: &[f32], dtype: DType) -> Vec<u8> {
 /// Writes a safetensors file at `path` (which must not be read by anyone yet: callers
 /// write to a temporary name), tensors in the given order, header padded to 8 bytes,
 /// metadata `{"format": "pt"}` as transformers expects, then fsyncs it.
-fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: DType) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: DType) -> Result<()> {
     let (dname, size) = st_dtype(dtype);
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
@@ -630,9 +630,7 @@ fn parent_of(path: &Path) -> PathBuf {
 
 /// Saves a Hugging Face model folder at `dir` that transformers loads unchanged:
 /// config.json (`cfg.to_json(dtype)`), model.safetensors in `dtype`, and the tokenizer
-/// files (`TOKENIZER_FILES`) found in `copy_from`. Crash-safe: the folder is written under
-/// a temporary sibling name, fsynced, and renamed into place; an existing `dir` is
-/// replaced by renames only, so whatever folder exists at `dir` is complete.
+/// files (`TOKENIZER_FILES`) found in `copy_from`, crash-safe (`write_folder_atomic`).
 pub fn save_model(
     dir: &Path,
     cfg: &LlamaConfig,
@@ -640,33 +638,55 @@ pub fn save_model(
     dtype: DType,
     copy_from: Option<&Path>,
 ) -> Result<()> {
+    write_folder_atomic(dir, |tmp| write_model_files(tmp, cfg, w, dtype, copy_from))
+}
+
+/// Writes the files of a Hugging Face model folder into the existing folder `dir`, each
+/// one atomically (a temporary sibling renamed into place): config.json, model.safetensors
+/// in `dtype`, and the tokenizer files found in `copy_from`.
+pub fn write_model_files(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    dtype: DType,
+    copy_from: Option<&Path>,
+) -> Result<()> {
     w.check_shapes(cfg)?;
+    let text = serde_json::to_string_pretty(&cfg.to_json(dtype)).expect("a JSON value serialises") + "\n";
+    write_file_atomic(&dir.join("config.json"), text.as_bytes())?;
+
+    let specs = LlamaWeights::specs(cfg);
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        specs.iter().zip(w.tensors()).map(|(s, t)| (s.name.as_str(), s.shape.as_slice(), t.as_slice())).collect();
+    let path = dir.join(SINGLE_FILE);
+    let tmp = sibling(&path, "tmp")?;
+    if let Err(e) = write_safetensors(&tmp, &tensors, dtype) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+
+    if let Some(src) = copy_from {
+        for name in TOKENIZER_FILES {
+            let from = src.join(name);
+            if from.is_file() {
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                write_file_atomic(&dir.join(name), &bytes)?;
+            }
+        }
+    }
+    fsync_dir(dir)
+}
+
+/// Makes the folder `dir` crash-safe: `fill` writes its files into a temporary sibling
+/// folder, which is fsynced and renamed into place; an existing `dir` is replaced by
+/// renames only, so whatever folder exists at `dir` is complete.
+pub fn write_folder_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = parent_of(dir);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let tmp = sibling(dir, "tmp")?;
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = (|| -> Result<()> {
-        let config = tmp.join("config.json");
-        let text = serde_json::to_string_pretty(&cfg.to_json(dtype)).expect("a JSON value serialises") + "\n";
-        write_synced(&config, text.as_bytes())?;
-
-        let specs = LlamaWeights::specs(cfg);
-        let tensors: Vec<(&str, &[usize], &[f32])> =
-            specs.iter().zip(w.tensors()).map(|(s, t)| (s.name.as_str(), s.shape.as_slice(), t.as_slice())).collect();
-        write_safetensors(&tmp.join(SINGLE_FILE), &tensors, dtype)?;
-
-        if let Some(src) = copy_from {
-            for name in TOKENIZER_FILES {
-                let from = src.join(name);
-                if from.is_file() {
-                    let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-                    write_synced(&tmp.join(name), &bytes)?;
-                }
-            }
-        }
-        fsync_dir(&tmp)
-    })();
-    if let Err(e) = result {
+    if let Err(e) = fill(&tmp).and_then(|_| fsync_dir(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -687,7 +707,8 @@ pub fn save_model(
     Ok(())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` and fsyncs the file.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
 }

@@ -25,7 +25,8 @@ fn tiny_cfg() -> LlamaConfig {
     .unwrap()
 }
 
-fn cpu(c: &LlamaConfig, w: LlamaWeights) -> sdpo::Result<Box<dyn Engine>> {
+fn cpu(c: &LlamaConfig, w: LlamaWeights, adapter: Option<sdpo::lora::Adapter>) -> sdpo::Result<Box<dyn Engine>> {
+    assert!(adapter.is_none(), "these runs train the whole model");
     Ok(Box::new(CpuEngine::new(c.clone(), w)?))
 }
 
@@ -59,6 +60,7 @@ fn tiny_run(out: &Path, steps: usize, lr: f64) {
         tokenizer_from: None,
         quiet: true,
         tensorboard: true,
+        lora: None,
     };
     run(&opts, &cfg, LlamaWeights::random(&cfg, 3), &d.train, &d.eval, &cpu).unwrap();
     std::fs::write(out.join("run.toml"), "lr = 0.01\n# a <note> & more\n").unwrap();

@@ -82,8 +82,9 @@ fn kill_and_resume(name: &str, extra: &[&str]) {
 
     let resumed = train_cmd(&root, "killed", &[extra, &["--resume"]].concat()).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let weights = if extra.contains(&"--lora-r") { "adapter_model.safetensors" } else { "model.safetensors" };
     for t in 1..=3 {
-        let f = format!("step-{t}/model.safetensors");
+        let f = format!("step-{t}/{weights}");
         assert!(bytes(root.join("full").join(&f)) == bytes(out.join(&f)), "{f} differs after resume");
     }
     // metrics.jsonl has each update once: as many lines as the uninterrupted run's.
@@ -137,6 +138,16 @@ fn sigkill_and_resume_with_inline_reference_and_carried_optimizer() {
     kill_and_resume("kill-inline", &["--reference", "inline", "--carry-optimizer", "--carry-schedule"]);
 }
 
+/// A LoRA run with dropout: the states hold the adapter and its moments (carried across
+/// steps), not the frozen base, and the resumed run draws the same dropout masks.
+#[test]
+fn sigkill_and_resume_a_lora_run() {
+    kill_and_resume(
+        "kill-lora",
+        &["--lora-r", "4", "--lora-targets", "all-linear", "--lora-dropout", "0.1", "--carry-optimizer"],
+    );
+}
+
 #[test]
 fn existing_output_is_not_overwritten_without_a_flag() {
     let root = setup("clobber");
@@ -178,8 +189,8 @@ fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     assert!(err.contains("non-finite") && err.contains("sDPO step 2") && err.contains("optimiser step 4"), "{err}");
     let out = root.join("nan");
     let cfg = LlamaConfig::from_path(&root.join("model")).unwrap();
-    let (st, data) = checkpoint::load(&checkpoint::latest(&out).unwrap().unwrap(), &cfg).unwrap();
-    assert!(data.weights.all_finite());
+    let (st, data) = checkpoint::load(&checkpoint::latest(&out).unwrap().unwrap(), &cfg, None).unwrap();
+    assert!(data.weights.unwrap().all_finite());
     assert_eq!((st.sdpo_step, st.step_done, st.total_updates), (1, true, 12), "the last good state");
     assert!(err.contains("keeps the state after update 12") && err.contains("--resume --lr LOWER"), "{err}");
     let m1 = LlamaWeights::load(&out.join("step-1"), &cfg).unwrap();

@@ -10,6 +10,7 @@ use sdpo::demo::demo_data;
 use sdpo::dpo::{LossConfig, PairLogps};
 use sdpo::engine::cpu::CpuEngine;
 use sdpo::engine::Engine;
+use sdpo::lora::{Adapter, LoraConfig};
 use sdpo::partition::{partition, PartitionKind};
 use sdpo::sdpo::{run, ReferenceMode, SdpoOptions};
 use sdpo::train::{lr_at, sequence_logps_all, Schedule, TrainOptions};
@@ -60,11 +61,15 @@ fn opts(out: PathBuf, kind: PartitionKind, steps: Option<usize>) -> SdpoOptions 
         tokenizer_from: None,
         quiet: true,
         tensorboard: false,
+        lora: None,
     }
 }
 
-fn cpu(c: &LlamaConfig, w: LlamaWeights) -> sdpo::Result<Box<dyn Engine>> {
-    Ok(Box::new(CpuEngine::new(c.clone(), w)?))
+fn cpu(c: &LlamaConfig, w: LlamaWeights, adapter: Option<Adapter>) -> sdpo::Result<Box<dyn Engine>> {
+    Ok(match adapter {
+        Some(a) => Box::new(CpuEngine::with_adapter(c.clone(), w, a)?),
+        None => Box::new(CpuEngine::new(c.clone(), w)?),
+    })
 }
 
 fn data() -> (Vec<PairExample>, Vec<PairExample>) {
@@ -92,9 +97,9 @@ fn inline_reference_at_step_t_is_exactly_the_previous_model() {
     let mut o = opts(out.clone(), PartitionKind::Random, Some(3));
     o.reference = ReferenceMode::Inline;
     let created: RefCell<Vec<LlamaWeights>> = RefCell::new(Vec::new());
-    let spy = |c: &LlamaConfig, w: LlamaWeights| {
+    let spy = |c: &LlamaConfig, w: LlamaWeights, a: Option<Adapter>| {
         created.borrow_mut().push(w.clone());
-        cpu(c, w)
+        cpu(c, w, a)
     };
     let summary = run(&o, &cfg, m0.clone(), &train, &eval, &spy).unwrap();
     let created = created.into_inner();
@@ -110,9 +115,9 @@ fn inline_reference_at_step_t_is_exactly_the_previous_model() {
     // and the log-probs a reference engine gives are those of the saved M_{t−1}
     let chunk: Vec<&PairExample> = summary.partition.chunks[2].pairs.iter().map(|&i| &train[i]).collect();
     let m2 = LlamaWeights::load(&out.join("step-2"), &cfg).unwrap();
-    let a =
-        sequence_logps_all(cpu(&cfg, created[3].clone()).unwrap().as_mut(), &chunk, 60, Layout::Shared, None).unwrap();
-    let b = sequence_logps_all(cpu(&cfg, m2).unwrap().as_mut(), &chunk, 60, Layout::Shared, None).unwrap();
+    let a = sequence_logps_all(cpu(&cfg, created[3].clone(), None).unwrap().as_mut(), &chunk, 60, Layout::Shared, None)
+        .unwrap();
+    let b = sequence_logps_all(cpu(&cfg, m2, None).unwrap().as_mut(), &chunk, 60, Layout::Shared, None).unwrap();
     assert_eq!(a, b);
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -147,7 +152,67 @@ fn step_t_is_plain_dpo_from_the_previous_model_on_chunk_t() {
     assert_eq!(alone.final_weights, summary.final_weights);
     // Saved steps reload in the Rust loader, bit for bit.
     let m2 = LlamaWeights::load(&out.join("step-2"), &cfg).unwrap();
-    assert_eq!(m2, summary.final_weights);
+    assert_eq!(Some(m2), summary.final_weights);
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&out2);
+}
+
+/// The first update of each step, from metrics.jsonl.
+fn first_updates(out: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["sdpo/update"] == 1)
+        .collect()
+}
+
+#[test]
+fn lora_step_t_starts_from_and_is_referenced_to_adapter_t_minus_1() {
+    let cfg = tiny_cfg();
+    let base = LlamaWeights::random(&cfg, 4);
+    let (train, eval) = data();
+    let out = tmp("lora-stepwise");
+    let lc = LoraConfig::new(4, Some(16.0), &["all-linear".into()], 0.0, false).unwrap();
+    let fresh = Adapter::fresh(&cfg, lc, 7, "tiny".into());
+    let mut o = opts(out.clone(), PartitionKind::InOrder, Some(2));
+    o.lora = Some(fresh.clone());
+    let summary = run(&o, &cfg, base.clone(), &train, &eval, &cpu).unwrap();
+    assert!(summary.final_weights.is_none(), "a LoRA run hands back no copy of the base");
+
+    // Each step's first update has policy == reference (loss ln 2, zero rewards, to fp32
+    // batch-shape noise as in step_t_is_plain_dpo_from_the_previous_model_on_chunk_t):
+    // at t = 1 base ⊕ fresh adapter, which is the base; at t = 2 base ⊕ adapter_1.
+    let firsts = first_updates(&out);
+    assert_eq!(firsts.len(), 2);
+    for v in &firsts {
+        assert!((v["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{v}");
+        assert!(v["rewards/margins"].as_f64().unwrap().abs() < 1e-6, "{v}");
+    }
+    let chunk =
+        |t: usize| -> Vec<&PairExample> { summary.partition.chunks[t].pairs.iter().map(|&i| &train[i]).collect() };
+    let logps = |a: Option<Adapter>, pairs: &[&PairExample]| {
+        sequence_logps_all(cpu(&cfg, base.clone(), a).unwrap().as_mut(), pairs, 60, Layout::Shared, None).unwrap()
+    };
+    // t = 1: the reference is exactly the base's log-probs.
+    assert_eq!(logps(Some(fresh.clone()), &chunk(0)), logps(None, &chunk(0)));
+    // t = 2: base ⊕ adapter_1 differs from the base far beyond that noise, so the zero
+    // rewards above show the reference was base ⊕ adapter_1, not the bare base.
+    let a1 = Adapter::load(&out.join("step-1"), &cfg).unwrap();
+    assert_ne!(a1.weights, fresh.weights);
+    let (with_a1, bare) = (logps(Some(a1.clone()), &chunk(1)), logps(None, &chunk(1)));
+    let gap = with_a1.iter().zip(&bare).map(|(x, y)| (x.chosen - y.chosen).abs()).fold(0.0, f64::max);
+    assert!(gap > 1e-3, "adapter_1 moves the chunk-2 log-probs by {gap}");
+
+    // Step 2 alone, a T = 1 run from the saved adapter_1 on chunk 2, ends at the same adapter_2.
+    let chunk2: Vec<PairExample> = chunk(1).into_iter().cloned().collect();
+    let out2 = tmp("lora-stepwise-2");
+    let mut o2 = opts(out2.clone(), PartitionKind::InOrder, Some(1));
+    o2.lora = Some(a1);
+    run(&o2, &cfg, base.clone(), &chunk2, &[], &cpu).unwrap();
+    let a2 = Adapter::load(&out.join("step-2"), &cfg).unwrap();
+    assert_eq!(Adapter::load(&out2.join("step-1"), &cfg).unwrap().weights, a2.weights);
+    assert_eq!(a2.config, fresh.config);
+    assert!(!out.join("step-2/model.safetensors").exists(), "a LoRA step is an adapter folder");
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&out2);
 }
@@ -195,8 +260,9 @@ fn one_step_equals_plain_dpo() {
     let out = tmp("t1");
     let s = run(&opts(out.clone(), PartitionKind::InOrder, Some(1)), &cfg, m0.clone(), &train, &[], &cpu).unwrap();
     let expect = plain_dpo(&cfg, &m0, &train, &train_opts());
-    assert!(s.final_weights == expect, "max relative difference {}", max_rel_diff(&s.final_weights, &expect));
-    assert!(max_rel_diff(&s.final_weights, &m0) > 1e-3, "training moved the weights");
+    let got = s.final_weights.unwrap();
+    assert!(got == expect, "max relative difference {}", max_rel_diff(&got, &expect));
+    assert!(max_rel_diff(&got, &m0) > 1e-3, "training moved the weights");
     let _ = std::fs::remove_dir_all(&out);
 }
 

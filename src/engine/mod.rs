@@ -14,6 +14,7 @@ use crate::config::{LlamaConfig, RopeScaling};
 use crate::data::PairBatch;
 use crate::dpo::{LossConfig, PairLogps};
 use crate::error::{Error, Result};
+use crate::lora::{Adapter, LoraWeights};
 use crate::weights::LlamaWeights;
 
 /// Which engine `open` builds. `Auto`: the GPU when there is one and it can run the model,
@@ -44,6 +45,23 @@ pub fn open(device: Device, cfg: LlamaConfig, weights: LlamaWeights) -> Result<B
             Ok(Box::new(cpu::CpuEngine::new(cfg, weights)?))
         }
     }
+}
+
+/// Builds the engine for `device` on the frozen base `weights` with the LoRA `adapter`
+/// (`lora.rs`), which is what trains. LoRA runs on the CPU engine: `Auto` picks it.
+pub fn open_lora(device: Device, cfg: LlamaConfig, weights: LlamaWeights, adapter: Adapter) -> Result<Box<dyn Engine>> {
+    match device {
+        Device::Cpu | Device::Auto => Ok(Box::new(cpu::CpuEngine::with_adapter(cfg, weights, adapter)?)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => Err(cuda::lora_unsupported()),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(Error::NoGpu("this build has no CUDA engine (feature `cuda` is off)".into())),
+    }
+}
+
+/// The error of an engine asked for LoRA work without an adapter.
+pub(crate) fn no_adapter() -> Error {
+    Error::invalid("this engine holds no LoRA adapter (it fine-tunes every weight); open it with engine::open_lora")
 }
 
 /// AdamW with decoupled weight decay and bias correction, as `torch.optim.AdamW`;
@@ -99,11 +117,12 @@ impl AdamWConfig {
     }
 }
 
-/// AdamW's state: first and second moments and the number of updates taken.
+/// AdamW's state: first and second moments and the number of updates taken; of every
+/// weight (`LlamaWeights`) or of a LoRA adapter (`LoraWeights`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct AdamState {
-    pub m: LlamaWeights,
-    pub v: LlamaWeights,
+pub struct AdamState<W = LlamaWeights> {
+    pub m: W,
+    pub v: W,
     pub step: u64,
 }
 
@@ -182,6 +201,43 @@ pub trait Engine {
 
     /// Restores (or with `None`, resets) the optimizer state.
     fn set_optimizer_state(&mut self, state: Option<AdamState>) -> Result<()>;
+
+    // --- LoRA (`open_lora`): the base above is frozen and the adapter trains. An engine
+    // without an adapter answers `adapter` with `None` and the rest with an error.
+
+    /// The adapter's weights; `None` when the engine fine-tunes every weight.
+    fn adapter(&self) -> Result<Option<LoraWeights>> {
+        Ok(None)
+    }
+
+    /// Replaces the adapter's weights (same targets and rank); gradients are zeroed,
+    /// optimizer state is kept.
+    fn set_adapter(&mut self, a: &LoraWeights) -> Result<()> {
+        let _ = a;
+        Err(no_adapter())
+    }
+
+    /// Turns the adapter off (the bare base: the reference of a fresh adapter) or back on.
+    fn set_adapter_enabled(&mut self, on: bool) -> Result<()> {
+        let _ = on;
+        Err(no_adapter())
+    }
+
+    /// The adapter's accumulated gradients.
+    fn adapter_grads(&self) -> Result<LoraWeights> {
+        Err(no_adapter())
+    }
+
+    /// The adapter's AdamW moments; `None` before the first update.
+    fn adapter_optimizer_state(&self) -> Result<Option<AdamState<LoraWeights>>> {
+        Err(no_adapter())
+    }
+
+    /// Restores (or with `None`, resets) the adapter's optimizer state.
+    fn set_adapter_optimizer_state(&mut self, state: Option<AdamState<LoraWeights>>) -> Result<()> {
+        let _ = state;
+        Err(no_adapter())
+    }
 
     /// Starts (`true`) or stops timing ops by category (`profile.rs`), from zero;
     /// returns whether this engine can. Profiling may slow the engine down a little.

@@ -15,6 +15,7 @@ use sdpo::config::{DType, LlamaConfig};
 use sdpo::data::pretokenized::read_pairs;
 use sdpo::dpo::{pair_loss, LossConfig, LossKind, Metrics};
 use sdpo::engine::{self, Device};
+use sdpo::lora::Adapter;
 use sdpo::outputs::{self, Existing, FolderKind, OutputFolder};
 use sdpo::weights::{save_model, save_tensors_f32, write_file_atomic};
 use sdpo::{Layout, LlamaWeights, PairBatch, PairExample};
@@ -52,6 +53,13 @@ pub struct DebugStepArgs {
     /// new or empty), for tools/check_checkpoint.py to load in transformers.
     #[arg(long)]
     pub save_model: Option<PathBuf>,
+    /// A PEFT LoRA adapter over --model: the policy is --model ⊕ it, only the adapter has
+    /// gradients (grads.safetensors under PEFT's keys).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// A PEFT LoRA adapter over --reference (default: the bare reference).
+    #[arg(long)]
+    pub reference_adapter: Option<PathBuf>,
     /// Storage dtype of `--save-model`.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub save_dtype: DTypeArg,
@@ -75,7 +83,12 @@ pub fn run(args: DebugStepArgs) -> Result<()> {
         LossConfig { kind: args.loss, beta: args.beta, label_smoothing: args.label_smoothing, sft_weight: 0.0 };
     loss_cfg.check()?;
     let reference_dir = args.reference.clone().unwrap_or_else(|| args.model.clone());
-    let inputs = [args.model.as_path(), reference_dir.as_path(), args.data.as_path()];
+    let mut inputs = vec![args.model.as_path(), reference_dir.as_path(), args.data.as_path()];
+    inputs.extend(args.adapter.iter().chain(&args.reference_adapter).map(PathBuf::as_path));
+    ensure!(
+        args.adapter.is_none() || args.save_model.is_none(),
+        "--save-model with --adapter: the base is not trained; `sdpo-run merge` writes base ⊕ adapter"
+    );
     outputs::check_not_input(&args.out, "--out", &inputs)?;
     if let Some(dir) = &args.save_model {
         outputs::check_not_input(dir, "--save-model", &inputs)?;
@@ -113,8 +126,17 @@ fn step(args: &DebugStepArgs, reference_dir: &Path, loss_cfg: &LossConfig, folde
     let refs: Vec<&PairExample> = pairs.iter().collect();
     let batch = PairBatch::new(&refs, layout).context("packing the pairs into a batch")?;
 
+    let open = |cfg: sdpo::LlamaConfig, w, adapter: &Option<PathBuf>| -> Result<Box<dyn sdpo::Engine>> {
+        Ok(match adapter {
+            Some(dir) => {
+                let a = Adapter::load(dir, &cfg)?;
+                engine::open_lora(args.device, cfg, w, a)?
+            }
+            None => engine::open(args.device, cfg, w)?,
+        })
+    };
     let reference = {
-        let mut e = engine::open(args.device, ref_cfg, ref_weights).context("starting the reference engine")?;
+        let mut e = open(ref_cfg, ref_weights, &args.reference_adapter).context("starting the reference engine")?;
         e.sequence_logps(&batch).context("reference forward pass")?
     };
     if let Some(dir) = &args.save_model {
@@ -126,10 +148,18 @@ fn step(args: &DebugStepArgs, reference_dir: &Path, loss_cfg: &LossConfig, folde
         save_model(dir, &cfg, &weights, dtype, Some(&args.model))
             .with_context(|| format!("saving the model to {}", dir.display()))?;
     }
-    let mut e = engine::open(args.device, cfg.clone(), weights).context("starting the engine")?;
+    let mut e = open(cfg.clone(), weights, &args.adapter).context("starting the engine")?;
     let policy =
         e.train_step(&batch, &reference, loss_cfg, 1.0 / pairs.len() as f64).context("forward and backward")?;
-    let grads = e.grads().context("reading the gradients")?;
+    // Every trained tensor's gradient by name: the model's, or the adapter's under PEFT's keys.
+    let named: Vec<(String, Vec<usize>, Vec<f32>)> = if args.adapter.is_some() {
+        let g = e.adapter_grads().context("reading the gradients")?;
+        g.specs().into_iter().zip(g.tensors()).map(|(s, t)| (s.name, s.shape, t.clone())).collect()
+    } else {
+        let g = e.grads().context("reading the gradients")?;
+        let specs = LlamaWeights::specs(&cfg);
+        specs.into_iter().zip(g.tensors()).map(|(s, t)| (s.name, s.shape, t.clone())).collect()
+    };
 
     let metrics = Metrics::from_pairs(&policy, &reference, loss_cfg);
     let per_pair: Vec<Value> = policy
@@ -147,7 +177,7 @@ fn step(args: &DebugStepArgs, reference_dir: &Path, loss_cfg: &LossConfig, folde
             })
         })
         .collect();
-    let grad_norm = grads.tensors().iter().flat_map(|t| t.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    let grad_norm = named.iter().flat_map(|t| t.2.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
 
     let mut out = serde_json::to_value(&metrics)?;
     let o = out.as_object_mut().expect("Metrics serialises to an object");
@@ -162,9 +192,8 @@ fn step(args: &DebugStepArgs, reference_dir: &Path, loss_cfg: &LossConfig, folde
 
     // Each file atomically, metrics.json last: a folder with metrics.json is complete.
     folder.clear()?;
-    let specs = LlamaWeights::specs(&cfg);
     let tensors: Vec<(String, Vec<usize>, &[f32])> =
-        specs.into_iter().zip(grads.tensors()).map(|(s, t)| (s.name, s.shape, t.as_slice())).collect();
+        named.iter().map(|(n, s, t)| (n.clone(), s.clone(), t.as_slice())).collect();
     let grads_path = args.out.join("grads.safetensors");
     save_tensors_f32(&grads_path, &tensors).with_context(|| format!("writing {}", grads_path.display()))?;
     let metrics_path = args.out.join("metrics.json");

@@ -42,6 +42,12 @@ pub struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A PEFT LoRA adapter folder applied over --model (e.g. runs/lora/step-2).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder applied over --reference (e.g. runs/lora/step-1).
+    #[arg(long)]
+    pub reference_adapter: Option<PathBuf>,
 }
 
 fn mean_gamma(v: &[PairLogps]) -> f64 {
@@ -63,12 +69,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     );
     let pairs = load_data(&args.data, &args.data_options, &args.model, false)?;
     let refs: Vec<&PairExample> = pairs.iter().collect();
-    let score = |cfg, w| -> Result<Vec<PairLogps>> {
-        let mut e = engine::open(args.device, cfg, w)?;
+    let score = |cfg: sdpo::LlamaConfig, w, adapter: &Option<PathBuf>| -> Result<Vec<PairLogps>> {
+        let mut e = match adapter {
+            Some(dir) => {
+                let a = sdpo::lora::Adapter::load(dir, &cfg)?;
+                engine::open_lora(args.device, cfg, w, a)?
+            }
+            None => engine::open(args.device, cfg, w)?,
+        };
         Ok(sequence_logps_all(e.as_mut(), &refs, args.micro_batch_tokens, args.layout.into(), Some("scoring"))?)
     };
-    let m = score(cfg, w)?;
-    let r = score(rcfg, rw)?;
+    let m = score(cfg, w, &args.adapter)?;
+    let r = score(rcfg, rw, &args.reference_adapter)?;
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, p) in pairs.iter().enumerate() {
         groups.entry(p.source.clone()).or_default().push(i);

@@ -32,6 +32,9 @@ pub struct GenerateArgs {
     /// Tokenize the prompt as it is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// A PEFT LoRA adapter folder applied over --model (e.g. runs/lora/step-2).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -49,7 +52,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tok_path = args.model.join("tokenizer.json");
     let tokenizer =
         tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let engine = CpuEngine::new(cfg.clone(), w)?;
+    let engine = match &args.adapter {
+        Some(dir) => CpuEngine::with_adapter(cfg.clone(), w, sdpo::lora::Adapter::load(dir, &cfg)?)?,
+        None => CpuEngine::new(cfg.clone(), w)?,
+    };
     let opts = GenOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

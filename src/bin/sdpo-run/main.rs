@@ -5,6 +5,7 @@ mod debug_step;
 mod demo;
 mod eval;
 mod generate;
+mod merge;
 mod partition;
 mod prepare;
 mod report;
@@ -46,6 +47,8 @@ enum Command {
     Prepare(prepare::PrepareArgs),
     /// An HTML page of one or more runs: curves, mean γ per step, eval tables, run.toml.
     Report(report::ReportArgs),
+    /// A base model and a PEFT LoRA adapter merged into one Hugging Face model folder.
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Prepare(args)) => prepare::run(args),
         Some(Command::Report(args)) => report::run(args),
+        Some(Command::Merge(args)) => merge::run(args),
     };
     // One line a user can act on: the context chain, without a backtrace.
     match result {

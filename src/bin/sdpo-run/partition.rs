@@ -47,20 +47,28 @@ pub struct PartitionArgs {
     /// Replace --out if it exists (never an input).
     #[arg(long)]
     pub overwrite: bool,
+    /// A PEFT LoRA adapter over --model: M_0 = --model ⊕ it.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 pub fn run(args: PartitionArgs) -> Result<()> {
     // Before the scoring pass, not after it: a wrong --out should cost nothing.
     if let Some(path) = &args.out {
         let mut inputs: Vec<&Path> = vec![&args.model];
-        inputs.extend(args.data.iter().chain(&args.data_options.chat_template).map(PathBuf::as_path));
+        inputs.extend(
+            args.data.iter().chain(&args.data_options.chat_template).chain(&args.adapter).map(PathBuf::as_path),
+        );
         outputs::check_output_file(path, "--out", &inputs, args.overwrite)?;
     }
     check_micro_batch_tokens(args.micro_batch_tokens)?;
     let (cfg, w) = load_model(&args.model, None)?;
     let pairs = load_data(&args.data, &args.data_options, &args.model, false)?;
     let scores = if args.partition.needs_scores() {
-        let mut e = engine::open(args.device, cfg.clone(), w)?;
+        let mut e = match &args.adapter {
+            Some(dir) => engine::open_lora(args.device, cfg.clone(), w, sdpo::lora::Adapter::load(dir, &cfg)?)?,
+            None => engine::open(args.device, cfg.clone(), w)?,
+        };
         let refs: Vec<&PairExample> = pairs.iter().collect();
         Some(sequence_logps_all(
             e.as_mut(),

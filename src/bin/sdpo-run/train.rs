@@ -13,6 +13,7 @@ use sdpo::config::LlamaConfig;
 use sdpo::data::{load_pairs_with_progress, DataOptions};
 use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::{self, AdamWConfig, Device, Engine};
+use sdpo::lora::{Adapter, LoraConfig, LoraWeights};
 use sdpo::outputs::{self, Existing, FolderKind, OutputFolder};
 use sdpo::partition::{split_eval, PartitionKind};
 use sdpo::sdpo::{ReferenceMode, RunSummary, SdpoOptions};
@@ -106,6 +107,18 @@ pub struct RunConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub system_field: Option<String>,
     pub source_field: String,
+    // LoRA: the base (--model) is frozen and an adapter trains (see `lora_adapter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_r: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lora_targets: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    pub use_rslora: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -154,6 +167,12 @@ impl Default for RunConfig {
             rejected_field: d.rejected_field,
             system_field: d.system_field,
             source_field: d.source_field,
+            lora_r: None,
+            lora_alpha: None,
+            lora_targets: Vec::new(),
+            lora_dropout: None,
+            use_rslora: false,
+            adapter: None,
         }
     }
 }
@@ -312,6 +331,27 @@ pub struct TrainArgs {
     /// field-name flag left at its default does not override the file).
     #[command(flatten)]
     pub data_options: DataOptions,
+    /// LoRA: train a rank-R adapter over the frozen --model (PEFT's LoRA; step-t/ is a
+    /// PEFT adapter folder). CPU engine only for now.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA's α; the adapter is scaled by α/r (α/√r with --use-rslora) [default: 8, as PEFT].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_alpha: Option<f64>,
+    /// The linear layers to adapt, comma-separated: q_proj, k_proj, v_proj, o_proj,
+    /// gate_proj, up_proj, down_proj, or all-linear [default: q_proj,v_proj, as PEFT for Llama].
+    #[arg(long, num_args = 1..)]
+    pub lora_targets: Vec<String>,
+    /// Dropout on the adapters' input, masks seeded by --seed [default: 0, or --adapter's].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_dropout: Option<f64>,
+    /// Scale the adapter by α/√r (rsLoRA) instead of α/r.
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Start from this PEFT adapter folder (e.g. an SFT adapter, M_0 = --model ⊕ it); its
+    /// adapter_config.json gives r, α and the targets.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Testing aid: corrupt the policy with NaN before this process's k-th update (1-based).
     #[arg(long, hide = true)]
     pub debug_nan_at: Option<u64>,
@@ -360,7 +400,11 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
     macro_rules! set_given {
         ($src:expr; $($f:ident),*) => { $( if $src.$f.is_some() { c.$f = $src.$f.clone(); } )* };
     }
-    set_given!(args; model, out, steps, random_init);
+    set_given!(args; model, out, steps, random_init, lora_r, lora_alpha, lora_dropout, adapter);
+    if !args.lora_targets.is_empty() {
+        c.lora_targets = args.lora_targets.clone();
+    }
+    c.use_rslora |= args.use_rslora;
     if !args.data.is_empty() {
         c.data = args.data.clone();
     }
@@ -395,7 +439,48 @@ pub fn resolve(args: &TrainArgs) -> Result<RunConfig> {
     c.train_options().check()?;
     ensure!((0.0..1.0).contains(&c.eval_fraction), "--eval-fraction must be in [0, 1), got {}", c.eval_fraction);
     ensure!(c.steps != Some(0), "--steps must be at least 1");
+    if c.lora_r.is_none() {
+        let set = [
+            ("--lora-alpha", c.lora_alpha.is_some()),
+            ("--lora-targets", !c.lora_targets.is_empty()),
+            ("--use-rslora", c.use_rslora),
+        ];
+        if let Some((flag, _)) = set.iter().find(|(_, on)| *on) {
+            ensure!(
+                c.adapter.is_none(),
+                "{flag} with --adapter: the adapter's adapter_config.json sets r, α, the targets and rsLoRA"
+            );
+            bail!("{flag} needs --lora-r (a LoRA run) or --adapter");
+        }
+        ensure!(c.lora_dropout.is_none() || c.adapter.is_some(), "--lora-dropout needs --lora-r or --adapter");
+    } else {
+        ensure!(
+            c.adapter.is_none(),
+            "--lora-r with --adapter: the adapter's adapter_config.json sets its rank; pass one of them"
+        );
+    }
     Ok(c)
+}
+
+/// A LoRA run's adapter_0: `--adapter`'s, or a fresh one from the --lora-* settings
+/// (seeded by --seed); `None` when the run fine-tunes every weight.
+fn lora_adapter(c: &RunConfig, cfg: &LlamaConfig, model: &Path) -> Result<Option<Adapter>> {
+    let base_model = model.display().to_string();
+    let mut adapter = match (&c.adapter, c.lora_r) {
+        (Some(dir), _) => Adapter { base_model, ..Adapter::load(dir, cfg)? },
+        (None, Some(r)) => {
+            let targets = if c.lora_targets.is_empty() { vec!["q_proj,v_proj".into()] } else { c.lora_targets.clone() };
+            let lc = LoraConfig::new(r, c.lora_alpha, &targets, c.lora_dropout.unwrap_or(0.0), c.use_rslora)?;
+            Adapter::fresh(cfg, lc, c.seed, base_model)
+        }
+        (None, None) => return Ok(None),
+    };
+    if let Some(p) = c.lora_dropout {
+        adapter.config.dropout = p;
+        adapter.config.check().map_err(anyhow::Error::msg)?;
+    }
+    adapter.config.dropout_seed = c.seed;
+    Ok(Some(adapter))
 }
 
 /// Loads pairs from files (JSONL / JSON / parquet records, text or conversations, or
@@ -471,7 +556,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     ensure!(!c.data.is_empty(), "--data is required (preference records or pre-tokenized JSONL files)");
     ensure!(!(args.resume && args.overwrite), "--resume and --overwrite contradict each other: pass one");
     let mut inputs: Vec<&Path> = vec![&model];
-    inputs.extend(c.data.iter().chain(&c.eval_data).chain(&c.chat_template).map(PathBuf::as_path));
+    inputs.extend(c.data.iter().chain(&c.eval_data).chain(&c.chat_template).chain(&c.adapter).map(PathBuf::as_path));
     outputs::check_not_input(&out, "--out", &inputs)?;
     let existing = match (args.resume, args.overwrite) {
         (true, _) => Existing::Keep,
@@ -505,7 +590,8 @@ fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
         (data, load_data(&c.eval_data, &data_options, &model, args.quiet)?)
     };
     let files: Vec<PathBuf> = c.data.iter().chain(&c.eval_data).cloned().collect();
-    let fingerprint = Inputs::of(&cfg, &m0, &files, &train, &eval)?;
+    let adapter = lora_adapter(&c, &cfg, &model)?;
+    let fingerprint = Inputs::of(&cfg, &m0, &files, &train, &eval, adapter.as_ref())?;
     if args.resume {
         match Inputs::load(&out)? {
             Some(then) => {
@@ -543,13 +629,18 @@ fn run_in(args: &TrainArgs, c: RunConfig, folder: &OutputFolder) -> Result<()> {
         tokenizer_from: Some(model.clone()),
         quiet: args.quiet,
         tensorboard: c.report_to == ReportTo::Tensorboard,
+        lora: adapter,
     };
     let device = c.device;
     let faults = Faults { nan_at: args.debug_nan_at, sleep_ms: args.debug_sleep_ms };
-    let factory = move |cfg: &LlamaConfig, w: LlamaWeights| -> sdpo::Result<Box<dyn Engine>> {
-        let e = engine::open(device, cfg.clone(), w)?;
-        Ok(if faults.any() { Box::new(FaultyEngine { inner: e, faults, updates: 0 }) } else { e })
-    };
+    let factory =
+        move |cfg: &LlamaConfig, w: LlamaWeights, adapter: Option<Adapter>| -> sdpo::Result<Box<dyn Engine>> {
+            let e = match adapter {
+                Some(a) => engine::open_lora(device, cfg.clone(), w, a)?,
+                None => engine::open(device, cfg.clone(), w)?,
+            };
+            Ok(if faults.any() { Box::new(FaultyEngine { inner: e, faults, updates: 0 }) } else { e })
+        };
     let t0 = std::time::Instant::now();
     let result = sdpo::sdpo::run(&opts, &cfg, m0, &train, &eval, &factory);
     // Every run ends with its report page, a failed one too: its curves show what went wrong.
@@ -645,6 +736,24 @@ impl Engine for FaultyEngine {
     }
     fn set_optimizer_state(&mut self, state: Option<sdpo::engine::AdamState>) -> sdpo::Result<()> {
         self.inner.set_optimizer_state(state)
+    }
+    fn adapter(&self) -> sdpo::Result<Option<LoraWeights>> {
+        self.inner.adapter()
+    }
+    fn set_adapter(&mut self, a: &LoraWeights) -> sdpo::Result<()> {
+        self.inner.set_adapter(a)
+    }
+    fn set_adapter_enabled(&mut self, on: bool) -> sdpo::Result<()> {
+        self.inner.set_adapter_enabled(on)
+    }
+    fn adapter_grads(&self) -> sdpo::Result<LoraWeights> {
+        self.inner.adapter_grads()
+    }
+    fn adapter_optimizer_state(&self) -> sdpo::Result<Option<sdpo::engine::AdamState<LoraWeights>>> {
+        self.inner.adapter_optimizer_state()
+    }
+    fn set_adapter_optimizer_state(&mut self, state: Option<sdpo::engine::AdamState<LoraWeights>>) -> sdpo::Result<()> {
+        self.inner.set_adapter_optimizer_state(state)
     }
 }
 

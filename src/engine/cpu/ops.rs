@@ -260,6 +260,82 @@ pub fn linear_backward(
     matmul(dw, true, dy, 1, out_dim, x, in_dim, 1, out_dim, in_dim, n);
 }
 
+/// `dX (=|+=) dY · W` alone: the backward through a frozen linear (no weight gradient).
+pub fn linear_backward_dx(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+    dx_add: bool,
+) {
+    let _p = profile::scope(Category::Gemm);
+    assert_eq!(w.len(), out_dim * in_dim, "linear_backward_dx: weight shape");
+    matmul(dx, dx_add, dy, out_dim, 1, w, in_dim, 1, n, in_dim, out_dim);
+}
+
+// --- LoRA beside a linear: y += s·(x·Aᵀ)·Bᵀ, A [r, in], B [out, r]
+
+/// `xa[n, r] = x·Aᵀ` (kept for backward), then `y[n, out] += s·xa·Bᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward(
+    y: &mut [f32],
+    xa: &mut [f32],
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    scale: f32,
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+    r: usize,
+) {
+    let _p = profile::scope(Category::Gemm);
+    assert!(a.len() == r * in_dim && b.len() == out_dim * r && xa.len() == n * r, "lora_forward: shapes");
+    matmul(xa, false, x, in_dim, 1, a, 1, in_dim, n, r, in_dim);
+    let xs: Vec<f32> = xa.iter().map(|v| v * scale).collect();
+    matmul(y, true, &xs, r, 1, b, 1, r, n, out_dim, r);
+}
+
+/// With `dz = s·dY·B` `[n, r]`: `dB += s·dYᵀ·xa`, `dA += dzᵀ·x`, `dX += (dz·A)∘mask` (always
+/// `+=`: the frozen linear's own `dX` comes first). With dropout, `x` is the adapter's
+/// input after it (`x∘mask`) and `mask` its scaled mask; without, `mask` is `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(
+    dx: &mut [f32],
+    da: &mut [f32],
+    db: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    xa: &[f32],
+    a: &[f32],
+    b: &[f32],
+    scale: f32,
+    mask: Option<&[f32]>,
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+    r: usize,
+) {
+    let _p = profile::scope(Category::Gemm);
+    assert!(da.len() == r * in_dim && db.len() == out_dim * r && xa.len() == n * r, "lora_backward: shapes");
+    let mut dz = vec![0f32; n * r];
+    matmul(&mut dz, false, dy, out_dim, 1, b, r, 1, n, r, out_dim);
+    dz.iter_mut().for_each(|v| *v *= scale);
+    let xs: Vec<f32> = xa.iter().map(|v| v * scale).collect();
+    matmul(db, true, dy, 1, out_dim, &xs, r, 1, out_dim, r, n);
+    matmul(da, true, &dz, 1, r, x, in_dim, 1, r, in_dim, n);
+    match mask {
+        None => matmul(dx, true, &dz, r, 1, a, in_dim, 1, n, in_dim, r),
+        Some(mask) => {
+            let mut d = vec![0f32; n * in_dim];
+            matmul(&mut d, false, &dz, r, 1, a, in_dim, 1, n, in_dim, r);
+            dx.iter_mut().zip(&d).zip(mask).for_each(|((x, d), m)| *x += d * m);
+        }
+    }
+}
+
 // --- embedding
 
 /// `out[t] = embed[tokens[t]]`
@@ -316,6 +392,23 @@ pub fn rmsnorm_forward_from_xhat(out: &mut [f32], xhat: &[f32], w: &[f32], hidde
 
 /// With `x̂ = x·rstd`: `dx = rstd · (w∘dy − x̂ · mean(w∘dy∘x̂))` (=), `dw += Σ_rows dy∘x̂`.
 pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize) {
+    rmsnorm_backward_opt(dx, Some(dw), dy, x, w, rstd, hidden)
+}
+
+/// `rmsnorm_backward`'s `dx` alone: the backward through a frozen norm.
+pub fn rmsnorm_backward_dx(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], hidden: usize) {
+    rmsnorm_backward_opt(dx, None, dy, x, w, rstd, hidden)
+}
+
+fn rmsnorm_backward_opt(
+    dx: &mut [f32],
+    dw: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    hidden: usize,
+) {
     let _p = profile::scope(Category::NormElementwise);
     dx.par_chunks_mut(hidden).zip(dy.par_chunks(hidden)).zip(x.par_chunks(hidden)).zip(rstd.par_iter()).for_each(
         |(((dxr, dyr), xr), &rs)| {
@@ -330,6 +423,7 @@ pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w
         },
     );
     // dw: columns are independent, rows are summed; split the columns across threads.
+    let Some(dw) = dw else { return };
     let n = rstd.len();
     let cols = hidden.div_ceil(rayon::current_num_threads().max(1)).max(64);
     dw.par_chunks_mut(cols).enumerate().for_each(|(ci, dwc)| {
@@ -765,8 +859,39 @@ pub fn logprobs_backward_with_head(
     hidden: usize,
     vocab: usize,
 ) {
+    assert_eq!(dw.len(), vocab * hidden, "logprobs_backward_with_head: weight gradient shape");
+    logprobs_backward_opt(dx, Some(dw), dlogp, x, w, lse, plan, hidden, vocab)
+}
+
+/// `logprobs_backward_with_head`'s `dx` alone: the backward through a frozen LM head.
+#[allow(clippy::too_many_arguments)]
+pub fn logprobs_backward_with_head_dx(
+    dx: &mut [f32],
+    dlogp: &[f32],
+    x: &[f32],
+    w: &[f32],
+    lse: &[f32],
+    plan: &LogpPlan,
+    hidden: usize,
+    vocab: usize,
+) {
+    logprobs_backward_opt(dx, None, dlogp, x, w, lse, plan, hidden, vocab)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn logprobs_backward_opt(
+    dx: &mut [f32],
+    mut dw: Option<&mut [f32]>,
+    dlogp: &[f32],
+    x: &[f32],
+    w: &[f32],
+    lse: &[f32],
+    plan: &LogpPlan,
+    hidden: usize,
+    vocab: usize,
+) {
     let _p = profile::scope(Category::LmHead);
-    assert!(dlogp.len() == plan.slot.len() && lse.len() == plan.rows.len() && dw.len() == vocab * hidden);
+    assert!(dlogp.len() == plan.slot.len() && lse.len() == plan.rows.len() && w.len() == vocab * hidden);
     dx.fill(0.0);
     let chunk = head_chunk_rows(vocab);
     let mut xc = vec![0f32; chunk * hidden];
@@ -785,7 +910,11 @@ pub fn logprobs_backward_with_head(
                 lg[plan.tokens[t as usize] as usize] += dlogp[t as usize];
             }
         });
-        linear_backward(&mut dxc, dw, &logits[..m * vocab], &xc[..m * hidden], w, m, hidden, vocab, false);
+        let (dl, xr) = (&logits[..m * vocab], &xc[..m * hidden]);
+        match dw.as_deref_mut() {
+            Some(dw) => linear_backward(&mut dxc, dw, dl, xr, w, m, hidden, vocab, false),
+            None => linear_backward_dx(&mut dxc, dl, w, m, hidden, vocab, false),
+        }
         for (src, &r) in dxc.chunks_exact(hidden).zip(rows) {
             dx[r as usize * hidden..(r as usize + 1) * hidden].copy_from_slice(src);
         }

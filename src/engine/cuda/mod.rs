@@ -130,6 +130,11 @@ use host::HostMem;
 use kernels::{Bf16, DPtr, Kernels};
 use profile::Prof;
 
+/// The CUDA engine computes no LoRA adapters yet; `engine::open_lora` answers this.
+pub fn lora_unsupported() -> Error {
+    Error::invalid("LoRA runs on the CPU engine for now; pass --device cpu")
+}
+
 /// Why there is no usable GPU here, or `None` when libcuda loads and sees a device.
 pub fn gpu_unavailable() -> Option<String> {
     // SAFETY: only probes whether the library loads.
