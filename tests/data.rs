@@ -73,7 +73,7 @@ fn ids_equal_trl_for_every_format_tokenizer_and_template() {
                 let want = as_pairs(&exp[&key]);
                 let opts = options_for(file, Some(template));
                 let path = fixtures().join("records").join(file);
-                let (got, summary) = load_pairs(&[path], &opts, &fixtures().join(tok)).unwrap();
+                let (got, summary) = load_pairs(&[path], &opts, &fixtures().join(tok), true).unwrap();
                 assert_same(&got, &want, &key);
                 assert_eq!(summary.read, want.len(), "{key}");
                 assert!(summary.dropped.is_empty(), "{key}: {summary}");
@@ -100,7 +100,7 @@ fn the_model_directorys_own_template_is_used() {
     for (tok, template) in [("bpe", "llama3"), ("spm", "zephyr")] {
         let file = "conversational.json";
         let (got, _) =
-            load_pairs(&[fixtures().join("records").join(file)], &options_for(file, None), &fixtures().join(tok))
+            load_pairs(&[fixtures().join("records").join(file)], &options_for(file, None), &fixtures().join(tok), true)
                 .unwrap();
         assert_same(&got, &as_pairs(&exp[&format!("{tok}/{template}/{file}")]), tok);
     }
@@ -113,7 +113,7 @@ fn several_files_keep_order_and_sources_and_count_identical_pairs() {
         .iter()
         .map(|f| fixtures().join("records").join(f))
         .collect();
-    let (got, summary) = load_pairs(&files, &DataOptions::default(), &fixtures().join("bpe")).unwrap();
+    let (got, summary) = load_pairs(&files, &DataOptions::default(), &fixtures().join("bpe"), true).unwrap();
     let mut want = as_pairs(&exp["bpe/llama3/standard.jsonl"]);
     want.extend(as_pairs(&exp["bpe/llama3/conversational.json"]));
     // pretokenized.jsonl: the first two standard pairs; one without source (the stem), one "pre"
@@ -141,7 +141,7 @@ fn truncation_matches_trl_and_is_counted() {
     let mut opts = options_for("conversational.json", Some("llama3"));
     opts.max_length = Some(max_length);
     let path = fixtures().join("records/conversational.json");
-    let (got, summary) = load_pairs(std::slice::from_ref(&path), &opts, &fixtures().join("bpe")).unwrap();
+    let (got, summary) = load_pairs(std::slice::from_ref(&path), &opts, &fixtures().join("bpe"), true).unwrap();
     // TRL's fixture pairs carry no source; ours do.
     for (w, g) in want.iter_mut().zip(&got) {
         w.source = g.source.clone();
@@ -150,7 +150,8 @@ fn truncation_matches_trl_and_is_counted() {
     assert_eq!(summary.dropped.get(DROP_PROMPT_FILLS).copied().unwrap_or(0), n_in - want.len(), "{summary}");
     // every kept pair shorter than the untruncated one was counted as truncated
     let (full, _) =
-        load_pairs(&[path], &options_for("conversational.json", Some("llama3")), &fixtures().join("bpe")).unwrap();
+        load_pairs(&[path], &options_for("conversational.json", Some("llama3")), &fixtures().join("bpe"), true)
+            .unwrap();
     let cut =
         got.iter().filter(|g| full.iter().any(|f| f.prompt == g.prompt && f.shared_len() > g.shared_len())).count();
     assert!(cut > 0);
@@ -174,7 +175,7 @@ fn err_for(name: &str, contents: &[u8], opts: &DataOptions) -> String {
     let dir = scratch(name);
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
-    let e = load_pairs(&[path], opts, &fixtures().join("bpe")).unwrap_err().to_string();
+    let e = load_pairs(&[path], opts, &fixtures().join("bpe"), true).unwrap_err().to_string();
     let _ = std::fs::remove_dir_all(&dir);
     e
 }
@@ -256,7 +257,7 @@ fn template_errors_carry_raise_exception_message() {
     let t = dir.join("broken.jinja");
     std::fs::write(&t, "{% for m in messages %}{{ m.content }}").unwrap();
     o.chat_template = Some(t);
-    let e = load_pairs(&[fixtures().join("records/conversational.json")], &o, &fixtures().join("bpe"))
+    let e = load_pairs(&[fixtures().join("records/conversational.json")], &o, &fixtures().join("bpe"), true)
         .unwrap_err()
         .to_string();
     assert_has(&e, &["broken.jinja", "does not compile"]);
@@ -276,16 +277,16 @@ fn validation_comes_before_tokenization() {
 fn missing_or_corrupt_tokenizer() {
     let dir = scratch("notok");
     let data = fixtures().join("records/standard.jsonl");
-    let e = load_pairs(std::slice::from_ref(&data), &DataOptions::default(), &dir).unwrap_err().to_string();
+    let e = load_pairs(std::slice::from_ref(&data), &DataOptions::default(), &dir, true).unwrap_err().to_string();
     assert_has(&e, &["tokenizer.json", "missing"]);
     std::fs::write(dir.join("tokenizer.json"), "{\"version\": \"1.0\", \"model\": 7}").unwrap();
-    let e = load_pairs(&[data], &DataOptions::default(), &dir).unwrap_err().to_string();
+    let e = load_pairs(&[data], &DataOptions::default(), &dir, true).unwrap_err().to_string();
     assert_has(&e, &["tokenizer.json", "not a valid tokenizer.json"]);
     // pre-tokenized data needs no tokenizer, only the vocabulary size (config.json)
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
     std::fs::write(dir.join("config.json"), "{\"vocab_size\": 1000}").unwrap();
     let (pairs, _) =
-        load_pairs(&[fixtures().join("records/pretokenized.jsonl")], &DataOptions::default(), &dir).unwrap();
+        load_pairs(&[fixtures().join("records/pretokenized.jsonl")], &DataOptions::default(), &dir, true).unwrap();
     assert_eq!(pairs.len(), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -300,10 +301,14 @@ fn pretokenized_ids_outside_the_vocabulary() {
 
 #[test]
 fn parquet_with_the_wrong_columns() {
-    let e =
-        load_pairs(&[fixtures().join("records/bad_columns.parquet")], &DataOptions::default(), &fixtures().join("bpe"))
-            .unwrap_err()
-            .to_string();
+    let e = load_pairs(
+        &[fixtures().join("records/bad_columns.parquet")],
+        &DataOptions::default(),
+        &fixtures().join("bpe"),
+        true,
+    )
+    .unwrap_err()
+    .to_string();
     assert_has(&e, &["bad_columns.parquet", "no column `chosen`", "question, answer", "--chosen-field"]);
     let e = err_for("fake.parquet", b"PAR1 this is not parquet", &DataOptions::default());
     assert_has(&e, &["fake.parquet", "not a readable parquet file"]);
@@ -341,7 +346,7 @@ fn prepare_writes_pretokenized_pairs_and_refuses_to_overwrite() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_has(&String::from_utf8_lossy(&r.stderr), &["pairs read 8, kept 8", "chosen == rejected (kept) 2"]);
     let written = sdpo::data::pretokenized::read_pairs(&out, 600).unwrap();
-    let (want, _) = load_pairs(&files, &DataOptions::default(), &fixtures().join("spm")).unwrap();
+    let (want, _) = load_pairs(&files, &DataOptions::default(), &fixtures().join("spm"), true).unwrap();
     assert_eq!(written, want);
     // a second run must not clobber it
     std::fs::write(&out, "keep me\n").unwrap();

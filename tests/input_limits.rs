@@ -167,7 +167,7 @@ fn a_template_that_loops_for_minutes_is_stopped_with_its_file_named() {
     .unwrap();
     let o = DataOptions { chat_template: Some(t), ..DataOptions::default() };
     let t0 = std::time::Instant::now();
-    let e = load_pairs(&[data], &o, &data_fixtures().join("bpe")).unwrap_err().to_string();
+    let e = load_pairs(&[data], &o, &data_fixtures().join("bpe"), true).unwrap_err().to_string();
     assert_has(&e, &["conv.jsonl:1:", "slow.jinja", "took too long"]);
     assert!(t0.elapsed().as_secs() < 60, "stopped in {:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
@@ -179,7 +179,7 @@ fn a_real_template_renders_a_megabyte_conversation_within_the_bound() {
     let data = conversation_file(&dir, &"many words here ".repeat(1 << 16));
     let o =
         DataOptions { chat_template: Some(data_fixtures().join("templates/llama3.jinja")), ..DataOptions::default() };
-    let (pairs, _) = load_pairs(&[data], &o, &data_fixtures().join("bpe")).unwrap();
+    let (pairs, _) = load_pairs(&[data], &o, &data_fixtures().join("bpe"), true).unwrap();
     assert_eq!(pairs.len(), 1);
     assert!(pairs[0].prompt.len() > 100_000, "{}", pairs[0].prompt.len());
     let _ = std::fs::remove_dir_all(&dir);
@@ -202,20 +202,20 @@ fn sequences_longer_than_the_model_are_refused_with_max_length_advice() {
     let short = json!({"prompt": "Say yes", "chosen": " yes", "rejected": " no"});
     let long = json!({"prompt": "Say yes", "chosen": " yes".repeat(200), "rejected": " no"});
     std::fs::write(&data, format!("{short}\n{long}\n")).unwrap();
-    let e = load_pairs(std::slice::from_ref(&data), &DataOptions::default(), &model).unwrap_err().to_string();
+    let e = load_pairs(std::slice::from_ref(&data), &DataOptions::default(), &model, true).unwrap_err().to_string();
     assert_has(
         &e,
         &["long.jsonl:2:", "prompt + chosen is", "max_position_embeddings (64", "1 of the 2 pairs", "--max-length 64"],
     );
     // a --max-length above the model's length is named as the cause
     let o = DataOptions { max_length: Some(1000), ..DataOptions::default() };
-    let e = load_pairs(std::slice::from_ref(&data), &o, &model).unwrap_err().to_string();
+    let e = load_pairs(std::slice::from_ref(&data), &o, &model, true).unwrap_err().to_string();
     assert_has(&e, &["long.jsonl:2:", "--max-length 1000 is above it"]);
 
     // With --max-length the ids are TRL's truncation, exactly as without the limit check.
     let o = DataOptions { max_length: Some(64), ..DataOptions::default() };
-    let (got, summary) = load_pairs(std::slice::from_ref(&data), &o, &model).unwrap();
-    let (trl, _) = load_pairs(&[data], &o, &data_fixtures().join("bpe")).unwrap();
+    let (got, summary) = load_pairs(std::slice::from_ref(&data), &o, &model, true).unwrap();
+    let (trl, _) = load_pairs(&[data], &o, &data_fixtures().join("bpe"), true).unwrap();
     assert_eq!(got, trl);
     assert_eq!((summary.kept, summary.truncated), (2, 1));
     assert_eq!(got[1].prompt.len() + got[1].chosen.len(), 64);
@@ -228,7 +228,7 @@ fn tokenized_ids_outside_the_models_vocabulary_are_refused() {
     let model = bpe_model_with("vocab", json!({"vocab_size": 100, "max_position_embeddings": 4096}));
     let data = model.join("v.jsonl");
     std::fs::write(&data, "{\"prompt\": \"Say yes\", \"chosen\": \" yes\", \"rejected\": \" no\"}\n").unwrap();
-    let e = load_pairs(&[data], &DataOptions::default(), &model).unwrap_err().to_string();
+    let e = load_pairs(&[data], &DataOptions::default(), &model, true).unwrap_err().to_string();
     assert_has(&e, &["v.jsonl:1:", "outside the model's vocabulary (vocab_size 100)", "config.json"]);
     let _ = std::fs::remove_dir_all(&model);
 }
@@ -248,7 +248,7 @@ fn a_byte_order_mark_is_skipped() {
     for (name, text) in &files {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        let (pairs, _) = load_pairs(&[path], &DataOptions::default(), &data_fixtures().join("bpe")).unwrap();
+        let (pairs, _) = load_pairs(&[path], &DataOptions::default(), &data_fixtures().join("bpe"), true).unwrap();
         got.push(pairs.into_iter().map(|p| (p.prompt, p.chosen, p.rejected)).collect::<Vec<_>>());
     }
     assert_eq!(got[0], got[1]);
@@ -274,14 +274,14 @@ fn files_with_one_stem_keep_separate_sources() {
     let other = dir.join("other.jsonl");
     std::fs::write(&other, format!("{rec}\n")).unwrap();
     files.push(other);
-    let (pairs, summary) = load_pairs(&files, &DataOptions::default(), &data_fixtures().join("bpe")).unwrap();
+    let (pairs, summary) = load_pairs(&files, &DataOptions::default(), &data_fixtures().join("bpe"), true).unwrap();
     let sources: Vec<&str> = pairs.iter().map(|p| p.source.as_str()).collect();
     assert_eq!(sources, ["easy/train", "easy/train", "hard/train", "hard/train", "other"]);
     let text = summary.to_string();
     assert_has(&text, &["default source `easy/train`", "default source `hard/train`", "same stem"]);
     // the same file twice is named, not merged or read twice
     let twice = [files[0].clone(), files[0].clone()];
-    let e = load_pairs(&twice, &DataOptions::default(), &data_fixtures().join("bpe")).unwrap_err().to_string();
+    let e = load_pairs(&twice, &DataOptions::default(), &data_fixtures().join("bpe"), true).unwrap_err().to_string();
     assert_has(&e, &["train.jsonl", "given twice"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -291,12 +291,12 @@ fn a_chat_template_given_for_plain_text_is_reported_as_not_applied() {
     let files = [data_fixtures().join("records/standard.jsonl"), data_fixtures().join("records/conversational.json")];
     let o =
         DataOptions { chat_template: Some(data_fixtures().join("templates/chatml.jinja")), ..DataOptions::default() };
-    let (_, summary) = load_pairs(&files, &o, &data_fixtures().join("bpe")).unwrap();
+    let (_, summary) = load_pairs(&files, &o, &data_fixtures().join("bpe"), true).unwrap();
     let n_plain = summary.files[0].1;
     assert_eq!(summary.template_not_applied, n_plain);
     assert_has(&summary.to_string(), &["--chat-template is not applied", "plain-text records", "as in TRL"]);
     // without --chat-template there is nothing to say
-    let (_, summary) = load_pairs(&files, &DataOptions::default(), &data_fixtures().join("bpe")).unwrap();
+    let (_, summary) = load_pairs(&files, &DataOptions::default(), &data_fixtures().join("bpe"), true).unwrap();
     assert_eq!(summary.template_not_applied, 0);
     assert!(!summary.to_string().contains("not applied"));
 }

@@ -11,4 +11,4 @@ pub mod template;
 pub mod tokenize;
 
 pub use batch::{Layout, LogpPlan, LogpTarget, PairBatch, PairExample, CHOSEN, PROMPT, REJECTED};
-pub use prepare::{load_pairs, load_pairs_with_progress, DataOptions, Summary};
+pub use prepare::{load_pairs, DataOptions, Summary};

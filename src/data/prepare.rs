@@ -205,13 +205,9 @@ struct Item {
 
 /// Reads, validates, tokenizes and truncates the records of `files` for the model in
 /// `model_dir` (its tokenizer.json, tokenizer_config.json / chat template, and config.json's
-/// vocab_size and max_position_embeddings), with progress lines on stderr for long inputs.
-pub fn load_pairs(files: &[PathBuf], opts: &DataOptions, model_dir: &Path) -> Result<(Vec<PairExample>, Summary)> {
-    load_pairs_with_progress(files, opts, model_dir, true)
-}
-
-/// `load_pairs`, with progress lines only when `progress` (false for `--quiet`).
-pub fn load_pairs_with_progress(
+/// vocab_size and max_position_embeddings); `progress`: progress lines on stderr for long
+/// inputs (false for `--quiet`).
+pub fn load_pairs(
     files: &[PathBuf],
     opts: &DataOptions,
     model_dir: &Path,

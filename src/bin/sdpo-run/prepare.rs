@@ -35,7 +35,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     inputs.extend(args.data.iter().chain(&args.data_options.chat_template).map(PathBuf::as_path));
     sdpo::outputs::check_output_file(&args.out, "--out", &inputs, args.overwrite)?;
     let t0 = Instant::now();
-    let (pairs, summary) = load_pairs(&args.data, &args.data_options, &args.model)?;
+    let (pairs, summary) = load_pairs(&args.data, &args.data_options, &args.model, true)?;
     let secs = t0.elapsed().as_secs_f64();
     eprint!("{summary}");
     if pairs.is_empty() {

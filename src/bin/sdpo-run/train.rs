@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use sdpo::checkpoint::{Inputs, INPUTS_FILE};
 use sdpo::config::LlamaConfig;
-use sdpo::data::{load_pairs_with_progress, DataOptions};
+use sdpo::data::{load_pairs, DataOptions};
 use sdpo::dpo::{LossConfig, LossKind};
 use sdpo::engine::{self, AdamWConfig, Device, Engine};
 use sdpo::lora::{Adapter, LoraConfig, LoraWeights};
@@ -494,7 +494,7 @@ pub fn load_data(files: &[PathBuf], opts: &DataOptions, model_dir: &Path, quiet:
             if f.exists() { "not a file" } else { "no such file" }
         );
     }
-    let (pairs, summary) = load_pairs_with_progress(files, opts, model_dir, !quiet)?;
+    let (pairs, summary) = load_pairs(files, opts, model_dir, !quiet)?;
     if !quiet {
         eprintln!("{summary}");
     }
