@@ -71,6 +71,17 @@
 
 namespace {
 
+// Dynamic shared memory per block, bytes, of the kernels for D = 16, 32, 64, 128 (their
+// layouts: attention_forward_impl, attention_backward_impl). This table is the one
+// statement of these sizes: the launchers read these two lines (src/engine/cuda/kernels.rs,
+// attention_smem), and each kernel static_asserts that its layout ends exactly here.
+constexpr int ATTENTION_FORWARD_SMEM[4] = {13056, 21248, 37632, 105216};
+constexpr int ATTENTION_BACKWARD_SMEM[4] = {17536, 25728, 42112, 74880};
+
+// The index of head dim D in the tables above.
+template <int D>
+constexpr int HEAD_DIM_INDEX = D == 16 ? 0 : D == 32 ? 1 : D == 64 ? 2 : D == 128 ? 3 : -1;
+
 constexpr int PAD = 8;  // bf16 elements of row padding: 16 bytes, keeps fragment loads conflict-free
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
@@ -79,9 +90,15 @@ SDPO_DEVICE int token_meta(const unsigned int* group, const unsigned char* branc
     return t < n ? (int)(group[t] * 4u + branch[t]) : -1;
 }
 
+// PairBatch::attends on packed metadata: k ≤ q and k's (group, branch) is q's own or its
+// group's branch 0. A row ≥ n (−1) matches no key ≥ 0 (−1 & ~3 = −4), and a key ≥ n is
+// excluded by km ≥ 0.
 SDPO_DEVICE bool visible(int qm, int km, int q, int k) {
-    return qm >= 0 && km >= 0 && k <= q && (qm >> 2) == (km >> 2) && ((km & 3) == 0 || (km & 3) == (qm & 3));
+    return k <= q && km >= 0 && (km == qm || km == (qm & ~3));
 }
+
+// Whether a (group, branch) qm sees keys of (group, branch) km at all, causality aside.
+SDPO_DEVICE bool meta_sees(int qm, int km) { return km >= 0 && (km == qm || km == (qm & ~3)); }
 
 // Fragments come out of shared memory by ldmatrix (common.cuh), one x4 per A fragment or
 // per pair of B fragments. Two lane-to-row-address patterns cover every use here:
@@ -130,11 +147,6 @@ constexpr int FWD_Q_SMEM_MIN_D = 128;
 // traffic, only a second rescale of the accumulators per tile.
 constexpr int FWD_KSTEP = 32;
 
-// Dynamic shared memory of the forward kernel (the launcher computes the same): two stages
-// of the K and V tiles, 2·2·64·(D+8)·2 bytes, the Q tile where it stays in shared memory
-// (D = 128: 128·(D+8)·2), and the query and key metadata, (128 + 64)·4; 102.75 KB for
-// D = 128, so the launcher raises the kernel's limit above the default 48 KB.
-
 template <int D>
 SDPO_DEVICE void attention_forward_impl(
     __nv_bfloat16* __restrict__ o, float* __restrict__ lse, const __nv_bfloat16* __restrict__ q,
@@ -153,6 +165,9 @@ SDPO_DEVICE void attention_forward_impl(
     __nv_bfloat16* Qs = Q_SMEM ? stages + 4 * TILE : stages + 2 * TILE;  // [FWD_BM queries][LD]
     int* qmeta = reinterpret_cast<int*>(stages + 4 * TILE + (Q_SMEM ? FWD_BM * LD : 0));
     int* kmeta = qmeta + FWD_BM;
+    static_assert((4 * TILE + (Q_SMEM ? FWD_BM * LD : 0)) * 2 + (FWD_BM + FWD_BN) * 4 ==
+                      ATTENTION_FORWARD_SMEM[HEAD_DIM_INDEX<D>],
+                  "the layout above ends where ATTENTION_FORWARD_SMEM says");
 
     const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
     const int q0 = blockIdx.x * FWD_BM;
@@ -187,6 +202,8 @@ SDPO_DEVICE void attention_forward_impl(
         }
         __syncthreads();  // stage 1 is free for the first prefetch
     }
+    // The (group, branch) all 32 rows of this warp share, when they do and are < n; else −1.
+    const int row_meta = warp_all(qmeta[wr + lane] == qmeta[wr]) ? qmeta[wr] : -1;
 
     // This thread's rows: row block rb, half i (fragment rows g and g + 8) is tile row
     // wr + 16·rb + 8·i + g. Their metadata is re-read from qmeta when needed: kept in
@@ -224,18 +241,40 @@ SDPO_DEVICE void attention_forward_impl(
         // cover its 32 rows × 64 keys between them, so the warp sees the tile iff a lane has
         // a bit set. A tile no warp sees is skipped by all; otherwise a warp that sees none
         // of it only waits at the closing barrier (on the causal diagonal, across branches).
+        // Where the warp's rows share one (group, branch) and so do the tile's keys (every
+        // tile of a segment that does not straddle a boundary), the bits are causal only:
+        // row r sees keys kc ≤ t = q0 + r − kb, which among this thread's positions (kc =
+        // 8·j + 2·t4 + c, increasing with 2·j + c) are the first n0 + n1, n_c = #{j: kc ≤ t}.
+        // `whole`: the warp sees every (row, key) of the tile, and applies no mask.
         u32 vis[2] = {0u, 0u};
-#pragma unroll
-        for (int j = 0; j < FWD_BN / 8; j++) {
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int kc = j * 8 + 2 * t4 + c, km = kmeta[kc];
+        bool whole = false;
+        const int tile_meta = kmeta[0];
+        if (row_meta >= 0 && warp_all(kmeta[lane] == tile_meta && kmeta[lane + 32] == tile_meta)) {
+            if (meta_sees(row_meta, tile_meta)) {
+                whole = kb + FWD_BN - 1 <= q0 + wr;
 #pragma unroll
                 for (int rb = 0; rb < 2; rb++) {
 #pragma unroll
                     for (int i = 0; i < 2; i++) {
-                        const int qr = wr + 16 * rb + 8 * i + g;
-                        vis[rb] |= (u32)visible(qmeta[qr], km, q0 + qr, kb + kc) << (16 * i + 2 * j + c);
+                        const int t = q0 + wr + 16 * rb + 8 * i + g - kb - 2 * t4;
+                        const int n0 = min(max((t + 8) >> 3, 0), 8), n1 = min(max((t + 7) >> 3, 0), 8);
+                        vis[rb] |= ((1u << (n0 + n1)) - 1u) << (16 * i);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < FWD_BN / 8; j++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const int kc = j * 8 + 2 * t4 + c, km = kmeta[kc];
+#pragma unroll
+                    for (int rb = 0; rb < 2; rb++) {
+#pragma unroll
+                        for (int i = 0; i < 2; i++) {
+                            const int qr = wr + 16 * rb + 8 * i + g;
+                            vis[rb] |= (u32)visible(qmeta[qr], km, q0 + qr, kb + kc) << (16 * i + 2 * j + c);
+                        }
                     }
                 }
             }
@@ -282,19 +321,26 @@ SDPO_DEVICE void attention_forward_impl(
                         }
                     }
                 }
-                // Per row block: mask, scale into the log2 domain, online softmax; then P
-                // packed into A fragments (two n8 score tiles form one k16 fragment).
+                // Per row block: mask (unless the warp sees the whole tile), online softmax in
+                // the log2 domain (the running max m in scaled units, exp2(s·sl2 − m) one FFMA
+                // and one ex2 per element); then P packed into A fragments (two n8 score tiles
+                // form one k16 fragment).
                 u32 pa[2][KSTEP / 16][4];
 #pragma unroll
                 for (int rb = 0; rb < 2; rb++) {
+                    if (!whole) {
+                        const u32 bits = vis[rb] >> (2 * j0);
+#pragma unroll
+                        for (int j = 0; j < KSTEP / 8; j++) {
+#pragma unroll
+                            for (int e = 0; e < 4; e++) {
+                                if (!((bits >> (16 * (e >> 1) + 2 * j + (e & 1))) & 1u)) s[rb][j][e] = -INFINITY;
+                            }
+                        }
+                    }
                     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
                     for (int j = 0; j < KSTEP / 8; j++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            const bool seen = (vis[rb] >> (16 * (e >> 1) + 2 * (j0 + j) + (e & 1))) & 1u;
-                            s[rb][j][e] = seen ? s[rb][j][e] * sl2 : -INFINITY;
-                        }
                         mx[0] = fmaxf(mx[0], fmaxf(s[rb][j][0], s[rb][j][1]));
                         mx[1] = fmaxf(mx[1], fmaxf(s[rb][j][2], s[rb][j][3]));
                     }
@@ -303,17 +349,17 @@ SDPO_DEVICE void attention_forward_impl(
                     for (int i = 0; i < 2; i++) {
                         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
                         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                        const float mn = fmaxf(m[rb][i], mx[i]);
+                        const float mn = fmaxf(m[rb][i], mx[i] * sl2);  // sl2 > 0: max(s)·sl2 = max(s·sl2)
                         // A row with nothing visible yet keeps base 0 so that exp2(−inf − base) = 0, not NaN.
                         base[i] = mn == -INFINITY ? 0.f : mn;
-                        al[i] = exp2f(m[rb][i] - base[i]);
+                        al[i] = exp2_ftz(m[rb][i] - base[i]);
                         m[rb][i] = mn;
                     }
 #pragma unroll
                     for (int j = 0; j < KSTEP / 8; j++) {
 #pragma unroll
                         for (int e = 0; e < 4; e++) {
-                            s[rb][j][e] = exp2f(s[rb][j][e] - base[e >> 1]);
+                            s[rb][j][e] = exp2_ftz(fmaf(s[rb][j][e], sl2, -base[e >> 1]));
                             ps[e >> 1] += s[rb][j][e];
                         }
                     }
@@ -380,11 +426,6 @@ SDPO_DEVICE void attention_forward_impl(
 
 constexpr int BWD_BN = 64, BWD_BM = 32;
 
-// Dynamic shared memory of the backward kernel (the launcher computes the same): the K and
-// V tiles, two stages of the Q and dO tiles, the dS tile and the metadata,
-// (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes; 73.1 KB for D = 128, so the
-// launcher raises the kernel's dynamic shared-memory limit above the default 48 KB.
-
 // What the backward needs of query row t at head h besides its Q and dO rows: its
 // (group, branch) as token_meta packs it, lse in the log2 domain and D; a row ≥ n gets −1
 // (masked) and zeros.
@@ -417,6 +458,10 @@ SDPO_DEVICE void attention_backward_impl(
     float* delta_s = lse_s + BWD_BM;
     int* qmeta = reinterpret_cast<int*>(delta_s + BWD_BM);
     int* kmeta = qmeta + BWD_BM;
+    static_assert((2 * BWD_BN * LD + 4 * QTILE + BWD_BM * LDS) * 2 + (3 * BWD_BM + BWD_BN) * 4 ==
+                      ATTENTION_BACKWARD_SMEM[HEAD_DIM_INDEX<D>],
+                  "the layout above ends where ATTENTION_BACKWARD_SMEM says");
+    static_assert(BWD_BM == 32, "one query of a step per lane (the step's uniform-metadata test)");
 
     const int kvh = blockIdx.y, group_size = n_heads / n_kv_heads;
     const int k0 = blockIdx.x * BWD_BN;
@@ -446,6 +491,10 @@ SDPO_DEVICE void attention_backward_impl(
     __syncthreads();  // kmeta is visible
     const int km0 = kmeta[wk + g], km1 = kmeta[wk + g + 8];
     const int kr0 = k0 + wk + g, kr1 = kr0 + 8;
+    // The (group, branch) all 16 keys of this warp share, when they do and are < n; else −1.
+    // Not at D ≤ 32, where the whole-block path costs the spills that the 96-register bound
+    // (5 blocks per SM) leaves no room for.
+    const int key_meta = D >= 64 && warp_all(km0 == kmeta[wk] && km1 == kmeta[wk]) ? kmeta[wk] : -1;
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
@@ -514,14 +563,34 @@ SDPO_DEVICE void attention_backward_impl(
             }
         }
         // Pᵀ and dSᵀ = Pᵀ∘(dPᵀ − D); element e of tile j: key row g (+8 for e ≥ 2),
-        // query column j·8 + 2·t4 + (e & 1).
+        // query column j·8 + 2·t4 + (e & 1), bit 4·j + e of `vis`. Where the warp's keys
+        // and the step's queries each share one (group, branch) that sees the other and
+        // the last key precedes the first query, the warp sees the whole 16 × 32 block and
+        // evaluates no mask (every step of a query tile past the keys, inside a segment).
+        bool whole = false;
+        if (key_meta >= 0) {
+            const int qm = qmeta[0];
+            whole = warp_all(qmeta[lane] == qm) && meta_sees(qm, key_meta) && k0 + wk + 15 <= q0;
+        }
+        u32 vis = 0xffffffffu;
+        if (!whole) {
+            vis = 0u;
+#pragma unroll
+            for (int j = 0; j < BWD_BM / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qc = j * 8 + 2 * t4 + (e & 1);
+                    const bool v = e < 2 ? visible(qmeta[qc], km0, q0 + qc, kr0) : visible(qmeta[qc], km1, q0 + qc, kr1);
+                    vis |= (u32)v << (4 * j + e);
+                }
+            }
+        }
 #pragma unroll
         for (int j = 0; j < BWD_BM / 8; j++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int qc = j * 8 + 2 * t4 + (e & 1);
-                const bool vis = e < 2 ? visible(qmeta[qc], km0, q0 + qc, kr0) : visible(qmeta[qc], km1, q0 + qc, kr1);
-                const float p = vis ? exp2f(s[j][e] * sl2 - lse_s[qc]) : 0.f;
+                const float p = (vis >> (4 * j + e)) & 1u ? exp2_ftz(fmaf(s[j][e], sl2, -lse_s[qc])) : 0.f;
                 s[j][e] = p;
                 dp[j][e] = p * (dp[j][e] - delta_s[qc]);
             }
@@ -650,22 +719,26 @@ ATTENTION_BACKWARD(32, 5)
 ATTENTION_BACKWARD(64, 3)
 ATTENTION_BACKWARD(128, 2)
 
-// D_q = Σ_d dO[q, h, d]·O[q, h, d], [n, n_heads] f32: one thread per (token, head).
+// D_q = Σ_d dO[q, h, d]·O[q, h, d], [n, n_heads] f32. Each (token, head) row is read by
+// head_dim / 8 adjacent lanes, 16 bytes each (a power of two ≤ 32: the launcher checks), so
+// a warp's loads cover whole consecutive rows (with the rows of a token adjacent, 512
+// contiguous bytes per load instruction), and the lanes' partial sums meet by xor shuffles
+// within their group.
 extern "C" __global__ void __launch_bounds__(256) attention_backward_delta(
     float* __restrict__ delta, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ o, int n,
     int n_heads, int head_dim, int do_stride, int o_stride) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)n * n_heads) return;
-    const int t = (int)(idx / n_heads), h = (int)(idx % n_heads);
-    const __nv_bfloat16* a = dout + (size_t)t * do_stride + (size_t)h * head_dim;
-    const __nv_bfloat16* b = o + (size_t)t * o_stride + (size_t)h * head_dim;
+    const int lanes = head_dim / 8, rows_per_block = blockDim.x / lanes;
+    const long long row = (long long)blockIdx.x * rows_per_block + threadIdx.x / lanes;
+    const bool live = row < (long long)n * n_heads;
     float acc = 0.f;
-    for (int c = 0; c < head_dim; c += 8) {
+    if (live) {
+        const int t = (int)(row / n_heads), h = (int)(row % n_heads), c = (int)(threadIdx.x % lanes) * 8;
         float x[8], y[8];
-        load8(a + c, x);
-        load8(b + c, y);
+        load8(dout + (size_t)t * do_stride + (size_t)h * head_dim + c, x);
+        load8(o + (size_t)t * o_stride + (size_t)h * head_dim + c, y);
 #pragma unroll
         for (int i = 0; i < 8; i++) acc += x[i] * y[i];
     }
-    delta[idx] = acc;
+    for (int off = lanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (live && threadIdx.x % lanes == 0) delta[row] = acc;
 }
