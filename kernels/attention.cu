@@ -24,15 +24,24 @@
 //   D ≤ 64 Q's A fragments are loaded once into registers (the Q tile staged in K/V stage
 //   1); at D = 128 they do not fit next to the 128 O accumulators, so the Q tile stays in
 //   shared memory and its fragments are loaded in the S loop (as FlashAttention-2 does).
-//   Shared memory: 2·2·64·(D+8)·2 bytes of K/V stages, + 128·(D+8)·2 for Q at D = 128,
-//   + metadata: 102.75 KB at D = 128, 36.75 KB at D = 64.
+//   Shared memory (ATTENTION_FORWARD_SMEM below): 2·2·64·(D+8)·2 bytes of K/V stages,
+//   + 128·(D+8)·2 for Q at D = 128, + metadata: 102.75 KB at D = 128, 36.75 KB at D = 64.
 //   Shared-memory bytes per mma (counted from the code): 128 in both products for D ≤ 64
 //   (it would be 256 with 16 rows per warp); at D = 128, 256 in S (a Q and a K load per 4
 //   mmas each) and 128 in P·V, 192 on average. At mma.sync rates an H100/H200 SM does one
 //   m16n8k16 (4096 FLOPs) per ~1-1.5 clocks and shared memory delivers 128 bytes per
 //   clock, so 256 B/mma holds an inner loop to about half the tensor-core rate.
-//   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/4 blocks per SM at D = 128/64/32/16;
-//   sm_80 1/2/3/4 (D = 128 limited by shared memory: 102.75 KB per block).
+//   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/5 blocks per SM at D = 128/64/32/16;
+//   sm_80 1/3/4/5 (D = 128 limited by shared memory: 102.75 KB per block).
+//   The mask: the kernel is bound by instruction issue, not by its mmas (Nsight Compute
+//   on an H200, D = 64 training shape: 128 mmas per warp and tile among ~2600 issued
+//   instructions, the integer pipe the busiest), so the mask costs as little as the data
+//   allow. Where a warp's 32 rows share one (group, branch) and so do the tile's 64 keys
+//   (every tile inside a segment; tiles straddling a segment boundary are the exception)
+//   the warp's mask bits follow from causality alone, a closed form per row; when the
+//   whole tile is visible to the warp (its last key precedes its first row) no element is
+//   masked at all. Other tiles evaluate the pair mask per (row, key). The softmax takes
+//   one FFMA and one ex2.approx.ftz per score (exp2(s·sl2 − m), exp2_ftz in common.cuh).
 //   Skipping: each thread's 64 mask bits are computed once per tile; a tile no query of the
 //   block sees is skipped by all warps after its metadata is read (its copy was issued a
 //   tile earlier and is not saved), and a warp none of whose 32 rows sees it only waits at
@@ -43,17 +52,23 @@
 //   keeps their dK and dV in registers while it walks every query head of the kv group
 //   and every 32-query tile that can see the keys (from the tile itself to the end of
 //   its last key's group). dQ goes through a bf16 dS tile in shared memory and an mma
-//   with K, then f32 atomics (a pair of columns per 8-byte atomic on sm_90). The (head, query tile) steps are double-buffered: cp.async
-//   brings step i+1's Q and dO tiles into one stage while the warps compute on step i's
-//   in the other (K and V land with step 0's tiles, in the first copy group), and the
-//   query metadata (mask, lse, D) of step i+1 is read into registers of threads 0-31
-//   during step i and stored to shared memory at the top of step i+1. A step no key of
-//   the block sees is skipped after its metadata is read; its tiles were copied a step
-//   earlier, like the forward's. Shared memory: K, V, 2 stages of Q and dO, dS, metadata,
-//   (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes: 73.1 KB at D = 128.
+//   with K, then f32 atomics (a pair of columns per 8-byte atomic on sm_90). The (head,
+//   query tile) steps are double-buffered: cp.async brings step i+1's Q and dO tiles into
+//   one stage while the warps compute on step i's in the other (K and V land with step
+//   0's tiles, in the first copy group), and the query metadata (mask, lse, D) of step
+//   i+1 is read into registers of threads 0-31 during step i and stored to shared memory
+//   at the top of step i+1. A step no key of the block sees is skipped after its metadata
+//   is read; its tiles were copied a step earlier, like the forward's. Shared memory
+//   (ATTENTION_BACKWARD_SMEM below): K, V, 2 stages of Q and dO, dS, metadata,
+//   (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes: 73.1 KB at D = 128. As in the forward, a warp whose 16 keys share one (group,
+//   branch) with a step's 32 queries, all after its last key, evaluates no mask for that
+//   step (D ≥ 64; at D ≤ 32 the test costs spills under the 96-register bound).
 //   Occupancy (cuda_compile, theoretical): 2/3/5/5 blocks per SM at D = 128/64/32/16 on
 //   sm_90 and sm_80 (registers; D ≤ 32 held there by __launch_bounds__' second value, see
 //   ATTENTION_BACKWARD).
+// - attention_backward_delta: head_dim / 8 lanes per (token, head) row, 16 bytes each, so
+//   every load instruction reads whole consecutive rows (one thread per row read 16 of
+//   each 32-byte sector per load, and its 0.97-wave grid left SMs idle).
 // - every mma operand comes from shared memory by ldmatrix (x4: one A fragment or two B
 //   fragments; .trans where the operand is stored [k][n]: V, dO and Q in dV/dK, K in dQ).
 // Cost per call, with A = visible (query, key) pairs per head: forward 4·A·D FLOPs per
@@ -62,7 +77,9 @@
 // Checked by the kernel simulator (src/engine/cuda/sim.rs, tests/kernel_sim.rs); its speed
 // is a GPU's to measure (BENCHMARKS.md).
 // Limits of this design: one 16-key block per warp in the backward (at D = 128 it uses
-// 236-239 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
+// 236-241 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
+// the D = 64 forward takes 170 registers, 2 blocks per SM on sm_90 (168 would give 3;
+// __launch_bounds__(128, 3) gets there with a 4-byte spill, which cuda_compile refuses);
 // 64-key score steps at D = 128 (S at 128 B/mma) need more registers than the pair mask
 // leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
 // single-buffered schedule, K's copy under P·V and V's under S as in FlashAttention-2,
@@ -158,6 +175,7 @@ SDPO_DEVICE void attention_forward_impl(
     constexpr int KSTEP = FWD_KSTEP;
     static_assert(FWD_BN % KSTEP == 0 && KSTEP % 16 == 0, "whole k16 steps in a tile");
     static_assert(FWD_BM <= 2 * FWD_BN, "the Q tile is staged in K/V stage 1 when it does not stay in shared memory");
+    static_assert(FWD_BN == 64 && FWD_WM == 32, "the uniform-metadata test: two keys and one row per lane");
     SDPO_DYNAMIC_SMEM(smem);
     // Stage s: K at stages + 2·s·TILE, V right after it ([FWD_BN keys][LD] each), so one
     // stage is 2·FWD_BN contiguous rows.
