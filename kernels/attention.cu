@@ -31,16 +31,16 @@
 //   mmas each) and 128 in P·V, 192 on average. At mma.sync rates an H100/H200 SM does one
 //   m16n8k16 (4096 FLOPs) per ~1-1.5 clocks and shared memory delivers 128 bytes per
 //   clock, so 256 B/mma holds an inner loop to about half the tensor-core rate.
-//   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/5 blocks per SM at D = 128/64/32/16;
-//   sm_80 1/3/4/5 (D = 128 limited by shared memory: 102.75 KB per block).
+//   Occupancy (cuda_compile, theoretical): sm_90 2/3/4/5 blocks per SM at D = 128/64/32/16;
+//   sm_80 1/2/4/5 (D = 128 limited by shared memory: 102.75 KB per block).
 //   The mask: the kernel is bound by instruction issue, not by its mmas (Nsight Compute
 //   on an H200, D = 64 training shape: 128 mmas per warp and tile among ~2600 issued
 //   instructions, the integer pipe the busiest), so the mask costs as little as the data
 //   allow. Where a warp's 32 rows share one (group, branch) and so do the tile's 64 keys
 //   (every tile inside a segment; tiles straddling a segment boundary are the exception)
-//   the warp's mask bits follow from causality alone, a closed form per row; when the
-//   whole tile is visible to the warp (its last key precedes its first row) no element is
-//   masked at all. Other tiles evaluate the pair mask per (row, key). The softmax takes
+//   the warp's mask bits follow from causality alone, a closed form per row; a thread
+//   all of whose bits are set (all of them, where the tile's last key precedes the warp's
+//   first row) masks no element. Other tiles evaluate the pair mask per (row, key). The softmax takes
 //   one FFMA and one ex2.approx.ftz per score (exp2(s·sl2 − m), exp2_ftz in common.cuh).
 //   Skipping: each thread's 64 mask bits are computed once per tile; a tile no query of the
 //   block sees is skipped by all warps after its metadata is read (its copy was issued a
@@ -78,8 +78,8 @@
 // is a GPU's to measure (BENCHMARKS.md).
 // Limits of this design: one 16-key block per warp in the backward (at D = 128 it uses
 // 236-241 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
-// the D = 64 forward takes 170 registers, 2 blocks per SM on sm_90 (168 would give 3;
-// __launch_bounds__(128, 3) gets there with a 4-byte spill, which cuda_compile refuses);
+// the D = 64 forward on sm_80 takes 178 registers, 2 blocks per SM (bounded to 168 for
+// 3, it spills);
 // 64-key score steps at D = 128 (S at 128 B/mma) need more registers than the pair mask
 // leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
 // single-buffered schedule, K's copy under P·V and V's under S as in FlashAttention-2,
@@ -263,13 +263,10 @@ SDPO_DEVICE void attention_forward_impl(
         // tile of a segment that does not straddle a boundary), the bits are causal only:
         // row r sees keys kc ≤ t = q0 + r − kb, which among this thread's positions (kc =
         // 8·j + 2·t4 + c, increasing with 2·j + c) are the first n0 + n1, n_c = #{j: kc ≤ t}.
-        // `whole`: the warp sees every (row, key) of the tile, and applies no mask.
         u32 vis[2] = {0u, 0u};
-        bool whole = false;
         const int tile_meta = kmeta[0];
         if (row_meta >= 0 && warp_all(kmeta[lane] == tile_meta && kmeta[lane + 32] == tile_meta)) {
             if (meta_sees(row_meta, tile_meta)) {
-                whole = kb + FWD_BN - 1 <= q0 + wr;
 #pragma unroll
                 for (int rb = 0; rb < 2; rb++) {
 #pragma unroll
@@ -339,14 +336,14 @@ SDPO_DEVICE void attention_forward_impl(
                         }
                     }
                 }
-                // Per row block: mask (unless the warp sees the whole tile), online softmax in
+                // Per row block: mask (unless every bit is set), online softmax in
                 // the log2 domain (the running max m in scaled units, exp2(s·sl2 − m) one FFMA
                 // and one ex2 per element); then P packed into A fragments (two n8 score tiles
                 // form one k16 fragment).
                 u32 pa[2][KSTEP / 16][4];
 #pragma unroll
                 for (int rb = 0; rb < 2; rb++) {
-                    if (!whole) {
+                    if (vis[rb] != 0xffffffffu) {
                         const u32 bits = vis[rb] >> (2 * j0);
 #pragma unroll
                         for (int j = 0; j < KSTEP / 8; j++) {
@@ -704,8 +701,17 @@ SDPO_DEVICE void attention_backward_impl(
 
 // --- entry points, one per head dim
 
-#define ATTENTION_FORWARD(D)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(128) attention_forward_hd##D(                                     \
+// The forward's second bound (blocks per SM) holds D = 64 on sm_90 to 168 registers, 3
+// blocks per SM (without it ptxas takes 170: 2); on sm_80 the kernel takes 165 unbounded
+// (3 blocks) and spills under the bound.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FORWARD_HD64_MIN_BLOCKS 3
+#else
+#define FORWARD_HD64_MIN_BLOCKS 1
+#endif
+
+#define ATTENTION_FORWARD(D, MIN_BLOCKS)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) attention_forward_hd##D(                                     \
         __nv_bfloat16* o, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,     \
         const unsigned int* group, const unsigned char* branch, const unsigned int* group_start, int n,            \
         int n_heads, int n_kv_heads, int q_stride, int kv_stride, int o_stride, float scale) {                      \
@@ -728,10 +734,10 @@ SDPO_DEVICE void attention_backward_impl(
                                    n_kv_heads, q_stride, kv_stride, do_stride, dq_stride, dkv_stride, scale);      \
     }
 
-ATTENTION_FORWARD(16)
-ATTENTION_FORWARD(32)
-ATTENTION_FORWARD(64)
-ATTENTION_FORWARD(128)
+ATTENTION_FORWARD(16, 1)
+ATTENTION_FORWARD(32, 1)
+ATTENTION_FORWARD(64, FORWARD_HD64_MIN_BLOCKS)
+ATTENTION_FORWARD(128, 1)
 ATTENTION_BACKWARD(16, 5)
 ATTENTION_BACKWARD(32, 5)
 ATTENTION_BACKWARD(64, 3)
