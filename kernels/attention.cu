@@ -79,8 +79,7 @@
 // Limits of this design: one 16-key block per warp in the backward (at D = 128 it uses
 // 236-241 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
 // the D = 64 forward on sm_80 takes 178 registers, 2 blocks per SM (bounded to 168 for
-// 3, it spills);
-// 64-key score steps at D = 128 (S at 128 B/mma) need more registers than the pair mask
+// 3, it spills); 64-key score steps at D = 128 (S at 128 B/mma) need more registers than the pair mask
 // leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
 // single-buffered schedule, K's copy under P·V and V's under S as in FlashAttention-2,
 // would fit 2); the dS tile is written with scalar bf16 stores.
@@ -702,8 +701,8 @@ SDPO_DEVICE void attention_backward_impl(
 // --- entry points, one per head dim
 
 // The forward's second bound (blocks per SM) holds D = 64 on sm_90 to 168 registers, 3
-// blocks per SM (without it ptxas takes 170: 2); on sm_80 the kernel takes 165 unbounded
-// (3 blocks) and spills under the bound.
+// blocks per SM (without it ptxas takes 170: 2); on sm_80 the kernel takes 178 unbounded
+// (2 blocks) and spills under the bound.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define FORWARD_HD64_MIN_BLOCKS 3
 #else
