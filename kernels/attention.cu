@@ -79,8 +79,8 @@
 // Limits of this design: one 16-key block per warp in the backward (at D = 128 it uses
 // 236-241 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
 // the D = 64 forward on sm_80 takes 178 registers, 2 blocks per SM (bounded to 168 for
-// 3, it spills); 64-key score steps at D = 128 (S at 128 B/mma) need more registers than the pair mask
-// leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
+// 3, it spills); 64-key score steps at D = 128 (S at 128 B/mma) need more registers than
+// the pair mask leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
 // single-buffered schedule, K's copy under P·V and V's under S as in FlashAttention-2,
 // would fit 2); the dS tile is written with scalar bf16 stores.
 #include "common.cuh"
