@@ -24,15 +24,24 @@
 //   D ≤ 64 Q's A fragments are loaded once into registers (the Q tile staged in K/V stage
 //   1); at D = 128 they do not fit next to the 128 O accumulators, so the Q tile stays in
 //   shared memory and its fragments are loaded in the S loop (as FlashAttention-2 does).
-//   Shared memory: 2·2·64·(D+8)·2 bytes of K/V stages, + 128·(D+8)·2 for Q at D = 128,
-//   + metadata: 102.75 KB at D = 128, 36.75 KB at D = 64.
+//   Shared memory (ATTENTION_FORWARD_SMEM below): 2·2·64·(D+8)·2 bytes of K/V stages,
+//   + 128·(D+8)·2 for Q at D = 128, + metadata: 102.75 KB at D = 128, 36.75 KB at D = 64.
 //   Shared-memory bytes per mma (counted from the code): 128 in both products for D ≤ 64
 //   (it would be 256 with 16 rows per warp); at D = 128, 256 in S (a Q and a K load per 4
 //   mmas each) and 128 in P·V, 192 on average. At mma.sync rates an H100/H200 SM does one
 //   m16n8k16 (4096 FLOPs) per ~1-1.5 clocks and shared memory delivers 128 bytes per
 //   clock, so 256 B/mma holds an inner loop to about half the tensor-core rate.
-//   Occupancy (cuda_compile, theoretical): sm_90 2/2/4/4 blocks per SM at D = 128/64/32/16;
-//   sm_80 1/2/3/4 (D = 128 limited by shared memory: 102.75 KB per block).
+//   Occupancy (cuda_compile, theoretical): sm_90 2/3/4/5 blocks per SM at D = 128/64/32/16;
+//   sm_80 1/2/4/5 (D = 128 limited by shared memory: 102.75 KB per block).
+//   The mask: the kernel is bound by instruction issue, not by its mmas (Nsight Compute
+//   on an H200, D = 64 training shape: 128 mmas per warp and tile among ~2600 issued
+//   instructions, the integer pipe the busiest), so the mask costs as little as the data
+//   allow. Where a warp's 32 rows share one (group, branch) and so do the tile's 64 keys
+//   (every tile inside a segment; tiles straddling a segment boundary are the exception)
+//   the warp's mask bits follow from causality alone, a closed form per row; a thread
+//   all of whose bits are set (all of them, where the tile's last key precedes the warp's
+//   first row) masks no element. Other tiles evaluate the pair mask per (row, key). The softmax takes
+//   one FFMA and one ex2.approx.ftz per score (exp2(s·sl2 − m), exp2_ftz in common.cuh).
 //   Skipping: each thread's 64 mask bits are computed once per tile; a tile no query of the
 //   block sees is skipped by all warps after its metadata is read (its copy was issued a
 //   tile earlier and is not saved), and a warp none of whose 32 rows sees it only waits at
@@ -43,17 +52,23 @@
 //   keeps their dK and dV in registers while it walks every query head of the kv group
 //   and every 32-query tile that can see the keys (from the tile itself to the end of
 //   its last key's group). dQ goes through a bf16 dS tile in shared memory and an mma
-//   with K, then f32 atomics (a pair of columns per 8-byte atomic on sm_90). The (head, query tile) steps are double-buffered: cp.async
-//   brings step i+1's Q and dO tiles into one stage while the warps compute on step i's
-//   in the other (K and V land with step 0's tiles, in the first copy group), and the
-//   query metadata (mask, lse, D) of step i+1 is read into registers of threads 0-31
-//   during step i and stored to shared memory at the top of step i+1. A step no key of
-//   the block sees is skipped after its metadata is read; its tiles were copied a step
-//   earlier, like the forward's. Shared memory: K, V, 2 stages of Q and dO, dS, metadata,
-//   (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes: 73.1 KB at D = 128.
+//   with K, then f32 atomics (a pair of columns per 8-byte atomic on sm_90). The (head,
+//   query tile) steps are double-buffered: cp.async brings step i+1's Q and dO tiles into
+//   one stage while the warps compute on step i's in the other (K and V land with step
+//   0's tiles, in the first copy group), and the query metadata (mask, lse, D) of step
+//   i+1 is read into registers of threads 0-31 during step i and stored to shared memory
+//   at the top of step i+1. A step no key of the block sees is skipped after its metadata
+//   is read; its tiles were copied a step earlier, like the forward's. Shared memory
+//   (ATTENTION_BACKWARD_SMEM below): K, V, 2 stages of Q and dO, dS, metadata,
+//   (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes: 73.1 KB at D = 128. As in the forward, a warp whose 16 keys share one (group,
+//   branch) with a step's 32 queries, all after its last key, evaluates no mask for that
+//   step (D ≥ 64; at D ≤ 32 the test costs spills under the 96-register bound).
 //   Occupancy (cuda_compile, theoretical): 2/3/5/5 blocks per SM at D = 128/64/32/16 on
 //   sm_90 and sm_80 (registers; D ≤ 32 held there by __launch_bounds__' second value, see
 //   ATTENTION_BACKWARD).
+// - attention_backward_delta: head_dim / 8 lanes per (token, head) row, 16 bytes each, so
+//   every load instruction reads whole consecutive rows (one thread per row read 16 of
+//   each 32-byte sector per load, and its 0.97-wave grid left SMs idle).
 // - every mma operand comes from shared memory by ldmatrix (x4: one A fragment or two B
 //   fragments; .trans where the operand is stored [k][n]: V, dO and Q in dV/dK, K in dQ).
 // Cost per call, with A = visible (query, key) pairs per head: forward 4·A·D FLOPs per
@@ -62,14 +77,26 @@
 // Checked by the kernel simulator (src/engine/cuda/sim.rs, tests/kernel_sim.rs); its speed
 // is a GPU's to measure (BENCHMARKS.md).
 // Limits of this design: one 16-key block per warp in the backward (at D = 128 it uses
-// 236-239 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
-// 64-key score steps at D = 128 (S at 128 B/mma) need more registers than the pair mask
-// leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
+// 236-241 registers, so a second does not fit); mma.sync, not sm_90a's wgmma and TMA;
+// the D = 64 forward on sm_80 takes 178 registers, 2 blocks per SM (bounded to 168 for
+// 3, it spills); 64-key score steps at D = 128 (S at 128 B/mma) need more registers than
+// the pair mask leaves; at D = 128 on sm_80 the double-buffered K/V stages allow 1 block per SM (a
 // single-buffered schedule, K's copy under P·V and V's under S as in FlashAttention-2,
 // would fit 2); the dS tile is written with scalar bf16 stores.
 #include "common.cuh"
 
 namespace {
+
+// Dynamic shared memory per block, bytes, of the kernels for D = 16, 32, 64, 128 (their
+// layouts: attention_forward_impl, attention_backward_impl). This table is the one
+// statement of these sizes: the launchers read these two lines (src/engine/cuda/kernels.rs,
+// attention_smem), and each kernel static_asserts that its layout ends exactly here.
+constexpr int ATTENTION_FORWARD_SMEM[4] = {13056, 21248, 37632, 105216};
+constexpr int ATTENTION_BACKWARD_SMEM[4] = {17536, 25728, 42112, 74880};
+
+// The index of head dim D in the tables above.
+template <int D>
+constexpr int HEAD_DIM_INDEX = D == 16 ? 0 : D == 32 ? 1 : D == 64 ? 2 : D == 128 ? 3 : -1;
 
 constexpr int PAD = 8;  // bf16 elements of row padding: 16 bytes, keeps fragment loads conflict-free
 constexpr float LOG2E = 1.4426950408889634f;
@@ -79,9 +106,15 @@ SDPO_DEVICE int token_meta(const unsigned int* group, const unsigned char* branc
     return t < n ? (int)(group[t] * 4u + branch[t]) : -1;
 }
 
+// PairBatch::attends on packed metadata: k ≤ q and k's (group, branch) is q's own or its
+// group's branch 0. A row ≥ n (−1) matches no key ≥ 0 (−1 & ~3 = −4), and a key ≥ n is
+// excluded by km ≥ 0.
 SDPO_DEVICE bool visible(int qm, int km, int q, int k) {
-    return qm >= 0 && km >= 0 && k <= q && (qm >> 2) == (km >> 2) && ((km & 3) == 0 || (km & 3) == (qm & 3));
+    return k <= q && km >= 0 && (km == qm || km == (qm & ~3));
 }
+
+// Whether a (group, branch) qm sees keys of (group, branch) km at all, causality aside.
+SDPO_DEVICE bool meta_sees(int qm, int km) { return km >= 0 && (km == qm || km == (qm & ~3)); }
 
 // Fragments come out of shared memory by ldmatrix (common.cuh), one x4 per A fragment or
 // per pair of B fragments. Two lane-to-row-address patterns cover every use here:
@@ -130,11 +163,6 @@ constexpr int FWD_Q_SMEM_MIN_D = 128;
 // traffic, only a second rescale of the accumulators per tile.
 constexpr int FWD_KSTEP = 32;
 
-// Dynamic shared memory of the forward kernel (the launcher computes the same): two stages
-// of the K and V tiles, 2·2·64·(D+8)·2 bytes, the Q tile where it stays in shared memory
-// (D = 128: 128·(D+8)·2), and the query and key metadata, (128 + 64)·4; 102.75 KB for
-// D = 128, so the launcher raises the kernel's limit above the default 48 KB.
-
 template <int D>
 SDPO_DEVICE void attention_forward_impl(
     __nv_bfloat16* __restrict__ o, float* __restrict__ lse, const __nv_bfloat16* __restrict__ q,
@@ -146,6 +174,7 @@ SDPO_DEVICE void attention_forward_impl(
     constexpr int KSTEP = FWD_KSTEP;
     static_assert(FWD_BN % KSTEP == 0 && KSTEP % 16 == 0, "whole k16 steps in a tile");
     static_assert(FWD_BM <= 2 * FWD_BN, "the Q tile is staged in K/V stage 1 when it does not stay in shared memory");
+    static_assert(FWD_BN == 64 && FWD_WM == 32, "the uniform-metadata test: two keys and one row per lane");
     SDPO_DYNAMIC_SMEM(smem);
     // Stage s: K at stages + 2·s·TILE, V right after it ([FWD_BN keys][LD] each), so one
     // stage is 2·FWD_BN contiguous rows.
@@ -153,6 +182,9 @@ SDPO_DEVICE void attention_forward_impl(
     __nv_bfloat16* Qs = Q_SMEM ? stages + 4 * TILE : stages + 2 * TILE;  // [FWD_BM queries][LD]
     int* qmeta = reinterpret_cast<int*>(stages + 4 * TILE + (Q_SMEM ? FWD_BM * LD : 0));
     int* kmeta = qmeta + FWD_BM;
+    static_assert((4 * TILE + (Q_SMEM ? FWD_BM * LD : 0)) * 2 + (FWD_BM + FWD_BN) * 4 ==
+                      ATTENTION_FORWARD_SMEM[HEAD_DIM_INDEX<D>],
+                  "the layout above ends where ATTENTION_FORWARD_SMEM says");
 
     const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
     const int q0 = blockIdx.x * FWD_BM;
@@ -187,6 +219,8 @@ SDPO_DEVICE void attention_forward_impl(
         }
         __syncthreads();  // stage 1 is free for the first prefetch
     }
+    // The (group, branch) all 32 rows of this warp share, when they do and are < n; else −1.
+    const int row_meta = warp_all(qmeta[wr + lane] == qmeta[wr]) ? qmeta[wr] : -1;
 
     // This thread's rows: row block rb, half i (fragment rows g and g + 8) is tile row
     // wr + 16·rb + 8·i + g. Their metadata is re-read from qmeta when needed: kept in
@@ -224,18 +258,37 @@ SDPO_DEVICE void attention_forward_impl(
         // cover its 32 rows × 64 keys between them, so the warp sees the tile iff a lane has
         // a bit set. A tile no warp sees is skipped by all; otherwise a warp that sees none
         // of it only waits at the closing barrier (on the causal diagonal, across branches).
+        // Where the warp's rows share one (group, branch) and so do the tile's keys (every
+        // tile of a segment that does not straddle a boundary), the bits are causal only:
+        // row r sees keys kc ≤ t = q0 + r − kb, which among this thread's positions (kc =
+        // 8·j + 2·t4 + c, increasing with 2·j + c) are the first n0 + n1, n_c = #{j: kc ≤ t}.
         u32 vis[2] = {0u, 0u};
-#pragma unroll
-        for (int j = 0; j < FWD_BN / 8; j++) {
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int kc = j * 8 + 2 * t4 + c, km = kmeta[kc];
+        const int tile_meta = kmeta[0];
+        if (row_meta >= 0 && warp_all(kmeta[lane] == tile_meta && kmeta[lane + 32] == tile_meta)) {
+            if (meta_sees(row_meta, tile_meta)) {
 #pragma unroll
                 for (int rb = 0; rb < 2; rb++) {
 #pragma unroll
                     for (int i = 0; i < 2; i++) {
-                        const int qr = wr + 16 * rb + 8 * i + g;
-                        vis[rb] |= (u32)visible(qmeta[qr], km, q0 + qr, kb + kc) << (16 * i + 2 * j + c);
+                        const int t = q0 + wr + 16 * rb + 8 * i + g - kb - 2 * t4;
+                        const int n0 = min(max((t + 8) >> 3, 0), 8), n1 = min(max((t + 7) >> 3, 0), 8);
+                        vis[rb] |= ((1u << (n0 + n1)) - 1u) << (16 * i);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < FWD_BN / 8; j++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const int kc = j * 8 + 2 * t4 + c, km = kmeta[kc];
+#pragma unroll
+                    for (int rb = 0; rb < 2; rb++) {
+#pragma unroll
+                        for (int i = 0; i < 2; i++) {
+                            const int qr = wr + 16 * rb + 8 * i + g;
+                            vis[rb] |= (u32)visible(qmeta[qr], km, q0 + qr, kb + kc) << (16 * i + 2 * j + c);
+                        }
                     }
                 }
             }
@@ -282,19 +335,26 @@ SDPO_DEVICE void attention_forward_impl(
                         }
                     }
                 }
-                // Per row block: mask, scale into the log2 domain, online softmax; then P
-                // packed into A fragments (two n8 score tiles form one k16 fragment).
+                // Per row block: mask (unless every bit is set), online softmax in
+                // the log2 domain (the running max m in scaled units, exp2(s·sl2 − m) one FFMA
+                // and one ex2 per element); then P packed into A fragments (two n8 score tiles
+                // form one k16 fragment).
                 u32 pa[2][KSTEP / 16][4];
 #pragma unroll
                 for (int rb = 0; rb < 2; rb++) {
+                    if (vis[rb] != 0xffffffffu) {
+                        const u32 bits = vis[rb] >> (2 * j0);
+#pragma unroll
+                        for (int j = 0; j < KSTEP / 8; j++) {
+#pragma unroll
+                            for (int e = 0; e < 4; e++) {
+                                if (!((bits >> (16 * (e >> 1) + 2 * j + (e & 1))) & 1u)) s[rb][j][e] = -INFINITY;
+                            }
+                        }
+                    }
                     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
                     for (int j = 0; j < KSTEP / 8; j++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            const bool seen = (vis[rb] >> (16 * (e >> 1) + 2 * (j0 + j) + (e & 1))) & 1u;
-                            s[rb][j][e] = seen ? s[rb][j][e] * sl2 : -INFINITY;
-                        }
                         mx[0] = fmaxf(mx[0], fmaxf(s[rb][j][0], s[rb][j][1]));
                         mx[1] = fmaxf(mx[1], fmaxf(s[rb][j][2], s[rb][j][3]));
                     }
@@ -303,17 +363,17 @@ SDPO_DEVICE void attention_forward_impl(
                     for (int i = 0; i < 2; i++) {
                         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
                         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                        const float mn = fmaxf(m[rb][i], mx[i]);
+                        const float mn = fmaxf(m[rb][i], mx[i] * sl2);  // sl2 > 0: max(s)·sl2 = max(s·sl2)
                         // A row with nothing visible yet keeps base 0 so that exp2(−inf − base) = 0, not NaN.
                         base[i] = mn == -INFINITY ? 0.f : mn;
-                        al[i] = exp2f(m[rb][i] - base[i]);
+                        al[i] = exp2_ftz(m[rb][i] - base[i]);
                         m[rb][i] = mn;
                     }
 #pragma unroll
                     for (int j = 0; j < KSTEP / 8; j++) {
 #pragma unroll
                         for (int e = 0; e < 4; e++) {
-                            s[rb][j][e] = exp2f(s[rb][j][e] - base[e >> 1]);
+                            s[rb][j][e] = exp2_ftz(fmaf(s[rb][j][e], sl2, -base[e >> 1]));
                             ps[e >> 1] += s[rb][j][e];
                         }
                     }
@@ -380,11 +440,6 @@ SDPO_DEVICE void attention_forward_impl(
 
 constexpr int BWD_BN = 64, BWD_BM = 32;
 
-// Dynamic shared memory of the backward kernel (the launcher computes the same): the K and
-// V tiles, two stages of the Q and dO tiles, the dS tile and the metadata,
-// (2·64·(D+8) + 2·2·32·(D+8) + 32·72)·2 + (3·32 + 64)·4 bytes; 73.1 KB for D = 128, so the
-// launcher raises the kernel's dynamic shared-memory limit above the default 48 KB.
-
 // What the backward needs of query row t at head h besides its Q and dO rows: its
 // (group, branch) as token_meta packs it, lse in the log2 domain and D; a row ≥ n gets −1
 // (masked) and zeros.
@@ -417,6 +472,10 @@ SDPO_DEVICE void attention_backward_impl(
     float* delta_s = lse_s + BWD_BM;
     int* qmeta = reinterpret_cast<int*>(delta_s + BWD_BM);
     int* kmeta = qmeta + BWD_BM;
+    static_assert((2 * BWD_BN * LD + 4 * QTILE + BWD_BM * LDS) * 2 + (3 * BWD_BM + BWD_BN) * 4 ==
+                      ATTENTION_BACKWARD_SMEM[HEAD_DIM_INDEX<D>],
+                  "the layout above ends where ATTENTION_BACKWARD_SMEM says");
+    static_assert(BWD_BM == 32, "one query of a step per lane (the step's uniform-metadata test)");
 
     const int kvh = blockIdx.y, group_size = n_heads / n_kv_heads;
     const int k0 = blockIdx.x * BWD_BN;
@@ -446,6 +505,10 @@ SDPO_DEVICE void attention_backward_impl(
     __syncthreads();  // kmeta is visible
     const int km0 = kmeta[wk + g], km1 = kmeta[wk + g + 8];
     const int kr0 = k0 + wk + g, kr1 = kr0 + 8;
+    // The (group, branch) all 16 keys of this warp share, when they do and are < n; else −1.
+    // Not at D ≤ 32, where the whole-block path costs the spills that the 96-register bound
+    // (5 blocks per SM) leaves no room for.
+    const int key_meta = D >= 64 && warp_all(km0 == kmeta[wk] && km1 == kmeta[wk]) ? kmeta[wk] : -1;
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
@@ -514,14 +577,34 @@ SDPO_DEVICE void attention_backward_impl(
             }
         }
         // Pᵀ and dSᵀ = Pᵀ∘(dPᵀ − D); element e of tile j: key row g (+8 for e ≥ 2),
-        // query column j·8 + 2·t4 + (e & 1).
+        // query column j·8 + 2·t4 + (e & 1), bit 4·j + e of `vis`. Where the warp's keys
+        // and the step's queries each share one (group, branch) that sees the other and
+        // the last key precedes the first query, the warp sees the whole 16 × 32 block and
+        // evaluates no mask (every step of a query tile past the keys, inside a segment).
+        bool whole = false;
+        if (key_meta >= 0) {
+            const int qm = qmeta[0];
+            whole = warp_all(qmeta[lane] == qm) && meta_sees(qm, key_meta) && k0 + wk + 15 <= q0;
+        }
+        u32 vis = 0xffffffffu;
+        if (!whole) {
+            vis = 0u;
+#pragma unroll
+            for (int j = 0; j < BWD_BM / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qc = j * 8 + 2 * t4 + (e & 1);
+                    const bool v = e < 2 ? visible(qmeta[qc], km0, q0 + qc, kr0) : visible(qmeta[qc], km1, q0 + qc, kr1);
+                    vis |= (u32)v << (4 * j + e);
+                }
+            }
+        }
 #pragma unroll
         for (int j = 0; j < BWD_BM / 8; j++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int qc = j * 8 + 2 * t4 + (e & 1);
-                const bool vis = e < 2 ? visible(qmeta[qc], km0, q0 + qc, kr0) : visible(qmeta[qc], km1, q0 + qc, kr1);
-                const float p = vis ? exp2f(s[j][e] * sl2 - lse_s[qc]) : 0.f;
+                const float p = (vis >> (4 * j + e)) & 1u ? exp2_ftz(fmaf(s[j][e], sl2, -lse_s[qc])) : 0.f;
                 s[j][e] = p;
                 dp[j][e] = p * (dp[j][e] - delta_s[qc]);
             }
@@ -617,8 +700,17 @@ SDPO_DEVICE void attention_backward_impl(
 
 // --- entry points, one per head dim
 
-#define ATTENTION_FORWARD(D)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(128) attention_forward_hd##D(                                     \
+// The forward's second bound (blocks per SM) holds D = 64 on sm_90 to 168 registers, 3
+// blocks per SM (without it ptxas takes 170: 2); on sm_80 the kernel takes 178 unbounded
+// (2 blocks) and spills under the bound.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FORWARD_HD64_MIN_BLOCKS 3
+#else
+#define FORWARD_HD64_MIN_BLOCKS 1
+#endif
+
+#define ATTENTION_FORWARD(D, MIN_BLOCKS)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS) attention_forward_hd##D(                                     \
         __nv_bfloat16* o, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,     \
         const unsigned int* group, const unsigned char* branch, const unsigned int* group_start, int n,            \
         int n_heads, int n_kv_heads, int q_stride, int kv_stride, int o_stride, float scale) {                      \
@@ -641,31 +733,35 @@ SDPO_DEVICE void attention_backward_impl(
                                    n_kv_heads, q_stride, kv_stride, do_stride, dq_stride, dkv_stride, scale);      \
     }
 
-ATTENTION_FORWARD(16)
-ATTENTION_FORWARD(32)
-ATTENTION_FORWARD(64)
-ATTENTION_FORWARD(128)
+ATTENTION_FORWARD(16, 1)
+ATTENTION_FORWARD(32, 1)
+ATTENTION_FORWARD(64, FORWARD_HD64_MIN_BLOCKS)
+ATTENTION_FORWARD(128, 1)
 ATTENTION_BACKWARD(16, 5)
 ATTENTION_BACKWARD(32, 5)
 ATTENTION_BACKWARD(64, 3)
 ATTENTION_BACKWARD(128, 2)
 
-// D_q = Σ_d dO[q, h, d]·O[q, h, d], [n, n_heads] f32: one thread per (token, head).
+// D_q = Σ_d dO[q, h, d]·O[q, h, d], [n, n_heads] f32. Each (token, head) row is read by
+// head_dim / 8 adjacent lanes, 16 bytes each (a power of two ≤ 32: the launcher checks), so
+// a warp's loads cover whole consecutive rows (with the rows of a token adjacent, 512
+// contiguous bytes per load instruction), and the lanes' partial sums meet by xor shuffles
+// within their group.
 extern "C" __global__ void __launch_bounds__(256) attention_backward_delta(
     float* __restrict__ delta, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ o, int n,
     int n_heads, int head_dim, int do_stride, int o_stride) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)n * n_heads) return;
-    const int t = (int)(idx / n_heads), h = (int)(idx % n_heads);
-    const __nv_bfloat16* a = dout + (size_t)t * do_stride + (size_t)h * head_dim;
-    const __nv_bfloat16* b = o + (size_t)t * o_stride + (size_t)h * head_dim;
+    const int lanes = head_dim / 8, rows_per_block = blockDim.x / lanes;
+    const long long row = (long long)blockIdx.x * rows_per_block + threadIdx.x / lanes;
+    const bool live = row < (long long)n * n_heads;
     float acc = 0.f;
-    for (int c = 0; c < head_dim; c += 8) {
+    if (live) {
+        const int t = (int)(row / n_heads), h = (int)(row % n_heads), c = (int)(threadIdx.x % lanes) * 8;
         float x[8], y[8];
-        load8(a + c, x);
-        load8(b + c, y);
+        load8(dout + (size_t)t * do_stride + (size_t)h * head_dim + c, x);
+        load8(o + (size_t)t * o_stride + (size_t)h * head_dim + c, y);
 #pragma unroll
         for (int i = 0; i < 8; i++) acc += x[i] * y[i];
     }
-    delta[idx] = acc;
+    for (int off = lanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (live && threadIdx.x % lanes == 0) delta[row] = acc;
 }

@@ -104,6 +104,34 @@ SDPO_DEVICE void atomic_add4(float* dst, float a, float b, float c, float d) {
 #endif
 }
 
+// --- warp votes and fast math
+
+// Whether `p` holds in every lane of the warp (all 32 lanes must call it): __all_sync on
+// the device, shuffles on the simulator, which has no vote.
+SDPO_DEVICE bool warp_all(bool p) {
+#ifdef SDPO_SIM
+    int v = p;
+    for (int o = 16; o > 0; o >>= 1) v &= __shfl_xor_sync(0xffffffffu, v, o);
+    return v != 0;
+#else
+    return __all_sync(0xffffffffu, p);
+#endif
+}
+
+// 2^x by ex2.approx.ftz: one MUFU instruction, where exp2f (ex2.approx without .ftz, as
+// these kernels compile without fast math) adds the range scaling that keeps subnormal
+// results; here a result below 2^−126 is 0, on the simulator too. exp2_ftz(−inf) = 0.
+SDPO_DEVICE float exp2_ftz(float x) {
+#ifdef SDPO_SIM
+    const float r = exp2f(x);
+    return r < 1.17549435e-38f ? 0.f : r;
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+#endif
+}
+
 // --- reductions
 
 SDPO_DEVICE float warp_sum(float v) {

@@ -257,15 +257,20 @@ pub fn rope(g: &Gpu) {
 
 pub fn random_batch(rng: &mut SplitMix64, n_pairs: usize, max_len: usize, layout: Layout) -> PairBatch {
     let len = |rng: &mut SplitMix64| 1 + (rng.next_u64() % max_len as u64) as usize;
-    let pairs: Vec<PairExample> = (0..n_pairs)
-        .map(|_| {
-            let (p, c, r) = (len(rng), len(rng), len(rng));
-            PairExample {
-                prompt: (0..p as u32).collect(),
-                chosen: (0..c as u32).collect(),
-                rejected: (0..r as u32).collect(),
-                source: String::new(),
-            }
+    let lengths: Vec<[usize; 3]> = (0..n_pairs).map(|_| [len(rng), len(rng), len(rng)]).collect();
+    batch_of(&lengths, layout)
+}
+
+/// Pairs of the given (prompt, chosen, rejected) lengths.
+pub fn batch_of(lengths: &[[usize; 3]], layout: Layout) -> PairBatch {
+    let tokens = |len: usize| (0..len as u32).collect();
+    let pairs: Vec<PairExample> = lengths
+        .iter()
+        .map(|&[p, c, r]| PairExample {
+            prompt: tokens(p),
+            chosen: tokens(c),
+            rejected: tokens(r),
+            source: String::new(),
         })
         .collect();
     let refs: Vec<&PairExample> = pairs.iter().collect();
@@ -285,6 +290,19 @@ fn attention_case(
 ) {
     let mut rng = SplitMix64(seed);
     let batch = random_batch(&mut rng, n_pairs, max_len, layout);
+    attention_batch_case(g, &mut rng, &batch, layout, nh, nkv, hd);
+}
+
+/// The kernels against the CPU engine on `batch`, with random q, k, v and dO.
+fn attention_batch_case(
+    g: &Gpu,
+    rng: &mut SplitMix64,
+    batch: &PairBatch,
+    layout: Layout,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) {
     let n = batch.n_tokens();
     let (qd, kvd) = (nh * hd, nkv * hd);
     let q = bf(&rng.normals(n * qd, 1.0));
@@ -292,7 +310,7 @@ fn attention_case(
     let v = bf(&rng.normals(n * kvd, 1.0));
     let dout = bf(&rng.normals(n * qd, 1.0));
     let shape = ops::AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-    let mask = ops::AttnMask::of(&batch);
+    let mask = ops::AttnMask::of(batch);
     let (mut out, mut lse) = (vec![0f32; n * qd], vec![0f32; n * nh]);
     ops::attention_forward(&mut out, &mut lse, &q, &k, &v, mask, shape);
     let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
@@ -367,6 +385,16 @@ pub fn attention(g: &Gpu) {
     ];
     for (seed, pairs, len, layout, nh, nkv, hd) in cases {
         attention_case(g, seed, pairs, len, layout, nh, nkv, hd);
+    }
+    // Segments of whole 64-token tiles, as in the benchmark's shapes: most warps' rows and
+    // tiles' keys share one (group, branch), the kernels' unmasked and causal-only paths
+    // (the random lengths above mostly take the general, per-element one); the second
+    // pair starts at token 320, inside a 128-query block, and its last segment ends
+    // mid-tile.
+    let lengths = [[64, 128, 128], [128, 64, 150]];
+    for (seed, nh, nkv, hd) in [(9, 4, 2, 64), (10, 2, 1, 128)] {
+        let mut rng = SplitMix64(seed);
+        attention_batch_case(g, &mut rng, &batch_of(&lengths, Layout::Shared), Layout::Shared, nh, nkv, hd);
     }
 }
 

@@ -184,23 +184,46 @@ pub struct AttnMaskDev {
 /// Queries per block of `attention_forward_hd{D}` (kernels/attention.cu: FWD_BM).
 const ATTENTION_FORWARD_BLOCK_QUERIES: usize = 128;
 
-/// Dynamic shared memory of `attention_forward_hd{D}` (kernels/attention.cu): two stages
-/// of the 64-key K and V tiles, the 128-query Q tile where it stays in shared memory
-/// (D ≥ 128, FWD_Q_SMEM_MIN_D; smaller D stage it in K/V stage 1), and the query and key
-/// metadata.
-pub fn attention_forward_smem(head_dim: usize) -> u32 {
-    let (bm, bn, pad, stages) = (ATTENTION_FORWARD_BLOCK_QUERIES, 64, 8, 2);
-    let q_tile = if head_dim >= 128 { bm * (head_dim + pad) } else { 0 };
-    ((stages * 2 * bn * (head_dim + pad) + q_tile) * 2 + (bm + bn) * 4) as u32
+/// One of kernels/attention.cu's dynamic shared-memory tables (`ATTENTION_FORWARD_SMEM`,
+/// `ATTENTION_BACKWARD_SMEM`: bytes per block, one entry per `ATTENTION_HEAD_DIMS`, in
+/// order), read from its source line: the table is the one statement of these sizes, and
+/// each kernel static_asserts that its layout ends where its entry says.
+fn attention_smem_table(name: &str) -> Result<Vec<u32>> {
+    let src = KERNEL_SOURCES.iter().find(|(f, _)| *f == "attention.cu").map(|(_, s)| *s);
+    let src = src.ok_or_else(|| Error::Cuda("kernels/attention.cu is not embedded".into()))?;
+    let prefix = format!("constexpr int {name}[{}] = {{", ATTENTION_HEAD_DIMS.len());
+    let bad = || Error::Cuda(format!("kernels/attention.cu: expected one line `{prefix}n, ...}};` listing bytes"));
+    let body = src.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|l| l.strip_suffix("};")).ok_or_else(bad)?;
+    let sizes = body.split(',').map(|x| x.trim().parse::<u32>()).collect::<std::result::Result<Vec<_>, _>>();
+    sizes.ok().filter(|v| v.len() == ATTENTION_HEAD_DIMS.len()).ok_or_else(bad)
 }
 
-/// Dynamic shared memory of `attention_backward_hd{D}` (kernels/attention.cu): the 64-key
-/// K and V tiles, two stages of the 32-query Q and dO tiles (cp.async double buffering),
-/// the dS tile, and the query (lse, D, mask) and key metadata.
+/// Dynamic shared memory of an attention kernel at `head_dim` (one of ATTENTION_HEAD_DIMS),
+/// from `attention_smem_table`, parsed once.
+fn attention_smem(backward: bool, head_dim: usize) -> u32 {
+    static TABLES: std::sync::OnceLock<std::result::Result<[Vec<u32>; 2], String>> = std::sync::OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        let read = |name| attention_smem_table(name).map_err(|e| e.to_string());
+        Ok([read("ATTENTION_FORWARD_SMEM")?, read("ATTENTION_BACKWARD_SMEM")?])
+    });
+    let tables = tables.as_ref().unwrap_or_else(|e| panic!("{e}"));
+    let i = ATTENTION_HEAD_DIMS.iter().position(|&d| d == head_dim);
+    let i = i.unwrap_or_else(|| panic!("attention: head_dim {head_dim} is not one of {ATTENTION_HEAD_DIMS:?}"));
+    tables[backward as usize][i]
+}
+
+/// Dynamic shared memory of `attention_forward_hd{D}`: two stages of the 64-key K and V
+/// tiles, the 128-query Q tile where it stays in shared memory (D = 128), and the query and
+/// key metadata (kernels/attention.cu).
+pub fn attention_forward_smem(head_dim: usize) -> u32 {
+    attention_smem(false, head_dim)
+}
+
+/// Dynamic shared memory of `attention_backward_hd{D}`: the 64-key K and V tiles, two
+/// stages of the 32-query Q and dO tiles, the dS tile, and the query (lse, D, mask) and key
+/// metadata (kernels/attention.cu).
 pub fn attention_backward_smem(head_dim: usize) -> u32 {
-    let (bn, bm, pad, stages) = (64, 32, 8, 2);
-    let tiles = 2 * bn * (head_dim + pad) + stages * 2 * bm * (head_dim + pad) + bm * (bn + pad);
-    (tiles * 2 + (3 * bm + bn) * 4) as u32
+    attention_smem(true, head_dim)
 }
 
 /// Largest hidden size `rmsnorm_backward_from_xhat` takes: its dw columns (one f32 each) live in
@@ -711,15 +734,20 @@ impl Kernels {
         d: &AttnDims,
     ) -> Result<()> {
         let n = d.n_tokens;
-        need(d.head_dim.is_multiple_of(8) && d.o_stride.is_multiple_of(8), || {
-            "attention_backward_delta: head_dim and o_stride must be multiples of 8".into()
+        need(ATTENTION_HEAD_DIMS.contains(&d.head_dim) && d.o_stride.is_multiple_of(8), || {
+            format!(
+                "attention_backward_delta: head_dim {} must be one of {ATTENTION_HEAD_DIMS:?} and o_stride {} a \
+                 multiple of 8",
+                d.head_dim, d.o_stride
+            )
         })?;
         need_len("attention_backward_delta: delta", &delta, n * d.n_heads)?;
         need_len("attention_backward_delta: dO", &dout, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
         need_len("attention_backward_delta: O", &o, (n - 1) * d.o_stride + d.n_heads * d.head_dim)?;
         need_vec("attention_backward_delta: dO", &dout)?;
         need_vec("attention_backward_delta: O", &o)?;
-        let cfg = Self::cfg((blocks(n * d.n_heads, 256), 1), 256, 0);
+        // head_dim / 8 lanes per (token, head) row (kernels/attention.cu).
+        let cfg = Self::cfg((blocks(n * d.n_heads, 256 / (d.head_dim / 8)), 1), 256, 0);
         launch!(self, "attention_backward_delta", cfg; delta.ptr, dout.ptr, o.ptr, to_i32("n_tokens", n)?,
             d.n_heads as i32, d.head_dim as i32, d.o_stride as i32, d.o_stride as i32);
         Ok(())
